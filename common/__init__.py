@@ -1,0 +1,1 @@
+"""Shared core of the knowledge-distillation toolkit: losses, training loop, FLOPs, results."""

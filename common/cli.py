@@ -1,0 +1,99 @@
+"""Helpers shared by the task command lines (argument types, errors, output)."""
+
+import argparse
+import os
+import sys
+import time
+
+from common.errors import UserError
+
+
+def import_tensorflow_quietly():
+    """Imports TensorFlow with its C++ start-up notices (oneDNN, CUDA probing) hidden.
+
+    TensorFlow >= 2.20 prints them before its log level applies, so stderr is
+    silenced at the file-descriptor level for the import only; Python errors raised
+    by the import still show.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def parser(prog, description):
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
+def float_list(text):
+    """`"1,2,4"` -> `(1.0, 2.0, 4.0)`; an argparse type."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+
+
+def name_list(text):
+    """`"teacher,kd"` -> `("teacher", "kd")`; an argparse type."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def logger(quiet):
+    """A progress printer with elapsed time, silent when `quiet`."""
+    start = time.perf_counter()
+
+    def log(message):
+        if not quiet:
+            elapsed = time.perf_counter() - start
+            print(f"{elapsed:7.1f}s {message}", flush=True)
+
+    return log
+
+
+def main(body):
+    """Runs `body()`; a `UserError` becomes one `error: ...` line and exit status 2."""
+    import logging
+
+    import tensorflow as tf
+
+    tf.get_logger().setLevel(logging.ERROR)  # retracing notices etc. are not for users
+    try:
+        return body()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are saved; run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def summary_table(store):
+    """The store's finished runs as an aligned text table."""
+    records = store.records()
+    if not records:
+        return f"no finished runs in {store.root}"
+    metrics = [m for m in ("test_accuracy", "test_auc") if any(m in r for r in records)]
+    header = ["run", *metrics, "params", "flops", "wall_s"]
+    rows = [
+        [
+            r["run"],
+            *(f"{r[m]:.4f}" if m in r else "" for m in metrics),
+            f"{r.get('params', 0):,}",
+            f"{r.get('flops', 0):,}",
+            f"{r.get('wall_seconds', 0):.0f}",
+        ]
+        for r in records
+    ]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header, *rows]]
+    return f"Finished runs in {store.root} (summary.csv):\n" + "\n".join(lines)

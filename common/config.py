@@ -1,0 +1,43 @@
+"""Typed, validated run configuration shared by the task CLIs."""
+
+import dataclasses
+import json
+
+from common.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+    """Base for task configs: validation helpers, dict form and pretty printing."""
+
+    def as_dict(self):
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def describe(self):
+        """Multi-line `name = value` listing, printed at the start of every run."""
+        width = max(len(f.name) for f in dataclasses.fields(self))
+        return "\n".join(
+            f"  {f.name:<{width}} = {getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+        )
+
+
+def positive_int(name, value, option=None):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{option or name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def positive_float(name, value, option=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{option or name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def choices(name, values, allowed, option=None):
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        raise ConfigError(
+            f"{option or name}: unknown or empty selection {unknown or values!r}; "
+            f"choose from {', '.join(allowed)}"
+        )
+    return tuple(values)

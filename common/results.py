@@ -1,0 +1,154 @@
+"""The results store: one folder per run under a root, written atomically.
+
+Layout: `ROOT/<run>/metrics.json` (the record; written last, so its presence
+means the run finished), `ROOT/<run>/model.weights.h5`, and `ROOT/summary.csv`
+with one row per finished run. Re-running skips a finished run whose identity
+(the settings that define it) matches, and refuses to mix runs whose identity
+differs.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from common.errors import UserError
+
+SUMMARY_COLUMNS = (
+    "run",
+    "experiment",
+    "seed",
+    "epochs",
+    "temperature",
+    "alpha",
+    "test_accuracy",
+    "test_auc",
+    "params",
+    "flops",
+    "wall_seconds",
+)
+
+
+class ResultsConflict(UserError):
+    """A finished run on disk was made with different settings."""
+
+
+def write_text_atomic(path, text):
+    """Writes `text` to `path` through a temporary file and `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def write_csv_atomic(path, rows, columns):
+    """Writes a list of dicts as CSV with the given column order (missing -> empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _csv_cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def _jsonable(obj):
+    """Converts numpy scalars/arrays, tuples and paths into plain JSON values."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+class ResultsStore:
+    """Finished runs under `root`, addressed by run name."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def run_dir(self, name):
+        return self.root / name
+
+    def weights_path(self, name):
+        return self.run_dir(name) / "model.weights.h5"
+
+    def load(self, name):
+        """The record of a finished run, or None."""
+        path = self.run_dir(name) / "metrics.json"
+        if not path.exists():
+            return None
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    def finished(self, name, identity):
+        """The finished record of `name` if its identity matches `identity`, else None.
+
+        Raises `ResultsConflict` when a finished run of that name has another identity.
+        """
+        record = self.load(name)
+        if record is None:
+            return None
+        stored = record.get("identity")
+        wanted = _jsonable(identity)
+        if stored != wanted:
+            diff = ", ".join(
+                f"{k}: {wanted.get(k)!r} now vs {stored.get(k)!r} saved"
+                for k in sorted(set(wanted) | set(stored or {}))
+                if wanted.get(k) != (stored or {}).get(k)
+            )
+            raise ResultsConflict(
+                f"{self.run_dir(name)} holds a finished run with other settings ({diff}); "
+                f"use another --out or delete that folder"
+            )
+        return record
+
+    def save(self, name, record):
+        write_json_atomic(self.run_dir(name) / "metrics.json", record)
+
+    def records(self):
+        """All finished records under root, sorted by run name."""
+        found = []
+        for path in sorted(self.root.glob("*/metrics.json")):
+            with open(path, encoding="utf-8") as handle:
+                found.append(json.load(handle))
+        return found
+
+    def write_summary(self):
+        """Rewrites `root/summary.csv` from every finished run; returns its path."""
+        rows = []
+        for record in self.records():
+            row = dict(record.get("identity", {}))
+            row.update({k: v for k, v in record.items() if not isinstance(v, (dict, list))})
+            rows.append(row)
+        path = self.root / "summary.csv"
+        write_csv_atomic(path, rows, SUMMARY_COLUMNS)
+        return path

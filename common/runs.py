@@ -1,0 +1,102 @@
+"""Running one named, resumable, recorded training run."""
+
+import datetime
+import platform
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from common.flops import count_flops
+
+
+def environment():
+    """Library versions and devices, stored with every run for reproducibility."""
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "devices": [d.device_type for d in tf.config.list_physical_devices()],
+    }
+
+
+def set_seed(seed):
+    """Seeds Python, NumPy and TensorFlow (`keras.utils.set_random_seed`)."""
+    keras.utils.set_random_seed(int(seed))
+
+
+def model_size(model):
+    """`{"params": total parameter count, "flops": inference FLOPs at batch 1}`."""
+    return {"params": int(model.count_params()), "flops": count_flops(model)}
+
+
+def run(store, name, *, identity, config, build, data, train, evaluate, log=None):
+    """Trains and records run `name`, or loads it when it already finished.
+
+    Args:
+      store: a `common.results.ResultsStore`.
+      name: run folder name, unique within the store.
+      identity: dict of the settings that define this run (experiment, seed,
+        epochs, T, alpha, ...); a finished run with another identity is an error.
+      config: the full configuration, saved with the record.
+      build: `() -> keras.Model`, a fresh (untrained) model.
+      data: `() -> training input`, called only when the run must train, and
+        before the seed is set, so work it triggers (e.g. training the teacher
+        whose logits it needs) cannot shift this run's random stream.
+      train: `(model, training input) -> history`, the per-epoch list from
+        `common.training.fit` (or the concatenation of several phases).
+      evaluate: `(model) -> dict` of test metrics (at least `test_accuracy`).
+      log: optional `callable(str)` for progress.
+
+    Returns:
+      `(record, model)`: the saved record and the trained model (weights loaded
+      from disk when the run was already finished).
+    """
+    say = log or (lambda _msg: None)
+    record = store.finished(name, identity)
+    model = None
+    if record is not None:
+        say(f"[{name}] finished earlier, skipping (results in {store.run_dir(name)})")
+        weights = store.weights_path(name)
+        if weights.exists():
+            set_seed(identity.get("seed", 0))
+            model = build()
+            model.load_weights(weights)
+        return record, model
+
+    train_input = data()
+    set_seed(identity.get("seed", 0))
+    model = build()
+    say(f"[{name}] training: {_describe(identity)}")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    start = time.perf_counter()
+    history = train(model, train_input)
+    train_seconds = time.perf_counter() - start
+    metrics = evaluate(model)
+    store.run_dir(name).mkdir(parents=True, exist_ok=True)
+    model.save_weights(store.weights_path(name))
+    record = {
+        "run": name,
+        **{k: v for k, v in identity.items() if k == "experiment"},
+        "seed": identity.get("seed", 0),
+        **metrics,
+        **model_size(model),
+        "wall_seconds": time.perf_counter() - start,
+        "train_seconds": train_seconds,
+        "started_at": started.isoformat(timespec="seconds"),
+        "identity": identity,
+        "config": config,
+        "environment": environment(),
+        "history": history,
+    }
+    store.save(name, record)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    say(f"[{name}] done in {record['wall_seconds']:.1f}s: {summary}")
+    return record, model
+
+
+def _describe(identity):
+    return " ".join(f"{k}={v}" for k, v in identity.items())

@@ -1,0 +1,133 @@
+"""The one training loop: a compiled `tf.GradientTape` step driven by a `Method`.
+
+Teacher, KD student, scratch student, teacher assistant and subclass models all
+train through `fit`; only the `Method` (their loss) differs.
+"""
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def compiled_predictor(logits_fn):
+    """Wraps `logits_fn(x, training=False)` in a `tf.function` for fast inference."""
+    return tf.function(lambda x: logits_fn(x, training=False), reduce_retracing=True)
+
+
+def predict(predictor, dataset):
+    """Runs `predictor` over a dataset of `{"x", "y", ...}` batches.
+
+    Returns `(logits, labels)` as numpy arrays of shapes `(n, classes)` and `(n,)`,
+    in dataset order.
+    """
+    logits, labels = [], []
+    for batch in dataset:
+        logits.append(predictor(batch["x"]).numpy())
+        labels.append(batch["y"].numpy())
+    if not logits:
+        raise ValueError("cannot predict on an empty dataset")
+    return np.concatenate(logits), np.concatenate(labels).reshape(-1)
+
+
+def accuracy(logits, labels):
+    """Fraction of rows whose arg-max matches the integer label."""
+    return float(np.mean(np.argmax(logits, axis=-1) == np.reshape(labels, -1)))
+
+
+def make_train_step(method, optimizer):
+    """Returns `(step, trackers)`: a compiled step and the metrics it updates.
+
+    `trackers` maps each loss term, `"loss"` (their sum) and `"train_accuracy"` to a
+    `keras.metrics` object, averaged over the examples seen since the last reset.
+    """
+    trackers = {name: keras.metrics.Mean(name=name) for name in method.term_names}
+    trackers["loss"] = keras.metrics.Mean(name="loss")
+    trackers["train_accuracy"] = keras.metrics.SparseCategoricalAccuracy()
+    variables = method.trainable_variables
+    optimizer.build(variables)
+
+    @tf.function
+    def step(batch):
+        with tf.GradientTape() as tape:
+            terms, logits = method.loss_terms(batch, training=True)
+            loss = tf.add_n(list(terms.values()))
+        gradients = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(gradients, variables))
+        weight = tf.shape(batch["y"])[0]
+        for name, value in terms.items():
+            trackers[name].update_state(value, sample_weight=weight)
+        trackers["loss"].update_state(loss, sample_weight=weight)
+        trackers["train_accuracy"].update_state(batch["y"], logits)
+
+    return step, trackers
+
+
+def fit(
+    method,
+    train_data,
+    *,
+    epochs,
+    optimizer,
+    eval_data=None,
+    log=None,
+    on_epoch_end=None,
+):
+    """Trains `method.model` for `epochs` passes over `train_data`.
+
+    Args:
+      method: a `common.methods.Method`.
+      train_data: `tf.data.Dataset` of batch dicts (reshuffled by the dataset itself).
+      epochs: number of passes, >= 1.
+      optimizer: a `keras.optimizers.Optimizer`, used as it is (its learning rate
+        and state carry over between calls, e.g. across training phases).
+      eval_data: optional dataset scored after every epoch (`test_accuracy`).
+      log: optional `callable(str)` for one progress line per epoch.
+      on_epoch_end: optional `callable(epoch, record)`, e.g. to keep checkpoints.
+
+    Returns:
+      The history: one dict per epoch with `epoch` (1-based), each loss term,
+      `loss`, `train_accuracy`, `test_accuracy` (if `eval_data`), `seconds` (train
+      time) and `eval_seconds`.
+    """
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    step, trackers = make_train_step(method, optimizer)
+    predictor = compiled_predictor(method.class_logits) if eval_data is not None else None
+    history = []
+    for epoch in range(1, int(epochs) + 1):
+        for tracker in trackers.values():
+            tracker.reset_state()
+        start = time.perf_counter()
+        for batch in train_data:
+            step(batch)
+        record = {"epoch": epoch}
+        record.update({name: float(t.result()) for name, t in trackers.items()})
+        record["seconds"] = time.perf_counter() - start
+        if predictor is not None:
+            start = time.perf_counter()
+            record["test_accuracy"] = accuracy(*predict(predictor, eval_data))
+            record["eval_seconds"] = time.perf_counter() - start
+        history.append(record)
+        if log is not None:
+            log(format_epoch(record, epochs))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+    return history
+
+
+def format_epoch(record, epochs):
+    """One progress line: `epoch 3/12 loss 0.1234 (ce 0.1, kd 0.02) acc 0.98 ...`."""
+    terms = [k for k in record if k not in _NON_TERMS]
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['loss']:.4f}"]
+    if len(terms) > 1:
+        parts.append("(" + ", ".join(f"{k} {record[k]:.4f}" for k in terms) + ")")
+    parts.append(f"train_acc {record['train_accuracy']:.4f}")
+    if "test_accuracy" in record:
+        parts.append(f"test_acc {record['test_accuracy']:.4f}")
+    parts.append(f"{record['seconds']:.1f}s")
+    return " ".join(parts)
+
+
+_NON_TERMS = {"epoch", "loss", "train_accuracy", "test_accuracy", "seconds", "eval_seconds"}

@@ -1,0 +1,1 @@
+"""Task 1: knowledge distillation on MNIST (teacher CNN -> student MLP)."""

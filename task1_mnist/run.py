@@ -1,0 +1,54 @@
+"""Task 1 command line: `python task1_mnist/run.py [options]` runs every experiment.
+
+A thin layer over `task1_mnist.experiments.Task1`; see `--help`.
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cli  # noqa: E402
+
+cli.import_tensorflow_quietly()
+from task1_mnist.config import EXPERIMENTS, Task1Config  # noqa: E402
+
+
+def build_parser():
+    defaults = Task1Config()
+    parser = cli.parser("python task1_mnist/run.py", __doc__.splitlines()[0])
+    parser.add_argument("--data-dir", help="folder (or file) with mnist.npz in keras layout; default $MNIST_DIR, else Keras' download")
+    parser.add_argument("--out", default=defaults.out, help="results folder (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per model (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam learning rate (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="KD temperature T (default %(default)s)")
+    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="weight of the hard-label loss; 1 - alpha weights distillation (default %(default)s)")
+    parser.add_argument("--temperatures", type=cli.float_list, default=defaults.temperatures, help="grid temperatures, comma list (default 1,2,4,16,32,64)")
+    parser.add_argument("--alphas", type=cli.float_list, default=defaults.alphas, help="grid alphas, comma list (default 0.2,0.5,0.8)")
+    parser.add_argument("--only", type=cli.name_list, default=defaults.only, help=f"experiments, comma list of {','.join(EXPERIMENTS)} (default all)")
+    parser.add_argument("--limit", type=int, help="use only the first N train and test images (quick runs)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return cli.main(lambda: _run(args))
+
+
+def _run(args):
+    config = Task1Config(**vars(args))
+    log = cli.logger(config.quiet)
+    log("Task 1 (MNIST) config:\n" + config.describe())
+    from task1_mnist.experiments import Task1  # heavy imports after argument checks
+
+    task = Task1(config, log=log)
+    task.run()
+    print(cli.summary_table(task.store))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture
+def synthetic_mnist():
+    """Small MNIST-shaped uint8 arrays whose class is the position of a bright square."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            row, col = divmod(int(label), 5)
+            images[i, 4 + 12 * row : 10 + 12 * row, 1 + 5 * col : 5 + 5 * col] = 255
+        return images, labels
+
+    x_train, y_train = make(384)
+    x_test, y_test = make(128)
+    return {"x_train": x_train[..., None], "y_train": y_train, "x_test": x_test[..., None], "y_test": y_test}
+
+
+@pytest.fixture
+def real_mnist_dir():
+    if not (SHARED_MNIST / "mnist.npz").exists():
+        pytest.skip(f"real MNIST not found at {SHARED_MNIST} (../shared/data/mnist)")
+    return SHARED_MNIST

@@ -1,0 +1,105 @@
+"""Losses against hand-computed values (plain `math`, no TensorFlow)."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from common import losses
+
+
+def softmax(values):
+    exps = [math.exp(v) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+TEACHER = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
+STUDENT = [[3.0, 2.0, 1.0], [0.0, 0.0, 1.0]]
+LABELS = [2, 0]
+
+
+def hand_ce():
+    return (-math.log(softmax(STUDENT[0])[2]) - math.log(softmax(STUDENT[1])[0])) / 2
+
+
+def hand_kd(temperature):
+    values = [
+        kl(softmax([v / temperature for v in t]), softmax([v / temperature for v in s]))
+        for t, s in zip(TEACHER, STUDENT)
+    ]
+    return temperature**2 * sum(values) / len(values)
+
+
+def test_teacher_loss_is_mean_softmax_cross_entropy():
+    assert float(losses.teacher_loss(LABELS, STUDENT)) == pytest.approx(hand_ce(), rel=1e-6)
+
+
+def test_teacher_loss_single_example_value():
+    # -log(e^3 / (e^1 + e^2 + e^3)) = 0.40760596...
+    assert float(losses.teacher_loss([2], [[1.0, 2.0, 3.0]])) == pytest.approx(0.4076059644, rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 16.0])
+def test_distillation_loss_is_t_squared_kl(temperature):
+    value = float(losses.distillation_loss(TEACHER, STUDENT, temperature))
+    assert value == pytest.approx(hand_kd(temperature), rel=1e-5)
+
+
+def test_distillation_loss_scales_with_t_squared():
+    # The KL at T=4, multiplied by 16: the factor is applied, not forgotten.
+    t = 4.0
+    kl_only = hand_kd(t) / t**2
+    assert float(losses.distillation_loss(TEACHER, STUDENT, t)) == pytest.approx(16 * kl_only, rel=1e-5)
+    assert float(losses.distillation_loss(TEACHER, STUDENT, t)) != pytest.approx(kl_only, rel=1e-2)
+
+
+def test_distillation_loss_is_zero_for_identical_logits():
+    assert float(losses.distillation_loss(TEACHER, TEACHER, 3.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_matches_keras_kl_divergence_times_t_squared():
+    t = 2.0
+    p = keras.ops.softmax(np.array(TEACHER) / t)
+    q = keras.ops.softmax(np.array(STUDENT) / t)
+    reference = float(keras.losses.KLDivergence()(p, q)) * t**2
+    assert float(losses.distillation_loss(TEACHER, STUDENT, t)) == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 0.8, 1.0])
+def test_student_loss_alpha_weights_the_hard_label_term(alpha):
+    t = 4.0
+    expected = alpha * hand_ce() + (1 - alpha) * hand_kd(t)
+    value = float(losses.student_loss(LABELS, STUDENT, TEACHER, t, alpha))
+    assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_student_loss_alpha_one_is_plain_cross_entropy():
+    value = float(losses.student_loss(LABELS, STUDENT, TEACHER, 4.0, 1.0))
+    assert value == pytest.approx(float(losses.teacher_loss(LABELS, STUDENT)), rel=1e-7)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "warm", None])
+def test_bad_temperature_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="temperature"):
+        losses.distillation_loss(TEACHER, STUDENT, bad)
+    with pytest.raises(ValueError, match="temperature"):
+        losses.student_loss(LABELS, STUDENT, TEACHER, bad, 0.5)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "half"])
+def test_bad_alpha_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="alpha"):
+        losses.student_loss(LABELS, STUDENT, TEACHER, 4.0, bad)
+
+
+def test_soft_target_entropy():
+    # Equal logits: uniform distribution, entropy log(C) at any T.
+    assert float(losses.soft_target_entropy([[0.0] * 10], 3.0)) == pytest.approx(math.log(10), rel=1e-6)
+    p = softmax([v / 2 for v in TEACHER[0]])
+    expected = -sum(pi * math.log(pi) for pi in p)
+    assert float(losses.soft_target_entropy([TEACHER[0]], 2.0)) == pytest.approx(expected, rel=1e-6)

@@ -1,0 +1,43 @@
+import csv
+import json
+
+import pytest
+
+from common.results import ResultsConflict, ResultsStore, write_json_atomic
+
+
+def test_atomic_json_write_leaves_no_temporary_files(tmp_path):
+    path = tmp_path / "a" / "metrics.json"
+    write_json_atomic(path, {"x": 1.5, "t": (1, 2)})
+    assert json.loads(path.read_text()) == {"x": 1.5, "t": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_json_atomic(path, {"ok": True})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"ok": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_finished_matches_identity_and_refuses_other_settings(tmp_path):
+    store = ResultsStore(tmp_path)
+    identity = {"experiment": "kd", "epochs": 12, "seed": 0}
+    assert store.finished("kd-s0", identity) is None
+    store.save("kd-s0", {"run": "kd-s0", "test_accuracy": 0.9, "identity": identity})
+    assert store.finished("kd-s0", identity)["test_accuracy"] == 0.9
+    with pytest.raises(ResultsConflict, match="epochs: 2 now vs 12 saved"):
+        store.finished("kd-s0", {**identity, "epochs": 2})
+
+
+def test_summary_has_one_row_per_run(tmp_path):
+    store = ResultsStore(tmp_path)
+    for name, acc in (("a", 0.5), ("b", 0.75)):
+        store.save(name, {"run": name, "test_accuracy": acc, "identity": {"experiment": "kd", "seed": 1}, "history": [1]})
+    rows = list(csv.DictReader(open(store.write_summary())))
+    assert [(r["run"], float(r["test_accuracy"]), r["experiment"], r["seed"]) for r in rows] == [
+        ("a", 0.5, "kd", "1"),
+        ("b", 0.75, "kd", "1"),
+    ]

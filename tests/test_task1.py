@@ -1,0 +1,147 @@
+"""Task 1 end to end: synthetic data, a slice of real MNIST, resume, CLI errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from task1_mnist import data as mnist
+from task1_mnist import run as cli
+from task1_mnist.config import Task1Config
+from task1_mnist.experiments import Task1
+
+
+def small_config(tmp_path, **overrides):
+    settings = dict(out=str(tmp_path / "out"), epochs=2, batch_size=64, temperatures=(1.0, 4.0), alphas=(0.5,), quiet=True)
+    settings.update(overrides)
+    return Task1Config(**settings)
+
+
+def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist):
+    config = small_config(tmp_path)
+    results = Task1(config, arrays=synthetic_mnist).run()
+    out = tmp_path / "out"
+    expected_runs = {"teacher-s0", "kd-T4-a0.5-s0", "kd-T1-a0.5-s0", "scratch-s0"}
+    assert {p.parent.name for p in out.glob("*/metrics.json")} == expected_runs
+    for name in expected_runs:
+        record = json.loads((out / name / "metrics.json").read_text())
+        assert 0.0 <= record["test_accuracy"] <= 1.0
+        assert record["params"] in (1_011_466, 1_238_730) and record["flops"] > 0
+        assert record["config"]["epochs"] == 2 and record["seed"] == 0
+        assert len(record["history"]) == 2 and "tensorflow" in record["environment"]
+        assert (out / name / "model.weights.h5").exists()
+    kd = json.loads((out / "kd-T4-a0.5-s0" / "metrics.json").read_text())
+    assert set(kd["history"][0]) >= {"ce", "kd", "loss", "test_accuracy"}
+    assert results["teacher"]["test_accuracy"] > 0.9  # the synthetic task is learnable
+    # The grid reuses the KD cell (same T, alpha, seed) instead of training it again.
+    assert len(results["grid"]["cells"]) == 2
+    assert results["grid"]["best"]["test_accuracy"] == max(c["test_accuracy"] for c in results["grid"]["cells"])
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert sorted(r["run"] for r in rows) == sorted(expected_runs)
+    flops = list(csv.DictReader(open(out / "flops.csv")))
+    assert [int(r["params"]) for r in flops] == [1_011_466, 1_238_730, 1_238_730]
+
+    # Resume: a second invocation skips every finished run and changes nothing.
+    stamps = {name: (out / name / "metrics.json").stat().st_mtime_ns for name in expected_runs}
+    messages = []
+    Task1(config, arrays=synthetic_mnist, log=messages.append).run()
+    assert {name: (out / name / "metrics.json").stat().st_mtime_ns for name in expected_runs} == stamps
+    assert sum("finished earlier, skipping" in m for m in messages) >= len(expected_runs)
+    assert not any("epoch 1/" in m for m in messages)
+
+
+def test_interrupted_grid_resumes_only_missing_cells(tmp_path, synthetic_mnist):
+    config = small_config(tmp_path, temperatures=(2.0, 8.0), only=("grid",))
+    Task1(config, arrays=synthetic_mnist).run()
+    (tmp_path / "out" / "kd-T8-a0.5-s0" / "metrics.json").unlink()  # as if killed mid-run
+    messages = []
+    Task1(config, arrays=synthetic_mnist, log=messages.append).run()
+    trained = [m for m in messages if "] training:" in m]
+    assert len(trained) == 1 and "kd-T8-a0.5-s0" in trained[0]
+
+
+def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist):
+    records = []
+    for folder in ("a", "b"):
+        config = small_config(tmp_path / folder, only=("kd",))
+        records.append(Task1(config, arrays=synthetic_mnist).kd())
+    assert records[0]["history"][-1]["loss"] == records[1]["history"][-1]["loss"]
+    assert records[0]["test_accuracy"] == records[1]["test_accuracy"]
+
+
+def test_real_mnist_slice_end_to_end(tmp_path, real_mnist_dir, capsys):
+    status = cli.main(
+        ["--data-dir", str(real_mnist_dir), "--out", str(tmp_path / "r"), "--limit", "1024",
+         "--epochs", "1", "--only", "teacher,kd,scratch", "--quiet"]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "teacher-s0" in printed and "kd-T4-a0.5-s0" in printed
+    record = json.loads((tmp_path / "r" / "teacher-s0" / "metrics.json").read_text())
+    assert record["identity"]["train_examples"] == 1024
+    assert record["test_accuracy"] > 0.5
+
+
+def test_load_real_mnist_shapes(real_mnist_dir):
+    arrays = mnist.load_mnist(real_mnist_dir)
+    assert arrays["x_train"].shape == (60000, 28, 28, 1) and arrays["x_train"].dtype == np.uint8
+    assert arrays["x_test"].shape == (10000, 28, 28, 1) and arrays["y_test"].shape == (10000,)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--temperature", "0"], "temperature"),
+        (["--temperatures", "1,-2"], "temperature"),
+        (["--alpha", "1.5"], "alpha"),
+        (["--alphas", "0.5,-0.1"], "alpha"),
+        (["--epochs", "0"], "--epochs"),
+        (["--only", "teacher,nonsense"], "--only"),
+        (["--data-dir", "/no/such/folder"], "--data-dir"),
+    ],
+)
+def test_cli_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
+    status = cli.main([*argv, "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_dir_names_the_way_out(tmp_path, monkeypatch):
+    monkeypatch.delenv(mnist.ENV_VAR, raising=False)
+    with pytest.raises(mnist.DataError, match="--data-dir"):
+        mnist.load_mnist(tmp_path)  # a folder with no mnist.npz
+
+
+def test_offline_download_failure_names_data_dir(monkeypatch):
+    import keras
+
+    def offline():
+        raise Exception("URL fetch failure: Name or service not known")
+
+    monkeypatch.delenv(mnist.ENV_VAR, raising=False)
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(mnist.DataError, match="could not download MNIST.*--data-dir"):
+        mnist.load_mnist()
+
+
+def test_env_var_and_file_path_locate_the_data(tmp_path, monkeypatch):
+    x = np.zeros((4, 28, 28), np.uint8)
+    y = np.arange(4, dtype=np.uint8)
+    np.savez(tmp_path / "mnist.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    monkeypatch.setenv(mnist.ENV_VAR, str(tmp_path))
+    assert mnist.load_mnist()["x_train"].shape == (4, 28, 28, 1)
+    monkeypatch.delenv(mnist.ENV_VAR)
+    assert mnist.load_mnist(tmp_path / "mnist.npz", limit=2)["y_test"].tolist() == [0, 1]
+
+
+def test_npz_with_wrong_layout_is_rejected(tmp_path):
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((4, 28, 28)), y_train=np.zeros(3))
+    with pytest.raises(mnist.DataError, match="missing array"):
+        mnist.load_mnist(tmp_path)
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((4, 28, 28)), y_train=np.zeros(3),
+             x_test=np.zeros((2, 28, 28)), y_test=np.zeros(2))
+    with pytest.raises(mnist.DataError, match="x_train has shape"):
+        mnist.load_mnist(tmp_path)

@@ -1,0 +1,105 @@
+"""The one training loop and the method classes."""
+
+import keras
+import numpy as np
+import pytest
+
+from common import data as common_data
+from common import losses, methods, training
+
+
+def blobs(n=256, seed=0):
+    """Two Gaussian blobs in 2-D, linearly separable."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, 2)).astype(np.float32) * 0.5 + np.where(y[:, None] == 1, 2.0, -2.0)
+    return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
+
+
+def tiny_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((2,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)])
+
+
+def test_fit_learns_and_records_history():
+    arrays = blobs()
+    data = common_data.batched(arrays, 32, shuffle=True, seed=0)
+    lines = []
+    history = training.fit(
+        methods.CrossEntropy(tiny_model()),
+        data,
+        epochs=3,
+        optimizer=keras.optimizers.Adam(0.05),
+        eval_data=common_data.batched(blobs(128, seed=1), 64),
+        log=lines.append,
+    )
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert set(history[0]) >= {"loss", "ce", "train_accuracy", "test_accuracy", "seconds"}
+    assert history[-1]["test_accuracy"] > 0.95
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert len(lines) == 3 and lines[0].startswith("epoch 1/3")
+
+
+def test_history_loss_is_the_mean_over_examples():
+    # With lr=0 the model does not change, so the logged loss is the exact data mean.
+    arrays = blobs(100)
+    model = tiny_model()
+    history = training.fit(
+        methods.CrossEntropy(model), common_data.batched(arrays, 32), epochs=1,
+        optimizer=keras.optimizers.SGD(0.0),
+    )
+    expected = float(losses.teacher_loss(arrays["y"], model(arrays["x"])))
+    assert history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_distillation_terms_sum_to_student_loss():
+    arrays = blobs(16)
+    student, teacher = tiny_model(0), tiny_model(1)
+    teacher_logits = np.asarray(teacher(arrays["x"]))
+    method = methods.Distillation(student, temperature=3.0, alpha=0.3)
+    terms, logits = method.loss_terms({**arrays, "teacher_logits": teacher_logits}, training=False)
+    expected = losses.student_loss(arrays["y"], logits, teacher_logits, 3.0, 0.3)
+    assert set(terms) == {"ce", "kd"}
+    assert float(terms["ce"] + terms["kd"]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_cached_teacher_logits_give_the_same_training_as_a_live_teacher():
+    arrays = blobs(128)
+    teacher = tiny_model(1)
+    cached = common_data.teacher_logits(teacher, arrays, 50)
+    np.testing.assert_allclose(cached, np.asarray(teacher(arrays["x"])), rtol=1e-5, atol=1e-6)
+    teacher_weights = [w.copy() for w in teacher.get_weights()]
+
+    results = []
+    for batch_source in ("cached", "live"):
+        student = tiny_model(2)
+        extra = {"teacher_logits": cached} if batch_source == "cached" else {}
+        method = methods.Distillation(student, 2.0, 0.5, teacher=None if extra else teacher)
+        training.fit(method, common_data.batched({**arrays, **extra}, 32), epochs=2, optimizer=keras.optimizers.Adam(0.01))
+        results.append(student.get_weights())
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for before, after in zip(teacher_weights, teacher.get_weights()):
+        np.testing.assert_array_equal(before, after)  # the teacher is never trained
+
+
+def test_distillation_without_teacher_or_logits_is_an_error():
+    method = methods.Distillation(tiny_model(), 2.0, 0.5)
+    with pytest.raises(ValueError, match="teacher"):
+        method.loss_terms(blobs(4))
+
+
+@pytest.mark.parametrize("epochs", [0, -2])
+def test_bad_epochs(epochs):
+    with pytest.raises(ValueError, match="epochs"):
+        training.fit(methods.CrossEntropy(tiny_model()), common_data.batched(blobs(8), 4), epochs=epochs, optimizer=keras.optimizers.Adam())
+
+
+def test_accuracy_and_predict():
+    logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert training.accuracy(logits, np.array([1, 0, 0])) == pytest.approx(2 / 3)
+    arrays = blobs(10)
+    model = tiny_model()
+    out, labels = training.predict(training.compiled_predictor(model), common_data.batched(arrays, 4))
+    np.testing.assert_allclose(out, np.asarray(model(arrays["x"])), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(labels, arrays["y"])
