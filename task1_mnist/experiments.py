@@ -60,10 +60,18 @@ class Task1:
         logits, labels = training.predict(training.compiled_predictor(model), self.test_data)
         return {"test_accuracy": training.accuracy(logits, labels)}
 
-    def train(self, name, identity, build, make_method, train_data):
-        """Trains `make_method(model)` on `train_data()`; returns `(record, model)`."""
+    def train(self, name, identity, build, make_method, train_data, keep_checkpoints=False):
+        """Trains `make_method(model)` on `train_data()`; returns `(record, model)`.
+
+        With `keep_checkpoints`, the weights after every epoch are kept as
+        `<run>/checkpoints/epoch-NN.weights.h5` (early-stopped teachers).
+        """
 
         def train(model, data):
+            def checkpoint(epoch, _record):
+                model.save_weights(self.checkpoint_path(name, epoch))
+
+            self.checkpoint_path(name, 1).parent.mkdir(parents=True, exist_ok=True)
             return training.fit(
                 make_method(model),
                 data,
@@ -71,6 +79,7 @@ class Task1:
                 optimizer=keras.optimizers.Adam(self.config.learning_rate),
                 eval_data=self.test_data,
                 log=lambda line: self.log(f"[{name}] {line}"),
+                on_epoch_end=checkpoint if keep_checkpoints else None,
             )
 
         return runs.run(
@@ -85,13 +94,17 @@ class Task1:
             log=self.log,
         )
 
+    def checkpoint_path(self, name, epoch):
+        return self.store.run_dir(name) / "checkpoints" / f"epoch-{epoch:02d}.weights.h5"
+
     # -- experiments -----------------------------------------------------------
 
     def teacher(self):
         """Trains (or loads) the teacher; returns its record."""
         name = f"teacher-s{self.config.seed}"
         record, model = self.train(
-            name, self.identity("teacher"), build_teacher, methods.CrossEntropy, self.train_data
+            name, self.identity("teacher"), build_teacher, methods.CrossEntropy, self.train_data,
+            keep_checkpoints=True,
         )
         if model is None:
             raise DataError(

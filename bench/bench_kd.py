@@ -1,0 +1,198 @@
+"""Benchmark: KD-student training on MNIST, this toolkit vs what a user would write.
+
+Three ways to train the same MLP student from the same CNN teacher on the same
+data, in one process, at the same T, alpha, batch size, optimizer and epochs:
+
+- `toolkit`: `common.training.fit` with the teacher's logits computed once
+  (the precomputation is included in the timing);
+- `keras_distiller`: `keras.distillation.Distiller` + `compile` + `fit`, which runs
+  the teacher on every step;
+- `eager_loop`: a plain `tf.GradientTape` loop without `tf.function`, teacher on
+  every step (the notebook way).
+
+Then the T x alpha grid (scaled down: `--grid-cells` cells of `--epochs` epochs),
+toolkit vs Distiller. Writes `bench/results/kd_mnist.json` and prints a table.
+
+    python bench/bench_kd.py --data-dir ../shared/data/mnist
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import cli  # noqa: E402
+
+cli.import_tensorflow_quietly()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from common import data as common_data  # noqa: E402
+from common import losses, methods, runs, training  # noqa: E402
+from common.results import write_json_atomic  # noqa: E402
+from task1_mnist import data as mnist  # noqa: E402
+from task1_mnist.models import build_student, build_teacher  # noqa: E402
+
+GRID = [(1.0, 0.2), (4.0, 0.5), (16.0, 0.8), (2.0, 0.5), (32.0, 0.2), (64.0, 0.8)]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per KD run (default 2)")
+    parser.add_argument("--eager-steps", type=int, default=60, help="steps timed for the eager loop")
+    parser.add_argument("--grid-cells", type=int, default=3, help="grid cells timed (<= 6)")
+    parser.add_argument("--teacher-weights", default=str(ROOT / "results/task1/teacher-s0/model.weights.h5"),
+                        help="trained teacher; trained for 1 epoch when the file is missing")
+    parser.add_argument("--limit", type=int, help="use the first N images only (smoke test)")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/kd_mnist.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    arrays = mnist.load_mnist(args.data_dir, args.limit)
+    x_train = arrays["x_train"].astype(np.float32) / 255.0
+    x_test = arrays["x_test"].astype(np.float32) / 255.0
+    y_train, y_test = arrays["y_train"].astype(np.int32), arrays["y_test"].astype(np.int32)
+    n = len(y_train)
+    batch, lr = 256, 1e-3
+
+    teacher = load_or_train_teacher(args.teacher_weights, arrays, batch, lr)
+    teacher.trainable = False
+
+    def test_accuracy(model):
+        return float(np.mean(np.argmax(model.predict(x_test, batch_size=1024, verbose=0), -1) == y_test))
+
+    def toolkit(temperature, alpha, epochs, logits=None):
+        """Returns (seconds, student); `logits` reuses a precomputation (grid)."""
+        runs.set_seed(0)
+        start = time.perf_counter()
+        if logits is None:
+            logits = common_data.teacher_logits(teacher, {"x": x_train, "y": y_train}, 1024)
+        student = build_student()
+        data = common_data.batched({"x": x_train, "y": y_train, "teacher_logits": logits}, batch, shuffle=True, seed=0)
+        training.fit(methods.Distillation(student, temperature, alpha), data, epochs=epochs,
+                     optimizer=keras.optimizers.Adam(lr))
+        return time.perf_counter() - start, student
+
+    def keras_distiller(temperature, alpha, epochs):
+        runs.set_seed(0)
+        start = time.perf_counter()
+        student = build_student()
+        distiller = keras.distillation.Distiller(
+            teacher=teacher, student=student,
+            distillation_losses=keras.distillation.LogitsDistillation(temperature=temperature),
+            student_loss_weight=alpha,
+        )
+        distiller.compile(optimizer=keras.optimizers.Adam(lr),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        distiller.fit(x_train, y_train, batch_size=batch, epochs=epochs, shuffle=True, verbose=0)
+        return time.perf_counter() - start, student
+
+    def eager_loop(temperature, alpha, steps):
+        runs.set_seed(0)
+        student = build_student()
+        optimizer = keras.optimizers.Adam(lr)
+        data = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(n, seed=0).batch(batch).repeat()
+        start = time.perf_counter()
+        for x, y in data.take(steps):
+            teacher_logits = teacher(x, training=False)
+            with tf.GradientTape() as tape:
+                logits = student(x, training=True)
+                loss = losses.student_loss(y, logits, teacher_logits, temperature, alpha)
+            grads = tape.gradient(loss, student.trainable_variables)
+            optimizer.apply_gradients(zip(grads, student.trainable_variables))
+        return time.perf_counter() - start
+
+    rows = []
+    t, alpha, epochs = 4.0, 0.5, args.epochs
+    print(f"KD student, T={t:g} alpha={alpha:g}, {epochs} epochs of {n} images ...", flush=True)
+    seconds, student = toolkit(t, alpha, epochs)
+    rows.append(row("toolkit (cached teacher logits, compiled step)", seconds, epochs * n, test_accuracy(student)))
+    seconds, student = keras_distiller(t, alpha, epochs)
+    rows.append(row("keras.distillation.Distiller.fit", seconds, epochs * n, test_accuracy(student)))
+    seconds = eager_loop(t, alpha, args.eager_steps)
+    rows.append(row(f"plain eager GradientTape loop ({args.eager_steps} steps)", seconds, args.eager_steps * batch, None))
+
+    cells = GRID[: args.grid_cells]
+    print(f"Grid of {len(cells)} cells x {epochs} epochs ...", flush=True)
+    start = time.perf_counter()
+    logits = common_data.teacher_logits(teacher, {"x": x_train, "y": y_train}, 1024)
+    grid_ours = [test_accuracy(toolkit(tc, ac, epochs, logits)[1]) for tc, ac in cells]
+    grid_ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    grid_keras = [test_accuracy(keras_distiller(tc, ac, epochs)[1]) for tc, ac in cells]
+    grid_keras_s = time.perf_counter() - start
+
+    by = {r["method"].split(" ")[0]: r for r in rows}
+    result = {
+        "benchmark": "KD student training on MNIST (MLP student, CNN teacher)",
+        "command": "python bench/bench_kd.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {"temperature": t, "alpha": alpha, "epochs": epochs, "batch_size": batch,
+                     "train_images": n, "grid_cells": cells},
+        "environment": runs.environment(),
+        "cpu_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
+        "kd_student": rows,
+        "speedup_vs_distiller": by["toolkit"]["images_per_s"] / by["keras.distillation.Distiller.fit"]["images_per_s"],
+        "speedup_vs_eager": by["toolkit"]["images_per_s"] / by["plain"]["images_per_s"],
+        "grid": {
+            "toolkit_seconds": grid_ours_s, "distiller_seconds": grid_keras_s,
+            "speedup": grid_keras_s / grid_ours_s,
+            "toolkit_accuracies": grid_ours, "distiller_accuracies": grid_keras,
+        },
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    write_json_atomic(args.out, result)
+    print(format_table(result))
+    print(f"written to {args.out}")
+    return 0
+
+
+def row(method, seconds, images, accuracy):
+    return {"method": method, "seconds": seconds, "images": images,
+            "images_per_s": images / seconds, "test_accuracy": accuracy}
+
+
+def load_or_train_teacher(path, arrays, batch, lr):
+    teacher = build_teacher()
+    if Path(path).exists():
+        teacher.load_weights(path)
+        print(f"teacher: weights from {path}")
+        return teacher
+    print("teacher: no saved weights, training 1 epoch", flush=True)
+    runs.set_seed(0)
+    data = common_data.batched({"x": arrays["x_train"], "y": arrays["y_train"]}, batch, shuffle=True, seed=0,
+                               map_fn=mnist.scale)
+    training.fit(methods.CrossEntropy(teacher), data, epochs=1, optimizer=keras.optimizers.Adam(lr))
+    return teacher
+
+
+def format_table(result):
+    lines = ["| method | images/s | seconds | test accuracy |", "|---|---:|---:|---:|"]
+    for r in result["kd_student"]:
+        acc = "—" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+        lines.append(f"| {r['method']} | {r['images_per_s']:,.0f} | {r['seconds']:.1f} | {acc} |")
+    g = result["grid"]
+    lines += [
+        "",
+        f"KD student speed-up: {result['speedup_vs_distiller']:.2f}x vs Distiller.fit, "
+        f"{result['speedup_vs_eager']:.2f}x vs eager loop",
+        f"Grid ({len(result['settings']['grid_cells'])} cells x {result['settings']['epochs']} epochs): "
+        f"toolkit {g['toolkit_seconds']:.1f}s, Distiller.fit {g['distiller_seconds']:.1f}s, "
+        f"speed-up {g['speedup']:.2f}x",
+        "grid accuracies toolkit:   " + ", ".join(f"{a:.4f}" for a in g["toolkit_accuracies"]),
+        "grid accuracies Distiller: " + ", ".join(f"{a:.4f}" for a in g["distiller_accuracies"]),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
