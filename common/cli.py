@@ -43,6 +43,14 @@ def float_list(text):
         raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
 
 
+def int_list(text):
+    """`"0,1,2"` -> `(0, 1, 2)`; an argparse type."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+
+
 def name_list(text):
     """`"teacher,kd"` -> `("teacher", "kd")`; an argparse type."""
     return tuple(part.strip() for part in text.split(",") if part.strip())

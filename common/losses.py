@@ -79,3 +79,48 @@ def soft_target_entropy(logits, temperature):
     temperature = validate_temperature(temperature)
     log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32) / temperature)
     return tf.reduce_mean(-tf.reduce_sum(tf.exp(log_probs) * log_probs, axis=-1))
+
+
+# -- Subclass distillation (Müller, Kornblith & Hinton 2020) --------------------
+#
+# A network with C classes and S subclasses per class outputs K = C·S subclass
+# logits z ∈ R^K, ordered class-major: subclass k = c·S + s belongs to class c.
+#
+#   class logit        ℓ_c = log Σ_s exp(z_{c·S+s})        (logsumexp over c's subclasses)
+#   so                 softmax(ℓ)_c = Σ_s softmax(z)_{c·S+s}
+#   teacher loss       L_T = CE(y, softmax(ℓ)) + β · L_aux
+#   auxiliary loss     ẑ_i = (z_i − mean_k z_ik) / (std_k z_ik · √K)   (unit vectors)
+#                      s_ij = ẑ_i · ẑ_j / τ    (correlation of examples i, j, over τ)
+#                      L_aux = (1/n) Σ_i [logsumexp_j s_ij − s_ii] − log n
+#   L_aux is 0 when every example has the same logit pattern and falls as the
+#   patterns of different examples in the batch are pushed apart, so the teacher
+#   spreads examples over its subclasses instead of collapsing onto one each.
+#   student loss       L_S = α · CE(y, softmax(ℓ_student)) + (1 − α) · T² · KL(softmax(z_T/T) ‖ softmax(z_S/T))
+
+
+def class_logits_from_subclass_logits(subclass_logits, num_classes):
+    """`(batch, C·S)` class-major subclass logits -> `(batch, C)` class logits (logsumexp)."""
+    subclass_logits = tf.cast(subclass_logits, tf.float32)
+    total = subclass_logits.shape[-1]
+    if total is None or total % num_classes:
+        raise ValueError(
+            f"subclass logits have {total} columns, not a multiple of {num_classes} classes"
+        )
+    grouped = tf.reshape(subclass_logits, (-1, num_classes, total // num_classes))
+    return tf.reduce_logsumexp(grouped, axis=-1)
+
+
+def subclass_auxiliary_loss(subclass_logits, temperature=1.0, epsilon=1e-9):
+    """L_aux of subclass distillation (see above): pushes examples' logit patterns apart."""
+    temperature = validate_temperature(temperature)
+    z = tf.cast(subclass_logits, tf.float32)
+    num_logits = tf.cast(tf.shape(z)[-1], tf.float32)
+    batch = tf.cast(tf.shape(z)[0], tf.float32)
+    mean, variance = tf.nn.moments(z, axes=[-1], keepdims=True)
+    unit = (z - mean) / tf.sqrt((variance + epsilon) * num_logits)
+    similarity = tf.matmul(unit, unit, transpose_b=True) / temperature
+    self_similarity = tf.linalg.diag_part(similarity)
+    return (
+        tf.reduce_mean(tf.reduce_logsumexp(similarity, axis=-1) - self_similarity)
+        - tf.math.log(batch)
+    )

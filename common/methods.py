@@ -82,3 +82,61 @@ class Distillation(Method):
             "kd": (1.0 - self.alpha)
             * losses.distillation_loss(teacher_logits, logits, self.temperature),
         }, logits
+
+
+class SubclassMethod(Method):
+    """Base for models with `C·S` class-major subclass logits; predicts via logsumexp."""
+
+    def __init__(self, model, num_classes):
+        super().__init__(model)
+        self.num_classes = int(num_classes)
+
+    def class_logits(self, x, training=False):
+        return losses.class_logits_from_subclass_logits(self.model(x, training=training), self.num_classes)
+
+
+class SubclassTeacher(SubclassMethod):
+    """Subclass-distillation teacher: class CE through logsumexp + `beta` · L_aux.
+
+    Logged terms: `ce` and `aux` (already multiplied by `beta`).
+    """
+
+    term_names = ("ce", "aux")
+
+    def __init__(self, model, num_classes, aux_weight=1.0, aux_temperature=1.0):
+        super().__init__(model, num_classes)
+        self.aux_weight = float(aux_weight)
+        self.aux_temperature = losses.validate_temperature(aux_temperature)
+
+    def loss_terms(self, batch, training=True):
+        subclass_logits = self.model(batch["x"], training=training)
+        logits = losses.class_logits_from_subclass_logits(subclass_logits, self.num_classes)
+        return {
+            "ce": losses.teacher_loss(batch["y"], logits),
+            "aux": self.aux_weight
+            * losses.subclass_auxiliary_loss(subclass_logits, self.aux_temperature),
+        }, logits
+
+
+class SubclassDistillation(SubclassMethod, Distillation):
+    """Student of subclass distillation: `alpha` · class CE (its own logsumexp class
+    logits) + `(1 - alpha)` · T² KL between teacher and student SUBCLASS distributions.
+
+    `"teacher_logits"` in the batch are the teacher's `(batch, C·S)` subclass logits.
+    """
+
+    term_names = ("ce", "kd")
+
+    def __init__(self, student, num_classes, temperature, alpha, teacher=None):
+        Distillation.__init__(self, student, temperature, alpha, teacher=teacher)
+        self.num_classes = int(num_classes)
+
+    def loss_terms(self, batch, training=True):
+        subclass_logits = self.model(batch["x"], training=training)
+        logits = losses.class_logits_from_subclass_logits(subclass_logits, self.num_classes)
+        teacher_logits = self.teacher_logits(batch)
+        return {
+            "ce": self.alpha * losses.teacher_loss(batch["y"], logits),
+            "kd": (1.0 - self.alpha)
+            * losses.distillation_loss(teacher_logits, subclass_logits, self.temperature),
+        }, logits

@@ -12,6 +12,8 @@ import io
 import json
 import math
 import os
+import re
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -152,3 +154,42 @@ class ResultsStore:
         path = self.root / "summary.csv"
         write_csv_atomic(path, rows, SUMMARY_COLUMNS)
         return path
+
+    def write_seed_summary(self, metrics=("test_accuracy", "test_auc")):
+        """Writes `root/summary_by_experiment.csv`: runs that differ only in their seed
+        (names ending in `-s<seed>`) grouped, with mean and sample std of each metric."""
+        groups = {}
+        for record in self.records():
+            groups.setdefault(seed_group(record["run"]), []).append(record)
+        rows = []
+        for group, records in sorted(groups.items()):
+            row = {
+                "group": group,
+                "experiment": records[0].get("experiment"),
+                "n_seeds": len(records),
+                "seeds": " ".join(str(r.get("seed")) for r in records),
+                "params": records[0].get("params"),
+                "flops": records[0].get("flops"),
+            }
+            for metric in metrics:
+                values = [r[metric] for r in records if r.get(metric) is not None]
+                if values:
+                    row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
+            rows.append(row)
+        columns = ["group", "experiment", "n_seeds", "seeds"]
+        for metric in metrics:
+            columns += [f"{metric}_mean", f"{metric}_std"]
+        path = self.root / "summary_by_experiment.csv"
+        write_csv_atomic(path, rows, columns + ["params", "flops"])
+        return path
+
+
+def seed_group(run_name):
+    """`"kd-T4-a0.5-s2"` -> `"kd-T4-a0.5"`: the run name without its seed."""
+    return re.sub(r"-s\d+$", "", run_name)
+
+
+def mean_std(values):
+    """`(mean, sample standard deviation)`; the std of a single value is 0."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

@@ -6,7 +6,7 @@ from typing import Optional
 from common import config as cfg
 from common import losses
 
-EXPERIMENTS = ("teacher", "kd", "scratch", "grid", "flops")
+EXPERIMENTS = ("teacher", "kd", "scratch", "grid", "flops", "entropy", "skd", "takd", "eskd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,6 +14,7 @@ class Task1Config(cfg.BaseConfig):
     """Settings of a Task 1 invocation; validated on construction.
 
     `alpha` weights the hard-label cross-entropy, `1 - alpha` the distillation term.
+    Every experiment is repeated for each seed in `seeds`.
     """
 
     data_dir: Optional[str] = None
@@ -21,11 +22,15 @@ class Task1Config(cfg.BaseConfig):
     epochs: int = 12
     batch_size: int = 256
     learning_rate: float = 1e-3
-    seed: int = 0
+    seeds: tuple = (0,)
     temperature: float = 4.0
     alpha: float = 0.5
     temperatures: tuple = (1.0, 2.0, 4.0, 16.0, 32.0, 64.0)
     alphas: tuple = (0.2, 0.5, 0.8)
+    subclasses: int = 4
+    aux_weight: float = 1.0
+    aux_temperature: float = 1.0
+    teacher_epochs: tuple = (2, 4)
     only: tuple = EXPERIMENTS
     limit: Optional[int] = None
     quiet: bool = False
@@ -34,18 +39,29 @@ class Task1Config(cfg.BaseConfig):
         cfg.positive_int("epochs", self.epochs, "--epochs")
         cfg.positive_int("batch_size", self.batch_size, "--batch-size")
         cfg.positive_float("learning_rate", self.learning_rate, "--learning-rate")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise cfg.ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise cfg.ConfigError(f"--seeds must list integers >= 0, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise cfg.ConfigError(f"--seeds lists a seed twice: {self.seeds!r}")
         if self.limit is not None:
             cfg.positive_int("limit", self.limit, "--limit")
+        cfg.positive_int("subclasses", self.subclasses, "--subclasses")
+        if not self.aux_weight >= 0:
+            raise cfg.ConfigError(f"--aux-weight must be >= 0, got {self.aux_weight!r}")
         for name, values in (("temperatures", self.temperatures), ("alphas", self.alphas)):
             if not values:
                 raise cfg.ConfigError(f"--{name} must list at least one value")
         try:
-            for t in (self.temperature, *self.temperatures):
+            for t in (self.temperature, self.aux_temperature, *self.temperatures):
                 losses.validate_temperature(t)
             for a in (self.alpha, *self.alphas):
                 losses.validate_alpha(a)
         except ValueError as err:
             raise cfg.ConfigError(str(err)) from None
         cfg.choices("only", self.only, EXPERIMENTS, "--only")
+        if "eskd" in self.only:
+            bad = [e for e in self.teacher_epochs if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= self.epochs]
+            if bad or not self.teacher_epochs:
+                raise cfg.ConfigError(
+                    f"--teacher-epochs must list epochs between 1 and --epochs {self.epochs}, got {self.teacher_epochs!r}"
+                )

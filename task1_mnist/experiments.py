@@ -1,40 +1,39 @@
-"""Task 1 recipes: teacher, KD student, scratch student, T x alpha grid, FLOPs.
+"""Task 1 recipes: teacher, KD, scratch, T x alpha grid, FLOPs, soft-target entropy,
+subclass KD, teacher-assistant KD chains and early-stopped teachers.
 
 Every recipe trains through `common.training.fit` and records through
 `common.runs.run`, so each run is resumable and carries its config, seed,
-versions, history and timings. The frozen teacher's logits on the training set
-are computed once and reused by every KD run (MNIST has no augmentation).
+versions, history and timings. A frozen model's logits on the training set are
+computed once and reused by every student distilled from it (MNIST has no
+augmentation, so they never change).
 """
 
 import keras
 
 from common import data as common_data
-from common import methods, runs, training
+from common import losses, methods, runs, training
 from common.errors import DataError
 from common.results import ResultsStore, write_csv_atomic, write_json_atomic
 from task1_mnist import data as mnist
-from task1_mnist.models import build_student, build_teacher
+from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
 
 EVAL_BATCH = 1024
 
 
-def kd_run_name(temperature, alpha, seed):
-    return f"kd-T{temperature:g}-a{alpha:g}-s{seed}"
-
-
 class Task1:
-    """Runs Task 1 experiments for one config over one loaded dataset."""
+    """Runs Task 1 experiments for one config and one seed over one loaded dataset."""
 
-    def __init__(self, config, arrays=None, log=None):
+    def __init__(self, config, arrays=None, seed=None, log=None):
         self.config = config
+        self.seed = config.seeds[0] if seed is None else seed
         self.log = log or (lambda _msg: None)
         self.arrays = arrays if arrays is not None else mnist.load_mnist(config.data_dir, config.limit)
         self.store = ResultsStore(config.out)
         self.test_data = common_data.batched(
             {"x": self.arrays["x_test"], "y": self.arrays["y_test"]}, EVAL_BATCH, map_fn=mnist.scale
         )
-        self._teacher = None
-        self._teacher_logits = None
+        self._models = {}
+        self._logits = {}
 
     # -- shared plumbing -------------------------------------------------------
 
@@ -42,7 +41,7 @@ class Task1:
         c = self.config
         return {
             "experiment": experiment,
-            "seed": c.seed,
+            "seed": self.seed,
             "epochs": c.epochs,
             "batch_size": c.batch_size,
             "learning_rate": c.learning_rate,
@@ -50,15 +49,23 @@ class Task1:
             **settings,
         }
 
+    def kd_suffix(self, temperature=None, alpha=None):
+        temperature = self.config.temperature if temperature is None else temperature
+        alpha = self.config.alpha if alpha is None else alpha
+        return f"T{temperature:g}-a{alpha:g}-s{self.seed}"
+
     def train_data(self, **extra_arrays):
         arrays = {"x": self.arrays["x_train"], "y": self.arrays["y_train"], **extra_arrays}
         return common_data.batched(
-            arrays, self.config.batch_size, shuffle=True, seed=self.config.seed, map_fn=mnist.scale
+            arrays, self.config.batch_size, shuffle=True, seed=self.seed, map_fn=mnist.scale
         )
 
-    def evaluate(self, model):
-        logits, labels = training.predict(training.compiled_predictor(model), self.test_data)
+    def evaluate(self, class_logits_fn):
+        logits, labels = training.predict(training.compiled_predictor(class_logits_fn), self.test_data)
         return {"test_accuracy": training.accuracy(logits, labels)}
+
+    def checkpoint_path(self, name, epoch):
+        return self.store.run_dir(name) / "checkpoints" / f"epoch-{epoch:02d}.weights.h5"
 
     def train(self, name, identity, build, make_method, train_data, keep_checkpoints=False):
         """Trains `make_method(model)` on `train_data()`; returns `(record, model)`.
@@ -82,7 +89,7 @@ class Task1:
                 on_epoch_end=checkpoint if keep_checkpoints else None,
             )
 
-        return runs.run(
+        record, model = runs.run(
             self.store,
             name,
             identity=identity,
@@ -90,116 +97,223 @@ class Task1:
             build=build,
             data=train_data,
             train=train,
-            evaluate=self.evaluate,
+            evaluate=lambda model: self.evaluate(make_method(model).class_logits),
             log=self.log,
-        )
-
-    def checkpoint_path(self, name, epoch):
-        return self.store.run_dir(name) / "checkpoints" / f"epoch-{epoch:02d}.weights.h5"
-
-    # -- experiments -----------------------------------------------------------
-
-    def teacher(self):
-        """Trains (or loads) the teacher; returns its record."""
-        name = f"teacher-s{self.config.seed}"
-        record, model = self.train(
-            name, self.identity("teacher"), build_teacher, methods.CrossEntropy, self.train_data,
-            keep_checkpoints=True,
         )
         if model is None:
             raise DataError(
-                f"{self.store.weights_path(name)} is missing; delete {self.store.run_dir(name)} "
-                "to train the teacher again"
+                f"{self.store.weights_path(name)} is missing; delete {self.store.run_dir(name)} to train it again"
             )
-        self._teacher = model
-        return record
+        self._models[name] = model
+        return record, model
 
-    def teacher_model(self):
-        """The trained teacher, trained or loaded once per `Task1` object."""
-        if self._teacher is None:
-            self.teacher()
-        return self._teacher
-
-    def teacher_logits(self):
-        """`(n_train, 10)` teacher logits on the training set, computed once."""
-        if self._teacher_logits is None:
-            self._teacher_logits = common_data.teacher_logits(
-                self.teacher_model(),
+    def logits_of(self, name, model=None):
+        """`(n_train, outputs)` logits of a trained model on the training set, computed once."""
+        if name not in self._logits:
+            self._logits[name] = common_data.teacher_logits(
+                model if model is not None else self._models[name],
                 {"x": self.arrays["x_train"], "y": self.arrays["y_train"]},
                 EVAL_BATCH,
                 map_fn=mnist.scale,
             )
-        return self._teacher_logits
+        return self._logits[name]
 
-    def kd(self, temperature=None, alpha=None):
-        """A student distilled from the teacher at (T, alpha); returns its record."""
-        temperature = self.config.temperature if temperature is None else temperature
-        alpha = self.config.alpha if alpha is None else alpha
-        name = kd_run_name(temperature, alpha, self.config.seed)
+    def distil(self, name, identity, build, parent, make_method):
+        """Trains `make_method(model)` on batches carrying `parent()`'s logits.
+
+        `parent` is `() -> (run name, model)`, called only if this run must train,
+        so a finished student never makes its teacher train or predict again.
+        """
+
+        def data():
+            parent_name, parent_model = parent()
+            return self.train_data(teacher_logits=self.logits_of(parent_name, parent_model))
+
+        return self.train(name, identity, build, make_method, data)
+
+    # -- experiments -----------------------------------------------------------
+
+    def teacher_name(self):
+        return f"teacher-s{self.seed}"
+
+    def teacher(self):
+        """Trains (or loads) the teacher, keeping every epoch's weights; returns its record."""
         record, _ = self.train(
-            name,
-            self.identity("kd", temperature=float(temperature), alpha=float(alpha)),
-            build_student,
-            lambda student: methods.Distillation(student, temperature, alpha),
-            lambda: self.train_data(teacher_logits=self.teacher_logits()),
+            self.teacher_name(), self.identity("teacher"), build_teacher, methods.CrossEntropy,
+            self.train_data, keep_checkpoints=True,
         )
         return record
+
+    def teacher_model(self):
+        if self.teacher_name() not in self._models:
+            self.teacher()
+        return self.teacher_name(), self._models[self.teacher_name()]
+
+    def chain(self, links, temperature=None, alpha=None, parent=None):
+        """Distils along a chain: teacher -> links[0] -> links[1] -> ...
+
+        `links` is a list of `(role, build)`; link i learns by KD at (T, alpha) from
+        link i-1 (the teacher for i = 0). Run names join the roles, e.g.
+        `ta-T4-a0.5-s0` then `ta-takd-T4-a0.5-s0`; a one-link chain `[("kd",
+        build_student)]` is exactly the plain KD student. Returns the records.
+        """
+        temperature = self.config.temperature if temperature is None else temperature
+        alpha = self.config.alpha if alpha is None else alpha
+        parent = parent or self.teacher_model
+        roles, records = [], []
+        for role, build in links:
+            roles.append(role)
+            name = "-".join(roles) + "-" + self.kd_suffix(temperature, alpha)
+            identity = self.identity(role, temperature=float(temperature), alpha=float(alpha))
+            record, model = self.distil(
+                name, identity, build, parent,
+                lambda student: methods.Distillation(student, temperature, alpha),
+            )
+            records.append(record)
+            parent = lambda name=name, model=model: (name, model)  # noqa: E731
+        return records
+
+    def kd(self, temperature=None, alpha=None):
+        """The student distilled straight from the teacher at (T, alpha); its record."""
+        return self.chain([("kd", build_student)], temperature, alpha)[-1]
 
     def scratch(self):
         """The student trained on hard labels only."""
         record, _ = self.train(
-            f"scratch-s{self.config.seed}",
-            self.identity("scratch"),
-            build_student,
-            methods.CrossEntropy,
-            self.train_data,
+            f"scratch-s{self.seed}", self.identity("scratch"), build_student, methods.CrossEntropy, self.train_data
         )
         return record
 
     def grid(self):
-        """Every (T, alpha) cell; writes `grid.csv` and `grid.json` (best cell)."""
+        """Every (T, alpha) cell; writes `grid-s<seed>.csv` and `.json` (best cell)."""
         cells = [(t, a) for t in self.config.temperatures for a in self.config.alphas]
         rows = []
         for index, (temperature, alpha) in enumerate(cells, 1):
-            self.log(f"[grid {index}/{len(cells)}] T={temperature:g} alpha={alpha:g}")
+            self.log(f"[grid {index}/{len(cells)}] T={temperature:g} alpha={alpha:g} seed={self.seed}")
             record = self.kd(temperature, alpha)
-            rows.append(
-                {
-                    "temperature": float(temperature),
-                    "alpha": float(alpha),
-                    "test_accuracy": record["test_accuracy"],
-                    "run": record["run"],
-                }
-            )
+            rows.append({"temperature": float(temperature), "alpha": float(alpha),
+                         "test_accuracy": record["test_accuracy"], "run": record["run"]})
         best = max(rows, key=lambda row: row["test_accuracy"])
-        write_csv_atomic(self.store.root / "grid.csv", rows, ("temperature", "alpha", "test_accuracy", "run"))
-        write_json_atomic(self.store.root / "grid.json", {"cells": rows, "best": best})
-        self.log(
-            f"[grid] best: T={best['temperature']:g} alpha={best['alpha']:g} "
-            f"test_accuracy {best['test_accuracy']:.4f}"
-        )
+        stem = self.store.root / f"grid-s{self.seed}"
+        write_csv_atomic(stem.with_suffix(".csv"), rows, ("temperature", "alpha", "test_accuracy", "run"))
+        write_json_atomic(stem.with_suffix(".json"), {"cells": rows, "best": best})
+        self.log(f"[grid] best: T={best['temperature']:g} alpha={best['alpha']:g} "
+                 f"test_accuracy {best['test_accuracy']:.4f}")
         return {"cells": rows, "best": best}
 
     def flops(self):
-        """Parameters and FLOPs (batch 1) of each model; writes `flops.csv`."""
-        rows = []
-        for label, build in (
-            ("teacher", build_teacher),
-            ("student (KD)", build_student),
-            ("student (scratch)", build_student),
-        ):
-            rows.append({"model": label, **runs.model_size(build())})
+        """Parameters and FLOPs (batch 1) of each architecture; writes `flops.csv`."""
+        s = self.config.subclasses
+        rows = [
+            {"model": label, **runs.model_size(build())}
+            for label, build in (
+                ("teacher", build_teacher),
+                ("student (KD and scratch)", build_student),
+                ("teacher assistant", build_assistant),
+                (f"subclass teacher ({NUM_CLASSES}x{s} outputs)", lambda: build_teacher(NUM_CLASSES * s)),
+                (f"subclass student ({NUM_CLASSES}x{s} outputs)", lambda: build_student(NUM_CLASSES * s)),
+            )
+        ]
         write_csv_atomic(self.store.root / "flops.csv", rows, ("model", "params", "flops"))
         for row in rows:
             self.log(f"[flops] {row['model']}: {row['params']:,} params, {row['flops']:,} FLOPs")
         return rows
 
+    def entropy(self):
+        """Mean entropy (nats) of the teacher's softened outputs on the training set
+        against T; writes `teacher_entropy-s<seed>.csv` (maximum: log 10 = 2.3026)."""
+        logits = self.logits_of(*self.teacher_model())
+        temperatures = sorted({*self.config.temperatures, self.config.temperature})
+        rows = [{"temperature": t, "entropy_nats": float(losses.soft_target_entropy(logits, t))}
+                for t in temperatures]
+        write_csv_atomic(self.store.root / f"teacher_entropy-s{self.seed}.csv", rows, ("temperature", "entropy_nats"))
+        self.log("[entropy] " + ", ".join(f"T={r['temperature']:g}: {r['entropy_nats']:.3f}" for r in rows))
+        return rows
+
+    def skd(self):
+        """Subclass distillation: a C·S-output teacher with L_aux, then a C·S student."""
+        c, s = self.config, self.config.subclasses
+        teacher_name = f"skd-teacher-S{s}-s{self.seed}"
+        aux = {"subclasses": s, "aux_weight": c.aux_weight, "aux_temperature": c.aux_temperature}
+        teacher_record, teacher = self.train(
+            teacher_name, self.identity("skd-teacher", **aux),
+            lambda: build_teacher(NUM_CLASSES * s),
+            lambda model: methods.SubclassTeacher(model, NUM_CLASSES, c.aux_weight, c.aux_temperature),
+            self.train_data,
+        )
+        record, _ = self.distil(
+            f"skd-S{s}-{self.kd_suffix()}",
+            self.identity("skd", temperature=c.temperature, alpha=c.alpha, **aux),
+            lambda: build_student(NUM_CLASSES * s),
+            lambda: (teacher_name, teacher),
+            lambda student: methods.SubclassDistillation(student, NUM_CLASSES, c.temperature, c.alpha),
+        )
+        return {"teacher": teacher_record, "student": record}
+
+    def takd(self):
+        """Teacher -> assistant -> student, against baseline KD from the teacher (BLKD)."""
+        assistant, student = self.chain([("ta", build_assistant), ("takd", build_student)])
+        baseline = self.kd()
+        teacher = self.teacher()
+        rows = [{"model": label, "run": r["run"], "test_accuracy": r["test_accuracy"]}
+                for label, r in (("teacher", teacher), ("assistant (from teacher)", assistant),
+                                 ("student via assistant (TAKD)", student),
+                                 ("student from teacher (BLKD)", baseline))]
+        write_csv_atomic(self.store.root / f"takd-s{self.seed}.csv", rows, ("model", "run", "test_accuracy"))
+        return rows
+
+    def eskd(self):
+        """Students distilled from the teacher's early checkpoints and from the final one."""
+        teacher_record = self.teacher()
+        name = self.teacher_name()
+        rows = []
+        for epoch in sorted(set(self.config.teacher_epochs) | {self.config.epochs}):
+            if epoch == self.config.epochs:
+                record = self.kd()
+            else:
+                record = self.chain(
+                    [(f"eskd-e{epoch:02d}", build_student)],
+                    parent=lambda epoch=epoch: self.checkpoint_model(name, epoch),
+                )[-1]
+            rows.append({"teacher_epoch": epoch,
+                         "teacher_test_accuracy": teacher_record["history"][epoch - 1]["test_accuracy"],
+                         "student_test_accuracy": record["test_accuracy"], "run": record["run"]})
+        write_csv_atomic(self.store.root / f"eskd-s{self.seed}.csv", rows,
+                         ("teacher_epoch", "teacher_test_accuracy", "student_test_accuracy", "run"))
+        for row in rows:
+            self.log(f"[eskd] teacher epoch {row['teacher_epoch']}: teacher {row['teacher_test_accuracy']:.4f}"
+                     f" -> student {row['student_test_accuracy']:.4f}")
+        return rows
+
+    def checkpoint_model(self, name, epoch):
+        """`(label, model)` of the teacher's weights after `epoch`."""
+        path = self.checkpoint_path(name, epoch)
+        if not path.exists():
+            raise DataError(f"{path} is missing: the teacher kept no checkpoint of epoch {epoch}; "
+                            f"delete {self.store.run_dir(name)} to train it again with checkpoints")
+        model = build_teacher()
+        model.load_weights(path)
+        return f"{name}-epoch{epoch:02d}", model
+
     def run(self, only=None):
-        """Runs the selected experiments in a dependency-friendly order."""
+        """Runs the selected experiments for this seed; returns their outcomes."""
         only = tuple(only or self.config.only)
-        results = {}
-        for experiment in ("flops", "teacher", "kd", "scratch", "grid"):
-            if experiment in only:
-                results[experiment] = getattr(self, experiment)()
-        self.store.write_summary()
-        return results
+        order = ("flops", "teacher", "kd", "scratch", "entropy", "grid", "skd", "takd", "eskd")
+        return {name: getattr(self, name)() for name in order if name in only}
+
+
+def run_all(config, arrays=None, log=None):
+    """Every selected experiment for every seed; then `summary.csv` (one row per run)
+    and `summary_by_experiment.csv` (mean ± std over seeds). Returns per-seed outcomes."""
+    log = log or (lambda _msg: None)
+    arrays = arrays if arrays is not None else mnist.load_mnist(config.data_dir, config.limit)
+    outcomes = {}
+    for index, seed in enumerate(config.seeds, 1):
+        if len(config.seeds) > 1:
+            log(f"== seed {seed} ({index}/{len(config.seeds)})")
+        task = Task1(config, arrays=arrays, seed=seed, log=log)
+        outcomes[seed] = task.run()
+    store = ResultsStore(config.out)
+    store.write_summary()
+    store.write_seed_summary()
+    return outcomes

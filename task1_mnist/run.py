@@ -22,11 +22,16 @@ def build_parser():
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per model (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam learning rate (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
+    parser.add_argument("--seeds", type=cli.int_list, default=defaults.seeds, help="random seeds, comma list; every experiment runs once per seed (default 0)")
+    parser.add_argument("--seed", type=int, dest="single_seed", help="shorthand for --seeds N")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="KD temperature T (default %(default)s)")
     parser.add_argument("--alpha", type=float, default=defaults.alpha, help="weight of the hard-label loss; 1 - alpha weights distillation (default %(default)s)")
     parser.add_argument("--temperatures", type=cli.float_list, default=defaults.temperatures, help="grid temperatures, comma list (default 1,2,4,16,32,64)")
     parser.add_argument("--alphas", type=cli.float_list, default=defaults.alphas, help="grid alphas, comma list (default 0.2,0.5,0.8)")
+    parser.add_argument("--subclasses", type=int, default=defaults.subclasses, help="subclasses per class for subclass KD (default %(default)s)")
+    parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight, help="weight beta of the subclass auxiliary loss (default %(default)s)")
+    parser.add_argument("--aux-temperature", type=float, default=defaults.aux_temperature, help="temperature tau of the subclass auxiliary loss (default %(default)s)")
+    parser.add_argument("--teacher-epochs", type=cli.int_list, default=defaults.teacher_epochs, help="early-stopped teacher epochs for eskd, comma list (default 2,4; the final teacher is always compared)")
     parser.add_argument("--only", type=cli.name_list, default=defaults.only, help=f"experiments, comma list of {','.join(EXPERIMENTS)} (default all)")
     parser.add_argument("--limit", type=int, help="use only the first N train and test images (quick runs)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary")
@@ -39,14 +44,18 @@ def main(argv=None):
 
 
 def _run(args):
-    config = Task1Config(**vars(args))
+    settings = vars(args)
+    single_seed = settings.pop("single_seed")
+    if single_seed is not None:
+        settings["seeds"] = (single_seed,)
+    config = Task1Config(**settings)
     log = cli.logger(config.quiet)
     log("Task 1 (MNIST) config:\n" + config.describe())
-    from task1_mnist.experiments import Task1  # heavy imports after argument checks
+    from common.results import ResultsStore  # heavy imports after argument checks
+    from task1_mnist.experiments import run_all
 
-    task = Task1(config, log=log)
-    task.run()
-    print(cli.summary_table(task.store))
+    run_all(config, log=log)
+    print(cli.summary_table(ResultsStore(config.out)))
     return 0
 
 

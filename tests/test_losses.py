@@ -103,3 +103,29 @@ def test_soft_target_entropy():
     p = softmax([v / 2 for v in TEACHER[0]])
     expected = -sum(pi * math.log(pi) for pi in p)
     assert float(losses.soft_target_entropy([TEACHER[0]], 2.0)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_class_logits_from_subclass_logits_groups_class_major():
+    # 2 classes x 2 subclasses: columns (c0s0, c0s1, c1s0, c1s1).
+    z = [[0.0, math.log(3.0), 1.0, 1.0]]
+    class_logits = losses.class_logits_from_subclass_logits(z, 2).numpy()
+    assert class_logits[0, 0] == pytest.approx(math.log(1 + 3))
+    assert class_logits[0, 1] == pytest.approx(math.log(2 * math.e))
+    # softmax over classes equals summed subclass probabilities
+    p = softmax(z[0])
+    class_p = softmax(list(class_logits[0]))
+    assert class_p[0] == pytest.approx(p[0] + p[1], rel=1e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        losses.class_logits_from_subclass_logits([[1.0, 2.0, 3.0]], 2)
+
+
+def test_subclass_auxiliary_loss_hand_values():
+    # Rows [1,2,3] and [3,2,1] have correlation -1; with tau = 1:
+    # L = log(e + e^-1) - 1 - log 2 for both rows.
+    value = float(losses.subclass_auxiliary_loss([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], 1.0))
+    assert value == pytest.approx(math.log(math.e + math.exp(-1)) - 1 - math.log(2), rel=1e-5)
+    # Identical patterns (collapse): every similarity is 1/tau, so L = 0.
+    assert float(losses.subclass_auxiliary_loss([[1.0, 2.0, 4.0], [2.0, 4.0, 8.0]], 0.5)) == pytest.approx(0.0, abs=1e-5)
+    # Uncorrelated rows [1,-1,0,0] and [0,0,1,-1], tau = 0.5: s = diag(2).
+    value = float(losses.subclass_auxiliary_loss([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0]], 0.5))
+    assert value == pytest.approx(math.log(math.exp(2) + 1) - 2 - math.log(2), rel=1e-5)

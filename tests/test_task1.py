@@ -9,46 +9,112 @@ import pytest
 from task1_mnist import data as mnist
 from task1_mnist import run as cli
 from task1_mnist.config import Task1Config
-from task1_mnist.experiments import Task1
+from task1_mnist.experiments import Task1, run_all
 
 
 def small_config(tmp_path, **overrides):
-    settings = dict(out=str(tmp_path / "out"), epochs=2, batch_size=64, temperatures=(1.0, 4.0), alphas=(0.5,), quiet=True)
+    settings = dict(out=str(tmp_path / "out"), epochs=2, batch_size=64, temperatures=(1.0, 4.0), alphas=(0.5,),
+                    teacher_epochs=(1,), quiet=True)
     settings.update(overrides)
     return Task1Config(**settings)
 
 
 def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist):
     config = small_config(tmp_path)
-    results = Task1(config, arrays=synthetic_mnist).run()
+    results = run_all(config, arrays=synthetic_mnist)[0]
     out = tmp_path / "out"
-    expected_runs = {"teacher-s0", "kd-T4-a0.5-s0", "kd-T1-a0.5-s0", "scratch-s0"}
+    expected_runs = {
+        "teacher-s0", "kd-T4-a0.5-s0", "kd-T1-a0.5-s0", "scratch-s0",
+        "skd-teacher-S4-s0", "skd-S4-T4-a0.5-s0", "ta-T4-a0.5-s0", "ta-takd-T4-a0.5-s0",
+        "eskd-e01-T4-a0.5-s0",
+    }
     assert {p.parent.name for p in out.glob("*/metrics.json")} == expected_runs
     for name in expected_runs:
         record = json.loads((out / name / "metrics.json").read_text())
         assert 0.0 <= record["test_accuracy"] <= 1.0
-        assert record["params"] in (1_011_466, 1_238_730) and record["flops"] > 0
+        assert record["params"] > 0 and record["flops"] > 0
         assert record["config"]["epochs"] == 2 and record["seed"] == 0
         assert len(record["history"]) == 2 and "tensorflow" in record["environment"]
         assert (out / name / "model.weights.h5").exists()
     kd = json.loads((out / "kd-T4-a0.5-s0" / "metrics.json").read_text())
     assert set(kd["history"][0]) >= {"ce", "kd", "loss", "test_accuracy"}
+    assert kd["params"] == 1_238_730
+    skd_teacher = json.loads((out / "skd-teacher-S4-s0" / "metrics.json").read_text())
+    assert set(skd_teacher["history"][0]) >= {"ce", "aux"} and skd_teacher["params"] == 1_011_466 + 30 * 129
     assert results["teacher"]["test_accuracy"] > 0.9  # the synthetic task is learnable
+    assert results["skd"]["teacher"]["test_accuracy"] > 0.9  # accuracy uses logsumexp class logits
     # The grid reuses the KD cell (same T, alpha, seed) instead of training it again.
     assert len(results["grid"]["cells"]) == 2
     assert results["grid"]["best"]["test_accuracy"] == max(c["test_accuracy"] for c in results["grid"]["cells"])
+    # TAKD compares against BLKD, which is the plain KD run.
+    takd = {r["model"]: r for r in results["takd"]}
+    assert takd["student from teacher (BLKD)"]["run"] == "kd-T4-a0.5-s0"
+    # ESKD: the epoch-1 checkpoint and the final teacher.
+    assert [r["teacher_epoch"] for r in results["eskd"]] == [1, 2]
+    assert results["eskd"][1]["run"] == "kd-T4-a0.5-s0"
+    assert (out / "teacher-s0" / "checkpoints" / "epoch-01.weights.h5").exists()
+    entropy = [r["entropy_nats"] for r in results["entropy"]]
+    assert entropy == sorted(entropy) and entropy[-1] <= np.log(10) + 1e-6
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert sorted(r["run"] for r in rows) == sorted(expected_runs)
     flops = list(csv.DictReader(open(out / "flops.csv")))
-    assert [int(r["params"]) for r in flops] == [1_011_466, 1_238_730, 1_238_730]
+    assert [int(r["params"]) for r in flops][:3] == [1_011_466, 1_238_730, 108_618]
 
     # Resume: a second invocation skips every finished run and changes nothing.
     stamps = {name: (out / name / "metrics.json").stat().st_mtime_ns for name in expected_runs}
     messages = []
-    Task1(config, arrays=synthetic_mnist, log=messages.append).run()
+    run_all(config, arrays=synthetic_mnist, log=messages.append)
     assert {name: (out / name / "metrics.json").stat().st_mtime_ns for name in expected_runs} == stamps
     assert sum("finished earlier, skipping" in m for m in messages) >= len(expected_runs)
     assert not any("epoch 1/" in m for m in messages)
+
+
+def test_eskd_uses_the_checkpoint_of_the_requested_epoch(tmp_path, synthetic_mnist):
+    config = small_config(tmp_path, epochs=3, teacher_epochs=(1,), only=("eskd",))
+    task = Task1(config, arrays=synthetic_mnist)
+    task.eskd()
+    name, final = task.teacher_model()
+    label, early = task.checkpoint_model(name, 1)
+    assert label == "teacher-s0-epoch01"
+    assert not all(np.array_equal(a, b) for a, b in zip(early.get_weights(), final.get_weights()))
+    # The student of the epoch-1 run was trained on exactly the epoch-1 teacher's logits.
+    np.testing.assert_allclose(task.logits_of(label), task.logits_of(label, early), rtol=1e-6)
+    assert not np.allclose(task.logits_of(label), task.logits_of(name))
+    with pytest.raises(mnist.DataError, match="no checkpoint of epoch 2"):
+        (tmp_path / "out" / "teacher-s0" / "checkpoints" / "epoch-02.weights.h5").unlink()
+        task.checkpoint_model(name, 2)
+
+
+def test_chain_of_one_link_is_plain_kd(tmp_path, synthetic_mnist):
+    from task1_mnist.models import build_student
+
+    config = small_config(tmp_path, only=("kd",))
+    task = Task1(config, arrays=synthetic_mnist)
+    (record,) = task.chain([("kd", build_student)])
+    assert record["run"] == "kd-T4-a0.5-s0"
+    assert task.kd() == record  # the same finished run, not a second training
+    # ...and it equals KD done by hand with the same seed, data order and loss.
+    import keras
+
+    from common import methods, runs, training
+
+    logits = task.logits_of(*task.teacher_model())
+    runs.set_seed(0)
+    student = build_student()
+    training.fit(methods.Distillation(student, 4.0, 0.5), task.train_data(teacher_logits=logits),
+                 epochs=2, optimizer=keras.optimizers.Adam(1e-3))
+    assert task.evaluate(student)["test_accuracy"] == record["test_accuracy"]
+
+
+def test_seeds_give_mean_and_std(tmp_path, synthetic_mnist):
+    config = small_config(tmp_path, seeds=(0, 1), only=("scratch",))
+    run_all(config, arrays=synthetic_mnist)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "summary_by_experiment.csv")))
+    (row,) = rows
+    accs = [json.loads((tmp_path / "out" / f"scratch-s{s}" / "metrics.json").read_text())["test_accuracy"] for s in (0, 1)]
+    assert row["group"] == "scratch" and row["n_seeds"] == "2" and row["seeds"] == "0 1"
+    assert float(row["test_accuracy_mean"]) == pytest.approx(np.mean(accs), abs=1e-6)
+    assert float(row["test_accuracy_std"]) == pytest.approx(np.std(accs, ddof=1), abs=1e-6)
 
 
 def test_interrupted_grid_resumes_only_missing_cells(tmp_path, synthetic_mnist):
@@ -97,6 +163,9 @@ def test_load_real_mnist_shapes(real_mnist_dir):
         (["--alpha", "1.5"], "alpha"),
         (["--alphas", "0.5,-0.1"], "alpha"),
         (["--epochs", "0"], "--epochs"),
+        (["--seeds", "0,0"], "--seeds"),
+        (["--epochs", "3", "--teacher-epochs", "5"], "--teacher-epochs"),
+        (["--aux-temperature", "0"], "temperature"),
         (["--only", "teacher,nonsense"], "--only"),
         (["--data-dir", "/no/such/folder"], "--data-dir"),
     ],
