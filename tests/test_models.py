@@ -13,3 +13,11 @@ def test_models_output_logits_per_class():
     assert tuple(build_teacher()(x).shape) == (3, 10)
     assert tuple(build_student()(x).shape) == (3, 10)
     assert tuple(build_teacher(num_outputs=40)(x).shape) == (3, 40)
+
+
+def test_assistant_size():
+    from common.flops import count_flops
+    from task1_mnist.models import build_assistant
+
+    assert build_assistant().count_params() == 108_618
+    assert count_flops(build_assistant()) == 1_546_026
