@@ -16,6 +16,18 @@ def compiled_predictor(logits_fn):
     return tf.function(lambda x: logits_fn(x, training=False), reduce_retracing=True)
 
 
+def probabilities_fn(logits_fn, batch_size=1024):
+    """`images (numpy) -> (n, classes) softmax probabilities`, compiled and batched."""
+    predictor = compiled_predictor(logits_fn)
+
+    def probabilities(images):
+        images = np.asarray(images, np.float32)
+        chunks = [predictor(tf.constant(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        return tf.nn.softmax(tf.concat(chunks, axis=0)).numpy()
+
+    return probabilities
+
+
 def predict(predictor, dataset):
     """Runs `predictor` over a dataset of `{"x", "y", ...}` batches.
 

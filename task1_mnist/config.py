@@ -6,7 +6,9 @@ from typing import Optional
 from common import config as cfg
 from common import losses
 
-EXPERIMENTS = ("teacher", "kd", "scratch", "grid", "flops", "entropy", "skd", "takd", "eskd")
+EXPERIMENTS = (
+    "teacher", "kd", "scratch", "grid", "flops", "entropy", "skd", "takd", "eskd", "lime", "occlusion",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,11 @@ class Task1Config(cfg.BaseConfig):
     aux_weight: float = 1.0
     aux_temperature: float = 1.0
     teacher_epochs: tuple = (2, 4)
+    explain_images: int = 10
+    lime_samples: int = 1000
+    occlusion_patch: int = 4
+    occlusion_stride: int = 2
+    top_k: int = 5
     only: tuple = EXPERIMENTS
     limit: Optional[int] = None
     quiet: bool = False
@@ -46,6 +53,12 @@ class Task1Config(cfg.BaseConfig):
         if self.limit is not None:
             cfg.positive_int("limit", self.limit, "--limit")
         cfg.positive_int("subclasses", self.subclasses, "--subclasses")
+        cfg.positive_int("explain_images", self.explain_images, "--explain-images")
+        cfg.positive_int("lime_samples", self.lime_samples, "--lime-samples")
+        cfg.positive_int("occlusion_stride", self.occlusion_stride, "--occlusion-stride")
+        cfg.positive_int("top_k", self.top_k, "--top-k")
+        if not (isinstance(self.occlusion_patch, int) and 1 <= self.occlusion_patch <= 28):
+            raise cfg.ConfigError(f"--occlusion-patch must be an integer in 1..28, got {self.occlusion_patch!r}")
         if not self.aux_weight >= 0:
             raise cfg.ConfigError(f"--aux-weight must be >= 0, got {self.aux_weight!r}")
         for name, values in (("temperatures", self.temperatures), ("alphas", self.alphas)):

@@ -9,9 +9,11 @@ augmentation, so they never change).
 """
 
 import keras
+import numpy as np
 
 from common import data as common_data
-from common import losses, methods, runs, training
+from common import explain, losses, methods, runs, training
+from common.explanations import explain_and_save
 from common.errors import DataError
 from common.results import ResultsStore, write_csv_atomic, write_json_atomic
 from task1_mnist import data as mnist
@@ -295,10 +297,44 @@ class Task1:
         model.load_weights(path)
         return f"{name}-epoch{epoch:02d}", model
 
+    def explained_models(self):
+        """`{name: images -> probabilities}` for teacher, KD student and scratch student."""
+        models = {
+            "teacher": self.teacher_model()[1],
+            "kd_student": self.train_and_get(self.kd),
+            "scratch_student": self.train_and_get(self.scratch),
+        }
+        return {name: training.probabilities_fn(model) for name, model in models.items()}
+
+    def train_and_get(self, recipe):
+        """Runs `recipe` (trains or loads) and returns its model."""
+        return self._models[recipe()["run"]]
+
+    def explain(self, kind):
+        c = self.config
+        images = self.arrays["x_test"][: c.explain_images].astype(np.float32) / 255.0
+        labels = self.arrays["y_test"][: c.explain_images].astype(int)
+        settings = {"top_k": c.top_k, "seed": self.seed}
+        if kind == "lime":
+            settings.update(num_samples=c.lime_samples, hide_value=0.0, segmentation="slic n_segments=40 compactness=0.3",
+                            segment_fn=explain.segment_digit)
+        else:
+            settings.update(patch=c.occlusion_patch, stride=c.occlusion_stride, fill=0.0)
+        return explain_and_save(self.store.root / "explain", f"{kind}-s{self.seed}", kind,
+                                self.explained_models(), images, labels, settings, self.log)
+
+    def lime(self):
+        """LIME maps of the first test images: teacher, KD student, scratch student."""
+        return self.explain("lime")
+
+    def occlusion(self):
+        """Occlusion maps of the same images and models."""
+        return self.explain("occlusion")
+
     def run(self, only=None):
         """Runs the selected experiments for this seed; returns their outcomes."""
         only = tuple(only or self.config.only)
-        order = ("flops", "teacher", "kd", "scratch", "entropy", "grid", "skd", "takd", "eskd")
+        order = ("flops", "teacher", "kd", "scratch", "entropy", "grid", "skd", "takd", "eskd", "lime", "occlusion")
         return {name: getattr(self, name)() for name in order if name in only}
 
 

@@ -14,7 +14,7 @@ from task1_mnist.experiments import Task1, run_all
 
 def small_config(tmp_path, **overrides):
     settings = dict(out=str(tmp_path / "out"), epochs=2, batch_size=64, temperatures=(1.0, 4.0), alphas=(0.5,),
-                    teacher_epochs=(1,), quiet=True)
+                    teacher_epochs=(1,), explain_images=2, lime_samples=100, quiet=True)
     settings.update(overrides)
     return Task1Config(**settings)
 
@@ -55,6 +55,12 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
     assert (out / "teacher-s0" / "checkpoints" / "epoch-01.weights.h5").exists()
     entropy = [r["entropy_nats"] for r in results["entropy"]]
     assert entropy == sorted(entropy) and entropy[-1] <= np.log(10) + 1e-6
+    for kind in ("lime", "occlusion"):
+        record = json.loads((out / "explain" / f"{kind}-s0.json").read_text())
+        assert set(record["agreement"]) == {"teacher vs kd_student", "teacher vs scratch_student",
+                                            "kd_student vs scratch_student"}
+        saved = np.load(out / "explain" / f"{kind}-s0.npz")
+        assert saved["images"].shape == (2, 28, 28, 1) and saved["map__teacher"].shape[0] == 2
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert sorted(r["run"] for r in rows) == sorted(expected_runs)
     flops = list(csv.DictReader(open(out / "flops.csv")))
@@ -65,7 +71,8 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
     messages = []
     run_all(config, arrays=synthetic_mnist, log=messages.append)
     assert {name: (out / name / "metrics.json").stat().st_mtime_ns for name in expected_runs} == stamps
-    assert sum("finished earlier, skipping" in m for m in messages) >= len(expected_runs)
+    assert sum("finished earlier, skipping" in m for m in messages) >= len(expected_runs) + 2
+    assert not any("LIME image" in m for m in messages)
     assert not any("epoch 1/" in m for m in messages)
 
 

@@ -1,0 +1,76 @@
+"""Explanation artefacts of several models, saved and resumable (both tasks).
+
+`explain_and_save` writes, under `out_dir`:
+- `<tag>.npz`: `images`, `labels`, per-model maps (`map__<model>`, ragged LIME
+  weights padded with NaN) and for LIME the `segments`;
+- `<tag>.json`: the settings, per-pair agreement numbers and per-image values.
+A finished artefact with the same settings is not computed again.
+"""
+
+import itertools
+import json
+
+import numpy as np
+
+from common import explain
+from common.results import write_json_atomic
+
+
+def explain_and_save(out_dir, tag, kind, predictors, images, labels, settings, log=None):
+    """Explains `images` for every model in `predictors` with `kind` ("lime" or
+    "occlusion") and saves maps plus agreement numbers; returns the JSON record.
+
+    `predictors` maps a model name to `fn(images) -> probabilities`; `settings`
+    holds the method's options (`num_samples`, `seed`, `segment_fn`, `hide_value`
+    for LIME; `patch`, `stride`, `fill` for occlusion; `top_k` for both).
+    """
+    say = log or (lambda _msg: None)
+    json_path, npz_path = out_dir / f"{tag}.json", out_dir / f"{tag}.npz"
+    public = {k: v for k, v in settings.items() if not callable(v)}
+    public.update(kind=kind, models=list(predictors), images=int(len(images)))
+    if json_path.exists() and npz_path.exists():
+        previous = json.loads(json_path.read_text())
+        if previous.get("settings") == json.loads(json.dumps(public)):
+            say(f"[{tag}] finished earlier, skipping ({json_path})")
+            return previous
+    arrays = {"images": np.asarray(images), "labels": np.asarray(labels)}
+    if kind == "lime":
+        result = explain.explain_lime(
+            predictors, images, labels, settings["segment_fn"], settings["num_samples"],
+            settings["seed"], settings.get("hide_value", 0.0), progress=lambda m: say(f"[{tag}] {m}"),
+        )
+        maps = result["weights"]
+        arrays["segments"] = np.stack(result["segments"])
+    elif kind == "occlusion":
+        maps = explain.occlusion_maps(
+            predictors, images, labels, settings["patch"], settings["stride"], settings.get("fill", 0.0),
+            progress=lambda m: say(f"[{tag}] {m}"),
+        )
+    else:
+        raise ValueError(f"unknown explanation kind {kind!r}; use 'lime' or 'occlusion'")
+    k = settings.get("top_k", 5)
+    pairs = {}
+    for a, b in itertools.combinations(predictors, 2):
+        pairs[f"{a} vs {b}"] = explain.agreement(maps[a], maps[b], k)
+        pairs[f"{a} vs {b}"]["pearson_per_image"] = [explain.pearson(x, y) for x, y in zip(maps[a], maps[b])]
+        say(f"[{tag}] {a} vs {b}: Pearson r {pairs[f'{a} vs {b}']['pearson_mean']:.3f} "
+            f"± {pairs[f'{a} vs {b}']['pearson_std']:.3f}, top-{k} overlap "
+            f"{pairs[f'{a} vs {b}'][f'top{k}_overlap_mean']:.2f}")
+    for name, per_image in maps.items():
+        arrays[f"map__{name}"] = _pad(per_image)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = npz_path.with_name(f".{npz_path.name}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(npz_path)
+    record = {"settings": public, "agreement": pairs}
+    write_json_atomic(json_path, record)
+    return record
+
+
+def _pad(maps):
+    """Stacks maps of equal shape, or pads ragged 1-D weight vectors with NaN."""
+    shapes = {np.shape(m) for m in maps}
+    if len(shapes) == 1:
+        return np.stack(maps)
+    width = max(len(m) for m in maps)
+    return np.stack([np.pad(np.asarray(m, float), (0, width - len(m)), constant_values=np.nan) for m in maps])
