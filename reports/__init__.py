@@ -1,0 +1,1 @@
+"""Report generation from saved results (no retraining)."""

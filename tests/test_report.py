@@ -1,0 +1,82 @@
+"""The report generator on a small fabricated results folder."""
+
+import json
+
+import numpy as np
+
+from common.results import ResultsStore, write_csv_atomic
+from reports.make_report import make_report
+
+
+def fabricate(root):
+    store = ResultsStore(root / "task1")
+    accuracies = {}
+
+    def save(name, experiment, accuracy, seed, **identity):
+        history = [{"epoch": e, "test_accuracy": accuracy - 0.01 * (2 - e)} for e in (1, 2)]
+        store.save(f"{name}-s{seed}", {
+            "run": f"{name}-s{seed}", "experiment": experiment, "seed": seed, "test_accuracy": accuracy,
+            "params": 10, "flops": 20, "history": history,
+            "identity": {"experiment": experiment, "seed": seed, **identity},
+        })
+        accuracies.setdefault(name, []).append(accuracy)
+
+    for seed, shift in ((0, 0.0), (1, 0.002)):
+        save("teacher", "teacher", 0.990 + shift, seed)
+        save("scratch", "scratch", 0.980 + shift, seed)
+        for t in (1.0, 4.0):
+            for a in (0.2, 0.5):
+                save(f"kd-T{t:g}-a{a:g}", "kd", 0.985 + t / 1000 + a / 100 + shift, seed, temperature=t, alpha=a)
+        write_csv_atomic(root / "task1" / f"eskd-s{seed}.csv",
+                         [{"teacher_epoch": 1, "teacher_test_accuracy": 0.95, "student_test_accuracy": 0.97, "run": "x"}],
+                         ("teacher_epoch", "teacher_test_accuracy", "student_test_accuracy", "run"))
+        write_csv_atomic(root / "task1" / f"teacher_entropy-s{seed}.csv",
+                         [{"temperature": t, "entropy_nats": e} for t, e in ((1, 0.1), (4, 1.0), (16, 2.2))],
+                         ("temperature", "entropy_nats"))
+    write_csv_atomic(root / "task1" / "flops.csv", [{"model": "teacher", "params": 1011466, "flops": 22042058}],
+                     ("model", "params", "flops"))
+    explain_dir = root / "task1" / "explain"
+    explain_dir.mkdir()
+    images = np.random.default_rng(0).uniform(size=(2, 28, 28, 1)).astype(np.float32)
+    models = ["teacher", "kd_student", "scratch_student"]
+    agreement = {f"{a} vs {b}": {"pearson_mean": 0.81, "pearson_std": 0.05, "top5_overlap_mean": 0.6,
+                                 "top5_overlap_std": 0.1, "images": 2}
+                 for a, b in (("teacher", "kd_student"), ("teacher", "scratch_student"), ("kd_student", "scratch_student"))}
+    segments = np.tile(np.arange(4).repeat(7), (28, 1))[None].repeat(2, 0)
+    np.savez(explain_dir / "lime-s0.npz", images=images, labels=np.array([3, 4]), segments=segments,
+             **{f"map__{m}": np.random.default_rng(1).normal(size=(2, 4)) for m in models})
+    (explain_dir / "lime-s0.json").write_text(json.dumps(
+        {"settings": {"kind": "lime", "models": models, "images": 2, "top_k": 5}, "agreement": agreement}))
+    np.savez(explain_dir / "occlusion-s0.npz", images=images, labels=np.array([3, 4]),
+             **{f"map__{m}": np.random.default_rng(2).normal(size=(2, 13, 13)) for m in models})
+    (explain_dir / "occlusion-s0.json").write_text(json.dumps(
+        {"settings": {"kind": "occlusion", "models": models, "images": 2, "top_k": 5, "patch": 4, "stride": 2},
+         "agreement": agreement}))
+    return accuracies
+
+
+def test_report_writes_every_figure_and_matching_numbers(tmp_path):
+    accuracies = fabricate(tmp_path / "results")
+    report = make_report(tmp_path / "results", tmp_path / "report")
+    expected = {"t_curve", "grid_heatmap", "accuracy_bars", "learning_curves", "teacher_entropy",
+                "lime_panel", "occlusion_panel"}
+    assert {p.split("/")[-1][:-4] for p in report.figures} == expected
+    for figure in report.figures:
+        assert (tmp_path / "report" / figure).stat().st_size > 1000
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    teacher = np.array(accuracies["teacher"]) * 100
+    assert f"| teacher | {teacher.mean():.2f} ± {teacher.std(ddof=1):.2f} (n=2) |" in text
+    best = max((k for k in accuracies if k.startswith("kd-")), key=lambda k: np.mean(accuracies[k]))
+    assert "Best cell: T=4, alpha=0.5" in text and best == "kd-T4-a0.5"
+    assert "| 1 | 95.00 ± 0.00 (n=2) | 97.00 ± 0.00 (n=2) |" in text  # eskd table
+    assert "| teacher | 1,011,466 | 22,042,058 |" in text
+    assert "teacher vs kd student: r = 0.81 ± 0.05, top-5 overlap 0.60" in text
+    assert "Task 2: skipped" in text
+
+
+def test_missing_results_are_notes_not_crashes(tmp_path):
+    (tmp_path / "results" / "task1").mkdir(parents=True)
+    report = make_report(tmp_path / "results", tmp_path / "report")
+    assert report.figures == []
+    assert any("Task 1" in note for note in report.notes)
+    assert (tmp_path / "report" / "REPORT.md").exists()
