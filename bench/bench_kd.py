@@ -58,6 +58,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    tf.get_logger().setLevel("ERROR")  # Keras' predict retracing notices
     arrays = mnist.load_mnist(args.data_dir, args.limit)
     x_train = arrays["x_train"].astype(np.float32) / 255.0
     x_test = arrays["x_test"].astype(np.float32) / 255.0
