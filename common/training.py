@@ -76,13 +76,18 @@ def make_train_step(method, optimizer):
     return step, trackers
 
 
+def accuracy_on(dataset):
+    """An `evaluate` callable for `fit`: `predictor -> {"test_accuracy": ...}` on `dataset`."""
+    return lambda predictor: {"test_accuracy": accuracy(*predict(predictor, dataset))}
+
+
 def fit(
     method,
     train_data,
     *,
     epochs,
     optimizer,
-    eval_data=None,
+    evaluate=None,
     log=None,
     on_epoch_end=None,
 ):
@@ -92,21 +97,22 @@ def fit(
       method: a `common.methods.Method`.
       train_data: `tf.data.Dataset` of batch dicts (reshuffled by the dataset itself).
       epochs: number of passes, >= 1.
-      optimizer: a `keras.optimizers.Optimizer`, used as it is (its learning rate
-        and state carry over between calls, e.g. across training phases).
-      eval_data: optional dataset scored after every epoch (`test_accuracy`).
+      optimizer: a `keras.optimizers.Optimizer`, used as it is.
+      evaluate: optional `callable(predictor) -> dict` of test metrics, run after
+        every epoch; `predictor` is the compiled `x -> class logits` of the method
+        (e.g. `accuracy_on(test_data)`).
       log: optional `callable(str)` for one progress line per epoch.
       on_epoch_end: optional `callable(epoch, record)`, e.g. to keep checkpoints.
 
     Returns:
       The history: one dict per epoch with `epoch` (1-based), each loss term,
-      `loss`, `train_accuracy`, `test_accuracy` (if `eval_data`), `seconds` (train
-      time) and `eval_seconds`.
+      `loss`, `train_accuracy`, `seconds` (train time) and, with `evaluate`, its
+      metrics and `eval_seconds`.
     """
     if int(epochs) < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     step, trackers = make_train_step(method, optimizer)
-    predictor = compiled_predictor(method.class_logits) if eval_data is not None else None
+    predictor = compiled_predictor(method.class_logits) if evaluate is not None else None
     history = []
     for epoch in range(1, int(epochs) + 1):
         for tracker in trackers.values():
@@ -119,27 +125,23 @@ def fit(
         record["seconds"] = time.perf_counter() - start
         if predictor is not None:
             start = time.perf_counter()
-            record["test_accuracy"] = accuracy(*predict(predictor, eval_data))
+            record.update(evaluate(predictor))
             record["eval_seconds"] = time.perf_counter() - start
         history.append(record)
         if log is not None:
-            log(format_epoch(record, epochs))
+            log(format_epoch(record, epochs, method.term_names))
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     return history
 
 
-def format_epoch(record, epochs):
-    """One progress line: `epoch 3/12 loss 0.1234 (ce 0.1, kd 0.02) acc 0.98 ...`."""
-    terms = [k for k in record if k not in _NON_TERMS]
+def format_epoch(record, epochs, term_names=()):
+    """One progress line: `epoch 3/12 loss 0.1234 (ce 0.1, kd 0.02) train_acc 0.98 test_... 4.1s`."""
     parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['loss']:.4f}"]
-    if len(terms) > 1:
-        parts.append("(" + ", ".join(f"{k} {record[k]:.4f}" for k in terms) + ")")
+    if len(term_names) > 1:
+        parts.append("(" + ", ".join(f"{k} {record[k]:.4f}" for k in term_names) + ")")
     parts.append(f"train_acc {record['train_accuracy']:.4f}")
-    if "test_accuracy" in record:
-        parts.append(f"test_acc {record['test_accuracy']:.4f}")
+    parts += [f"{k.replace('accuracy', 'acc')} {v:.4f}" for k, v in record.items()
+              if k.startswith("test_") and isinstance(v, float)]
     parts.append(f"{record['seconds']:.1f}s")
     return " ".join(parts)
-
-
-_NON_TERMS = {"epoch", "loss", "train_accuracy", "test_accuracy", "seconds", "eval_seconds"}

@@ -63,8 +63,7 @@ class Task1:
         )
 
     def evaluate(self, class_logits_fn):
-        logits, labels = training.predict(training.compiled_predictor(class_logits_fn), self.test_data)
-        return {"test_accuracy": training.accuracy(logits, labels)}
+        return training.accuracy_on(self.test_data)(training.compiled_predictor(class_logits_fn))
 
     def checkpoint_path(self, name, epoch):
         return self.store.run_dir(name) / "checkpoints" / f"epoch-{epoch:02d}.weights.h5"
@@ -86,7 +85,7 @@ class Task1:
                 data,
                 epochs=self.config.epochs,
                 optimizer=keras.optimizers.Adam(self.config.learning_rate),
-                eval_data=self.test_data,
+                evaluate=training.accuracy_on(self.test_data),
                 log=lambda line: self.log(f"[{name}] {line}"),
                 on_epoch_end=checkpoint if keep_checkpoints else None,
             )

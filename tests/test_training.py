@@ -30,7 +30,7 @@ def test_fit_learns_and_records_history():
         data,
         epochs=3,
         optimizer=keras.optimizers.Adam(0.05),
-        eval_data=common_data.batched(blobs(128, seed=1), 64),
+        evaluate=training.accuracy_on(common_data.batched(blobs(128, seed=1), 64)),
         log=lines.append,
     )
     assert [h["epoch"] for h in history] == [1, 2, 3]
