@@ -13,8 +13,8 @@ import numpy as np
 
 from common import data as common_data
 from common import explain, losses, methods, runs, training
-from common.explanations import explain_and_save
 from common.errors import DataError
+from common.recipes import Recipes
 from common.results import ResultsStore, write_csv_atomic, write_json_atomic
 from task1_mnist import data as mnist
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
@@ -22,39 +22,20 @@ from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, buil
 EVAL_BATCH = 1024
 
 
-class Task1:
+class Task1(Recipes):
     """Runs Task 1 experiments for one config and one seed over one loaded dataset."""
 
     def __init__(self, config, arrays=None, seed=None, log=None):
-        self.config = config
-        self.seed = config.seeds[0] if seed is None else seed
-        self.log = log or (lambda _msg: None)
+        super().__init__(config, config.seeds[0] if seed is None else seed, log)
         self.arrays = arrays if arrays is not None else mnist.load_mnist(config.data_dir, config.limit)
-        self.store = ResultsStore(config.out)
         self.test_data = common_data.batched(
             {"x": self.arrays["x_test"], "y": self.arrays["y_test"]}, EVAL_BATCH, map_fn=mnist.scale
         )
-        self._models = {}
-        self._logits = {}
 
-    # -- shared plumbing -------------------------------------------------------
-
-    def identity(self, experiment, **settings):
+    def base_identity(self):
         c = self.config
-        return {
-            "experiment": experiment,
-            "seed": self.seed,
-            "epochs": c.epochs,
-            "batch_size": c.batch_size,
-            "learning_rate": c.learning_rate,
-            "train_examples": int(len(self.arrays["y_train"])),
-            **settings,
-        }
-
-    def kd_suffix(self, temperature=None, alpha=None):
-        temperature = self.config.temperature if temperature is None else temperature
-        alpha = self.config.alpha if alpha is None else alpha
-        return f"T{temperature:g}-a{alpha:g}-s{self.seed}"
+        return {"epochs": c.epochs, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
+                "train_examples": int(len(self.arrays["y_train"]))}
 
     def train_data(self, **extra_arrays):
         arrays = {"x": self.arrays["x_train"], "y": self.arrays["y_train"], **extra_arrays}
@@ -62,75 +43,31 @@ class Task1:
             arrays, self.config.batch_size, shuffle=True, seed=self.seed, map_fn=mnist.scale
         )
 
-    def evaluate(self, class_logits_fn):
-        return training.accuracy_on(self.test_data)(training.compiled_predictor(class_logits_fn))
+    def evaluate(self, predictor):
+        return training.accuracy_on(self.test_data)(predictor)
 
-    def checkpoint_path(self, name, epoch):
-        return self.store.run_dir(name) / "checkpoints" / f"epoch-{epoch:02d}.weights.h5"
-
-    def train(self, name, identity, build, make_method, train_data, keep_checkpoints=False):
-        """Trains `make_method(model)` on `train_data()`; returns `(record, model)`.
-
-        With `keep_checkpoints`, the weights after every epoch are kept as
-        `<run>/checkpoints/epoch-NN.weights.h5` (early-stopped teachers).
-        """
-
-        def train(model, data):
-            def checkpoint(epoch, _record):
-                model.save_weights(self.checkpoint_path(name, epoch))
-
-            self.checkpoint_path(name, 1).parent.mkdir(parents=True, exist_ok=True)
-            return training.fit(
-                make_method(model),
-                data,
-                epochs=self.config.epochs,
-                optimizer=keras.optimizers.Adam(self.config.learning_rate),
-                evaluate=training.accuracy_on(self.test_data),
-                log=lambda line: self.log(f"[{name}] {line}"),
-                on_epoch_end=checkpoint if keep_checkpoints else None,
-            )
-
-        record, model = runs.run(
-            self.store,
-            name,
-            identity=identity,
-            config=self.config.as_dict(),
-            build=build,
-            data=train_data,
-            train=train,
-            evaluate=lambda model: self.evaluate(make_method(model).class_logits),
-            log=self.log,
+    def compute_logits(self, model):
+        return common_data.teacher_logits(
+            model, {"x": self.arrays["x_train"], "y": self.arrays["y_train"]}, EVAL_BATCH, map_fn=mnist.scale
         )
-        if model is None:
-            raise DataError(
-                f"{self.store.weights_path(name)} is missing; delete {self.store.run_dir(name)} to train it again"
-            )
-        self._models[name] = model
-        return record, model
 
-    def logits_of(self, name, model=None):
-        """`(n_train, outputs)` logits of a trained model on the training set, computed once."""
-        if name not in self._logits:
-            self._logits[name] = common_data.teacher_logits(
-                model if model is not None else self._models[name],
-                {"x": self.arrays["x_train"], "y": self.arrays["y_train"]},
-                EVAL_BATCH,
-                map_fn=mnist.scale,
-            )
-        return self._logits[name]
+    def fit_model(self, name, model, method, data, keep_checkpoints=False):
+        """Adam at the configured rate for `epochs`; with `keep_checkpoints`, the weights
+        after every epoch are kept as `<run>/checkpoints/epoch-NN.weights.h5`."""
 
-    def distil(self, name, identity, build, parent, make_method):
-        """Trains `make_method(model)` on batches carrying `parent()`'s logits.
+        def checkpoint(epoch, _record):
+            model.save_weights(self.checkpoint_path(name, epoch))
 
-        `parent` is `() -> (run name, model)`, called only if this run must train,
-        so a finished student never makes its teacher train or predict again.
-        """
-
-        def data():
-            parent_name, parent_model = parent()
-            return self.train_data(teacher_logits=self.logits_of(parent_name, parent_model))
-
-        return self.train(name, identity, build, make_method, data)
+        self.checkpoint_path(name, 1).parent.mkdir(parents=True, exist_ok=True)
+        return training.fit(
+            method,
+            data,
+            epochs=self.config.epochs,
+            optimizer=keras.optimizers.Adam(self.config.learning_rate),
+            evaluate=self.evaluate,
+            log=self.progress(name),
+            on_epoch_end=checkpoint if keep_checkpoints else None,
+        )
 
     # -- experiments -----------------------------------------------------------
 
@@ -151,28 +88,8 @@ class Task1:
         return self.teacher_name(), self._models[self.teacher_name()]
 
     def chain(self, links, temperature=None, alpha=None, parent=None):
-        """Distils along a chain: teacher -> links[0] -> links[1] -> ...
-
-        `links` is a list of `(role, build)`; link i learns by KD at (T, alpha) from
-        link i-1 (the teacher for i = 0). Run names join the roles, e.g.
-        `ta-T4-a0.5-s0` then `ta-takd-T4-a0.5-s0`; a one-link chain `[("kd",
-        build_student)]` is exactly the plain KD student. Returns the records.
-        """
-        temperature = self.config.temperature if temperature is None else temperature
-        alpha = self.config.alpha if alpha is None else alpha
-        parent = parent or self.teacher_model
-        roles, records = [], []
-        for role, build in links:
-            roles.append(role)
-            name = "-".join(roles) + "-" + self.kd_suffix(temperature, alpha)
-            identity = self.identity(role, temperature=float(temperature), alpha=float(alpha))
-            record, model = self.distil(
-                name, identity, build, parent,
-                lambda student: methods.Distillation(student, temperature, alpha),
-            )
-            records.append(record)
-            parent = lambda name=name, model=model: (name, model)  # noqa: E731
-        return records
+        """Teacher -> links[0] -> ... (see `Recipes.chain`); returns the records."""
+        return super().chain(links, parent or self.teacher_model, temperature, alpha)
 
     def kd(self, temperature=None, alpha=None):
         """The student distilled straight from the teacher at (T, alpha); its record."""
@@ -296,39 +213,29 @@ class Task1:
         model.load_weights(path)
         return f"{name}-epoch{epoch:02d}", model
 
-    def explained_models(self):
-        """`{name: images -> probabilities}` for teacher, KD student and scratch student."""
+    def explain_task1(self, kind):
+        c = self.config
         models = {
             "teacher": self.teacher_model()[1],
-            "kd_student": self.train_and_get(self.kd),
-            "scratch_student": self.train_and_get(self.scratch),
+            "kd_student": self._models[self.kd()["run"]],
+            "scratch_student": self._models[self.scratch()["run"]],
         }
-        return {name: training.probabilities_fn(model) for name, model in models.items()}
-
-    def train_and_get(self, recipe):
-        """Runs `recipe` (trains or loads) and returns its model."""
-        return self._models[recipe()["run"]]
-
-    def explain(self, kind):
-        c = self.config
+        if kind == "lime":
+            settings = {"num_samples": c.lime_samples, "hide_value": 0.0, "segment_fn": explain.segment_digit,
+                        "segmentation": "slic n_segments=40 compactness=0.3"}
+        else:
+            settings = {"patch": c.occlusion_patch, "stride": c.occlusion_stride, "fill": 0.0}
         images = self.arrays["x_test"][: c.explain_images].astype(np.float32) / 255.0
         labels = self.arrays["y_test"][: c.explain_images].astype(int)
-        settings = {"top_k": c.top_k, "seed": self.seed}
-        if kind == "lime":
-            settings.update(num_samples=c.lime_samples, hide_value=0.0, segmentation="slic n_segments=40 compactness=0.3",
-                            segment_fn=explain.segment_digit)
-        else:
-            settings.update(patch=c.occlusion_patch, stride=c.occlusion_stride, fill=0.0)
-        return explain_and_save(self.store.root / "explain", f"{kind}-s{self.seed}", kind,
-                                self.explained_models(), images, labels, settings, self.log)
+        return self.explain(kind, models, images, labels, {"top_k": c.top_k, **settings})
 
     def lime(self):
         """LIME maps of the first test images: teacher, KD student, scratch student."""
-        return self.explain("lime")
+        return self.explain_task1("lime")
 
     def occlusion(self):
         """Occlusion maps of the same images and models."""
-        return self.explain("occlusion")
+        return self.explain_task1("occlusion")
 
     def run(self, only=None):
         """Runs the selected experiments for this seed; returns their outcomes."""

@@ -1,0 +1,133 @@
+"""Plumbing shared by the tasks' experiment recipes (one config, one seed).
+
+A task subclasses `Recipes` and provides its data and training schedule:
+`base_identity`, `train_data`, `fit_model`, `evaluate` and `compute_logits`.
+Everything else (resumable recorded runs, cached logits of frozen models,
+distillation chains, explanation artefacts) is written once here.
+"""
+
+from common import methods, runs, training
+from common.errors import DataError
+from common.explanations import explain_and_save
+from common.results import ResultsStore
+
+
+class Recipes:
+    """Base of `Task1` and `Task2`: runs, cached logits, KD chains, explanations."""
+
+    def __init__(self, config, seed, log=None):
+        self.config = config
+        self.seed = seed
+        self.log = log or (lambda _msg: None)
+        self.store = ResultsStore(config.out)
+        self._models = {}
+        self._logits = {}
+
+    # -- provided by each task -------------------------------------------------
+
+    def base_identity(self):
+        """Settings shared by every run of the task (epochs, batch size, data size...)."""
+        raise NotImplementedError
+
+    def train_data(self, **extra_arrays):
+        """Shuffled training dataset of batch dicts; `extra_arrays` ride along per example."""
+        raise NotImplementedError
+
+    def fit_model(self, name, model, method, data, **options):
+        """Trains `method` on `data`; returns the per-epoch history."""
+        raise NotImplementedError
+
+    def evaluate(self, predictor):
+        """Test metrics (`test_accuracy`, ...) of a compiled `x -> class logits`."""
+        raise NotImplementedError
+
+    def compute_logits(self, model):
+        """Logits of a frozen model on the training set, in `train_data`'s example order."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------
+
+    def identity(self, experiment, **settings):
+        return {"experiment": experiment, "seed": self.seed, **self.base_identity(), **settings}
+
+    def kd_suffix(self, temperature=None, alpha=None):
+        temperature = self.config.temperature if temperature is None else temperature
+        alpha = self.config.alpha if alpha is None else alpha
+        return f"T{temperature:g}-a{alpha:g}-s{self.seed}"
+
+    def checkpoint_path(self, name, epoch):
+        return self.store.run_dir(name) / "checkpoints" / f"epoch-{epoch:02d}.weights.h5"
+
+    def progress(self, name):
+        return lambda line: self.log(f"[{name}] {line}")
+
+    def train(self, name, identity, build, make_method, train_data, **fit_options):
+        """Trains `make_method(model)` on `train_data()` (or loads the finished run).
+
+        Returns `(record, model)`; the model is kept for later links of a chain.
+        """
+        record, model = runs.run(
+            self.store,
+            name,
+            identity=identity,
+            config=self.config.as_dict(),
+            build=build,
+            data=train_data,
+            train=lambda model, data: self.fit_model(name, model, make_method(model), data, **fit_options),
+            evaluate=lambda model: self.evaluate(training.compiled_predictor(make_method(model).class_logits)),
+            log=self.log,
+        )
+        if model is None:
+            raise DataError(
+                f"{self.store.weights_path(name)} is missing; delete {self.store.run_dir(name)} to train it again"
+            )
+        self._models[name] = model
+        return record, model
+
+    def logits_of(self, name, model=None):
+        """Training-set logits of a trained model (`compute_logits`), computed once per object."""
+        if name not in self._logits:
+            self._logits[name] = self.compute_logits(model if model is not None else self._models[name])
+        return self._logits[name]
+
+    def distil(self, name, identity, build, parent, make_method, **fit_options):
+        """Trains `make_method(model)` on batches carrying `parent()`'s logits.
+
+        `parent` is `() -> (run name, model)`, called only if this run must train,
+        so a finished student never makes its teacher train or predict again.
+        """
+
+        def data():
+            parent_name, parent_model = parent()
+            return self.train_data(teacher_logits=self.logits_of(parent_name, parent_model))
+
+        return self.train(name, identity, build, make_method, data, **fit_options)
+
+    def chain(self, links, parent, temperature=None, alpha=None, suffix=""):
+        """Distils along a chain: parent -> links[0] -> links[1] -> ...
+
+        `links` is a list of `(role, build)`; link i learns by KD at (T, alpha) from
+        link i-1 (from `parent() -> (name, model)` for i = 0). Run names join the
+        roles, e.g. `ta-T4-a0.5-s0` then `ta-takd-T4-a0.5-s0`; a one-link chain
+        `[("kd", build_student)]` is exactly the plain KD student. Returns the records.
+        """
+        temperature = self.config.temperature if temperature is None else temperature
+        alpha = self.config.alpha if alpha is None else alpha
+        roles, records = [], []
+        for role, build in links:
+            roles.append(role)
+            name = "-".join(roles) + "-" + self.kd_suffix(temperature, alpha) + suffix
+            identity = self.identity(role, temperature=float(temperature), alpha=float(alpha))
+            record, model = self.distil(
+                name, identity, build, parent,
+                lambda student: methods.Distillation(student, temperature, alpha),
+            )
+            records.append(record)
+            parent = lambda name=name, model=model: (name, model)  # noqa: E731
+        return records
+
+    def explain(self, kind, models, images, labels, settings):
+        """LIME or occlusion maps of `models` (`{name: model}`) saved under `explain/`."""
+        predictors = {name: training.probabilities_fn(model) for name, model in models.items()}
+        return explain_and_save(self.store.root / "explain", f"{kind}-s{self.seed}", kind, predictors,
+                                images, labels, {"seed": self.seed, **settings}, self.log)
