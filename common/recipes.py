@@ -41,8 +41,8 @@ class Recipes:
         """Test metrics (`test_accuracy`, ...) of a compiled `x -> class logits`."""
         raise NotImplementedError
 
-    def compute_logits(self, model):
-        """Logits of a frozen model on the training set, in `train_data`'s example order."""
+    def compute_logits(self, model, name):
+        """Logits of frozen model `name` on the training set, by example index."""
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------
@@ -50,10 +50,14 @@ class Recipes:
     def identity(self, experiment, **settings):
         return {"experiment": experiment, "seed": self.seed, **self.base_identity(), **settings}
 
-    def kd_suffix(self, temperature=None, alpha=None):
+    def kd_tag(self, temperature=None, alpha=None):
         temperature = self.config.temperature if temperature is None else temperature
         alpha = self.config.alpha if alpha is None else alpha
-        return f"T{temperature:g}-a{alpha:g}-s{self.seed}"
+        return f"T{temperature:g}-a{alpha:g}"
+
+    def run_name(self, stem):
+        """Run names end in the seed (`kd-T4-a0.5-s0`), so seeds group by stripping it."""
+        return f"{stem}-s{self.seed}"
 
     def checkpoint_path(self, name, epoch):
         return self.store.run_dir(name) / "checkpoints" / f"epoch-{epoch:02d}.weights.h5"
@@ -84,13 +88,18 @@ class Recipes:
         self._models[name] = model
         return record, model
 
+    def train_model(self, stem, identity, build, make_method, train_data, **fit_options):
+        """Trains one model through the task's schedule; returns `(record, model)` of its
+        final run. One run named `<stem>-s<seed>` here; a task with phases overrides it."""
+        return self.train(self.run_name(stem), identity, build, make_method, train_data, **fit_options)
+
     def logits_of(self, name, model=None):
         """Training-set logits of a trained model (`compute_logits`), computed once per object."""
         if name not in self._logits:
-            self._logits[name] = self.compute_logits(model if model is not None else self._models[name])
+            self._logits[name] = self.compute_logits(model if model is not None else self._models[name], name)
         return self._logits[name]
 
-    def distil(self, name, identity, build, parent, make_method, **fit_options):
+    def distil(self, stem, identity, build, parent, make_method, **fit_options):
         """Trains `make_method(model)` on batches carrying `parent()`'s logits.
 
         `parent` is `() -> (run name, model)`, called only if this run must train,
@@ -101,29 +110,30 @@ class Recipes:
             parent_name, parent_model = parent()
             return self.train_data(teacher_logits=self.logits_of(parent_name, parent_model))
 
-        return self.train(name, identity, build, make_method, data, **fit_options)
+        return self.train_model(stem, identity, build, make_method, data, **fit_options)
 
-    def chain(self, links, parent, temperature=None, alpha=None, suffix=""):
+    def chain(self, links, parent, temperature=None, alpha=None, **fit_options):
         """Distils along a chain: parent -> links[0] -> links[1] -> ...
 
         `links` is a list of `(role, build)`; link i learns by KD at (T, alpha) from
         link i-1 (from `parent() -> (name, model)` for i = 0). Run names join the
         roles, e.g. `ta-T4-a0.5-s0` then `ta-takd-T4-a0.5-s0`; a one-link chain
-        `[("kd", build_student)]` is exactly the plain KD student. Returns the records.
+        `[("kd", build_student)]` is exactly the plain KD student. Returns the
+        records (of each link's final run).
         """
         temperature = self.config.temperature if temperature is None else temperature
         alpha = self.config.alpha if alpha is None else alpha
         roles, records = [], []
         for role, build in links:
             roles.append(role)
-            name = "-".join(roles) + "-" + self.kd_suffix(temperature, alpha) + suffix
+            stem = "-".join(roles) + "-" + self.kd_tag(temperature, alpha)
             identity = self.identity(role, temperature=float(temperature), alpha=float(alpha))
             record, model = self.distil(
-                name, identity, build, parent,
-                lambda student: methods.Distillation(student, temperature, alpha),
+                stem, identity, build, parent,
+                lambda student: methods.Distillation(student, temperature, alpha), **fit_options,
             )
             records.append(record)
-            parent = lambda name=name, model=model: (name, model)  # noqa: E731
+            parent = lambda name=record["run"], model=model: (name, model)  # noqa: E731
         return records
 
     def explain(self, kind, models, images, labels, settings):

@@ -46,7 +46,7 @@ class Task1(Recipes):
     def evaluate(self, predictor):
         return training.accuracy_on(self.test_data)(predictor)
 
-    def compute_logits(self, model):
+    def compute_logits(self, model, name):
         return common_data.teacher_logits(
             model, {"x": self.arrays["x_train"], "y": self.arrays["y_train"]}, EVAL_BATCH, map_fn=mnist.scale
         )
@@ -72,7 +72,7 @@ class Task1(Recipes):
     # -- experiments -----------------------------------------------------------
 
     def teacher_name(self):
-        return f"teacher-s{self.seed}"
+        return self.run_name("teacher")
 
     def teacher(self):
         """Trains (or loads) the teacher, keeping every epoch's weights; returns its record."""
@@ -98,7 +98,7 @@ class Task1(Recipes):
     def scratch(self):
         """The student trained on hard labels only."""
         record, _ = self.train(
-            f"scratch-s{self.seed}", self.identity("scratch"), build_student, methods.CrossEntropy, self.train_data
+            self.run_name("scratch"), self.identity("scratch"), build_student, methods.CrossEntropy, self.train_data
         )
         return record
 
@@ -151,7 +151,7 @@ class Task1(Recipes):
     def skd(self):
         """Subclass distillation: a C·S-output teacher with L_aux, then a C·S student."""
         c, s = self.config, self.config.subclasses
-        teacher_name = f"skd-teacher-S{s}-s{self.seed}"
+        teacher_name = self.run_name(f"skd-teacher-S{s}")
         aux = {"subclasses": s, "aux_weight": c.aux_weight, "aux_temperature": c.aux_temperature}
         teacher_record, teacher = self.train(
             teacher_name, self.identity("skd-teacher", **aux),
@@ -160,7 +160,7 @@ class Task1(Recipes):
             self.train_data,
         )
         record, _ = self.distil(
-            f"skd-S{s}-{self.kd_suffix()}",
+            f"skd-S{s}-{self.kd_tag()}",
             self.identity("skd", temperature=c.temperature, alpha=c.alpha, **aux),
             lambda: build_student(NUM_CLASSES * s),
             lambda: (teacher_name, teacher),

@@ -1,0 +1,190 @@
+"""MHIST in its official layout: `annotations.csv` plus a folder of PNG images.
+
+Columns: `Image Name`, `Majority Vote Label` (HP/SSA), `Number of Annotators who
+Selected SSA (Out of 7)`, `Partition` (train/test). Labels: HP = 0, SSA = 1.
+Images are streamed with `tf.data` (decoded once, cached as uint8), never held
+as float32 arrays. Models take pixels in [0, 255] and preprocess themselves.
+"""
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from common.errors import DataError
+
+CSV_NAME = "annotations.csv"
+IMAGE = "Image Name"
+LABEL = "Majority Vote Label"
+VOTES = "Number of Annotators who Selected SSA (Out of 7)"
+PARTITION = "Partition"
+CLASSES = ("HP", "SSA")
+NUM_VIEWS = 8  # the dihedral group: 4 rotations x optional flip
+# Known subclasses from the annotator votes (class-major, 2 per class):
+# HP 0-1 | HP 2-3 | SSA 4-5 | SSA 6-7 SSA votes out of 7.
+SUBCLASS_OF_VOTES = (0, 0, 1, 1, 2, 2, 3, 3)
+SUBCLASSES_PER_CLASS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One partition: image paths, labels (0 HP / 1 SSA) and SSA votes (0-7)."""
+
+    paths: tuple
+    labels: np.ndarray
+    votes: np.ndarray
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def subclasses(self):
+        """Known subclass of each image (see `SUBCLASS_OF_VOTES`)."""
+        return np.asarray(SUBCLASS_OF_VOTES, np.int32)[self.votes]
+
+    def head(self, count):
+        return Split(self.paths[:count], self.labels[:count], self.votes[:count])
+
+
+def images_folder(data_dir):
+    """The folder holding the PNGs: `DATA/images/` (as `images.zip` unpacks) or `DATA/`."""
+    data_dir = Path(data_dir).expanduser()
+    return data_dir / "images" if (data_dir / "images").is_dir() else data_dir
+
+
+def load_mhist(data_dir, annotations=None, check_images=True, limit=None):
+    """Reads and validates MHIST; returns `{"train": Split, "test": Split}`.
+
+    `annotations` defaults to `DATA/annotations.csv`. `limit` keeps the first N
+    images of each partition. Every problem is a `DataError` naming the file.
+    """
+    if data_dir is None:
+        raise DataError("MHIST needs --data-dir DIR holding annotations.csv and the PNG images "
+                        "(images.zip from the MHIST authors, unpacked)")
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir}: no such folder")
+    csv_path = Path(annotations).expanduser() if annotations else data_dir / CSV_NAME
+    rows = read_annotations(csv_path)
+    folder = images_folder(data_dir)
+    splits = {}
+    for partition in ("train", "test"):
+        chosen = [r for r in rows if r[PARTITION] == partition][:limit]
+        if not chosen:
+            raise DataError(f"{csv_path}: no images in partition {partition!r}")
+        splits[partition] = Split(
+            paths=tuple(str(folder / r[IMAGE]) for r in chosen),
+            labels=np.array([CLASSES.index(r[LABEL]) for r in chosen], np.int32),
+            votes=np.array([r[VOTES] for r in chosen], np.int32),
+        )
+    if check_images:
+        for split in splits.values():
+            check_image_files(split.paths, folder)
+    return splits
+
+
+def read_annotations(csv_path):
+    """Validated rows of `annotations.csv` (votes as int)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: annotations file not found; pass --data-dir with {CSV_NAME} in it "
+                        "or --annotations PATH (the real one is in ../shared/data/mhist)")
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in (IMAGE, LABEL, VOTES, PARTITION) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{csv_path}: missing column(s) {', '.join(repr(m) for m in missing)}")
+        rows = list(reader)
+    seen = set()
+    for line, row in enumerate(rows, start=2):
+        where = f"{csv_path} line {line}"
+        if row[LABEL] not in CLASSES:
+            raise DataError(f"{where}: unknown label {row[LABEL]!r}; expected HP or SSA")
+        if row[PARTITION] not in ("train", "test"):
+            raise DataError(f"{where}: unknown partition {row[PARTITION]!r}; expected train or test")
+        try:
+            votes = int(row[VOTES])
+        except ValueError:
+            votes = -1
+        if not 0 <= votes <= 7:
+            raise DataError(f"{where}: SSA vote count {row[VOTES]!r} is not an integer from 0 to 7")
+        if (votes >= 4) != (row[LABEL] == "SSA"):
+            raise DataError(f"{where}: label {row[LABEL]} disagrees with {votes} of 7 SSA votes")
+        if row[IMAGE] in seen:
+            raise DataError(f"{where}: image {row[IMAGE]!r} is listed twice")
+        seen.add(row[IMAGE])
+        row[VOTES] = votes
+    if not rows:
+        raise DataError(f"{csv_path}: no rows")
+    return rows
+
+
+def check_image_files(paths, folder):
+    """Every image exists and has a readable PNG/JPEG header (fast: no full decode)."""
+    from PIL import Image, UnidentifiedImageError
+
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: image named in the annotations is missing from {folder} "
+                        f"({len(missing)} missing in all)")
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise DataError(f"{path}: unreadable image ({err})") from None
+
+
+def dihedral(image, view):
+    """View `view` in 0..7 of an `(H, W, C)` image: rotation by 90°·(view mod 4),
+    then a left-right flip when view >= 4. View 0 is the image itself."""
+    rotated = tf.image.rot90(image, k=view % 4)
+    return tf.cond(view >= 4, lambda: tf.image.flip_left_right(rotated), lambda: rotated)
+
+
+def decode(path, image_size):
+    """PNG/JPEG file -> `(S, S, 3)` uint8, resized (area) only when its size differs."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    shape = tf.shape(image)
+    return tf.cond(
+        tf.logical_and(shape[0] == image_size, shape[1] == image_size),
+        lambda: image,
+        lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, (image_size, image_size), "area")), 0, 255), tf.uint8),
+    )
+
+
+def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed=0, extra=None, views=None):
+    """Batches of `{"x": float32 pixels in [0, 255], "y", "index", **extra}`.
+
+    With `augment`, each example is shown in a random dihedral view (flips and
+    90° rotations; tissue has no up or down) and `"view"` says which. `views`
+    forces one view for every example (e.g. to precompute a teacher's logits for
+    view v). `extra` arrays (first dim = split size) ride along; an extra named
+    `teacher_logits` of shape `(n, 8, C)` is reduced to the logits of the view shown.
+    """
+    extra = dict(extra or {})
+    base = tf.data.Dataset.from_tensor_slices(
+        {"path": list(split.paths), "y": split.labels, "index": np.arange(len(split), dtype=np.int32)}
+    )
+    base = base.map(lambda e: {**e, "image": decode(e["path"], image_size)}, num_parallel_calls=tf.data.AUTOTUNE)
+    base = base.cache()  # decoded uint8, once; augmentation comes after
+    if shuffle:
+        base = base.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    if augment and views is None:  # a seeded stream, so the views repeat with the seed
+        randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        base = tf.data.Dataset.zip((base, randoms)).map(
+            lambda e, r: {**e, "view": tf.cast(r % NUM_VIEWS, tf.int32)})
+    tables = {k: tf.constant(v) for k, v in extra.items()}
+
+    def prepare(e):
+        view = e["view"] if "view" in e else tf.constant(views or 0, tf.int32)
+        out = {"x": tf.cast(dihedral(e["image"], view), tf.float32), "y": e["y"], "index": e["index"], "view": view}
+        for name, table in tables.items():
+            value = tf.gather(table, e["index"])
+            out[name] = tf.gather(value, view) if name == "teacher_logits" else value
+        return out
+
+    return base.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
