@@ -41,3 +41,11 @@ def choices(name, values, allowed, option=None):
             f"choose from {', '.join(allowed)}"
         )
     return tuple(values)
+
+
+def seed_list(values):
+    if not values or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in values):
+        raise ConfigError(f"--seeds must list integers >= 0, got {values!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--seeds lists a seed twice: {values!r}")
+    return tuple(values)

@@ -48,8 +48,8 @@ def lime_neighbourhood(image, segments, num_samples, seed, hide_value=0.0):
 
     Returns `(masks, images, distances)`: `masks (num_samples, n_segments)` in {0, 1}
     (row 0 keeps everything), the perturbed `images (num_samples, *image.shape)`
-    with dropped superpixels set to `hide_value`, and each mask's cosine distance
-    to the all-ones mask.
+    with dropped superpixels set to `hide_value` (None: the superpixel's mean
+    colour), and each mask's cosine distance to the all-ones mask.
     """
     segment_ids = np.unique(segments)
     rng = np.random.default_rng(seed)
@@ -59,7 +59,13 @@ def lime_neighbourhood(image, segments, num_samples, seed, hide_value=0.0):
     keep = masks[:, index].astype(bool)  # (num_samples, H, W)
     if image.ndim == 3:
         keep = keep[..., None]
-    images = np.where(keep, image[None], np.asarray(hide_value, image.dtype)).astype(np.float32)
+    if hide_value is None:  # lime_image's default: each superpixel's mean colour
+        hidden = np.zeros_like(image, dtype=np.float32)
+        for segment in segment_ids:
+            hidden[segments == segment] = image[segments == segment].mean(axis=0)
+    else:
+        hidden = np.full_like(image, hide_value, dtype=np.float32)
+    images = np.where(keep, image[None], hidden[None]).astype(np.float32)
     distances = sklearn.metrics.pairwise_distances(masks, masks[:1], metric="cosine").ravel()
     return masks, images, distances
 

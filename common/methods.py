@@ -140,3 +140,15 @@ class SubclassDistillation(SubclassMethod, Distillation):
             "kd": (1.0 - self.alpha)
             * losses.distillation_loss(teacher_logits, subclass_logits, self.temperature),
         }, logits
+
+
+class KnownSubclassTeacher(SubclassMethod):
+    """Teacher trained on KNOWN subclass labels (`batch["subclass"]`, class-major ids):
+    cross-entropy over the `C·S` subclass logits; predicts classes via logsumexp."""
+
+    term_names = ("ce",)
+
+    def loss_terms(self, batch, training=True):
+        subclass_logits = self.model(batch["x"], training=training)
+        logits = losses.class_logits_from_subclass_logits(subclass_logits, self.num_classes)
+        return {"ce": losses.teacher_loss(batch["subclass"], subclass_logits)}, logits

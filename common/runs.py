@@ -28,9 +28,19 @@ def set_seed(seed):
     keras.utils.set_random_seed(int(seed))
 
 
+_FLOPS_BY_ARCHITECTURE = {}
+
+
 def model_size(model):
-    """`{"params": total parameter count, "flops": inference FLOPs at batch 1}`."""
-    return {"params": int(model.count_params()), "flops": count_flops(model)}
+    """`{"params": total parameter count, "flops": inference FLOPs at batch 1}`.
+
+    FLOPs depend only on the architecture, so they are counted once per distinct
+    model configuration in a process (profiling a large model takes seconds).
+    """
+    key = model.to_json()
+    if key not in _FLOPS_BY_ARCHITECTURE:
+        _FLOPS_BY_ARCHITECTURE[key] = count_flops(model)
+    return {"params": int(model.count_params()), "flops": _FLOPS_BY_ARCHITECTURE[key]}
 
 
 def run(store, name, *, identity, config, build, data, train, evaluate, log=None):

@@ -46,10 +46,7 @@ class Task1Config(cfg.BaseConfig):
         cfg.positive_int("epochs", self.epochs, "--epochs")
         cfg.positive_int("batch_size", self.batch_size, "--batch-size")
         cfg.positive_float("learning_rate", self.learning_rate, "--learning-rate")
-        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise cfg.ConfigError(f"--seeds must list integers >= 0, got {self.seeds!r}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise cfg.ConfigError(f"--seeds lists a seed twice: {self.seeds!r}")
+        cfg.seed_list(self.seeds)
         if self.limit is not None:
             cfg.positive_int("limit", self.limit, "--limit")
         cfg.positive_int("subclasses", self.subclasses, "--subclasses")

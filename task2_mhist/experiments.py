@@ -1,0 +1,267 @@
+"""Task 2 recipes: ResNet50V2 teacher -> MobileNetV2 student on MHIST.
+
+Every model trains in two phases, each its own resumable run: feature extraction
+(`<stem>-fe-s<seed>`: base frozen, Adam at the model's rate) and fine-tuning
+(`<stem>-ft-s<seed>`: everything trainable, rate / 10, starting from the saved
+feature-extraction weights). Test metrics are computed over the whole test set.
+
+What is computed once: the decoded images (cached as uint8 by `tf.data`), and a
+frozen teacher's logits for every training image in each of the 8 dihedral views
+(one view without augmentation), kept in memory and in the teacher's run folder
+(`train_logits-<V>views.npy`), so a student never runs its teacher per step.
+"""
+
+import keras
+import numpy as np
+
+from common import explain, methods, runs, training
+from common.metrics import binary_metrics
+from common.recipes import Recipes
+from common.results import ResultsStore, write_csv_atomic
+from task2_mhist import data as mhist
+from task2_mhist import models
+
+EVAL_BATCH = 64
+NUM_CLASSES = len(mhist.CLASSES)
+
+
+class Task2(Recipes):
+    """Runs Task 2 experiments for one config and one seed."""
+
+    def __init__(self, config, splits=None, seed=None, log=None):
+        super().__init__(config, config.seeds[0] if seed is None else seed, log)
+        self.splits = splits or mhist.load_mhist(config.data_dir, config.annotations, limit=config.limit)
+        self.test_data = mhist.dataset(self.splits["test"], config.image_size, EVAL_BATCH)
+
+    # -- the task's data and schedule -----------------------------------------
+
+    def base_identity(self):
+        c = self.config
+        return {"weights": str(c.weights), "image_size": c.image_size, "batch_size": c.batch_size, "augment": c.augment,
+                "train_examples": len(self.splits["train"]), "test_examples": len(self.splits["test"])}
+
+    def train_data(self, **extra_arrays):
+        extra = {"subclass": self.splits["train"].subclasses, **extra_arrays}
+        return mhist.dataset(self.splits["train"], self.config.image_size, self.config.batch_size,
+                             shuffle=True, augment=self.config.augment, seed=self.seed, extra=extra)
+
+    def evaluate(self, predictor, curve=True):
+        logits, labels = training.predict(predictor, self.test_data)
+        return binary_metrics(labels, logits, curve=curve)
+
+    def epoch_metrics(self, predictor):
+        metrics = self.evaluate(predictor, curve=False)
+        return {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+
+    def compute_logits(self, model, name):
+        """`(n_train, V, outputs)`: V = 8 dihedral views with augmentation, else 1."""
+        views = mhist.NUM_VIEWS if self.config.augment else 1
+        path = self.store.run_dir(name) / f"train_logits-{views}views.npy"
+        if path.exists():
+            return np.load(path)
+        predictor = training.compiled_predictor(model)
+        per_view = []
+        for view in range(views):
+            self.log(f"[{name}] logits on the training set, view {view + 1}/{views}")
+            dataset = mhist.dataset(self.splits["train"], self.config.image_size, EVAL_BATCH, views=view)
+            per_view.append(training.predict(predictor, dataset)[0])
+        logits = np.stack(per_view, axis=1).astype(np.float32)
+        if self.store.run_dir(name).is_dir():
+            tmp = path.with_name(f".{path.name}.tmp.npy")
+            np.save(tmp, logits)
+            tmp.replace(path)
+        return logits
+
+    def fit_model(self, name, model, method, data, phase, learning_rate):
+        feature_extraction = phase == "fe"
+        models.set_base_trainable(model, not feature_extraction)
+        return training.fit(
+            method,
+            data,
+            epochs=self.config.fe_epochs if feature_extraction else self.config.ft_epochs,
+            optimizer=keras.optimizers.Adam(learning_rate if feature_extraction else learning_rate / 10),
+            evaluate=self.epoch_metrics,
+            log=self.progress(name),
+        )
+
+    def train_model(self, stem, identity, build, make_method, train_data, learning_rate):
+        """Feature extraction, then (unless `--phase feature-extraction`) fine-tuning
+        from the saved feature-extraction weights. Returns the last phase's run."""
+        c = self.config
+        fe_name = self.run_name(f"{stem}-fe")
+        record, model = self.train(
+            fe_name, {**identity, "phase": "feature-extraction", "epochs": c.fe_epochs, "learning_rate": learning_rate},
+            build, make_method, train_data, phase="fe", learning_rate=learning_rate,
+        )
+        if c.phase == "feature-extraction":
+            return record, model
+
+        def build_finetune():
+            model = build()
+            model.load_weights(self.store.weights_path(fe_name))
+            return model
+
+        return self.train(
+            self.run_name(f"{stem}-ft"),
+            {**identity, "phase": "finetune", "epochs": c.ft_epochs, "learning_rate": learning_rate / 10},
+            build_finetune, make_method, train_data, phase="ft", learning_rate=learning_rate,
+        )
+
+    def builder(self, architecture, weights=None, outputs=NUM_CLASSES):
+        c = self.config
+        weights = c.weights if weights is None else weights
+        return lambda: models.build(architecture, weights, c.image_size, outputs)
+
+    # -- experiments -------------------------------------------------------------
+
+    def teacher(self, weights=None):
+        """ResNet50V2 teacher (cross-entropy); returns `(record, model)`."""
+        weights = self.config.weights if weights is None else weights
+        stem = "teacher" if weights == self.config.weights else f"teacher-init_{weights_tag(weights)}"
+        return self.train_model(stem, self.identity("teacher", weights=str(weights)),
+                                self.builder(models.TEACHER, weights), methods.CrossEntropy,
+                                self.train_data, learning_rate=self.config.teacher_lr)
+
+    def teacher_model(self):
+        record, model = self.teacher()
+        return record["run"], model
+
+    def kd(self, temperature=None):
+        """MobileNetV2 distilled from the teacher at (T, alpha) through both phases."""
+        return self.chain([("kd", self.builder(models.STUDENT))], self.teacher_model, temperature,
+                          learning_rate=self.config.student_lr)[-1]
+
+    def scratch(self, weights=None):
+        """The student without a teacher (cross-entropy only)."""
+        weights = self.config.weights if weights is None else weights
+        stem = "scratch" if weights == self.config.weights else f"scratch-init_{weights_tag(weights)}"
+        record, _ = self.train_model(stem, self.identity("scratch", weights=str(weights)),
+                                     self.builder(models.STUDENT, weights), methods.CrossEntropy,
+                                     self.train_data, learning_rate=self.config.student_lr)
+        return record
+
+    def tcurve(self):
+        """Student AUC against T at the configured alpha; writes `tcurve-s<seed>.csv`."""
+        rows = []
+        for index, temperature in enumerate(self.config.temperatures, 1):
+            self.log(f"[tcurve {index}/{len(self.config.temperatures)}] T={temperature:g}")
+            record = self.kd(temperature)
+            rows.append({"temperature": temperature, "alpha": self.config.alpha, "test_auc": record["test_auc"],
+                         "test_accuracy": record["test_accuracy"], "run": record["run"]})
+        write_csv_atomic(self.store.root / f"tcurve-s{self.seed}.csv", rows,
+                         ("temperature", "alpha", "test_auc", "test_accuracy", "run"))
+        return rows
+
+    def pretrained(self):
+        """Teacher and scratch student with ImageNet weights (or `--weights`) and with
+        random initialisation, same schedule; writes `pretrained-s<seed>.csv`."""
+        rows = []
+        for weights in dict.fromkeys([self.config.weights, "none"]):
+            for role, record in (("teacher", self.teacher(weights)[0]), ("student", self.scratch(weights))):
+                rows.append({"model": role, "weights": weights_tag(weights), "test_auc": record["test_auc"],
+                             "test_accuracy": record["test_accuracy"], "run": record["run"]})
+        write_csv_atomic(self.store.root / f"pretrained-s{self.seed}.csv", rows,
+                         ("model", "weights", "test_auc", "test_accuracy", "run"))
+        return rows
+
+    def skd(self):
+        """Known-subclass KD: the teacher learns HP 0-1 / HP 2-3 / SSA 4-5 / SSA 6-7
+        (annotator votes), the student distils that 4-way distribution and is scored on
+        HP vs SSA through its logsumexp class logits."""
+        c, s = self.config, mhist.SUBCLASSES_PER_CLASS
+        outputs = NUM_CLASSES * s
+        teacher_record, teacher = self.train_model(
+            f"skd-teacher-S{s}", self.identity("skd-teacher", subclasses=s),
+            self.builder(models.TEACHER, outputs=outputs),
+            lambda model: methods.KnownSubclassTeacher(model, NUM_CLASSES),
+            self.train_data, learning_rate=c.teacher_lr,
+        )
+        record, _ = self.distil(
+            f"skd-S{s}-{self.kd_tag()}", self.identity("skd", subclasses=s, temperature=c.temperature, alpha=c.alpha),
+            self.builder(models.STUDENT, outputs=outputs), lambda: (teacher_record["run"], teacher),
+            lambda student: methods.SubclassDistillation(student, NUM_CLASSES, c.temperature, c.alpha),
+            learning_rate=c.student_lr,
+        )
+        return {"teacher": teacher_record, "student": record}
+
+    def takd(self):
+        """ResNet50V2 -> DenseNet121 assistant -> MobileNetV2, against BLKD (= `kd`)."""
+        assistant, student = self.chain(
+            [("ta", self.builder(models.ASSISTANT)), ("takd", self.builder(models.STUDENT))],
+            self.teacher_model, learning_rate=self.config.student_lr,
+        )
+        baseline = self.kd()
+        rows = [{"model": label, "run": r["run"], "test_auc": r["test_auc"], "test_accuracy": r["test_accuracy"]}
+                for label, r in (("teacher", self.teacher()[0]), ("assistant (from teacher)", assistant),
+                                 ("student via assistant (TAKD)", student), ("student from teacher (BLKD)", baseline))]
+        write_csv_atomic(self.store.root / f"takd-s{self.seed}.csv", rows, ("model", "run", "test_auc", "test_accuracy"))
+        return rows
+
+    def flops(self):
+        """Parameters and FLOPs (batch 1, at `--image-size`) of every architecture."""
+        rows = []
+        for label, architecture in (("teacher ResNet50V2", models.TEACHER), ("student MobileNetV2", models.STUDENT),
+                                    ("assistant DenseNet121", models.ASSISTANT)):
+            model = models.build(architecture, "none", self.config.image_size)
+            rows.append({"model": label, "image_size": self.config.image_size, **runs.model_size(model)})
+            self.log(f"[flops] {label}: {rows[-1]['params']:,} params, {rows[-1]['flops']:,} FLOPs")
+        write_csv_atomic(self.store.root / "flops.csv", rows, ("model", "image_size", "params", "flops"))
+        return rows
+
+    def explain_task2(self, kind):
+        c = self.config
+        models_to_explain = {
+            "teacher": self.teacher()[1],
+            "kd_student": self._models[self.kd()["run"]],
+            "scratch_student": self._models[self.scratch()["run"]],
+        }
+        test = self.splits["test"].head(c.explain_images)
+        images, labels = [], []
+        for batch in mhist.dataset(test, c.image_size, EVAL_BATCH):
+            images.append(batch["x"].numpy())
+            labels.append(batch["y"].numpy())
+        images, labels = np.concatenate(images), np.concatenate(labels)
+        if kind == "lime":
+            settings = {"num_samples": c.lime_samples, "hide_value": None,
+                        "segment_fn": lambda image: explain.segment_rgb(image / 255.0),
+                        "segmentation": "slic n_segments=50 compactness=10"}
+        else:
+            settings = {"patch": c.occlusion_patch, "stride": c.occlusion_stride, "fill": 127.5}
+        return self.explain(kind, models_to_explain, images, labels, {"top_k": c.top_k, **settings})
+
+    def lime(self):
+        return self.explain_task2("lime")
+
+    def occlusion(self):
+        return self.explain_task2("occlusion")
+
+    def run(self, only=None):
+        only = tuple(only or self.config.only)
+        order = ("flops", "teacher", "kd", "scratch", "tcurve", "pretrained", "skd", "takd", "lime", "occlusion")
+        results = {}
+        for name in order:
+            if name in only:
+                outcome = getattr(self, name)()
+                results[name] = outcome[0] if name == "teacher" else outcome
+        return results
+
+
+def weights_tag(weights):
+    """'imagenet' | 'none' | a file path -> a short tag for run names."""
+    text = str(weights)
+    return text.lower() if text.lower() in ("imagenet", "none") else "file"
+
+
+def run_all(config, splits=None, log=None):
+    """Every selected experiment for every seed, then the summaries."""
+    log = log or (lambda _msg: None)
+    splits = splits or mhist.load_mhist(config.data_dir, config.annotations, limit=config.limit)
+    outcomes = {}
+    for index, seed in enumerate(config.seeds, 1):
+        if len(config.seeds) > 1:
+            log(f"== seed {seed} ({index}/{len(config.seeds)})")
+        outcomes[seed] = Task2(config, splits=splits, seed=seed, log=log).run()
+    store = ResultsStore(config.out)
+    store.write_summary()
+    store.write_seed_summary()
+    return outcomes

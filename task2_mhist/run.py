@@ -1,0 +1,67 @@
+"""Task 2 command line: `python task2_mhist/run.py --data-dir DIR --phase finetune`.
+
+A thin layer over `task2_mhist.experiments`; see `--help`.
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import cli  # noqa: E402
+
+cli.import_tensorflow_quietly()
+
+from task2_mhist.config import EXPERIMENTS, PHASES, Task2Config  # noqa: E402
+
+
+def build_parser():
+    d = Task2Config()
+    p = cli.parser("python task2_mhist/run.py", __doc__.splitlines()[0])
+    p.add_argument("--data-dir", help="MHIST folder: annotations.csv and the PNGs (or an images/ subfolder)")
+    p.add_argument("--annotations", help="annotations.csv elsewhere (e.g. ../shared/data/mhist/annotations.csv)")
+    p.add_argument("--out", default=d.out, help="results folder")
+    p.add_argument("--phase", choices=PHASES, default=d.phase, help="feature-extraction only, or then fine-tuning (finetune = all)")
+    p.add_argument("--weights", default=d.weights, help="imagenet (Keras download), none, or PATH to a base weights file")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="square input size in pixels; smaller runs faster on CPU")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--fe-epochs", type=int, default=d.fe_epochs, help="feature-extraction epochs")
+    p.add_argument("--ft-epochs", type=int, default=d.ft_epochs, help="fine-tuning epochs")
+    p.add_argument("--teacher-lr", type=float, default=d.teacher_lr, help="teacher Adam rate (fine-tuning: / 10)")
+    p.add_argument("--student-lr", type=float, default=d.student_lr, help="student and assistant Adam rate (fine-tuning: / 10)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random flips and 90-degree rotations")
+    p.add_argument("--seeds", type=cli.int_list, default=d.seeds, help="comma list; every experiment runs once per seed")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="KD temperature T")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the hard-label loss; 1 - alpha weights distillation")
+    p.add_argument("--temperatures", type=cli.float_list, default=d.temperatures, help="T values of the tcurve experiment")
+    p.add_argument("--explain-images", type=int, default=d.explain_images, help="test images explained by lime/occlusion")
+    p.add_argument("--lime-samples", type=int, default=d.lime_samples, help="LIME perturbation samples per image")
+    p.add_argument("--occlusion-patch", type=int, default=d.occlusion_patch, help="occlusion patch size in pixels")
+    p.add_argument("--occlusion-stride", type=int, default=d.occlusion_stride, help="occlusion stride in pixels")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="top-k cells compared between explanation maps")
+    p.add_argument("--only", type=cli.name_list, default=d.only, help=f"comma list of {','.join(EXPERIMENTS)}")
+    p.add_argument("--limit", type=int, help="first N images of each partition only (quick runs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return cli.main(lambda: _run(args))
+
+
+def _run(args):
+    config = Task2Config(**vars(args))
+    log = cli.logger(config.quiet)
+    log("Task 2 (MHIST) config:\n" + config.describe())
+    from common.results import ResultsStore
+    from task2_mhist.experiments import run_all
+
+    run_all(config, log=log)
+    print(cli.summary_table(ResultsStore(config.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

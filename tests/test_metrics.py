@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from common.metrics import binary_metrics
+
+
+def hand_auc(labels, scores):
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    pos = [s for s, y in zip(scores, labels) if y == 1]
+    neg = [s for s, y in zip(scores, labels) if y == 0]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auc_over_the_whole_set_matches_hand_count_and_sklearn():
+    labels = np.array([0, 0, 1, 1, 0, 1, 0, 1])
+    logit_ssa = np.array([-2.0, 0.5, 1.0, 3.0, 0.1, -0.5, 0.5, 0.5])
+    logits = np.stack([np.zeros_like(logit_ssa), logit_ssa], axis=1)  # P(SSA) = sigmoid(logit)
+    result = binary_metrics(labels, logits)
+    assert result["test_auc"] == pytest.approx(hand_auc(labels, logit_ssa))
+    assert result["test_auc"] == pytest.approx(roc_auc_score(labels, logit_ssa))
+    # Averaging per batch of 4 would give another number: the whole set is used.
+    per_batch = np.mean([hand_auc(labels[i:i + 4], logit_ssa[i:i + 4]) for i in (0, 4)])
+    assert result["test_auc"] != pytest.approx(per_batch)
+
+
+def test_accuracy_f1_and_confusion_by_hand():
+    labels = np.array([0, 0, 1, 1, 1])
+    logits = np.array([[1, 0], [0, 1], [0, 1], [0, 1], [1, 0]], float)  # predictions 0 1 1 1 0
+    result = binary_metrics(labels, logits)
+    assert result["test_accuracy"] == pytest.approx(3 / 5)
+    # SSA positive: TP 2, FP 1, FN 1 -> precision 2/3, recall 2/3, F1 2/3.
+    assert result["test_f1"] == pytest.approx(2 / 3)
+    assert result["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert result["roc_curve"]["fpr"][0] == 0.0 and result["roc_curve"]["tpr"][-1] == 1.0

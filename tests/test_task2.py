@@ -1,0 +1,95 @@
+"""Task 2 end to end at a tiny image size on a synthetic MHIST folder."""
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from task2_mhist import models
+from task2_mhist import run as cli
+from task2_mhist.config import Task2Config
+from task2_mhist.experiments import run_all
+
+
+@pytest.mark.parametrize("mode, reference", [("tf", keras.applications.resnet_v2.preprocess_input),
+                                             ("torch", keras.applications.densenet.preprocess_input)])
+def test_in_model_preprocessing_matches_keras_applications(mode, reference):
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
+    x = pixels
+    for layer in models.preprocessing(mode):
+        x = layer(x)
+    np.testing.assert_allclose(np.asarray(x), reference(pixels.copy()), rtol=1e-5, atol=1e-5)
+
+
+def tiny_config(tmp_path, data_dir, **overrides):
+    settings = dict(data_dir=str(data_dir), out=str(tmp_path / "out"), weights="none", image_size=32, batch_size=8,
+                    fe_epochs=1, ft_epochs=1, temperatures=(1.0, 4.0), explain_images=2, lime_samples=40,
+                    occlusion_patch=16, occlusion_stride=16, quiet=True)
+    settings.update(overrides)
+    return Task2Config(**settings)
+
+
+@pytest.fixture
+def eager():
+    """Runs tf.functions eagerly: tracing ResNet50V2/DenseNet121 steps for 16 tiny runs
+    would dominate the suite; the compiled path is exercised by the phase test below."""
+    tf.config.run_functions_eagerly(True)
+    yield
+    tf.config.run_functions_eagerly(False)
+
+
+def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, eager):
+    config = tiny_config(tmp_path, mhist_dir)
+    results = run_all(config)[0]
+    out = tmp_path / "out"
+    stems = ["teacher", "kd-T4-a0.5", "kd-T1-a0.5", "scratch", "skd-teacher-S2", "skd-S2-T4-a0.5",
+             "ta-T4-a0.5", "ta-takd-T4-a0.5"]
+    expected = {f"{stem}-{phase}-s0" for stem in stems for phase in ("fe", "ft")}
+    assert {p.parent.name for p in out.glob("*/metrics.json")} == expected
+    for name in expected:
+        record = json.loads((out / name / "metrics.json").read_text())
+        for key in ("test_auc", "test_accuracy", "test_f1"):
+            assert 0.0 <= record[key] <= 1.0
+        assert np.array(record["confusion_matrix"]).sum() == 12
+        assert record["roc_curve"]["tpr"][-1] == 1.0
+        assert record["identity"]["phase"] in ("feature-extraction", "finetune")
+        assert "test_auc" in record["history"][0]
+    ft = json.loads((out / "teacher-ft-s0" / "metrics.json").read_text())
+    assert ft["identity"]["learning_rate"] == pytest.approx(1e-5)  # teacher 1e-4 / 10
+    assert (out / "teacher-ft-s0" / "train_logits-8views.npy").exists()
+    assert np.load(out / "teacher-ft-s0" / "train_logits-8views.npy").shape == (24, 8, 2)
+    assert np.load(out / "skd-teacher-S2-ft-s0" / "train_logits-8views.npy").shape == (24, 8, 4)
+    assert [r["temperature"] for r in results["tcurve"]] == [1.0, 4.0]
+    assert {r["weights"] for r in results["pretrained"]} == {"none"}
+    assert [r["model"] for r in results["takd"]][-1] == "student from teacher (BLKD)"
+    flops = list(csv.DictReader(open(out / "flops.csv")))
+    assert [int(r["params"]) > 0 for r in flops] == [True, True, True]
+    for kind in ("lime", "occlusion"):
+        assert (out / "explain" / f"{kind}-s0.npz").exists()
+
+    messages = []
+    run_all(config, log=messages.append)
+    assert not any("epoch 1/" in m for m in messages)
+    assert not any("logits on the training set" in m for m in messages)
+
+
+def test_feature_extraction_phase_only_then_finetune_resumes(tmp_path, mhist_dir):
+    config = tiny_config(tmp_path, mhist_dir, phase="feature-extraction", only=("teacher",))
+    run_all(config)
+    assert {p.parent.name for p in (tmp_path / "out").glob("*/metrics.json")} == {"teacher-fe-s0"}
+    messages = []
+    run_all(tiny_config(tmp_path, mhist_dir, phase="finetune", only=("teacher",)), log=messages.append)
+    assert any("[teacher-fe-s0] finished earlier" in m for m in messages)
+    assert (tmp_path / "out" / "teacher-ft-s0" / "metrics.json").exists()
+
+
+def test_cli_errors(tmp_path, mhist_dir, capsys):
+    assert cli.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert cli.main(["--data-dir", str(mhist_dir), "--image-size", "16", "-q"]) == 2
+    assert "--image-size" in capsys.readouterr().err
+    assert cli.main(["--data-dir", str(mhist_dir), "--alpha", "-1", "-q"]) == 2
+    assert "alpha" in capsys.readouterr().err

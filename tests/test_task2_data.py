@@ -1,0 +1,149 @@
+"""MHIST loading, validation errors, the dihedral views, subclasses and models."""
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from common.errors import DataError
+from task2_mhist import data as mhist
+from task2_mhist import models
+
+REAL_CSV = mhist.Path(__file__).resolve().parents[2] / "shared" / "data" / "mhist" / "annotations.csv"
+
+
+def test_load_synthetic_folder(mhist_dir):
+    splits = mhist.load_mhist(mhist_dir)
+    assert (len(splits["train"]), len(splits["test"])) == (24, 12)
+    assert set(splits["train"].labels.tolist()) == {0, 1}
+    batch = next(iter(mhist.dataset(splits["train"], 32, 5)))
+    assert batch["x"].shape == (5, 32, 32, 3) and batch["x"].dtype == tf.float32
+    assert float(tf.reduce_max(batch["x"])) > 1.0  # pixels stay in [0, 255]
+    resized = next(iter(mhist.dataset(splits["train"], 48, 2)))
+    assert resized["x"].shape == (2, 48, 48, 3)
+
+
+def test_real_annotations_counts():
+    if not REAL_CSV.exists():
+        pytest.skip(f"real MHIST annotations not found at {REAL_CSV}")
+    rows = mhist.read_annotations(REAL_CSV)
+    count = lambda part, label: sum(r["Partition"] == part and r["Majority Vote Label"] == label for r in rows)  # noqa: E731
+    assert (count("train", "HP"), count("train", "SSA"), count("test", "HP"), count("test", "SSA")) == (1545, 630, 617, 360)
+
+
+def rewrite_csv(folder, mutate):
+    path = folder / "annotations.csv"
+    rows = list(csv.reader(open(path)))
+    mutate(rows)
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda rows: rows.__setitem__(0, rows[0][:2] + ["votes", rows[0][3]]), "missing column"),
+        (lambda rows: rows[1].__setitem__(1, "TA"), "unknown label 'TA'"),
+        (lambda rows: rows[1].__setitem__(2, "9"), "not an integer from 0 to 7"),
+        (lambda rows: rows[1].__setitem__(3, "val"), "unknown partition"),
+        (lambda rows: rows[2].__setitem__(2, "7" if rows[2][1] == "HP" else "0"), "disagrees"),
+        (lambda rows: rows.append(list(rows[1])), "listed twice"),
+    ],
+)
+def test_bad_annotations_are_one_line_errors(mhist_dir, mutate, message):
+    rewrite_csv(mhist_dir, mutate)
+    with pytest.raises(DataError, match=message) as err:
+        mhist.load_mhist(mhist_dir)
+    assert "annotations.csv" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_csv_and_images(mhist_dir, tmp_path):
+    with pytest.raises(DataError, match="annotations file not found"):
+        mhist.load_mhist(tmp_path)
+    (mhist_dir / "MHIST_005.png").unlink()
+    with pytest.raises(DataError, match="MHIST_005.png: image named in the annotations is missing"):
+        mhist.load_mhist(mhist_dir)
+
+
+def test_unreadable_image_is_named(mhist_dir):
+    (mhist_dir / "MHIST_007.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="MHIST_007.png: unreadable image"):
+        mhist.load_mhist(mhist_dir)
+
+
+def test_images_subfolder_and_separate_annotations(mhist_dir, tmp_path):
+    layout = tmp_path / "official"
+    (layout / "images").mkdir(parents=True)
+    for png in mhist_dir.glob("*.png"):
+        shutil.copy(png, layout / "images" / png.name)
+    splits = mhist.load_mhist(layout, annotations=mhist_dir / "annotations.csv")
+    assert len(splits["test"]) == 12
+
+
+def test_subclasses_from_votes():
+    split = mhist.Split(paths=("a",) * 8, labels=np.array([0, 0, 0, 0, 1, 1, 1, 1]), votes=np.arange(8))
+    assert split.subclasses.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # HP 0-1 | HP 2-3 | SSA 4-5 | SSA 6-7
+
+
+def test_dihedral_views_are_the_eight_distinct_symmetries():
+    image = tf.reshape(tf.range(12, dtype=tf.float32), (2, 2, 3)) * tf.constant([1.0, 1.0, 1.0])
+    image = tf.reshape(tf.range(4 * 4 * 1, dtype=tf.float32), (4, 4, 1))
+    views = [mhist.dihedral(image, tf.constant(v)).numpy() for v in range(8)]
+    np.testing.assert_array_equal(views[0], image.numpy())
+    np.testing.assert_array_equal(views[1], np.rot90(image.numpy(), 1))
+    np.testing.assert_array_equal(views[4], np.fliplr(image.numpy()))
+    assert len({v.tobytes() for v in views}) == 8
+
+
+def test_augmented_views_repeat_with_the_seed(mhist_dir):
+    splits = mhist.load_mhist(mhist_dir)
+    def views(seed):
+        ds = mhist.dataset(splits["train"], 32, 24, shuffle=True, augment=True, seed=seed)
+        return [b["view"].numpy().tolist() for _, b in zip(range(2), ds.repeat())]
+    assert views(3) == views(3)
+    assert views(3) != views(4)
+    first_epoch, second_epoch = views(3)
+    assert first_epoch != second_epoch and set(first_epoch) <= set(range(8))
+
+
+def test_teacher_logits_follow_the_view_shown(mhist_dir):
+    splits = mhist.load_mhist(mhist_dir)
+    n = len(splits["train"])
+    table = np.arange(n * 8 * 2, dtype=np.float32).reshape(n, 8, 2)
+    ds = mhist.dataset(splits["train"], 32, 8, shuffle=True, augment=True, seed=0, extra={"teacher_logits": table})
+    for batch in ds:
+        expected = table[batch["index"].numpy(), batch["view"].numpy()]
+        np.testing.assert_array_equal(batch["teacher_logits"].numpy(), expected)
+
+
+def test_phase_switch_freezes_and_unfreezes():
+    model = models.build("mobilenetv2", "none", 32)
+    models.set_base_trainable(model, False)
+    assert len(model.trainable_variables) == 2  # the head's kernel and bias
+    models.set_base_trainable(model, True)
+    assert len(model.trainable_variables) == 2 + len(models.base_of(model).trainable_variables) > 100
+
+
+def test_weights_from_a_saved_file(tmp_path):
+    source = models.build("mobilenetv2", "none", 32)
+    path = tmp_path / "base.weights.h5"
+    models.base_of(source).save_weights(path)
+    loaded = models.build("mobilenetv2", str(path), 32)
+    for a, b in zip(models.base_of(source).get_weights(), models.base_of(loaded).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(DataError, match="no such file"):
+        models.build("mobilenetv2", str(tmp_path / "missing.h5"), 32)
+
+
+def test_imagenet_download_failure_names_the_way_out(monkeypatch):
+    import keras
+
+    def offline(**kwargs):
+        raise Exception("URL fetch failure: Name or service not known")
+
+    monkeypatch.setitem(models.ARCHITECTURES, "mobilenetv2", (offline, "tf"))
+    with pytest.raises(DataError, match="--weights PATH.*--weights none"):
+        models.build("mobilenetv2", "imagenet", 32)
+    assert keras  # the real constructor is restored by monkeypatch
