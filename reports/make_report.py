@@ -72,6 +72,11 @@ def fmt(mean, std, n, scale=100.0, digits=2):
     return f"{mean * scale:.{digits}f}"
 
 
+def number(value, digits=2):
+    """A saved number for a caption; `n/a` where it was undefined (saved as null)."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
 def read_csv(path):
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
@@ -296,6 +301,7 @@ def explanation_panel(report, folder, kind, task):
     fig, axes = plt.subplots(count, len(models) + 1, figsize=(1.9 * (len(models) + 1), 1.9 * count), squeeze=False)
     for i in range(count):
         image = images[i].squeeze()
+        image = image / 255.0 if image.max() > 1.5 else image  # Task 2 pixels are in [0, 255]
         axes[i, 0].imshow(image, cmap="gray" if image.ndim == 2 else None)
         axes[i, 0].set_title(f"label {labels[i]}", fontsize=8)
         for j, model in enumerate(models, 1):
@@ -310,8 +316,8 @@ def explanation_panel(report, folder, kind, task):
         ax.set_yticks([])
     k = record["settings"].get("top_k", 5)
     agreement = record["agreement"]
-    caption_parts = [f"{pair.replace('_', ' ')}: r = {a['pearson_mean']:.2f} ± {a['pearson_std']:.2f}, "
-                     f"top-{k} overlap {a[f'top{k}_overlap_mean']:.2f}" for pair, a in agreement.items()]
+    caption_parts = [f"{pair.replace('_', ' ')}: r = {number(a['pearson_mean'])} ± {number(a['pearson_std'])}, "
+                     f"top-{k} overlap {number(a[f'top{k}_overlap_mean'])}" for pair, a in agreement.items()]
     method = ("LIME superpixel weights" if kind == "lime"
               else f"occlusion ({record['settings']['patch']}px patch, stride {record['settings']['stride']})")
     caption = (f"{method} for the true label; red = evidence for it, blue = against, each map scaled to "
@@ -334,6 +340,90 @@ def pixel_map(data, kind, model, index, shape, settings):
     return heat / np.maximum(count, 1)
 
 
+# -- Task 2 -------------------------------------------------------------------------
+
+HEADLINE_TASK2 = [
+    ("teacher-ft", "teacher ResNet50V2"),
+    ("kd-T4-a0.5-ft", "KD student MobileNetV2 (T=4, alpha=0.5)"),
+    ("scratch-ft", "student from scratch"),
+    ("teacher-init_none-ft", "teacher, random init"),
+    ("scratch-init_none-ft", "student, random init"),
+    ("skd-teacher-S2-ft", "subclass teacher (4 known subclasses)"),
+    ("skd-S2-T4-a0.5-ft", "subclass KD student"),
+    ("ta-T4-a0.5-ft", "assistant DenseNet121"),
+    ("ta-takd-T4-a0.5-ft", "TAKD student (via assistant)"),
+]
+
+
+def task2(report, root):
+    records = ResultsStore(root).records()
+    if not records:
+        report.skip("Task 2", f"no finished runs in {root}")
+        return
+    report.text("## Task 2: MHIST\n")
+    auc, acc, f1 = (grouped(records, m) for m in ("test_auc", "test_accuracy", "test_f1"))
+    rows = ["| model | AUC (%) | accuracy (%) | F1 (%) | params | FLOPs |", "|---|---:|---:|---:|---:|---:|"]
+    for group, label in HEADLINE_TASK2:
+        if group in auc:
+            record = auc[group][3]
+            rows.append(f"| {label} | {fmt(*auc[group][:3])} | {fmt(*acc[group][:3])} | {fmt(*f1[group][:3])} "
+                        f"| {record['params']:,} | {record['flops']:,} |")
+    if len(rows) > 2:
+        report.text("Test metrics over the whole MHIST test set after fine-tuning (SSA is the positive class; "
+                    "mean ± std over seeds).\n\n" + "\n".join(rows) + "\n")
+    by_run = {seed_group(r["run"]): r for r in records if r.get("seed") == min(x.get("seed", 0) for x in records)}
+    shown = [(label, by_run[g]) for g, label in HEADLINE_TASK2[:3] if g in by_run and "roc_curve" in by_run[g]]
+    if shown:
+        fig, ax = plt.subplots(figsize=(4.6, 4.2))
+        for label, record in shown:
+            ax.plot(record["roc_curve"]["fpr"], record["roc_curve"]["tpr"], label=f"{label} (AUC {record['test_auc']:.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("false positive rate (HP called SSA)")
+        ax.set_ylabel("true positive rate (SSA found)")
+        ax.set_title("ROC curves (test set)")
+        ax.legend(fontsize=7, loc="lower right")
+        report.figure(fig, "task2", "roc_curves", "ROC curves of teacher, KD student and scratch student (first seed).")
+        fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.0), squeeze=False)
+        for ax, (label, record) in zip(axes[0], shown):
+            matrix = np.array(record["confusion_matrix"])
+            ax.imshow(matrix, cmap="Blues")
+            for (i, j), value in np.ndenumerate(matrix):
+                ax.text(j, i, str(value), ha="center", va="center",
+                        color="white" if value > matrix.max() / 2 else "black")
+            ax.set_xticks([0, 1], ["HP", "SSA"])
+            ax.set_yticks([0, 1], ["HP", "SSA"])
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            ax.set_title(label, fontsize=8)
+        report.figure(fig, "task2", "confusion_matrices", "Confusion matrices on the test set (first seed; "
+                      "prediction = the more probable class).")
+    else:
+        report.skip("ROC curves and confusion matrices", "no fine-tuned teacher/KD/scratch runs with ROC points")
+    cells = {}
+    for r in records:
+        ident = r.get("identity", {})
+        if ident.get("experiment") == "kd" and ident.get("phase") == "finetune":
+            cells.setdefault(ident["temperature"], []).append(r["test_auc"])
+    if len(cells) >= 2:
+        t = np.array(sorted(cells))
+        mean = np.array([np.mean(cells[x]) for x in t]) * 100
+        std = np.array([mean_std(cells[x])[1] for x in t]) * 100
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        ax.errorbar(t, mean, yerr=std, marker="o", capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(t, [f"{v:g}" for v in t])
+        ax.set_xlabel("temperature T (log scale)")
+        ax.set_ylabel("student test AUC (%)")
+        ax.set_title("KD student AUC against T")
+        ax.grid(alpha=0.3)
+        report.figure(fig, "task2", "t_curve_auc", "MobileNetV2 student AUC after fine-tuning against the KD temperature.")
+    else:
+        report.skip("Task 2 T curve", "fewer than two temperatures among the fine-tuned KD runs")
+    flops_table(report, root / "flops.csv")
+    for kind in ("lime", "occlusion"):
+        explanation_panel(report, root / "explain", kind, "task2")
+
+
 def make_report(results_dir, out_dir):
     """Writes figures and `REPORT.md`; returns the Report (paths, notes)."""
     results_dir = Path(results_dir)
@@ -342,7 +432,9 @@ def make_report(results_dir, out_dir):
         task1(report, results_dir / "task1")
     else:
         report.skip("Task 1", f"no {results_dir / 'task1'}")
-    if not (results_dir / "task2").is_dir():
+    if (results_dir / "task2").is_dir():
+        task2(report, results_dir / "task2")
+    else:
         report.skip("Task 2", f"no {results_dir / 'task2'}")
     report.path = report.write("Knowledge distillation: results")
     return report

@@ -80,3 +80,36 @@ def test_missing_results_are_notes_not_crashes(tmp_path):
     assert report.figures == []
     assert any("Task 1" in note for note in report.notes)
     assert (tmp_path / "report" / "REPORT.md").exists()
+
+
+def fabricate_task2(root):
+    store = ResultsStore(root / "task2")
+    aucs = {}
+    for seed in (0, 1):
+        for stem, experiment, auc, extra in (
+            ("teacher-ft", "teacher", 0.90 + seed / 100, {}),
+            ("scratch-ft", "scratch", 0.80 + seed / 100, {}),
+            ("kd-T4-a0.5-ft", "kd", 0.85 + seed / 100, {"temperature": 4.0, "alpha": 0.5}),
+            ("kd-T1-a0.5-ft", "kd", 0.83 + seed / 100, {"temperature": 1.0, "alpha": 0.5}),
+        ):
+            store.save(f"{stem}-s{seed}", {
+                "run": f"{stem}-s{seed}", "experiment": experiment, "seed": seed, "test_auc": auc,
+                "test_accuracy": 0.8, "test_f1": 0.7, "params": 5, "flops": 7,
+                "confusion_matrix": [[50, 10], [5, 35]],
+                "roc_curve": {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.8, 1.0], "thresholds": [1.0, 0.5, 0.0]},
+                "identity": {"experiment": experiment, "seed": seed, "phase": "finetune", **extra},
+                "history": [],
+            })
+            aucs.setdefault(stem, []).append(auc)
+    return aucs
+
+
+def test_task2_report_has_roc_confusion_and_auc_curve(tmp_path):
+    aucs = fabricate_task2(tmp_path / "results")
+    report = make_report(tmp_path / "results", tmp_path / "report")
+    names = {p.split("/")[-1][:-4] for p in report.figures if p.startswith("task2/")}
+    assert names == {"roc_curves", "confusion_matrices", "t_curve_auc"}
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    teacher = np.array(aucs["teacher-ft"]) * 100
+    assert f"| teacher ResNet50V2 | {teacher.mean():.2f} ± {teacher.std(ddof=1):.2f} (n=2) |" in text
+    assert "Task 1: skipped" in text
