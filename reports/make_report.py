@@ -178,7 +178,9 @@ def grid_figures(report, records, metric):
     for i in range(len(alphas)):
         for j in range(len(temperatures)):
             if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="white", fontsize=8)
+                bright = image.norm(grid[i, j]) > 0.6  # dark text on the light end of viridis
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
+                        color="black" if bright else "white", fontsize=8)
     fig.colorbar(image, ax=ax, label="test accuracy (%)")
     ax.set_title("KD student: T x alpha grid")
     report.figure(fig, "task1", "grid_heatmap", "Student test accuracy (%) for every (T, alpha) cell.")
@@ -207,7 +209,7 @@ def bars(report, stats):
         ax.text(i, m, f"{m:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_ylabel("test accuracy (%)")
     n = max(s[2] for _, s in present)
-    ax.set_title(f"Test accuracy (mean ± std over {n} seed{'s' if n > 1 else ''})")
+    ax.set_title(f"Test accuracy (mean ± std over {n} seeds)" if n > 1 else "Test accuracy (one seed)")
     report.figure(fig, "task1", "accuracy_bars", "Test accuracy of each model; error bars are the sample "
                   "std over seeds (none for a single seed). The y axis does not start at 0.")
 
