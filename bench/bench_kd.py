@@ -90,7 +90,11 @@ def main(argv=None):
         student = build_student()
         distiller = keras.distillation.Distiller(
             teacher=teacher, student=student,
-            distillation_losses=keras.distillation.LogitsDistillation(temperature=temperature),
+            # An explicit KLDivergence instance: with the default loss="kl_divergence" string,
+            # Keras 3.15.1 resolves a plain function, skips its softmax + T^2 branch and
+            # computes KL on raw logits / T, which is not Hinton's loss.
+            distillation_losses=keras.distillation.LogitsDistillation(
+                temperature=temperature, loss=keras.losses.KLDivergence()),
             student_loss_weight=alpha,
         )
         distiller.compile(optimizer=keras.optimizers.Adam(lr),

@@ -129,3 +129,13 @@ def test_subclass_auxiliary_loss_hand_values():
     # Uncorrelated rows [1,-1,0,0] and [0,0,1,-1], tau = 0.5: s = diag(2).
     value = float(losses.subclass_auxiliary_loss([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0]], 0.5))
     assert value == pytest.approx(math.log(math.exp(2) + 1) - 2 - math.log(2), rel=1e-5)
+
+
+def test_matches_keras_logits_distillation_given_a_kl_instance():
+    # keras.distillation.LogitsDistillation(loss=KLDivergence()) applies softmax and T²
+    # like Hinton; its default loss="kl_divergence" string does not (Keras 3.15.1), which
+    # is why the benchmark passes the instance.
+    t = 4.0
+    reference = keras.distillation.LogitsDistillation(temperature=t, loss=keras.losses.KLDivergence())
+    value = float(reference.compute_loss(np.array(TEACHER) * 5, np.array(STUDENT)))
+    assert float(losses.distillation_loss(np.array(TEACHER) * 5, STUDENT, t)) == pytest.approx(value, rel=1e-4)
