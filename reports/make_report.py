@@ -265,12 +265,15 @@ def entropy_figure(report, root):
         report.skip("teacher entropy against T", "no teacher_entropy-s*.csv")
         return
     fig, ax = plt.subplots(figsize=(5, 3.3))
+    temperatures = set()
     for path in files:
         rows = read_csv(path)
+        temperatures |= {float(r["temperature"]) for r in rows}
         ax.plot([float(r["temperature"]) for r in rows], [float(r["entropy_nats"]) for r in rows],
                 marker="o", label=path.stem.split("-")[-1].replace("s", "seed "))
     ax.axhline(np.log(10), color="grey", linestyle="--", label="uniform (log 10)")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(temperatures), [f"{t:g}" for t in sorted(temperatures)])
     ax.set_xlabel("temperature T (log scale)")
     ax.set_ylabel("mean entropy (nats)")
     ax.set_title("Teacher soft targets: entropy against T")
