@@ -90,7 +90,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
     model.save_weights(store.weights_path(name))
     record = {
         "run": name,
-        **{k: v for k, v in identity.items() if k == "experiment"},
+        "experiment": identity.get("experiment"),
         "seed": identity.get("seed", 0),
         **metrics,
         **model_size(model),
