@@ -6,7 +6,10 @@ Everything else (resumable recorded runs, cached logits of frozen models,
 distillation chains, explanation artefacts) is written once here.
 """
 
+import keras
+
 from common import methods, runs, training
+from common.distribute import make_strategy
 from common.errors import DataError
 from common.explanations import explain_and_save
 from common.results import ResultsStore
@@ -20,6 +23,7 @@ class Recipes:
         self.seed = seed
         self.log = log or (lambda _msg: None)
         self.store = ResultsStore(config.out)
+        self.strategy = make_strategy(config.distribute)
         self._models = {}
         self._logits = {}
 
@@ -75,7 +79,7 @@ class Recipes:
             name,
             identity=identity,
             config=self.config.as_dict(),
-            build=build,
+            build=lambda: self.build_in_scope(build),
             data=train_data,
             train=lambda model, data: self.fit_model(name, model, make_method(model), data, **fit_options),
             evaluate=lambda model: self.evaluate(training.compiled_predictor(make_method(model).class_logits)),
@@ -92,6 +96,16 @@ class Recipes:
         """Trains one model through the task's schedule; returns `(record, model)` of its
         final run. One run named `<stem>-s<seed>` here; a task with phases overrides it."""
         return self.train(self.run_name(stem), identity, build, make_method, train_data, **fit_options)
+
+    def build_in_scope(self, build):
+        """Builds a model under the distribution strategy's scope (its variables mirrored)."""
+        with self.strategy.scope():
+            return build()
+
+    def adam(self, learning_rate):
+        """An Adam optimizer created under the strategy's scope, as `tf.distribute` needs."""
+        with self.strategy.scope():
+            return keras.optimizers.Adam(learning_rate)
 
     def logits_of(self, name, model=None):
         """Training-set logits of a trained model (`compute_logits`), computed once per object."""

@@ -48,30 +48,41 @@ def accuracy(logits, labels):
     return float(np.mean(np.argmax(logits, axis=-1) == np.reshape(labels, -1)))
 
 
-def make_train_step(method, optimizer):
+def make_train_step(method, optimizer, strategy=None):
     """Returns `(step, trackers)`: a compiled step and the metrics it updates.
 
     `trackers` maps each loss term, `"loss"` (their sum) and `"train_accuracy"` to a
     `keras.metrics` object, averaged over the examples seen since the last reset.
+    Under a `tf.distribute` strategy each replica computes its share of the
+    (global) batch; its loss is divided by the number of replicas because the
+    optimizer sums the replicas' gradients, so the update is the global mean's.
+    The model must have been built under `strategy.scope()`.
     """
-    trackers = {name: keras.metrics.Mean(name=name) for name in method.term_names}
-    trackers["loss"] = keras.metrics.Mean(name="loss")
-    trackers["train_accuracy"] = keras.metrics.SparseCategoricalAccuracy()
+    strategy = strategy or tf.distribute.get_strategy()
     variables = method.trainable_variables
-    optimizer.build(variables)
+    with strategy.scope():
+        trackers = {name: keras.metrics.Mean(name=name) for name in method.term_names}
+        trackers["loss"] = keras.metrics.Mean(name="loss")
+        trackers["train_accuracy"] = keras.metrics.SparseCategoricalAccuracy()
+        optimizer.build(variables)
+    replicas = strategy.num_replicas_in_sync
 
-    @tf.function
-    def step(batch):
+    def replica_step(batch):
         with tf.GradientTape() as tape:
             terms, logits = method.loss_terms(batch, training=True)
             loss = tf.add_n(list(terms.values()))
-        gradients = tape.gradient(loss, variables)
+            scaled_loss = loss / replicas
+        gradients = tape.gradient(scaled_loss, variables)
         optimizer.apply_gradients(zip(gradients, variables))
         weight = tf.shape(batch["y"])[0]
         for name, value in terms.items():
             trackers[name].update_state(value, sample_weight=weight)
         trackers["loss"].update_state(loss, sample_weight=weight)
         trackers["train_accuracy"].update_state(batch["y"], logits)
+
+    @tf.function
+    def step(batch):
+        strategy.run(replica_step, args=(batch,))
 
     return step, trackers
 
@@ -90,6 +101,7 @@ def fit(
     evaluate=None,
     log=None,
     on_epoch_end=None,
+    strategy=None,
 ):
     """Trains `method.model` for `epochs` passes over `train_data`.
 
@@ -97,12 +109,15 @@ def fit(
       method: a `common.methods.Method`.
       train_data: `tf.data.Dataset` of batch dicts (reshuffled by the dataset itself).
       epochs: number of passes, >= 1.
-      optimizer: a `keras.optimizers.Optimizer`, used as it is.
+      optimizer: a `keras.optimizers.Optimizer`, used as it is (created under
+        `strategy.scope()` when a strategy is given).
       evaluate: optional `callable(predictor) -> dict` of test metrics, run after
         every epoch; `predictor` is the compiled `x -> class logits` of the method
         (e.g. `accuracy_on(test_data)`).
       log: optional `callable(str)` for one progress line per epoch.
       on_epoch_end: optional `callable(epoch, record)`, e.g. to keep checkpoints.
+      strategy: optional `tf.distribute.Strategy` the model was built under; each
+        batch of `train_data` is the global batch, split across its replicas.
 
     Returns:
       The history: one dict per epoch with `epoch` (1-based), each loss term,
@@ -111,14 +126,16 @@ def fit(
     """
     if int(epochs) < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    step, trackers = make_train_step(method, optimizer)
+    strategy = strategy or tf.distribute.get_strategy()
+    step, trackers = make_train_step(method, optimizer, strategy)
+    batches = strategy.experimental_distribute_dataset(train_data)
     predictor = compiled_predictor(method.class_logits) if evaluate is not None else None
     history = []
     for epoch in range(1, int(epochs) + 1):
         for tracker in trackers.values():
             tracker.reset_state()
         start = time.perf_counter()
-        for batch in train_data:
+        for batch in batches:
             step(batch)
         record = {"epoch": epoch}
         record.update({name: float(t.result()) for name, t in trackers.items()})

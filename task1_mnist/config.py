@@ -4,6 +4,7 @@ import dataclasses
 from typing import Optional
 
 from common import config as cfg
+from common.distribute import STRATEGIES
 from common import losses
 
 EXPERIMENTS = (
@@ -38,6 +39,7 @@ class Task1Config(cfg.BaseConfig):
     occlusion_patch: int = 4
     occlusion_stride: int = 2
     top_k: int = 5
+    distribute: str = "none"
     only: tuple = EXPERIMENTS
     limit: Optional[int] = None
     quiet: bool = False
@@ -69,6 +71,7 @@ class Task1Config(cfg.BaseConfig):
         except ValueError as err:
             raise cfg.ConfigError(str(err)) from None
         cfg.choices("only", self.only, EXPERIMENTS, "--only")
+        cfg.choices("distribute", (self.distribute,), STRATEGIES, "--distribute")
         if "eskd" in self.only:
             bad = [e for e in self.teacher_epochs if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= self.epochs]
             if bad or not self.teacher_epochs:

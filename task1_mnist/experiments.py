@@ -8,7 +8,6 @@ computed once and reused by every student distilled from it (MNIST has no
 augmentation, so they never change).
 """
 
-import keras
 import numpy as np
 
 from common import data as common_data
@@ -63,9 +62,10 @@ class Task1(Recipes):
             method,
             data,
             epochs=self.config.epochs,
-            optimizer=keras.optimizers.Adam(self.config.learning_rate),
+            optimizer=self.adam(self.config.learning_rate),
             evaluate=self.evaluate,
             log=self.progress(name),
+            strategy=self.strategy,
             on_epoch_end=checkpoint if keep_checkpoints else None,
         )
 

@@ -11,6 +11,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from common import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
+from common.distribute import STRATEGIES  # noqa: E402
 from task1_mnist.config import EXPERIMENTS, Task1Config  # noqa: E402
 
 
@@ -37,6 +38,7 @@ def build_parser():
     parser.add_argument("--occlusion-patch", type=int, default=defaults.occlusion_patch, help="occlusion patch size in pixels (default %(default)s)")
     parser.add_argument("--occlusion-stride", type=int, default=defaults.occlusion_stride, help="occlusion stride in pixels (default %(default)s)")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="top-k cells compared between explanation maps (default %(default)s)")
+    parser.add_argument("--distribute", choices=STRATEGIES, default="none", help="tf.distribute strategy: mirrored = all local GPUs, multi-worker = machines in TF_CONFIG; --batch-size is the global batch")
     parser.add_argument("--only", type=cli.name_list, default=defaults.only, help=f"experiments, comma list of {','.join(EXPERIMENTS)} (default all)")
     parser.add_argument("--limit", type=int, help="use only the first N train and test images (quick runs)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary")

@@ -4,6 +4,7 @@ import dataclasses
 from typing import Optional
 
 from common import config as cfg
+from common.distribute import STRATEGIES
 from common import losses
 
 EXPERIMENTS = ("teacher", "kd", "scratch", "tcurve", "pretrained", "skd", "takd", "flops", "lime", "occlusion")
@@ -40,6 +41,7 @@ class Task2Config(cfg.BaseConfig):
     occlusion_patch: int = 32
     occlusion_stride: int = 16
     top_k: int = 5
+    distribute: str = "none"
     only: tuple = EXPERIMENTS
     limit: Optional[int] = None
     quiet: bool = False
@@ -68,3 +70,4 @@ class Task2Config(cfg.BaseConfig):
         except ValueError as err:
             raise cfg.ConfigError(str(err)) from None
         cfg.choices("only", self.only, EXPERIMENTS, "--only")
+        cfg.choices("distribute", (self.distribute,), STRATEGIES, "--distribute")

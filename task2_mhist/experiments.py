@@ -11,7 +11,6 @@ frozen teacher's logits for every training image in each of the 8 dihedral views
 (`train_logits-<V>views.npy`), so a student never runs its teacher per step.
 """
 
-import keras
 import numpy as np
 
 from common import explain, methods, runs, training
@@ -79,9 +78,10 @@ class Task2(Recipes):
             method,
             data,
             epochs=self.config.fe_epochs if feature_extraction else self.config.ft_epochs,
-            optimizer=keras.optimizers.Adam(learning_rate if feature_extraction else learning_rate / 10),
+            optimizer=self.adam(learning_rate if feature_extraction else learning_rate / 10),
             evaluate=self.epoch_metrics,
             log=self.progress(name),
+            strategy=self.strategy,
         )
 
     def train_model(self, stem, identity, build, make_method, train_data, learning_rate):

@@ -13,6 +13,7 @@ from common import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
+from common.distribute import STRATEGIES  # noqa: E402
 from task2_mhist.config import EXPERIMENTS, PHASES, Task2Config  # noqa: E402
 
 
@@ -40,6 +41,7 @@ def build_parser():
     p.add_argument("--occlusion-patch", type=int, default=d.occlusion_patch, help="occlusion patch size in pixels")
     p.add_argument("--occlusion-stride", type=int, default=d.occlusion_stride, help="occlusion stride in pixels")
     p.add_argument("--top-k", type=int, default=d.top_k, help="top-k cells compared between explanation maps")
+    p.add_argument("--distribute", choices=STRATEGIES, default="none", help="tf.distribute strategy: mirrored = all local GPUs, multi-worker = machines in TF_CONFIG; --batch-size is the global batch")
     p.add_argument("--only", type=cli.name_list, default=d.only, help=f"comma list of {','.join(EXPERIMENTS)}")
     p.add_argument("--limit", type=int, help="first N images of each partition only (quick runs)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary")

@@ -143,6 +143,15 @@ def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist):
     assert records[0]["test_accuracy"] == records[1]["test_accuracy"]
 
 
+def test_mirrored_strategy_recipe_matches_default(tmp_path, synthetic_mnist):
+    records = []
+    for strategy in ("none", "mirrored"):
+        config = small_config(tmp_path / strategy, only=("kd",), distribute=strategy)
+        records.append(Task1(config, arrays=synthetic_mnist).kd())
+    assert records[1]["config"]["distribute"] == "mirrored"
+    assert records[1]["history"][-1]["loss"] == pytest.approx(records[0]["history"][-1]["loss"], rel=1e-4)
+
+
 def test_real_mnist_slice_end_to_end(tmp_path, real_mnist_dir, capsys):
     status = cli.main(
         ["--data-dir", str(real_mnist_dir), "--out", str(tmp_path / "r"), "--limit", "1024",

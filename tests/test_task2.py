@@ -6,7 +6,6 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from task2_mhist import models
 from task2_mhist import run as cli
@@ -32,16 +31,24 @@ def tiny_config(tmp_path, data_dir, **overrides):
     return Task2Config(**settings)
 
 
+def tiny_base(include_top=False, weights=None, input_shape=None, pooling="avg"):
+    """Stands in for a keras.applications constructor (same arguments), so the recipe
+    test runs in seconds; the real bases are built and trained in the tests below
+    and in test_task2_data.py."""
+    assert not include_top and weights is None and pooling == "avg"
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+
+
 @pytest.fixture
-def eager():
-    """Runs tf.functions eagerly: tracing ResNet50V2/DenseNet121 steps for 16 tiny runs
-    would dominate the suite; the compiled path is exercised by the phase test below."""
-    tf.config.run_functions_eagerly(True)
-    yield
-    tf.config.run_functions_eagerly(False)
+def tiny_architectures(monkeypatch):
+    for name, (_, mode) in list(models.ARCHITECTURES.items()):
+        monkeypatch.setitem(models.ARCHITECTURES, name, (tiny_base, mode))
 
 
-def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, eager):
+def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_architectures):
     config = tiny_config(tmp_path, mhist_dir)
     results = run_all(config)[0]
     out = tmp_path / "out"
