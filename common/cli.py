@@ -35,6 +35,24 @@ def parser(prog, description):
     )
 
 
+def add_shared_arguments(parser, defaults, experiments):
+    """Options both task CLIs take, with the task's defaults."""
+    add = parser.add_argument
+    add("--seeds", type=int_list, default=defaults.seeds, help="random seeds, comma list; every experiment runs once per seed")
+    add("--temperature", type=float, default=defaults.temperature, help="KD temperature T")
+    add("--alpha", type=float, default=defaults.alpha, help="weight of the hard-label loss; 1 - alpha weights distillation")
+    add("--explain-images", type=int, default=defaults.explain_images, help="test images explained by lime/occlusion")
+    add("--lime-samples", type=int, default=defaults.lime_samples, help="LIME perturbation samples per image")
+    add("--occlusion-patch", type=int, default=defaults.occlusion_patch, help="occlusion patch size in pixels")
+    add("--occlusion-stride", type=int, default=defaults.occlusion_stride, help="occlusion stride in pixels")
+    add("--top-k", type=int, default=defaults.top_k, help="top-k cells compared between explanation maps")
+    add("--distribute", default=defaults.distribute, help="tf.distribute strategy: none, mirrored (all local GPUs) "
+        "or multi-worker (machines in TF_CONFIG); --batch-size is the global batch")
+    add("--only", type=name_list, default=defaults.only, help=f"experiments, comma list of {','.join(experiments)}")
+    add("--limit", type=int, help="use only the first N train and test images (quick runs)")
+    add("-q", "--quiet", action="store_true", help="print only errors and the final summary")
+
+
 def float_list(text):
     """`"1,2,4"` -> `(1.0, 2.0, 4.0)`; an argparse type."""
     try:

@@ -49,3 +49,26 @@ def seed_list(values):
     if len(set(values)) != len(values):
         raise ConfigError(f"--seeds lists a seed twice: {values!r}")
     return tuple(values)
+
+
+def validate_shared(config, experiments, strategies, image_size):
+    """Checks the settings both task configs share (seeds, KD, explanations, ...)."""
+    seed_list(config.seeds)
+    if config.limit is not None:
+        positive_int("limit", config.limit, "--limit")
+    for name in ("explain_images", "lime_samples", "occlusion_patch", "occlusion_stride", "top_k"):
+        positive_int(name, getattr(config, name), "--" + name.replace("_", "-"))
+    if config.occlusion_patch > image_size:
+        raise ConfigError(f"--occlusion-patch {config.occlusion_patch} is larger than the {image_size}-pixel images")
+    if not config.temperatures:
+        raise ConfigError("--temperatures must list at least one value")
+    from common import losses
+
+    try:
+        for t in (config.temperature, *config.temperatures):
+            losses.validate_temperature(t)
+        losses.validate_alpha(config.alpha)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    choices("only", config.only, experiments, "--only")
+    choices("distribute", (config.distribute,), strategies, "--distribute")

@@ -150,8 +150,40 @@ class Recipes:
             parent = lambda name=record["run"], model=model: (name, model)  # noqa: E731
         return records
 
-    def explain(self, kind, models, images, labels, settings):
-        """LIME or occlusion maps of `models` (`{name: model}`) saved under `explain/`."""
+    # -- explanations (each task provides its images and segmentation) ----------
+
+    def explanation_images(self):
+        """`(images, labels)`: the first `--explain-images` test images, in the models' input scale."""
+        raise NotImplementedError
+
+    def lime_settings(self):
+        """`{"segment_fn", "segmentation" (its description), "hide_value"}` for LIME."""
+        raise NotImplementedError
+
+    occlusion_fill = 0.0
+
+    def lime(self):
+        """LIME maps of the first test images: teacher, KD student, scratch student."""
+        return self.explain("lime")
+
+    def occlusion(self):
+        """Occlusion maps of the same images and models."""
+        return self.explain("occlusion")
+
+    def explain(self, kind):
+        """LIME or occlusion maps of teacher, KD student and scratch student, saved under
+        `explain/<kind>-s<seed>` with the agreement numbers of every pair."""
+        c = self.config
+        models = {
+            "teacher": self.teacher_model()[1],
+            "kd_student": self._models[self.kd()["run"]],
+            "scratch_student": self._models[self.scratch()["run"]],
+        }
+        if kind == "lime":
+            settings = {"num_samples": c.lime_samples, **self.lime_settings()}
+        else:
+            settings = {"patch": c.occlusion_patch, "stride": c.occlusion_stride, "fill": self.occlusion_fill}
+        images, labels = self.explanation_images()
         predictors = {name: training.probabilities_fn(model) for name, model in models.items()}
         return explain_and_save(self.store.root / "explain", f"{kind}-s{self.seed}", kind, predictors,
-                                images, labels, {"seed": self.seed, **settings}, self.log)
+                                images, labels, {"seed": self.seed, "top_k": c.top_k, **settings}, self.log)

@@ -153,19 +153,12 @@ def grid_figures(report, records, metric):
     if len(temperatures) < 2:
         report.skip("T curve and T x alpha heatmap", "fewer than two temperatures in the KD runs")
         return
-    curve = [(t, *mean_std(cells[(t, 0.5)])) for t in temperatures if (t, 0.5) in cells]
+    curve = {t: cells[(t, 0.5)] for t in temperatures if (t, 0.5) in cells}
     if len(curve) >= 2:
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        t, mean, std = (np.array(x) for x in zip(*curve))
-        ax.errorbar(t, mean * 100, yerr=std * 100, marker="o", capsize=3)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(t, [f"{v:g}" for v in t])
-        ax.set_xlabel("temperature T (log scale)")
-        ax.set_ylabel("student test accuracy (%)")
-        ax.set_title("KD student against T (alpha = 0.5)")
-        ax.grid(alpha=0.3)
-        report.figure(fig, "task1", "t_curve", "KD student test accuracy against temperature at alpha = 0.5; "
-                      "error bars: std over seeds where there are several.")
+        t_curve_figure(report, "task1", "t_curve", curve, "student test accuracy (%)",
+                       "KD student against T (alpha = 0.5)",
+                       "KD student test accuracy against temperature at alpha = 0.5; "
+                       "error bars: std over seeds where there are several.")
     grid = np.full((len(alphas), len(temperatures)), np.nan)
     for (t, a), values in cells.items():
         grid[alphas.index(a), temperatures.index(t)] = np.mean(values) * 100
@@ -191,6 +184,21 @@ def grid_figures(report, records, metric):
             fmt(*mean_std(cells[(t, a)]), len(cells[(t, a)])) if (t, a) in cells else "" for a in alphas) + " |")
     report.text(f"Grid (test accuracy %). Best cell: T={best[0]:g}, alpha={best[1]:g} "
                 f"({np.mean(cells[best]) * 100:.2f}%).\n\n" + "\n".join(rows) + "\n")
+
+
+def t_curve_figure(report, task, name, values_by_t, ylabel, title, caption):
+    """Metric (%) against T on a log axis; `values_by_t` maps T to values over seeds."""
+    t = np.array(sorted(values_by_t))
+    mean, std = (np.array(x) * 100 for x in zip(*(mean_std(values_by_t[v]) for v in t)))
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.errorbar(t, mean, yerr=std, marker="o", capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(t, [f"{v:g}" for v in t])
+    ax.set_xlabel("temperature T (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    report.figure(fig, task, name, caption)
 
 
 def bars(report, stats):
@@ -410,18 +418,9 @@ def task2(report, root):
         if ident.get("experiment") == "kd" and ident.get("phase") == "finetune":
             cells.setdefault(ident["temperature"], []).append(r["test_auc"])
     if len(cells) >= 2:
-        t = np.array(sorted(cells))
-        mean = np.array([np.mean(cells[x]) for x in t]) * 100
-        std = np.array([mean_std(cells[x])[1] for x in t]) * 100
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        ax.errorbar(t, mean, yerr=std, marker="o", capsize=3)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(t, [f"{v:g}" for v in t])
-        ax.set_xlabel("temperature T (log scale)")
-        ax.set_ylabel("student test AUC (%)")
-        ax.set_title("KD student AUC against T")
-        ax.grid(alpha=0.3)
-        report.figure(fig, "task2", "t_curve_auc", "MobileNetV2 student AUC after fine-tuning against the KD temperature.")
+        t_curve_figure(report, "task2", "t_curve_auc", cells, "student test AUC (%)", "KD student AUC against T",
+                       "MobileNetV2 student AUC after fine-tuning against the KD temperature; "
+                       "error bars: std over seeds where there are several.")
     else:
         report.skip("Task 2 T curve", "fewer than two temperatures among the fine-tuned KD runs")
     flops_table(report, root / "flops.csv")

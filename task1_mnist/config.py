@@ -48,30 +48,18 @@ class Task1Config(cfg.BaseConfig):
         cfg.positive_int("epochs", self.epochs, "--epochs")
         cfg.positive_int("batch_size", self.batch_size, "--batch-size")
         cfg.positive_float("learning_rate", self.learning_rate, "--learning-rate")
-        cfg.seed_list(self.seeds)
-        if self.limit is not None:
-            cfg.positive_int("limit", self.limit, "--limit")
+        cfg.validate_shared(self, EXPERIMENTS, STRATEGIES, image_size=28)
         cfg.positive_int("subclasses", self.subclasses, "--subclasses")
-        cfg.positive_int("explain_images", self.explain_images, "--explain-images")
-        cfg.positive_int("lime_samples", self.lime_samples, "--lime-samples")
-        cfg.positive_int("occlusion_stride", self.occlusion_stride, "--occlusion-stride")
-        cfg.positive_int("top_k", self.top_k, "--top-k")
-        if not (isinstance(self.occlusion_patch, int) and 1 <= self.occlusion_patch <= 28):
-            raise cfg.ConfigError(f"--occlusion-patch must be an integer in 1..28, got {self.occlusion_patch!r}")
         if not self.aux_weight >= 0:
             raise cfg.ConfigError(f"--aux-weight must be >= 0, got {self.aux_weight!r}")
-        for name, values in (("temperatures", self.temperatures), ("alphas", self.alphas)):
-            if not values:
-                raise cfg.ConfigError(f"--{name} must list at least one value")
+        if not self.alphas:
+            raise cfg.ConfigError("--alphas must list at least one value")
         try:
-            for t in (self.temperature, self.aux_temperature, *self.temperatures):
-                losses.validate_temperature(t)
-            for a in (self.alpha, *self.alphas):
+            losses.validate_temperature(self.aux_temperature)
+            for a in self.alphas:
                 losses.validate_alpha(a)
         except ValueError as err:
             raise cfg.ConfigError(str(err)) from None
-        cfg.choices("only", self.only, EXPERIMENTS, "--only")
-        cfg.choices("distribute", (self.distribute,), STRATEGIES, "--distribute")
         if "eskd" in self.only:
             bad = [e for e in self.teacher_epochs if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= self.epochs]
             if bad or not self.teacher_epochs:

@@ -213,29 +213,13 @@ class Task1(Recipes):
         model.load_weights(path)
         return f"{name}-epoch{epoch:02d}", model
 
-    def explain_task1(self, kind):
-        c = self.config
-        models = {
-            "teacher": self.teacher_model()[1],
-            "kd_student": self._models[self.kd()["run"]],
-            "scratch_student": self._models[self.scratch()["run"]],
-        }
-        if kind == "lime":
-            settings = {"num_samples": c.lime_samples, "hide_value": 0.0, "segment_fn": explain.segment_digit,
-                        "segmentation": "slic n_segments=40 compactness=0.3"}
-        else:
-            settings = {"patch": c.occlusion_patch, "stride": c.occlusion_stride, "fill": 0.0}
-        images = self.arrays["x_test"][: c.explain_images].astype(np.float32) / 255.0
-        labels = self.arrays["y_test"][: c.explain_images].astype(int)
-        return self.explain(kind, models, images, labels, {"top_k": c.top_k, **settings})
+    def explanation_images(self):
+        count = self.config.explain_images
+        return self.arrays["x_test"][:count].astype(np.float32) / 255.0, self.arrays["y_test"][:count].astype(int)
 
-    def lime(self):
-        """LIME maps of the first test images: teacher, KD student, scratch student."""
-        return self.explain_task1("lime")
-
-    def occlusion(self):
-        """Occlusion maps of the same images and models."""
-        return self.explain_task1("occlusion")
+    def lime_settings(self):
+        return {"segment_fn": explain.segment_digit, "segmentation": "slic n_segments=40 compactness=0.3",
+                "hide_value": 0.0}
 
     def run(self, only=None):
         """Runs the selected experiments for this seed; returns their outcomes."""

@@ -11,7 +11,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from common import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
-from common.distribute import STRATEGIES  # noqa: E402
 from task1_mnist.config import EXPERIMENTS, Task1Config  # noqa: E402
 
 
@@ -19,29 +18,18 @@ def build_parser():
     defaults = Task1Config()
     parser = cli.parser("python task1_mnist/run.py", __doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="folder (or file) with mnist.npz in keras layout; default $MNIST_DIR, else Keras' download")
-    parser.add_argument("--out", default=defaults.out, help="results folder (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per model (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam learning rate (default %(default)s)")
-    parser.add_argument("--seeds", type=cli.int_list, default=defaults.seeds, help="random seeds, comma list; every experiment runs once per seed (default 0)")
+    parser.add_argument("--out", default=defaults.out, help="results folder")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per model")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch size")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="Adam learning rate")
+    cli.add_shared_arguments(parser, defaults, EXPERIMENTS)
     parser.add_argument("--seed", type=int, dest="single_seed", help="shorthand for --seeds N")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="KD temperature T (default %(default)s)")
-    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="weight of the hard-label loss; 1 - alpha weights distillation (default %(default)s)")
-    parser.add_argument("--temperatures", type=cli.float_list, default=defaults.temperatures, help="grid temperatures, comma list (default 1,2,4,16,32,64)")
-    parser.add_argument("--alphas", type=cli.float_list, default=defaults.alphas, help="grid alphas, comma list (default 0.2,0.5,0.8)")
-    parser.add_argument("--subclasses", type=int, default=defaults.subclasses, help="subclasses per class for subclass KD (default %(default)s)")
-    parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight, help="weight beta of the subclass auxiliary loss (default %(default)s)")
-    parser.add_argument("--aux-temperature", type=float, default=defaults.aux_temperature, help="temperature tau of the subclass auxiliary loss (default %(default)s)")
-    parser.add_argument("--teacher-epochs", type=cli.int_list, default=defaults.teacher_epochs, help="early-stopped teacher epochs for eskd, comma list (default 2,4; the final teacher is always compared)")
-    parser.add_argument("--explain-images", type=int, default=defaults.explain_images, help="test images explained by lime/occlusion (default %(default)s)")
-    parser.add_argument("--lime-samples", type=int, default=defaults.lime_samples, help="LIME perturbation samples per image (default %(default)s)")
-    parser.add_argument("--occlusion-patch", type=int, default=defaults.occlusion_patch, help="occlusion patch size in pixels (default %(default)s)")
-    parser.add_argument("--occlusion-stride", type=int, default=defaults.occlusion_stride, help="occlusion stride in pixels (default %(default)s)")
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="top-k cells compared between explanation maps (default %(default)s)")
-    parser.add_argument("--distribute", choices=STRATEGIES, default="none", help="tf.distribute strategy: mirrored = all local GPUs, multi-worker = machines in TF_CONFIG; --batch-size is the global batch")
-    parser.add_argument("--only", type=cli.name_list, default=defaults.only, help=f"experiments, comma list of {','.join(EXPERIMENTS)} (default all)")
-    parser.add_argument("--limit", type=int, help="use only the first N train and test images (quick runs)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary")
+    parser.add_argument("--temperatures", type=cli.float_list, default=defaults.temperatures, help="grid temperatures, comma list")
+    parser.add_argument("--alphas", type=cli.float_list, default=defaults.alphas, help="grid alphas, comma list")
+    parser.add_argument("--subclasses", type=int, default=defaults.subclasses, help="subclasses per class for subclass KD")
+    parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight, help="weight beta of the subclass auxiliary loss")
+    parser.add_argument("--aux-temperature", type=float, default=defaults.aux_temperature, help="temperature tau of the subclass auxiliary loss")
+    parser.add_argument("--teacher-epochs", type=cli.int_list, default=defaults.teacher_epochs, help="early-stopped teacher epochs for eskd, comma list (the final teacher is always compared)")
     return parser
 
 

@@ -5,7 +5,6 @@ from typing import Optional
 
 from common import config as cfg
 from common.distribute import STRATEGIES
-from common import losses
 
 EXPERIMENTS = ("teacher", "kd", "scratch", "tcurve", "pretrained", "skd", "takd", "flops", "lime", "occlusion")
 PHASES = ("feature-extraction", "finetune", "all")
@@ -47,27 +46,12 @@ class Task2Config(cfg.BaseConfig):
     quiet: bool = False
 
     def __post_init__(self):
-        for name in ("image_size", "batch_size", "fe_epochs", "ft_epochs", "explain_images",
-                     "lime_samples", "occlusion_patch", "occlusion_stride", "top_k"):
+        for name in ("image_size", "batch_size", "fe_epochs", "ft_epochs"):
             cfg.positive_int(name, getattr(self, name), "--" + name.replace("_", "-"))
         if self.image_size < 32:
             raise cfg.ConfigError(f"--image-size must be >= 32 (keras.applications minimum), got {self.image_size}")
-        if self.occlusion_patch > self.image_size:
-            raise cfg.ConfigError(f"--occlusion-patch {self.occlusion_patch} is larger than --image-size {self.image_size}")
         cfg.positive_float("teacher_lr", self.teacher_lr, "--teacher-lr")
         cfg.positive_float("student_lr", self.student_lr, "--student-lr")
         if self.phase not in PHASES:
             raise cfg.ConfigError(f"--phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
-        cfg.seed_list(self.seeds)
-        if self.limit is not None:
-            cfg.positive_int("limit", self.limit, "--limit")
-        if not self.temperatures:
-            raise cfg.ConfigError("--temperatures must list at least one value")
-        try:
-            for t in (self.temperature, *self.temperatures):
-                losses.validate_temperature(t)
-            losses.validate_alpha(self.alpha)
-        except ValueError as err:
-            raise cfg.ConfigError(str(err)) from None
-        cfg.choices("only", self.only, EXPERIMENTS, "--only")
-        cfg.choices("distribute", (self.distribute,), STRATEGIES, "--distribute")
+        cfg.validate_shared(self, EXPERIMENTS, STRATEGIES, image_size=self.image_size)

@@ -208,32 +208,19 @@ class Task2(Recipes):
         write_csv_atomic(self.store.root / "flops.csv", rows, ("model", "image_size", "params", "flops"))
         return rows
 
-    def explain_task2(self, kind):
-        c = self.config
-        models_to_explain = {
-            "teacher": self.teacher()[1],
-            "kd_student": self._models[self.kd()["run"]],
-            "scratch_student": self._models[self.scratch()["run"]],
-        }
-        test = self.splits["test"].head(c.explain_images)
+    occlusion_fill = 127.5  # mid-grey pixels
+
+    def explanation_images(self):
         images, labels = [], []
-        for batch in mhist.dataset(test, c.image_size, EVAL_BATCH):
+        for batch in mhist.dataset(self.splits["test"].head(self.config.explain_images), self.config.image_size,
+                                   EVAL_BATCH):
             images.append(batch["x"].numpy())
             labels.append(batch["y"].numpy())
-        images, labels = np.concatenate(images), np.concatenate(labels)
-        if kind == "lime":
-            settings = {"num_samples": c.lime_samples, "hide_value": None,
-                        "segment_fn": lambda image: explain.segment_rgb(image / 255.0),
-                        "segmentation": "slic n_segments=50 compactness=10"}
-        else:
-            settings = {"patch": c.occlusion_patch, "stride": c.occlusion_stride, "fill": 127.5}
-        return self.explain(kind, models_to_explain, images, labels, {"top_k": c.top_k, **settings})
+        return np.concatenate(images), np.concatenate(labels)
 
-    def lime(self):
-        return self.explain_task2("lime")
-
-    def occlusion(self):
-        return self.explain_task2("occlusion")
+    def lime_settings(self):
+        return {"segment_fn": lambda image: explain.segment_rgb(image / 255.0),
+                "segmentation": "slic n_segments=50 compactness=10", "hide_value": None}
 
     def run(self, only=None):
         only = tuple(only or self.config.only)

@@ -13,7 +13,6 @@ from common import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
-from common.distribute import STRATEGIES  # noqa: E402
 from task2_mhist.config import EXPERIMENTS, PHASES, Task2Config  # noqa: E402
 
 
@@ -32,19 +31,8 @@ def build_parser():
     p.add_argument("--teacher-lr", type=float, default=d.teacher_lr, help="teacher Adam rate (fine-tuning: / 10)")
     p.add_argument("--student-lr", type=float, default=d.student_lr, help="student and assistant Adam rate (fine-tuning: / 10)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no random flips and 90-degree rotations")
-    p.add_argument("--seeds", type=cli.int_list, default=d.seeds, help="comma list; every experiment runs once per seed")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="KD temperature T")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the hard-label loss; 1 - alpha weights distillation")
     p.add_argument("--temperatures", type=cli.float_list, default=d.temperatures, help="T values of the tcurve experiment")
-    p.add_argument("--explain-images", type=int, default=d.explain_images, help="test images explained by lime/occlusion")
-    p.add_argument("--lime-samples", type=int, default=d.lime_samples, help="LIME perturbation samples per image")
-    p.add_argument("--occlusion-patch", type=int, default=d.occlusion_patch, help="occlusion patch size in pixels")
-    p.add_argument("--occlusion-stride", type=int, default=d.occlusion_stride, help="occlusion stride in pixels")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="top-k cells compared between explanation maps")
-    p.add_argument("--distribute", choices=STRATEGIES, default="none", help="tf.distribute strategy: mirrored = all local GPUs, multi-worker = machines in TF_CONFIG; --batch-size is the global batch")
-    p.add_argument("--only", type=cli.name_list, default=d.only, help=f"comma list of {','.join(EXPERIMENTS)}")
-    p.add_argument("--limit", type=int, help="first N images of each partition only (quick runs)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary")
+    cli.add_shared_arguments(p, d, EXPERIMENTS)
     return p
 
 
