@@ -34,7 +34,7 @@ class Task1Config(cfg.BaseConfig):
     aux_weight: float = 1.0
     aux_temperature: float = 1.0
     teacher_epochs: tuple = (2, 4)
-    explain_images: int = 10
+    explain_images: int = 50
     lime_samples: int = 1000
     occlusion_patch: int = 4
     occlusion_stride: int = 2
