@@ -4,9 +4,10 @@ A `Method` owns the model being trained and turns a batch into named loss terms;
 the training loop (`common.training.fit`) minimises their sum and logs each term
 separately. A batch is a dict of tensors:
 
-- `"x"`: model inputs, `"y"`: `(batch,)` integer labels;
+- `"x"`: model inputs, `"y"`: `(batch,)` integer labels (`"subclass"`: known
+  subclass ids, for `KnownSubclassTeacher`);
 - `"teacher_logits"` (optional): `(batch, classes)` logits of a frozen teacher for
-  exactly these inputs, precomputed once (see `common.data.with_teacher_logits`).
+  exactly these inputs, precomputed once (see `common.data.teacher_logits`).
   When absent, a distillation method runs its teacher on `"x"` instead.
 
 A new method costs one loss function in `common.losses` and one subclass here that
