@@ -17,7 +17,6 @@ toolkit vs Distiller. Writes `bench/results/kd_mnist.json` and prints a table.
 """
 
 import argparse
-import json
 import resource
 import sys
 import time

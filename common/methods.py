@@ -31,9 +31,14 @@ class Method:
     def trainable_variables(self):
         return self.model.trainable_variables
 
+    def forward(self, x, training=False):
+        """`(outputs, class_logits)`: the model's raw outputs (what is distilled) and
+        the `(batch, classes)` logits used for labels, accuracy and prediction."""
+        outputs = self.model(x, training=training)
+        return outputs, outputs
+
     def class_logits(self, x, training=False):
-        """`(batch, classes)` logits used for accuracy and prediction."""
-        return self.model(x, training=training)
+        return self.forward(x, training=training)[1]
 
     def loss_terms(self, batch, training=True):
         """Returns `({term_name: scalar}, class_logits)`; the loss is the terms' sum."""
@@ -46,7 +51,7 @@ class CrossEntropy(Method):
     term_names = ("ce",)
 
     def loss_terms(self, batch, training=True):
-        logits = self.class_logits(batch["x"], training=training)
+        _, logits = self.forward(batch["x"], training=training)
         return {"ce": losses.teacher_loss(batch["y"], logits)}, logits
 
 
@@ -76,12 +81,11 @@ class Distillation(Method):
         return tf.stop_gradient(self.teacher(batch["x"], training=False))
 
     def loss_terms(self, batch, training=True):
-        logits = self.class_logits(batch["x"], training=training)
-        teacher_logits = self.teacher_logits(batch)
+        outputs, logits = self.forward(batch["x"], training=training)
         return {
             "ce": self.alpha * losses.teacher_loss(batch["y"], logits),
             "kd": (1.0 - self.alpha)
-            * losses.distillation_loss(teacher_logits, logits, self.temperature),
+            * losses.distillation_loss(self.teacher_logits(batch), outputs, self.temperature),
         }, logits
 
 
@@ -92,8 +96,9 @@ class SubclassMethod(Method):
         super().__init__(model)
         self.num_classes = int(num_classes)
 
-    def class_logits(self, x, training=False):
-        return losses.class_logits_from_subclass_logits(self.model(x, training=training), self.num_classes)
+    def forward(self, x, training=False):
+        subclass_logits = self.model(x, training=training)
+        return subclass_logits, losses.class_logits_from_subclass_logits(subclass_logits, self.num_classes)
 
 
 class SubclassTeacher(SubclassMethod):
@@ -110,8 +115,7 @@ class SubclassTeacher(SubclassMethod):
         self.aux_temperature = losses.validate_temperature(aux_temperature)
 
     def loss_terms(self, batch, training=True):
-        subclass_logits = self.model(batch["x"], training=training)
-        logits = losses.class_logits_from_subclass_logits(subclass_logits, self.num_classes)
+        subclass_logits, logits = self.forward(batch["x"], training=training)
         return {
             "ce": losses.teacher_loss(batch["y"], logits),
             "aux": self.aux_weight
@@ -132,15 +136,8 @@ class SubclassDistillation(SubclassMethod, Distillation):
         Distillation.__init__(self, student, temperature, alpha, teacher=teacher)
         self.num_classes = int(num_classes)
 
-    def loss_terms(self, batch, training=True):
-        subclass_logits = self.model(batch["x"], training=training)
-        logits = losses.class_logits_from_subclass_logits(subclass_logits, self.num_classes)
-        teacher_logits = self.teacher_logits(batch)
-        return {
-            "ce": self.alpha * losses.teacher_loss(batch["y"], logits),
-            "kd": (1.0 - self.alpha)
-            * losses.distillation_loss(teacher_logits, subclass_logits, self.temperature),
-        }, logits
+    # loss_terms is Distillation's: `forward` (SubclassMethod's) yields the subclass
+    # logits to distil and the logsumexp class logits for the labels.
 
 
 class KnownSubclassTeacher(SubclassMethod):
@@ -150,6 +147,5 @@ class KnownSubclassTeacher(SubclassMethod):
     term_names = ("ce",)
 
     def loss_terms(self, batch, training=True):
-        subclass_logits = self.model(batch["x"], training=training)
-        logits = losses.class_logits_from_subclass_logits(subclass_logits, self.num_classes)
+        subclass_logits, logits = self.forward(batch["x"], training=training)
         return {"ce": losses.teacher_loss(batch["subclass"], subclass_logits)}, logits
