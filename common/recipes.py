@@ -6,6 +6,10 @@ Everything else (resumable recorded runs, cached logits of frozen models,
 distillation chains, explanation artefacts) is written once here.
 """
 
+import datetime
+import json
+import time
+
 import keras
 
 from common import methods, runs, training
@@ -17,6 +21,8 @@ from common.results import ResultsStore
 
 class Recipes:
     """Base of `Task1` and `Task2`: runs, cached logits, KD chains, explanations."""
+
+    experiments = ()  # every experiment method of the task, in the order `run` calls them
 
     def __init__(self, config, seed, log=None):
         self.config = config
@@ -149,6 +155,29 @@ class Recipes:
             records.append(record)
             parent = lambda name=record["run"], model=model: (name, model)  # noqa: E731
         return records
+
+    def run(self, only=None):
+        """Runs the selected experiments (all by default) in `experiments` order.
+
+        Returns `{experiment: outcome}`. Each experiment's wall time and the process's
+        peak memory after it are logged and appended to `<out>/timings.jsonl`.
+        """
+        only = tuple(only or self.config.only)
+        outcomes = {}
+        for name in self.experiments:
+            if name not in only:
+                continue
+            started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            start = time.perf_counter()
+            outcomes[name] = getattr(self, name)()
+            timing = {"experiment": name, "seed": self.seed, "started_at": started,
+                      "seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(runs.peak_rss_mib(), 1)}
+            self.log(f"[{name}] experiment finished in {timing['seconds']:.0f}s "
+                     f"(peak memory so far {timing['peak_rss_mib']:.0f} MiB)")
+            self.store.root.mkdir(parents=True, exist_ok=True)
+            with open(self.store.root / "timings.jsonl", "a") as handle:
+                handle.write(json.dumps(timing) + "\n")
+        return outcomes
 
     # -- explanations (each task provides its images and segmentation) ----------
 

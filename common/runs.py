@@ -2,6 +2,8 @@
 
 import datetime
 import platform
+import resource
+import sys
 import time
 
 import keras
@@ -21,6 +23,12 @@ def environment():
         "platform": platform.platform(),
         "devices": [d.device_type for d in tf.config.list_physical_devices()],
     }
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process so far, in MiB (`getrusage` max RSS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
 
 
 def set_seed(seed):
@@ -96,6 +104,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
         **model_size(model),
         "wall_seconds": time.perf_counter() - start,
         "train_seconds": train_seconds,
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "started_at": started.isoformat(timespec="seconds"),
         "identity": identity,
         "config": config,

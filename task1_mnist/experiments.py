@@ -24,6 +24,8 @@ EVAL_BATCH = 1024
 class Task1(Recipes):
     """Runs Task 1 experiments for one config and one seed over one loaded dataset."""
 
+    experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", "skd", "takd", "eskd", "lime", "occlusion")
+
     def __init__(self, config, arrays=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
         self.arrays = arrays if arrays is not None else mnist.load_mnist(config.data_dir, config.limit)
@@ -220,13 +222,6 @@ class Task1(Recipes):
     def lime_settings(self):
         return {"segment_fn": explain.segment_digit, "segmentation": "slic n_segments=40 compactness=0.3",
                 "hide_value": 0.0}
-
-    def run(self, only=None):
-        """Runs the selected experiments for this seed; returns their outcomes."""
-        only = tuple(only or self.config.only)
-        order = ("flops", "teacher", "kd", "scratch", "entropy", "grid", "skd", "takd", "eskd", "lime", "occlusion")
-        return {name: getattr(self, name)() for name in order if name in only}
-
 
 def run_all(config, arrays=None, log=None):
     """Every selected experiment for every seed; then `summary.csv` (one row per run)

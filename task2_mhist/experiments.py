@@ -27,6 +27,8 @@ NUM_CLASSES = len(mhist.CLASSES)
 class Task2(Recipes):
     """Runs Task 2 experiments for one config and one seed."""
 
+    experiments = ("flops", "teacher", "kd", "scratch", "tcurve", "pretrained", "skd", "takd", "lime", "occlusion")
+
     def __init__(self, config, splits=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
         self.splits = splits or mhist.load_mhist(config.data_dir, config.annotations, limit=config.limit)
@@ -115,16 +117,16 @@ class Task2(Recipes):
     # -- experiments -------------------------------------------------------------
 
     def teacher(self, weights=None):
-        """ResNet50V2 teacher (cross-entropy); returns `(record, model)`."""
+        """ResNet50V2 teacher (cross-entropy); returns its record."""
         weights = self.config.weights if weights is None else weights
         stem = "teacher" if weights == self.config.weights else f"teacher-init_{weights_tag(weights)}"
         return self.train_model(stem, self.identity("teacher", weights=str(weights)),
                                 self.builder(models.TEACHER, weights), methods.CrossEntropy,
-                                self.train_data, learning_rate=self.config.teacher_lr)
+                                self.train_data, learning_rate=self.config.teacher_lr)[0]
 
     def teacher_model(self):
-        record, model = self.teacher()
-        return record["run"], model
+        name = self.teacher()["run"]
+        return name, self._models[name]
 
     def kd(self, temperature=None):
         """MobileNetV2 distilled from the teacher at (T, alpha) through both phases."""
@@ -157,7 +159,7 @@ class Task2(Recipes):
         random initialisation, same schedule; writes `pretrained-s<seed>.csv`."""
         rows = []
         for weights in dict.fromkeys([self.config.weights, "none"]):
-            for role, record in (("teacher", self.teacher(weights)[0]), ("student", self.scratch(weights))):
+            for role, record in (("teacher", self.teacher(weights)), ("student", self.scratch(weights))):
                 rows.append({"model": role, "weights": weights_tag(weights), "test_auc": record["test_auc"],
                              "test_accuracy": record["test_accuracy"], "run": record["run"]})
         write_csv_atomic(self.store.root / f"pretrained-s{self.seed}.csv", rows,
@@ -192,7 +194,7 @@ class Task2(Recipes):
         )
         baseline = self.kd()
         rows = [{"model": label, "run": r["run"], "test_auc": r["test_auc"], "test_accuracy": r["test_accuracy"]}
-                for label, r in (("teacher", self.teacher()[0]), ("assistant (from teacher)", assistant),
+                for label, r in (("teacher", self.teacher()), ("assistant (from teacher)", assistant),
                                  ("student via assistant (TAKD)", student), ("student from teacher (BLKD)", baseline))]
         write_csv_atomic(self.store.root / f"takd-s{self.seed}.csv", rows, ("model", "run", "test_auc", "test_accuracy"))
         return rows
@@ -221,17 +223,6 @@ class Task2(Recipes):
     def lime_settings(self):
         return {"segment_fn": lambda image: explain.segment_rgb(image / 255.0),
                 "segmentation": "slic n_segments=50 compactness=10", "hide_value": None}
-
-    def run(self, only=None):
-        only = tuple(only or self.config.only)
-        order = ("flops", "teacher", "kd", "scratch", "tcurve", "pretrained", "skd", "takd", "lime", "occlusion")
-        results = {}
-        for name in order:
-            if name in only:
-                outcome = getattr(self, name)()
-                results[name] = outcome[0] if name == "teacher" else outcome
-        return results
-
 
 def weights_tag(weights):
     """'imagenet' | 'none' | a file path -> a short tag for run names."""

@@ -34,32 +34,12 @@ def real_mnist_dir():
     return SHARED_MNIST
 
 
-MHIST_COLUMNS = ("Image Name", "Majority Vote Label", "Number of Annotators who Selected SSA (Out of 7)", "Partition")
-
-
 def make_mhist(root, n_train=24, n_test=12, size=32, seed=0):
     """A small MHIST-layout folder: annotations.csv + PNGs whose class is learnable
     (SSA tiles are redder than HP tiles), votes consistent with the labels."""
-    import csv
+    from task2_mhist import synthetic
 
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n_train + n_test):
-        ssa = i % 3 == 0
-        votes = int(rng.integers(4, 8) if ssa else rng.integers(0, 4))
-        pixels = rng.integers(60, 160, size=(size, size, 3)).astype(np.int16)
-        pixels[..., 0 if ssa else 2] += 80
-        name = f"MHIST_{i:03d}.png"
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name)
-        rows.append((name, "SSA" if ssa else "HP", votes, "train" if i < n_train else "test"))
-    with open(root / "annotations.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(MHIST_COLUMNS)
-        writer.writerows(rows)
-    return root
+    return synthetic.write_folder(root, synthetic.toy_rows(n_train, n_test, seed), size, seed)
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 
 from task2_mhist import models
 from task2_mhist import run as cli
-from task2_mhist.config import Task2Config
-from task2_mhist.experiments import run_all
+from task2_mhist.config import EXPERIMENTS, Task2Config
+from task2_mhist.experiments import Task2, run_all
 
 
 @pytest.mark.parametrize("mode, reference", [("tf", keras.applications.resnet_v2.preprocess_input),
@@ -64,6 +64,7 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
         assert record["roc_curve"]["tpr"][-1] == 1.0
         assert record["identity"]["phase"] in ("feature-extraction", "finetune")
         assert "test_auc" in record["history"][0]
+        assert record["peak_rss_mib"] > 0
     ft = json.loads((out / "teacher-ft-s0" / "metrics.json").read_text())
     assert ft["identity"]["learning_rate"] == pytest.approx(1e-5)  # teacher 1e-4 / 10
     assert (out / "teacher-ft-s0" / "train_logits-8views.npy").exists()
@@ -76,6 +77,10 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
     assert [int(r["params"]) > 0 for r in flops] == [True, True, True]
     for kind in ("lime", "occlusion"):
         assert (out / "explain" / f"{kind}-s0.npz").exists()
+    timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
+    assert [t["experiment"] for t in timings] == list(Task2.experiments)  # run order
+    assert sorted(Task2.experiments) == sorted(EXPERIMENTS)
+    assert all(t["seconds"] > 0 and t["peak_rss_mib"] > 0 for t in timings)
 
     messages = []
     run_all(config, log=messages.append)
