@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from typing import ClassVar, Optional
 
 from common.errors import ConfigError
 
@@ -19,6 +20,42 @@ class BaseConfig:
         return "\n".join(
             f"  {f.name:<{width}} = {getattr(self, f.name)!r}" for f in dataclasses.fields(self)
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedConfig(BaseConfig):
+    """The settings both tasks take (a task redeclares a field to change its default).
+
+    `alpha` weights the hard-label cross-entropy, `1 - alpha` the distillation term.
+    Every experiment is repeated for each seed in `seeds`.
+    """
+
+    experiments: ClassVar[tuple] = ()  # the task's experiment names, for `only`
+
+    data_dir: Optional[str] = None
+    out: str = "results"
+    seeds: tuple = (0,)
+    temperature: float = 4.0
+    alpha: float = 0.5
+    temperatures: tuple = (1.0, 2.0, 4.0, 16.0, 32.0, 64.0)
+    explain_images: int = 4
+    lime_samples: int = 1000
+    occlusion_patch: int = 4
+    occlusion_stride: int = 2
+    top_k: int = 5
+    distribute: str = "none"
+    only: tuple = ()
+    limit: Optional[int] = None
+    quiet: bool = False
+
+    def input_size(self):
+        """Side of the (square) input images in pixels."""
+        raise NotImplementedError
+
+    def __post_init__(self):
+        from common.distribute import STRATEGIES
+
+        validate_shared(self, self.experiments, STRATEGIES, self.input_size())
 
 
 def positive_int(name, value, option=None):

@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from common import explain
-from common.results import write_json_atomic
+from common.results import write_arrays_atomic, write_json_atomic
 
 
 def explain_and_save(out_dir, tag, kind, predictors, images, labels, settings, log=None):
@@ -58,10 +58,7 @@ def explain_and_save(out_dir, tag, kind, predictors, images, labels, settings, l
             f"{pairs[f'{a} vs {b}'][f'top{k}_overlap_mean']:.2f}")
     for name, per_image in maps.items():
         arrays[f"map__{name}"] = _pad(per_image)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = npz_path.with_name(f".{npz_path.name}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(npz_path)
+    write_arrays_atomic(npz_path, arrays, compressed=True)
     record = {"settings": public, "agreement": pairs}
     write_json_atomic(json_path, record)
     return record

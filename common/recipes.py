@@ -40,11 +40,14 @@ class Recipes:
         raise NotImplementedError
 
     def train_data(self, **extra_arrays):
-        """Shuffled training dataset of batch dicts; `extra_arrays` ride along per example."""
+        """Training input for `fit_model` (a shuffled dataset of batch dicts, or what the
+        task's `fit_model` turns into one); `extra_arrays` ride along per example."""
         raise NotImplementedError
 
-    def fit_model(self, name, model, method, data, **options):
-        """Trains `method` on `data`; returns the per-epoch history."""
+    def fit_model(self, name, model, make_method, data, resume_dir, **options):
+        """Trains `make_method(model)` (the task may wrap part of `model`) on `data`
+        with `common.training.fit`, saving and resuming epochs in `resume_dir`;
+        returns the per-epoch history."""
         raise NotImplementedError
 
     def evaluate(self, predictor):
@@ -87,7 +90,8 @@ class Recipes:
             config=self.config.as_dict(),
             build=lambda: self.build_in_scope(build),
             data=train_data,
-            train=lambda model, data: self.fit_model(name, model, make_method(model), data, **fit_options),
+            train=lambda model, data: self.fit_model(name, model, make_method, data,
+                                                     resume_dir=self.store.resume_dir(name, identity), **fit_options),
             evaluate=lambda model: self.evaluate(training.compiled_predictor(make_method(model).class_logits)),
             log=self.log,
         )

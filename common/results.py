@@ -38,20 +38,40 @@ class ResultsConflict(UserError):
     """A finished run on disk was made with different settings."""
 
 
-def write_text_atomic(path, text):
-    """Writes `text` to `path` through a temporary file and `os.replace`."""
+def write_atomic(path, write, mode="w"):
+    """Calls `write(handle)` on a temporary file beside `path`, then renames it to
+    `path` (`os.replace`), so `path` is either absent, the old file or complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path, text):
+    write_atomic(path, lambda handle: handle.write(text))
+
+
+def write_array_atomic(path, array):
+    """One numpy array as `.npy`."""
+    import numpy as np
+
+    write_atomic(path, lambda handle: np.save(handle, array), mode="wb")
+
+
+def write_arrays_atomic(path, arrays, compressed=False):
+    """A dict of numpy arrays as `.npz`."""
+    import numpy as np
+
+    save = np.savez_compressed if compressed else np.savez
+    write_atomic(path, lambda handle: save(handle, **arrays), mode="wb")
 
 
 def write_json_atomic(path, obj):
@@ -103,6 +123,20 @@ class ResultsStore:
     def weights_path(self, name):
         return self.run_dir(name) / "model.weights.h5"
 
+    def resume_dir(self, name, identity):
+        """`<run>/resume/`, where an unfinished run keeps its last finished epoch
+        (see `common.training.EpochCheckpoint`). Saved epochs of other settings
+        are discarded, so a resumed run always continues its own settings."""
+        import shutil
+
+        folder = self.run_dir(name) / "resume"
+        marker = folder / "identity.json"
+        if folder.exists() and (not marker.exists() or json.loads(marker.read_text()) != _jsonable(identity)):
+            shutil.rmtree(folder)
+        if not marker.exists():
+            write_json_atomic(marker, identity)
+        return folder
+
     def load(self, name):
         """The record of a finished run, or None."""
         path = self.run_dir(name) / "metrics.json"
@@ -134,7 +168,11 @@ class ResultsStore:
         return record
 
     def save(self, name, record):
+        """Writes the finished record, then drops the run's resume state."""
+        import shutil
+
         write_json_atomic(self.run_dir(name) / "metrics.json", record)
+        shutil.rmtree(self.run_dir(name) / "resume", ignore_errors=True)
 
     def records(self):
         """All finished records under root, sorted by run name."""

@@ -4,7 +4,9 @@ Teacher, KD student, scratch student, teacher assistant and subclass models all
 train through `fit`; only the `Method` (their loss) differs.
 """
 
+import json
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -92,6 +94,38 @@ def accuracy_on(dataset):
     return lambda predictor: {"test_accuracy": accuracy(*predict(predictor, dataset))}
 
 
+class EpochCheckpoint:
+    """The state after the last finished epoch, in one atomically written file
+    `directory/state.npz`: every model variable (weights and the random-generator
+    states of layers such as dropout), every optimizer variable, and the history so
+    far. `fit` saves it after every epoch and continues from it, so an interrupted
+    run loses at most the epoch in progress."""
+
+    def __init__(self, directory, model, optimizer):
+        self.path = Path(directory) / "state.npz"
+        self.model, self.optimizer = model, optimizer
+
+    def _variables(self):
+        return {"model": self.model.variables, "optimizer": self.optimizer.variables}
+
+    def save(self, history):
+        from common.results import write_arrays_atomic
+
+        arrays = {f"{group}_{i}": np.asarray(v) for group, variables in self._variables().items()
+                  for i, v in enumerate(variables)}
+        write_arrays_atomic(self.path, {**arrays, "history": np.array(json.dumps(history))})
+
+    def load(self):
+        """Restores model and (built) optimizer; returns the saved history, or [] if none."""
+        if not self.path.exists():
+            return []
+        with np.load(self.path) as saved:
+            for group, variables in self._variables().items():
+                for i, variable in enumerate(variables):
+                    variable.assign(saved[f"{group}_{i}"])
+            return json.loads(str(saved["history"]))
+
+
 def fit(
     method,
     train_data,
@@ -102,6 +136,7 @@ def fit(
     log=None,
     on_epoch_end=None,
     strategy=None,
+    resume_dir=None,
 ):
     """Trains `method.model` for `epochs` passes over `train_data`.
 
@@ -118,6 +153,10 @@ def fit(
       on_epoch_end: optional `callable(epoch, record)`, e.g. to keep checkpoints.
       strategy: optional `tf.distribute.Strategy` the model was built under; each
         batch of `train_data` is the global batch, split across its replicas.
+      resume_dir: optional folder for an `EpochCheckpoint`: training continues
+        after the last epoch saved there, and saves every epoch. The dataset is
+        first advanced by the finished epochs (its shuffles and random views are
+        drawn per pass), so a resumed run sees the data an uninterrupted one would.
 
     Returns:
       The history: one dict per epoch with `epoch` (1-based), each loss term,
@@ -130,8 +169,13 @@ def fit(
     step, trackers = make_train_step(method, optimizer, strategy)
     batches = strategy.experimental_distribute_dataset(train_data)
     predictor = compiled_predictor(method.class_logits) if evaluate is not None else None
-    history = []
-    for epoch in range(1, int(epochs) + 1):
+    checkpoint = EpochCheckpoint(resume_dir, method.model, optimizer) if resume_dir is not None else None
+    history = checkpoint.load() if checkpoint is not None else []
+    if history and log is not None:
+        log(f"resuming after epoch {len(history)}/{epochs} (saved in {resume_dir})")
+    for _ in history:
+        iter(batches)  # draws that pass's shuffle and views without reading it
+    for epoch in range(len(history) + 1, int(epochs) + 1):
         for tracker in trackers.values():
             tracker.reset_state()
         start = time.perf_counter()
@@ -145,6 +189,8 @@ def fit(
             record.update(evaluate(predictor))
             record["eval_seconds"] = time.perf_counter() - start
         history.append(record)
+        if checkpoint is not None and epoch < int(epochs):
+            checkpoint.save(history)
         if log is not None:
             log(format_epoch(record, epochs, method.term_names))
         if on_epoch_end is not None:

@@ -52,7 +52,7 @@ class Task1(Recipes):
             model, {"x": self.arrays["x_train"], "y": self.arrays["y_train"]}, EVAL_BATCH, map_fn=mnist.scale
         )
 
-    def fit_model(self, name, model, method, data, keep_checkpoints=False):
+    def fit_model(self, name, model, make_method, data, resume_dir, keep_checkpoints=False):
         """Adam at the configured rate for `epochs`; with `keep_checkpoints`, the weights
         after every epoch are kept as `<run>/checkpoints/epoch-NN.weights.h5`."""
 
@@ -61,7 +61,7 @@ class Task1(Recipes):
 
         self.checkpoint_path(name, 1).parent.mkdir(parents=True, exist_ok=True)
         return training.fit(
-            method,
+            make_method(model),
             data,
             epochs=self.config.epochs,
             optimizer=self.adam(self.config.learning_rate),
@@ -69,6 +69,7 @@ class Task1(Recipes):
             log=self.progress(name),
             strategy=self.strategy,
             on_epoch_end=checkpoint if keep_checkpoints else None,
+            resume_dir=resume_dir,
         )
 
     # -- experiments -----------------------------------------------------------

@@ -4,24 +4,34 @@ import dataclasses
 from typing import Optional
 
 from common import config as cfg
-from common.distribute import STRATEGIES
 
 EXPERIMENTS = ("teacher", "kd", "scratch", "tcurve", "pretrained", "skd", "takd", "flops", "lime", "occlusion")
 PHASES = ("feature-extraction", "finetune", "all")
+FEATURE_CACHE = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
-class Task2Config(cfg.BaseConfig):
-    """Settings of a Task 2 invocation; validated on construction.
+class Task2Config(cfg.SharedConfig):
+    """Settings of a Task 2 invocation (shared ones in `SharedConfig`); validated on construction.
 
     `phase`: `feature-extraction` trains heads on frozen bases only; `finetune`
     (= `all`) then fine-tunes everything at learning rate / 10, starting from the
     saved feature-extraction run (trained first when missing).
+
+    `feature_cache`: feature extraction trains the head on the frozen base's
+    features, computed once per distinct base (per view with augmentation) and
+    shared by every run starting from that base: `on`, `off`, or `auto` = on when
+    the views to compute (8 with augmentation, else 1) are at most `fe_epochs`.
     """
 
-    data_dir: Optional[str] = None
-    annotations: Optional[str] = None
+    experiments = EXPERIMENTS
+
     out: str = "results/task2"
+    lime_samples: int = 500
+    occlusion_patch: int = 32
+    occlusion_stride: int = 16
+    only: tuple = EXPERIMENTS
+    annotations: Optional[str] = None
     phase: str = "finetune"
     weights: str = "imagenet"
     image_size: int = 224
@@ -31,19 +41,10 @@ class Task2Config(cfg.BaseConfig):
     teacher_lr: float = 1e-4
     student_lr: float = 1e-3
     augment: bool = True
-    seeds: tuple = (0,)
-    temperature: float = 4.0
-    alpha: float = 0.5
-    temperatures: tuple = (1.0, 2.0, 4.0, 16.0, 32.0, 64.0)
-    explain_images: int = 4
-    lime_samples: int = 500
-    occlusion_patch: int = 32
-    occlusion_stride: int = 16
-    top_k: int = 5
-    distribute: str = "none"
-    only: tuple = EXPERIMENTS
-    limit: Optional[int] = None
-    quiet: bool = False
+    feature_cache: str = "auto"
+
+    def input_size(self):
+        return self.image_size
 
     def __post_init__(self):
         for name in ("image_size", "batch_size", "fe_epochs", "ft_epochs"):
@@ -54,4 +55,5 @@ class Task2Config(cfg.BaseConfig):
         cfg.positive_float("student_lr", self.student_lr, "--student-lr")
         if self.phase not in PHASES:
             raise cfg.ConfigError(f"--phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
-        cfg.validate_shared(self, EXPERIMENTS, STRATEGIES, image_size=self.image_size)
+        cfg.choices("feature_cache", (self.feature_cache,), FEATURE_CACHE, "--feature-cache")
+        super().__post_init__()

@@ -156,35 +156,52 @@ def decode(path, image_size):
     )
 
 
-def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed=0, extra=None, views=None):
-    """Batches of `{"x": float32 pixels in [0, 255], "y", "index", **extra}`.
+PER_VIEW = ("teacher_logits", "features")  # arrays of shape (n, V, ...) read at the view shown
+
+
+def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed=0, extra=None, view=None,
+            features=None):
+    """Batches of `{"x": float32 pixels in [0, 255], "y", "index", "view", **extra}`.
 
     With `augment`, each example is shown in a random dihedral view (flips and
-    90° rotations; tissue has no up or down) and `"view"` says which. `views`
+    90° rotations; tissue has no up or down) and `"view"` says which. `view`
     forces one view for every example (e.g. to precompute a teacher's logits for
-    view v). `extra` arrays (first dim = split size) ride along; an extra named
-    `teacher_logits` of shape `(n, 8, C)` is reduced to the logits of the view shown.
+    view v). `extra` arrays (first dim = split size) ride along; those named in
+    `PER_VIEW`, of shape `(n, 8, ...)`, are reduced to the view shown.
+
+    `features`, `(n, V, D)` outputs of a frozen base per view (V = 8, or 1 without
+    augmentation), replace the images: `"x"` is then the `(D,)` features of the
+    view shown, no image is read, and for one seed the example order and views are
+    exactly those of the image stream.
     """
+    if features is not None and augment and view is None and features.shape[1] != NUM_VIEWS:
+        raise ValueError(f"augmentation needs features of all {NUM_VIEWS} views, got shape {features.shape}")
     extra = dict(extra or {})
-    base = tf.data.Dataset.from_tensor_slices(
-        {"path": list(split.paths), "y": split.labels, "index": np.arange(len(split), dtype=np.int32)}
-    )
-    base = base.map(lambda e: {**e, "image": decode(e["path"], image_size)}, num_parallel_calls=tf.data.AUTOTUNE)
-    base = base.cache()  # decoded uint8, once; augmentation comes after
+    columns = {"y": split.labels, "index": np.arange(len(split), dtype=np.int32)}
+    if features is None:
+        columns["path"] = list(split.paths)
+    else:
+        extra["features"] = features
+    base = tf.data.Dataset.from_tensor_slices(columns)
+    if features is None:
+        base = base.map(lambda e: {**e, "image": decode(e["path"], image_size)}, num_parallel_calls=tf.data.AUTOTUNE)
+        base = base.cache()  # decoded uint8, once; augmentation comes after
     if shuffle:
         base = base.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-    if augment and views is None:  # a seeded stream, so the views repeat with the seed
+    if augment and view is None:  # a seeded stream, so the views repeat with the seed
         randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         base = tf.data.Dataset.zip((base, randoms)).map(
             lambda e, r: {**e, "view": tf.cast(r % NUM_VIEWS, tf.int32)})
     tables = {k: tf.constant(v) for k, v in extra.items()}
 
     def prepare(e):
-        view = e["view"] if "view" in e else tf.constant(views or 0, tf.int32)
-        out = {"x": tf.cast(dihedral(e["image"], view), tf.float32), "y": e["y"], "index": e["index"], "view": view}
+        shown = e["view"] if "view" in e else tf.constant(view or 0, tf.int32)
+        out = {"y": e["y"], "index": e["index"], "view": shown}
+        if features is None:
+            out["x"] = tf.cast(dihedral(e["image"], shown), tf.float32)
         for name, table in tables.items():
             value = tf.gather(table, e["index"])
-            out[name] = tf.gather(value, view) if name == "teacher_logits" else value
+            out["x" if name == "features" else name] = tf.gather(value, shown) if name in PER_VIEW else value
         return out
 
     return base.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)

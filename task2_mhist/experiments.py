@@ -5,10 +5,13 @@ Every model trains in two phases, each its own resumable run: feature extraction
 (`<stem>-ft-s<seed>`: everything trainable, rate / 10, starting from the saved
 feature-extraction weights). Test metrics are computed over the whole test set.
 
-What is computed once: the decoded images (cached as uint8 by `tf.data`), and a
+What is computed once: the decoded images (cached as uint8 by `tf.data`); a
 frozen teacher's logits for every training image in each of the 8 dihedral views
 (one view without augmentation), kept in memory and in the teacher's run folder
-(`train_logits-<V>views.npy`), so a student never runs its teacher per step.
+(`train_logits-<V>views.npy`), so a student never runs its teacher per step; and,
+for feature extraction (see `Task2Config.feature_cache`), a frozen base's pooled
+features per training image and view and per test image, shared by every run that
+starts from that base, so the phase trains only the head.
 """
 
 import numpy as np
@@ -16,7 +19,7 @@ import numpy as np
 from common import explain, methods, runs, training
 from common.metrics import binary_metrics
 from common.recipes import Recipes
-from common.results import ResultsStore, write_csv_atomic
+from common.results import ResultsStore, write_array_atomic, write_arrays_atomic, write_csv_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
 
@@ -33,6 +36,7 @@ class Task2(Recipes):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
         self.splits = splits or mhist.load_mhist(config.data_dir, config.annotations, limit=config.limit)
         self.test_data = mhist.dataset(self.splits["test"], config.image_size, EVAL_BATCH)
+        self._features = {}
 
     # -- the task's data and schedule -----------------------------------------
 
@@ -42,48 +46,96 @@ class Task2(Recipes):
                 "train_examples": len(self.splits["train"]), "test_examples": len(self.splits["test"])}
 
     def train_data(self, **extra_arrays):
-        extra = {"subclass": self.splits["train"].subclasses, **extra_arrays}
-        return mhist.dataset(self.splits["train"], self.config.image_size, self.config.batch_size,
-                             shuffle=True, augment=self.config.augment, seed=self.seed, extra=extra)
+        """The per-example arrays that ride along with the training images; `fit_model`
+        turns them into the dataset of its phase."""
+        return {"subclass": self.splits["train"].subclasses, **extra_arrays}
 
-    def evaluate(self, predictor, curve=True):
-        logits, labels = training.predict(predictor, self.test_data)
+    def train_dataset(self, extra, features=None):
+        c = self.config
+        return mhist.dataset(self.splits["train"], c.image_size, c.batch_size, shuffle=True, augment=c.augment,
+                             seed=self.seed, extra=extra, features=features)
+
+    def views(self):
+        """Distinct inputs per training image: the 8 dihedral views, or 1 without augmentation."""
+        return mhist.NUM_VIEWS if self.config.augment else 1
+
+    def caches_features(self):
+        c = self.config
+        return c.feature_cache == "on" or (c.feature_cache == "auto" and self.views() <= c.fe_epochs)
+
+    def evaluate(self, predictor, curve=True, test_data=None):
+        logits, labels = training.predict(predictor, self.test_data if test_data is None else test_data)
         return binary_metrics(labels, logits, curve=curve)
 
-    def epoch_metrics(self, predictor):
-        metrics = self.evaluate(predictor, curve=False)
+    def epoch_metrics(self, predictor, test_data=None):
+        metrics = self.evaluate(predictor, curve=False, test_data=test_data)
         return {k: v for k, v in metrics.items() if k != "confusion_matrix"}
 
-    def compute_logits(self, model, name):
-        """`(n_train, V, outputs)`: V = 8 dihedral views with augmentation, else 1."""
-        views = mhist.NUM_VIEWS if self.config.augment else 1
-        path = self.store.run_dir(name) / f"train_logits-{views}views.npy"
-        if path.exists():
-            return np.load(path)
+    def per_view_outputs(self, model, label):
+        """`(n_train, V, D)` outputs of a frozen `model` on every training image in each view;
+        `label` starts its progress lines."""
         predictor = training.compiled_predictor(model)
         per_view = []
-        for view in range(views):
-            self.log(f"[{name}] logits on the training set, view {view + 1}/{views}")
-            dataset = mhist.dataset(self.splits["train"], self.config.image_size, EVAL_BATCH, views=view)
+        for view in range(self.views()):
+            self.log(f"{label} on the training set, view {view + 1}/{self.views()}")
+            dataset = mhist.dataset(self.splits["train"], self.config.image_size, EVAL_BATCH, view=view)
             per_view.append(training.predict(predictor, dataset)[0])
-        logits = np.stack(per_view, axis=1).astype(np.float32)
+        return np.stack(per_view, axis=1).astype(np.float32)
+
+    def compute_logits(self, model, name):
+        """`(n_train, V, outputs)`, also saved as `<run>/train_logits-<V>views.npy`."""
+        path = self.store.run_dir(name) / f"train_logits-{self.views()}views.npy"
+        if path.exists():
+            return np.load(path)
+        logits = self.per_view_outputs(model, f"[{name}] logits")
         if self.store.run_dir(name).is_dir():
-            tmp = path.with_name(f".{path.name}.tmp.npy")
-            np.save(tmp, logits)
-            tmp.replace(path)
+            write_array_atomic(path, logits)
         return logits
 
-    def fit_model(self, name, model, method, data, phase, learning_rate):
+    def base_features(self, model):
+        """`(train (n, V, D), test (m, 1, D))` pooled features of `model`'s frozen base.
+
+        Computed once per distinct base (architecture, size and weight values) and
+        kept in memory and as `<out>/cache/features-*.npz`: every run that starts
+        from the same base (all students of one seed) shares them.
+        """
+        key = (f"{model.name}-{self.config.image_size}px-{self.views()}views-"
+               f"{models.weights_fingerprint(models.base_of(model))}")
+        if key not in self._features:
+            path = self.store.root / "cache" / f"features-{key}.npz"
+            if path.exists():
+                with np.load(path) as saved:
+                    self._features[key] = saved["train"], saved["test"]
+            else:
+                extractor, _ = models.split_at_base(model)
+                train = self.per_view_outputs(extractor, f"[{model.name}] base features")
+                test = training.predict(training.compiled_predictor(extractor), self.test_data)[0][:, None]
+                write_arrays_atomic(path, {"train": train, "test": test.astype(np.float32)})
+                self._features[key] = train, test.astype(np.float32)
+        return self._features[key]
+
+    def fit_model(self, name, model, make_method, extra, resume_dir, phase, learning_rate):
+        """One phase. Feature extraction trains the head, on cached base features when
+        `caches_features()`; fine-tuning trains everything at learning rate / 10."""
+        c = self.config
         feature_extraction = phase == "fe"
         models.set_base_trainable(model, not feature_extraction)
+        if feature_extraction and self.caches_features():
+            train_features, test_features = self.base_features(model)
+            method = make_method(models.split_at_base(model)[1])
+            data = self.train_dataset(extra, features=train_features)
+            test_data = mhist.dataset(self.splits["test"], c.image_size, EVAL_BATCH, features=test_features)
+        else:
+            method, data, test_data = make_method(model), self.train_dataset(extra), self.test_data
         return training.fit(
             method,
             data,
-            epochs=self.config.fe_epochs if feature_extraction else self.config.ft_epochs,
+            epochs=c.fe_epochs if feature_extraction else c.ft_epochs,
             optimizer=self.adam(learning_rate if feature_extraction else learning_rate / 10),
-            evaluate=self.epoch_metrics,
+            evaluate=lambda predictor: self.epoch_metrics(predictor, test_data),
             log=self.progress(name),
             strategy=self.strategy,
+            resume_dir=resume_dir,
         )
 
     def train_model(self, stem, identity, build, make_method, train_data, learning_rate):

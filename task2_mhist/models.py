@@ -34,8 +34,9 @@ def preprocessing(mode):
 def build(architecture, weights="imagenet", image_size=224, num_outputs=2, dropout=0.2, name=None):
     """`(batch, S, S, 3)` pixels -> `(batch, num_outputs)` logits.
 
-    `weights`: "imagenet" (Keras download), "none" (random init) or a path to a
-    weights file of the base (e.g. Keras' `*_notop.h5`).
+    `weights`: "imagenet" (Keras download), "none" (random init), a folder holding
+    Keras' no-top ImageNet files under their Keras names (`keras_weights_file`; one
+    folder serves every architecture), or a weights file of this base.
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
@@ -52,7 +53,7 @@ def build(architecture, weights="imagenet", image_size=224, num_outputs=2, dropo
 
 
 def make_base(constructor, architecture, weights, image_size):
-    resolved = resolve_weights(weights)
+    resolved = resolve_weights(weights, architecture, image_size)
     try:
         base = constructor(include_top=False, weights=resolved, input_shape=(image_size, image_size, 3),
                            pooling="avg")
@@ -60,8 +61,9 @@ def make_base(constructor, architecture, weights, image_size):
         if resolved == "imagenet":
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise DataError(
-                f"could not get ImageNet weights for {architecture} ({reason}); pass --weights PATH "
-                f"(a saved weights file of the {architecture} base without top) or --weights none"
+                f"could not get ImageNet weights for {architecture} ({reason}); pass --weights DIR (a folder "
+                f"holding {keras_weights_file(architecture, image_size)} and the other bases' Keras no-top "
+                f"files), --weights PATH (one file of this base) or --weights none"
             ) from None
         if resolved is not None:
             raise DataError(f"--weights {weights}: cannot load into {architecture} without top ({err})") from None
@@ -70,8 +72,18 @@ def make_base(constructor, architecture, weights, image_size):
     return base
 
 
-def resolve_weights(weights):
-    """'imagenet' | 'none' | path -> the value `keras.applications` expects."""
+def keras_weights_file(architecture, image_size=224):
+    """The name Keras gives the no-top ImageNet weights of `architecture` (what
+    `weights="imagenet"` downloads to `~/.keras/models/`). MobileNetV2 has one file
+    per input size in 96/128/160/192/224 and uses the 224 one for other sizes."""
+    if architecture == "mobilenetv2":
+        rows = image_size if image_size in (96, 128, 160, 192, 224) else 224
+        return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
+    return f"{architecture}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def resolve_weights(weights, architecture, image_size=224):
+    """'imagenet' | 'none' | folder | file -> the value `keras.applications` expects."""
     if weights is None or str(weights).lower() == "none":
         return None
     if str(weights).lower() == "imagenet":
@@ -79,13 +91,44 @@ def resolve_weights(weights):
     from pathlib import Path
 
     path = Path(weights).expanduser()
-    if not path.is_file():
-        raise DataError(f"--weights {weights}: no such file; use imagenet, none or a path to a weights file")
+    if path.is_dir():
+        path = path / keras_weights_file(architecture, image_size)
+        if not path.is_file():
+            raise DataError(f"--weights {weights}: {path.name} (the Keras no-top weights of {architecture}) "
+                            "is not in that folder; add it or use imagenet or none")
+    elif not path.is_file():
+        raise DataError(f"--weights {weights}: no such file or folder; use imagenet, none, a folder of Keras "
+                        "no-top weight files or a weights file")
     return str(path)
 
 
 def base_of(model):
     return model.get_layer(BASE_NAME)
+
+
+def split_at_base(model):
+    """`(features, head)`, two models sharing `model`'s layers: pixels -> the base's
+    pooled features `(batch, D)` (preprocessing included), and features -> outputs.
+    `head(features(x))` is `model(x)`; training `head` trains `model`'s head."""
+    layer_list = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    cut = layer_list.index(base_of(model)) + 1
+    x = pixels = keras.Input(model.input_shape[1:])
+    for layer in layer_list[:cut]:
+        x = layer(x, training=False) if layer is layer_list[cut - 1] else layer(x)
+    y = features = keras.Input(x.shape[1:])
+    for layer in layer_list[cut:]:
+        y = layer(y)
+    return keras.Model(pixels, x, name=f"{model.name}_features"), keras.Model(features, y, name=f"{model.name}_head")
+
+
+def weights_fingerprint(model):
+    """A short hash of a model's weight values: equal fingerprints, equal weights."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for array in model.get_weights():
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def set_base_trainable(model, trainable):

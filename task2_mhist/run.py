@@ -13,7 +13,7 @@ from common import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
-from task2_mhist.config import EXPERIMENTS, PHASES, Task2Config  # noqa: E402
+from task2_mhist.config import EXPERIMENTS, FEATURE_CACHE, PHASES, Task2Config  # noqa: E402
 
 
 def build_parser():
@@ -31,6 +31,9 @@ def build_parser():
     p.add_argument("--teacher-lr", type=float, default=d.teacher_lr, help="teacher Adam rate (fine-tuning: / 10)")
     p.add_argument("--student-lr", type=float, default=d.student_lr, help="student and assistant Adam rate (fine-tuning: / 10)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no random flips and 90-degree rotations")
+    p.add_argument("--feature-cache", choices=FEATURE_CACHE, default=d.feature_cache,
+                   help="train feature extraction on the frozen base's features, computed once per base and view "
+                        "(auto: when the views to compute, 8 with augmentation or 1, are at most --fe-epochs)")
     p.add_argument("--temperatures", type=cli.float_list, default=d.temperatures, help="T values of the tcurve experiment")
     cli.add_shared_arguments(p, d, EXPERIMENTS)
     return p

@@ -45,3 +45,28 @@ def make_mhist(root, n_train=24, n_test=12, size=32, seed=0):
 @pytest.fixture
 def mhist_dir(tmp_path):
     return make_mhist(tmp_path / "mhist")
+
+
+def tiny_base(include_top=False, weights=None, input_shape=None, pooling="avg"):
+    """Stands in for a keras.applications constructor (same arguments; `weights` is
+    None or a file path), so recipe tests run in seconds; the real bases are built
+    and trained in test_task2_data.py."""
+    assert not include_top and pooling == "avg"
+    import keras
+
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    base = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    if weights is not None:
+        base.load_weights(weights)
+    return base
+
+
+@pytest.fixture
+def tiny_architectures(monkeypatch):
+    """Every Task 2 architecture replaced by `tiny_base`."""
+    from task2_mhist import models
+
+    for name, (_, mode) in list(models.ARCHITECTURES.items()):
+        monkeypatch.setitem(models.ARCHITECTURES, name, (tiny_base, mode))

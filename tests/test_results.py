@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from common.results import ResultsConflict, ResultsStore, write_json_atomic
+import numpy as np
+
+from common.results import ResultsConflict, ResultsStore, write_array_atomic, write_arrays_atomic, write_json_atomic
 
 
 def test_atomic_json_write_leaves_no_temporary_files(tmp_path):
@@ -20,6 +22,27 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"ok": True}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_atomic_array_writes(tmp_path):
+    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+    write_array_atomic(tmp_path / "t.npy", table)
+    write_arrays_atomic(tmp_path / "t.npz", {"a": table, "b": table[:1]}, compressed=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), table)
+    with np.load(tmp_path / "t.npz") as saved:
+        np.testing.assert_array_equal(saved["b"], table[:1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npy", "t.npz"]
+
+
+def test_resume_state_of_other_settings_is_discarded(tmp_path):
+    store = ResultsStore(tmp_path)
+    folder = store.resume_dir("kd-s0", {"epochs": 12})
+    (folder / "state.npz").write_bytes(b"epoch 3")
+    assert store.resume_dir("kd-s0", {"epochs": 12}) == folder and (folder / "state.npz").exists()
+    store.resume_dir("kd-s0", {"epochs": 20})
+    assert not (folder / "state.npz").exists()
+    store.save("kd-s0", {"identity": {"epochs": 20}})
+    assert not folder.exists()
 
 
 def test_finished_matches_identity_and_refuses_other_settings(tmp_path):

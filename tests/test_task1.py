@@ -134,6 +134,26 @@ def test_interrupted_grid_resumes_only_missing_cells(tmp_path, synthetic_mnist):
     assert len(trained) == 1 and "kd-T8-a0.5-s0" in trained[0]
 
 
+def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path, synthetic_mnist):
+    def killed_after_epoch_2(message):
+        if "[scratch-s0] epoch 2/3" in message:
+            raise KeyboardInterrupt
+
+    config = small_config(tmp_path / "killed", epochs=3, only=("scratch",))
+    with pytest.raises(KeyboardInterrupt):
+        run_all(config, arrays=synthetic_mnist, log=killed_after_epoch_2)
+    messages = []
+    run_all(config, arrays=synthetic_mnist, log=messages.append)
+    assert any("resuming after epoch 2/3" in m for m in messages)
+    assert [m.split("] ")[1][:9] for m in messages if "] epoch " in m] == ["epoch 3/3"]
+    run_all(small_config(tmp_path / "whole", epochs=3, only=("scratch",)), arrays=synthetic_mnist)
+    resumed, whole = (json.loads((tmp_path / d / "out" / "scratch-s0" / "metrics.json").read_text())
+                      for d in ("killed", "whole"))
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in whole["history"]], rel=1e-6)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+    assert not (tmp_path / "killed" / "out" / "scratch-s0" / "resume").exists()  # dropped once finished
+
+
 def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist):
     records = []
     for folder in ("a", "b"):

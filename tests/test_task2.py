@@ -31,23 +31,6 @@ def tiny_config(tmp_path, data_dir, **overrides):
     return Task2Config(**settings)
 
 
-def tiny_base(include_top=False, weights=None, input_shape=None, pooling="avg"):
-    """Stands in for a keras.applications constructor (same arguments), so the recipe
-    test runs in seconds; the real bases are built and trained in the tests below
-    and in test_task2_data.py."""
-    assert not include_top and weights is None and pooling == "avg"
-    inputs = keras.Input(input_shape)
-    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
-
-
-@pytest.fixture
-def tiny_architectures(monkeypatch):
-    for name, (_, mode) in list(models.ARCHITECTURES.items()):
-        monkeypatch.setitem(models.ARCHITECTURES, name, (tiny_base, mode))
-
-
 def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_architectures):
     config = tiny_config(tmp_path, mhist_dir)
     results = run_all(config)[0]
@@ -86,6 +69,35 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
     run_all(config, log=messages.append)
     assert not any("epoch 1/" in m for m in messages)
     assert not any("logits on the training set" in m for m in messages)
+
+
+def fe_head_weights(out):
+    model = models.build(models.TEACHER, "none", 32)
+    model.load_weights(out / "teacher-fe-s0" / "model.weights.h5")
+    return model.get_layer("logits").get_weights()
+
+
+def test_feature_extraction_on_cached_features_equals_training_on_images(tmp_path, mhist_dir, tiny_architectures):
+    """Same examples, views, dropout and updates: only the frozen base's work is saved."""
+    settings = dict(phase="feature-extraction", only=("teacher",), fe_epochs=2)
+    messages = []
+    run_all(tiny_config(tmp_path / "cached", mhist_dir, feature_cache="on", **settings), log=messages.append)
+    run_all(tiny_config(tmp_path / "direct", mhist_dir, feature_cache="off", **settings))
+    for a, b in zip(fe_head_weights(tmp_path / "cached" / "out"), fe_head_weights(tmp_path / "direct" / "out")):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert sum("base features on the training set" in m for m in messages) == 8  # one pass per view
+    assert len(list((tmp_path / "cached" / "out" / "cache").glob("features-*.npz"))) == 1
+    assert not (tmp_path / "direct" / "out" / "cache").exists()
+
+
+def test_students_from_one_base_share_its_features(tmp_path, mhist_dir, tiny_architectures):
+    messages = []
+    config = tiny_config(tmp_path, mhist_dir, phase="feature-extraction", only=("kd", "scratch"), feature_cache="on")
+    run_all(config, log=messages.append)
+    computed = [m for m in messages if "base features on the training set, view 1/" in m]
+    assert len(computed) == 2  # the teacher's base, then one student base for kd and scratch
+    auto = lambda **o: Task2(tiny_config(tmp_path, mhist_dir, feature_cache="auto", **o)).caches_features()  # noqa: E731
+    assert (auto(fe_epochs=1), auto(fe_epochs=8), auto(fe_epochs=1, augment=False)) == (False, True, True)
 
 
 def test_feature_extraction_phase_only_then_finetune_resumes(tmp_path, mhist_dir):

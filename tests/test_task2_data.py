@@ -118,6 +118,34 @@ def test_teacher_logits_follow_the_view_shown(mhist_dir):
         np.testing.assert_array_equal(batch["teacher_logits"].numpy(), expected)
 
 
+def test_feature_stream_shows_the_same_examples_and_views_as_the_image_stream(mhist_dir):
+    splits = mhist.load_mhist(mhist_dir)
+    n = len(splits["train"])
+    features = np.random.default_rng(0).normal(size=(n, 8, 5)).astype(np.float32)
+    options = dict(shuffle=True, augment=True, seed=7, extra={"subclass": splits["train"].subclasses})
+    images = mhist.dataset(splits["train"], 32, 8, **options).repeat(2)
+    cached = mhist.dataset(splits["train"], 32, 8, features=features, **options).repeat(2)
+    for a, b in zip(images, cached, strict=True):
+        for key in ("index", "view", "y", "subclass"):
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+        np.testing.assert_array_equal(b["x"].numpy(), features[b["index"].numpy(), b["view"].numpy()])
+    with pytest.raises(ValueError, match="all 8 views"):
+        mhist.dataset(splits["train"], 32, 8, augment=True, features=features[:, :1])
+
+
+def test_split_at_base_composes_to_the_model():
+    model = models.build("mobilenetv2", "none", 32)
+    features, head = models.split_at_base(model)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    assert features(x).shape == (3, 1280)
+    np.testing.assert_allclose(head(features(x)).numpy(), model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    assert [v.path for v in head.trainable_variables] == [v.path for v in model.trainable_variables[-2:]]
+    before = models.weights_fingerprint(model)
+    assert before == models.weights_fingerprint(model)
+    head.trainable_variables[0].assign_add(np.ones(head.trainable_variables[0].shape, np.float32))
+    assert models.weights_fingerprint(model) != before  # the head is the model's own layer
+
+
 def test_phase_switch_freezes_and_unfreezes():
     model = models.build("mobilenetv2", "none", 32)
     models.set_base_trainable(model, False)
@@ -137,13 +165,35 @@ def test_weights_from_a_saved_file(tmp_path):
         models.build("mobilenetv2", str(tmp_path / "missing.h5"), 32)
 
 
+def test_weights_from_a_folder_of_keras_files(tmp_path, tiny_architectures):
+    """One folder serves every architecture, each file under its Keras name and in
+    the legacy HDF5 layout Keras' downloads use."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    sources = {}
+    for architecture in (models.TEACHER, models.STUDENT):
+        sources[architecture] = models.base_of(models.build(architecture, "none", 40))
+        with h5py.File(tmp_path / models.keras_weights_file(architecture, 40), "w") as handle:
+            legacy_h5_format.save_weights_to_hdf5_group(handle, sources[architecture])
+    assert models.keras_weights_file(models.STUDENT, 40).endswith("_1.0_224_no_top.h5")  # 40 px: Keras uses 224
+    assert models.keras_weights_file(models.STUDENT, 160).endswith("_1.0_160_no_top.h5")
+    assert models.keras_weights_file(models.TEACHER) == "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    for architecture, source in sources.items():
+        loaded = models.base_of(models.build(architecture, str(tmp_path), 40))
+        for a, b in zip(source.get_weights(), loaded.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(DataError, match="densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5.*not in"):
+        models.build(models.ASSISTANT, str(tmp_path), 40)
+
+
 def test_imagenet_download_failure_names_the_way_out(monkeypatch):
     import keras
 
     def offline(**kwargs):
         raise Exception("URL fetch failure: Name or service not known")
 
-    monkeypatch.setitem(models.ARCHITECTURES, "mobilenetv2", (offline, "tf"))
-    with pytest.raises(DataError, match="--weights PATH.*--weights none"):
-        models.build("mobilenetv2", "imagenet", 32)
+    monkeypatch.setitem(models.ARCHITECTURES, "resnet50v2", (offline, "tf"))
+    with pytest.raises(DataError, match="--weights DIR.*resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5.*--weights none"):
+        models.build("resnet50v2", "imagenet", 32)
     assert keras  # the real constructor is restored by monkeypatch

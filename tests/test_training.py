@@ -103,3 +103,40 @@ def test_accuracy_and_predict():
     out, labels = training.predict(training.compiled_predictor(model), common_data.batched(arrays, 4))
     np.testing.assert_allclose(out, np.asarray(model(arrays["x"])), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(labels, arrays["y"])
+
+
+def dropout_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((2,)), keras.layers.Dense(8, activation="relu"),
+                             keras.layers.Dropout(0.3), keras.layers.Dense(2)])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_fit_resumes_where_it_stopped(tmp_path):
+    """Stopped after epoch 2 of 4, then resumed in a fresh model and optimizer, the
+    run ends with the weights and history of an uninterrupted one (same shuffles,
+    same dropout masks, same Adam moments)."""
+    arrays = blobs(96)
+
+    def train(resume_dir, stop_after=None):
+        def stop(epoch, _record):
+            if epoch == stop_after:
+                raise Interrupt
+        model = dropout_model()
+        data = common_data.batched(arrays, 16, shuffle=True, seed=3)
+        history = training.fit(methods.CrossEntropy(model), data, epochs=4, optimizer=keras.optimizers.Adam(0.05),
+                               on_epoch_end=stop, resume_dir=resume_dir)
+        return model, history
+
+    reference, reference_history = train(None)
+    with pytest.raises(Interrupt):
+        train(tmp_path / "resume", stop_after=2)
+    assert [p.name for p in (tmp_path / "resume").iterdir()] == ["state.npz"]
+    resumed, history = train(tmp_path / "resume")
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in reference_history], rel=1e-6)
+    for a, b in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
