@@ -121,6 +121,7 @@ def task1(report, root, metric="test_accuracy"):
     flops_table(report, root / "flops.csv")
     for kind in ("lime", "occlusion"):
         explanation_panel(report, root / "explain", kind, "task1")
+    cost_table(report, root, records)
 
 
 def headline_table(report, stats):
@@ -291,6 +292,33 @@ def entropy_figure(report, root):
                   "training images: how much the soft targets carry beyond the label.")
 
 
+def cost_table(report, root, records):
+    """Wall time per experiment (summed over the invocations in `timings.jsonl`) and
+    per run, with peak memory."""
+    path = root / "timings.jsonl"
+    if not path.exists():
+        report.skip(f"cost ({root.name})", "no timings.jsonl")
+        return
+    totals = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        seconds, peak = totals.get(entry["experiment"], (0.0, 0.0))
+        totals[entry["experiment"]] = (seconds + entry["seconds"], max(peak, entry["peak_rss_mib"]))
+    rows = ["| experiment | wall time (min) | peak memory (GiB) |", "|---|---:|---:|"]
+    rows += [f"| {name} | {seconds / 60:.1f} | {peak / 1024:.1f} |" for name, (seconds, peak) in totals.items()]
+    rows += [f"| **all** | {sum(t[0] for t in totals.values()) / 60:.1f} | "
+             f"{max(t[1] for t in totals.values()) / 1024:.1f} |"]
+    runs = ["| run | wall time (min) | of which test evaluation (min) |", "|---|---:|---:|"]
+    for r in sorted(records, key=lambda r: r.get("started_at", "")):
+        evaluation = sum(h.get("eval_seconds", 0.0) for h in r.get("history", []))
+        runs.append(f"| {r['run']} | {r.get('wall_seconds', 0.0) / 60:.1f} | {evaluation / 60:.1f} |")
+    machine = records[0].get("environment", {}).get("platform", "this machine") if records else "this machine"
+    report.text(f"Cost on {machine}: wall time per "
+                "experiment (an experiment that reuses finished runs costs only what it adds), then per run "
+                "(a run's wall time includes its final test evaluation).\n\n" + "\n".join(rows) + "\n\n"
+                + "\n".join(runs) + "\n")
+
+
 def flops_table(report, path):
     if not path.exists():
         report.skip(f"parameters and FLOPs ({path.parent.name})", f"no {path.name}")
@@ -426,6 +454,7 @@ def task2(report, root):
     flops_table(report, root / "flops.csv")
     for kind in ("lime", "occlusion"):
         explanation_panel(report, root / "explain", kind, "task2")
+    cost_table(report, root, records)
 
 
 def make_report(results_dir, out_dir):

@@ -33,6 +33,9 @@ def fabricate(root):
         write_csv_atomic(root / "task1" / f"teacher_entropy-s{seed}.csv",
                          [{"temperature": t, "entropy_nats": e} for t, e in ((1, 0.1), (4, 1.0), (16, 2.2))],
                          ("temperature", "entropy_nats"))
+    (root / "task1" / "timings.jsonl").write_text("".join(
+        json.dumps({"experiment": name, "seed": seed, "seconds": seconds, "peak_rss_mib": 1536.0}) + "\n"
+        for name, seed, seconds in (("teacher", 0, 100.0), ("teacher", 1, 110.0), ("kd", 0, 30.0))))
     write_csv_atomic(root / "task1" / "flops.csv", [{"model": "teacher", "params": 1011466, "flops": 22042058}],
                      ("model", "params", "flops"))
     explain_dir = root / "task1" / "explain"
@@ -71,6 +74,7 @@ def test_report_writes_every_figure_and_matching_numbers(tmp_path):
     assert "| 1 | 95.00 ± 0.00 (n=2) | 97.00 ± 0.00 (n=2) |" in text  # eskd table
     assert "| teacher | 1,011,466 | 22,042,058 |" in text
     assert "teacher vs kd student: r = 0.81 ± 0.05, top-5 overlap 0.60" in text
+    assert "| teacher | 3.5 | 1.5 |" in text and "| **all** | 4.0 | 1.5 |" in text  # minutes, GiB
     assert "Task 2: skipped" in text
 
 
