@@ -50,8 +50,12 @@ def accuracy(logits, labels):
     return float(np.mean(np.argmax(logits, axis=-1) == np.reshape(labels, -1)))
 
 
-def make_train_step(method, optimizer, strategy=None):
+def make_train_step(method, optimizer, strategy=None, element_spec=None):
     """Returns `(step, trackers)`: a compiled step and the metrics it updates.
+
+    With `element_spec` (the batches' `tf.data` spec, batch dimension unknown), the
+    step is traced once for every batch size; without it, a last partial batch
+    traces the step a second time.
 
     `trackers` maps each loss term, `"loss"` (their sum) and `"train_accuracy"` to a
     `keras.metrics` object, averaged over the examples seen since the last reset.
@@ -82,9 +86,10 @@ def make_train_step(method, optimizer, strategy=None):
         trackers["loss"].update_state(loss, sample_weight=weight)
         trackers["train_accuracy"].update_state(batch["y"], logits)
 
-    @tf.function
     def step(batch):
         strategy.run(replica_step, args=(batch,))
+
+    step = tf.function(step, input_signature=None if element_spec is None else [element_spec])
 
     return step, trackers
 
@@ -166,8 +171,8 @@ def fit(
     if int(epochs) < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     strategy = strategy or tf.distribute.get_strategy()
-    step, trackers = make_train_step(method, optimizer, strategy)
     batches = strategy.experimental_distribute_dataset(train_data)
+    step, trackers = make_train_step(method, optimizer, strategy, element_spec=batches.element_spec)
     predictor = compiled_predictor(method.class_logits) if evaluate is not None else None
     checkpoint = EpochCheckpoint(resume_dir, method.model, optimizer) if resume_dir is not None else None
     history = checkpoint.load() if checkpoint is not None else []

@@ -140,3 +140,14 @@ def test_an_interrupted_fit_resumes_where_it_stopped(tmp_path):
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in reference_history], rel=1e-6)
     for a, b in zip(resumed.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_step_traces_once_with_a_partial_last_batch():
+    data = common_data.batched(blobs(100), 32)  # batches of 32, 32, 32, 4
+    counts = []
+    for spec in (None, data.element_spec):
+        step, _ = training.make_train_step(methods.CrossEntropy(tiny_model()), keras.optimizers.Adam(), element_spec=spec)
+        for batch in data:
+            step(batch)
+        counts.append(step.experimental_get_tracing_count())
+    assert counts == [2, 1]
