@@ -2,9 +2,13 @@
 
 Every model takes RGB pixels in [0, 255] and applies its own architecture's
 ImageNet preprocessing inside, so one data pipeline (and one cache of a teacher's
-logits) serves every architecture. The base is called with `training=False`, so
-its BatchNorm layers stay in inference mode in both phases (feature extraction
-and fine-tuning), as the Keras transfer-learning guide recommends.
+logits) serves every architecture. BatchNorm runs in inference mode while the
+base is frozen (feature extraction). A pretrained base (ImageNet or a weights
+file) is wrapped in `InferenceMode`, so its BatchNorm statistics also stay fixed
+while fine-tuning (its weights, BatchNorm scale and offset included, still
+train), as the Keras transfer-learning guide recommends; a randomly initialised
+base has no statistics to keep, so its BatchNorm layers learn theirs while
+fine-tuning.
 """
 
 import keras
@@ -20,6 +24,27 @@ ARCHITECTURES = {
 }
 TEACHER, STUDENT, ASSISTANT = "resnet50v2", "mobilenetv2", "densenet121"
 BASE_NAME = "base"
+
+
+class InferenceMode(layers.Layer):
+    """Runs `base` with `training=False` whatever mode the enclosing model is called in.
+
+    Writing `base(x, training=False)` inside a functional model is not enough in
+    Keras 3: calling the model with `training=True` overrides it for the nested
+    call (keras-team/keras#20285), so BatchNorm would use and update batch
+    statistics while fine-tuning. This layer's `call` takes no `training`
+    argument, so the outer mode stops here.
+    """
+
+    def __init__(self, base, **kwargs):
+        super().__init__(**kwargs)
+        self.base = base
+
+    def call(self, inputs):
+        return self.base(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.base.compute_output_shape(input_shape)
 
 
 def preprocessing(mode):
@@ -46,7 +71,8 @@ def build(architecture, weights="imagenet", image_size=224, num_outputs=2, dropo
     x = inputs
     for layer in preprocessing(mode):
         x = layer(x)
-    x = base(x, training=False)
+    pretrained = resolve_weights(weights, architecture, image_size) is not None
+    x = InferenceMode(base, name=BASE_NAME)(x) if pretrained else base(x)
     x = layers.Dropout(dropout)(x)
     outputs = layers.Dense(num_outputs, name="logits")(x)
     return keras.Model(inputs, outputs, name=name or architecture)
@@ -103,7 +129,9 @@ def resolve_weights(weights, architecture, image_size=224):
 
 
 def base_of(model):
-    return model.get_layer(BASE_NAME)
+    """The `keras.applications` base inside `model` (unwrapped from `InferenceMode`)."""
+    layer = model.get_layer(BASE_NAME)
+    return layer.base if isinstance(layer, InferenceMode) else layer
 
 
 def split_at_base(model):
@@ -111,10 +139,10 @@ def split_at_base(model):
     pooled features `(batch, D)` (preprocessing included), and features -> outputs.
     `head(features(x))` is `model(x)`; training `head` trains `model`'s head."""
     layer_list = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    cut = layer_list.index(base_of(model)) + 1
+    cut = layer_list.index(model.get_layer(BASE_NAME)) + 1
     x = pixels = keras.Input(model.input_shape[1:])
     for layer in layer_list[:cut]:
-        x = layer(x, training=False) if layer is layer_list[cut - 1] else layer(x)
+        x = layer(x)
     y = features = keras.Input(x.shape[1:])
     for layer in layer_list[cut:]:
         y = layer(y)

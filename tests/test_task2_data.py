@@ -154,6 +154,28 @@ def test_phase_switch_freezes_and_unfreezes():
     assert len(model.trainable_variables) == 2 + len(models.base_of(model).trainable_variables) > 100
 
 
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_batchnorm_statistics_fine_tune_only_without_pretrained_weights(tmp_path, pretrained):
+    weights = "none"
+    if pretrained:
+        weights = str(tmp_path / "base.weights.h5")
+        models.base_of(models.build("mobilenetv2", "none", 32)).save_weights(weights)
+    model = models.build("mobilenetv2", weights, 32)
+    moving = [v for v in models.base_of(model).non_trainable_variables if "moving_mean" in v.path]
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+
+    def statistics_change():
+        before = [v.numpy().copy() for v in moving]
+        model(x, training=True)
+        return any(not np.array_equal(b, v.numpy()) for b, v in zip(before, moving))
+
+    models.set_base_trainable(model, False)  # feature extraction: inference mode either way
+    assert not statistics_change()
+    models.set_base_trainable(model, True)  # fine-tuning
+    assert len(model.trainable_variables) > 100  # BatchNorm scale and offset included
+    assert statistics_change() is not pretrained
+
+
 def test_weights_from_a_saved_file(tmp_path):
     source = models.build("mobilenetv2", "none", 32)
     path = tmp_path / "base.weights.h5"
