@@ -194,6 +194,7 @@ class Recipes:
         raise NotImplementedError
 
     occlusion_fill = 0.0
+    explain_batch = 1024  # perturbed images per forward pass while explaining
 
     def lime(self):
         """LIME maps of the first test images: teacher, KD student, scratch student."""
@@ -217,6 +218,6 @@ class Recipes:
         else:
             settings = {"patch": c.occlusion_patch, "stride": c.occlusion_stride, "fill": self.occlusion_fill}
         images, labels = self.explanation_images()
-        predictors = {name: training.probabilities_fn(model) for name, model in models.items()}
+        predictors = {name: training.probabilities_fn(model, self.explain_batch) for name, model in models.items()}
         return explain_and_save(self.store.root / "explain", f"{kind}-s{self.seed}", kind, predictors,
                                 images, labels, {"seed": self.seed, "top_k": c.top_k, **settings}, self.log)

@@ -263,6 +263,7 @@ class Task2(Recipes):
         return rows
 
     occlusion_fill = 127.5  # mid-grey pixels
+    explain_batch = EVAL_BATCH  # 224-px images: 1,024 at once would take ~12 GiB in ResNet50V2
 
     def explanation_images(self):
         images, labels = [], []
