@@ -110,8 +110,9 @@ class Task2(Recipes):
                 extractor, _ = models.split_at_base(model)
                 train = self.per_view_outputs(extractor, f"[{model.name}] base features")
                 test = training.predict(training.compiled_predictor(extractor), self.test_data)[0][:, None]
-                write_arrays_atomic(path, {"train": train, "test": test.astype(np.float32)})
-                self._features[key] = train, test.astype(np.float32)
+                test = test.astype(np.float32)
+                write_arrays_atomic(path, {"train": train, "test": test})
+                self._features[key] = train, test
         return self._features[key]
 
     def fit_model(self, name, model, make_method, extra, resume_dir, phase, learning_rate):
