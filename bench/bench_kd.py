@@ -17,7 +17,6 @@ toolkit vs Distiller. Writes `bench/results/kd_mnist.json` and prints a table.
 """
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -152,7 +151,7 @@ def main(argv=None):
             "speedup": grid_keras_s / grid_ours_s,
             "toolkit_accuracies": grid_ours, "distiller_accuracies": grid_keras,
         },
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": runs.peak_rss_mib(),
     }
     write_json_atomic(args.out, result)
     print(format_table(result))

@@ -13,9 +13,12 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from common.errors import UserError
 
@@ -61,15 +64,11 @@ def write_text_atomic(path, text):
 
 def write_array_atomic(path, array):
     """One numpy array as `.npy`."""
-    import numpy as np
-
     write_atomic(path, lambda handle: np.save(handle, array), mode="wb")
 
 
 def write_arrays_atomic(path, arrays, compressed=False):
     """A dict of numpy arrays as `.npz`."""
-    import numpy as np
-
     save = np.savez_compressed if compressed else np.savez
     write_atomic(path, lambda handle: save(handle, **arrays), mode="wb")
 
@@ -127,8 +126,6 @@ class ResultsStore:
         """`<run>/resume/`, where an unfinished run keeps its last finished epoch
         (see `common.training.EpochCheckpoint`). Saved epochs of other settings
         are discarded, so a resumed run always continues its own settings."""
-        import shutil
-
         folder = self.run_dir(name) / "resume"
         marker = folder / "identity.json"
         if folder.exists() and (not marker.exists() or json.loads(marker.read_text()) != _jsonable(identity)):
@@ -169,8 +166,6 @@ class ResultsStore:
 
     def save(self, name, record):
         """Writes the finished record, then drops the run's resume state."""
-        import shutil
-
         write_json_atomic(self.run_dir(name) / "metrics.json", record)
         shutil.rmtree(self.run_dir(name) / "resume", ignore_errors=True)
 

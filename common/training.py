@@ -12,6 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from common.results import write_arrays_atomic
+
 
 def compiled_predictor(logits_fn):
     """Wraps `logits_fn(x, training=False)` in a `tf.function` for fast inference."""
@@ -114,8 +116,6 @@ class EpochCheckpoint:
         return {"model": self.model.variables, "optimizer": self.optimizer.variables}
 
     def save(self, history):
-        from common.results import write_arrays_atomic
-
         arrays = {f"{group}_{i}": np.asarray(v) for group, variables in self._variables().items()
                   for i, v in enumerate(variables)}
         write_arrays_atomic(self.path, {**arrays, "history": np.array(json.dumps(history))})

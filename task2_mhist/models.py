@@ -66,20 +66,20 @@ def build(architecture, weights="imagenet", image_size=224, num_outputs=2, dropo
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
     constructor, mode = ARCHITECTURES[architecture]
-    base = make_base(constructor, architecture, weights, image_size)
+    resolved = resolve_weights(weights, architecture, image_size)
+    base = make_base(constructor, architecture, weights, resolved, image_size)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = inputs
     for layer in preprocessing(mode):
         x = layer(x)
-    pretrained = resolve_weights(weights, architecture, image_size) is not None
-    x = InferenceMode(base, name=BASE_NAME)(x) if pretrained else base(x)
+    x = InferenceMode(base, name=BASE_NAME)(x) if resolved is not None else base(x)
     x = layers.Dropout(dropout)(x)
     outputs = layers.Dense(num_outputs, name="logits")(x)
     return keras.Model(inputs, outputs, name=name or architecture)
 
 
-def make_base(constructor, architecture, weights, image_size):
-    resolved = resolve_weights(weights, architecture, image_size)
+def make_base(constructor, architecture, weights, resolved, image_size):
+    """The `keras.applications` base; `resolved` is `resolve_weights(weights, ...)`."""
     try:
         base = constructor(include_top=False, weights=resolved, input_shape=(image_size, image_size, 3),
                            pooling="avg")
