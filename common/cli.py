@@ -41,6 +41,9 @@ def add_shared_arguments(parser, defaults, experiments):
     add("--seeds", type=int_list, default=defaults.seeds, help="random seeds, comma list; every experiment runs once per seed")
     add("--temperature", type=float, default=defaults.temperature, help="KD temperature T")
     add("--alpha", type=float, default=defaults.alpha, help="weight of the hard-label loss; 1 - alpha weights distillation")
+    add("--validation", type=float, default=defaults.validation,
+        help="training examples held out (count, or fraction below 1; 0: none, the course's setting) "
+             "to choose T and alpha; the test set only reports")
     add("--explain-images", type=int, default=defaults.explain_images, help="test images explained by lime/occlusion")
     add("--lime-samples", type=int, default=defaults.lime_samples, help="LIME perturbation samples per image")
     add("--occlusion-patch", type=int, default=defaults.occlusion_patch, help="occlusion patch size in pixels")

@@ -27,7 +27,9 @@ class SharedConfig(BaseConfig):
     """The settings both tasks take (a task redeclares a field to change its default).
 
     `alpha` weights the hard-label cross-entropy, `1 - alpha` the distillation term.
-    Every experiment is repeated for each seed in `seeds`.
+    Every experiment is repeated for each seed in `seeds`. `validation` training
+    examples (a count, or a fraction below 1) are held out, stratified by class, to
+    choose T and alpha; the test set only reports.
     """
 
     experiments: ClassVar[tuple] = ()  # the task's experiment names, for `only`
@@ -43,6 +45,7 @@ class SharedConfig(BaseConfig):
     occlusion_patch: int = 4
     occlusion_stride: int = 2
     top_k: int = 5
+    validation: float = 0
     distribute: str = "none"
     only: tuple = ()
     limit: Optional[int] = None
@@ -91,6 +94,10 @@ def seed_list(values):
 def validate_shared(config, experiments, strategies, image_size):
     """Checks the settings both task configs share (seeds, KD, explanations, ...)."""
     seed_list(config.seeds)
+    v = config.validation
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v >= 1 and v != int(v)):
+        raise ConfigError(f"--validation must be a count of training examples (0 for none) or a fraction "
+                          f"between 0 and 1, got {v!r}")
     if config.limit is not None:
         positive_int("limit", config.limit, "--limit")
     for name in ("explain_images", "lime_samples", "occlusion_patch", "occlusion_stride", "top_k"):

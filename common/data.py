@@ -1,8 +1,12 @@
-"""`tf.data` pipelines over in-memory arrays, and cached teacher outputs."""
+"""`tf.data` pipelines over in-memory arrays, cached teacher outputs, data
+fingerprints and the validation split."""
+
+import hashlib
 
 import numpy as np
 import tensorflow as tf
 
+from common.errors import DataError
 from common.training import compiled_predictor, predict
 
 
@@ -35,3 +39,44 @@ def teacher_logits(teacher_logits_fn, arrays, batch_size, map_fn=None):
     dataset = batched(arrays, batch_size, map_fn=map_fn)
     logits, _ = predict(compiled_predictor(teacher_logits_fn), dataset)
     return logits.astype(np.float32)
+
+
+def fingerprint(*parts):
+    """16 hex digits of SHA-256 over numpy arrays and strings, in order: equal data,
+    equal fingerprint. Run identities and caches carry it, so results of one data
+    set are never reused for another of the same size."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, str):
+            digest.update(part.encode())
+        else:
+            array = np.ascontiguousarray(part)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def validation_count(validation, size):
+    """Held-out examples for `--validation`: an integer count, or a fraction in (0, 1)
+    of `size`; 0 holds none out. Leaves at least one example per side."""
+    count = int(round(validation * size)) if 0 < validation < 1 else int(validation)
+    if count and not 1 <= count < size:
+        raise DataError(f"--validation {validation:g} holds out {count} of the {size} training examples; "
+                        f"use a count below {size}, a fraction such as 0.1, or 0 for none")
+    return count
+
+
+def stratified_split(labels, count, seed=0):
+    """`(train_indices, validation_indices)`, sorted: `count` examples held out, each
+    class in proportion to its share (largest remainders), drawn with a fixed seed so
+    every run and seed sees the same split."""
+    labels = np.asarray(labels).reshape(-1)
+    classes, sizes = np.unique(labels, return_counts=True)
+    exact = sizes * count / len(labels)
+    take = np.floor(exact).astype(int)
+    for i in np.argsort(take - exact)[: count - take.sum()]:
+        take[i] += 1
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    validation = np.sort(np.concatenate(held)) if held else np.array([], int)
+    return np.setdiff1d(np.arange(len(labels)), validation), validation

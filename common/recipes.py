@@ -40,18 +40,21 @@ class Recipes:
         raise NotImplementedError
 
     def train_data(self, **extra_arrays):
-        """Training input for `fit_model` (a shuffled dataset of batch dicts, or what the
-        task's `fit_model` turns into one); `extra_arrays` ride along per example."""
+        """The per-example training arrays for `fit_model`; `extra_arrays` (e.g. a
+        teacher's logits) ride along per example."""
         raise NotImplementedError
 
-    def fit_model(self, name, model, make_method, data, resume_dir, **options):
-        """Trains `make_method(model)` (the task may wrap part of `model`) on `data`
-        with `common.training.fit`, saving and resuming epochs in `resume_dir`;
-        returns the per-epoch history."""
+    def fit_model(self, name, model, make_method, arrays, resume_dir, **options):
+        """Trains `make_method(model)` (the task may wrap part of `model`) with
+        `common.training.fit` on a shuffled dataset of `arrays` that it builds (after
+        the run's seed is set), saving and resuming epochs in `resume_dir`; returns
+        the per-epoch history."""
         raise NotImplementedError
+
+    eval_sets = {}  # split name ("val", "test") -> held-out data, set by the task
 
     def evaluate(self, predictor):
-        """Test metrics (`test_accuracy`, ...) of a compiled `x -> class logits`."""
+        """Held-out metrics (`val_accuracy`, `test_accuracy`, ...) of a compiled `x -> class logits`."""
         raise NotImplementedError
 
     def compute_logits(self, model, name):
@@ -62,6 +65,11 @@ class Recipes:
 
     def identity(self, experiment, **settings):
         return {"experiment": experiment, "seed": self.seed, **self.base_identity(), **settings}
+
+    def selection_metric(self, metric):
+        """`val_<metric>` when a validation split is held out, else `test_<metric>`:
+        the number that chooses settings (T, alpha); the test set only reports."""
+        return f"val_{metric}" if "val" in self.eval_sets else f"test_{metric}"
 
     def kd_tag(self, temperature=None, alpha=None):
         temperature = self.config.temperature if temperature is None else temperature

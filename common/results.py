@@ -8,6 +8,7 @@ differs.
 """
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -37,6 +38,10 @@ SUMMARY_COLUMNS = (
 )
 
 
+_UMASK = os.umask(0o022)  # reading the umask means setting it: read once, put back
+os.umask(_UMASK)
+
+
 class ResultsConflict(UserError):
     """A finished run on disk was made with different settings."""
 
@@ -48,6 +53,7 @@ def write_atomic(path, write, mode="w"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
         with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as handle:
             write(handle)
             handle.flush()
@@ -56,6 +62,12 @@ def write_atomic(path, write, mode="w"):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def identity_hash(identity):
+    """12 hex digits naming a run's identity (its settings, as canonical JSON)."""
+    text = json.dumps(_jsonable(identity), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def write_text_atomic(path, text):
@@ -165,9 +177,11 @@ class ResultsStore:
         return record
 
     def save(self, name, record):
-        """Writes the finished record, then drops the run's resume state."""
+        """Writes the finished record, drops the run's resume state and refreshes
+        `summary.csv`, so the summary is current even if the invocation dies later."""
         write_json_atomic(self.run_dir(name) / "metrics.json", record)
         shutil.rmtree(self.run_dir(name) / "resume", ignore_errors=True)
+        self.write_summary()
 
     def records(self):
         """All finished records under root, sorted by run name."""

@@ -11,6 +11,8 @@ import numpy as np
 import tensorflow as tf
 
 from common.flops import count_flops
+from common.results import identity_hash
+from common.training import TrainingDiverged
 
 
 def environment():
@@ -58,20 +60,26 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
       store: a `common.results.ResultsStore`.
       name: run folder name, unique within the store.
       identity: dict of the settings that define this run (experiment, seed,
-        epochs, T, alpha, ...); a finished run with another identity is an error.
+        epochs, T, alpha, data fingerprint, ...); a finished run with another
+        identity is an error.
       config: the full configuration, saved with the record.
       build: `() -> keras.Model`, a fresh (untrained) model.
       data: `() -> training input`, called only when the run must train, and
         before the seed is set, so work it triggers (e.g. training the teacher
-        whose logits it needs) cannot shift this run's random stream.
+        whose logits it needs) cannot shift this run's random stream. It returns
+        per-example arrays; `train` turns them into a dataset after the seed is
+        set, so shuffles and views depend on the run's seed alone.
       train: `(model, training input) -> history`, the per-epoch list from
         `common.training.fit` (or the concatenation of several phases).
-      evaluate: `(model) -> dict` of test metrics (at least `test_accuracy`).
+      evaluate: `(model) -> dict` of metrics (at least `test_accuracy`).
       log: optional `callable(str)` for progress.
 
     Returns:
       `(record, model)`: the saved record and the trained model (weights loaded
       from disk when the run was already finished).
+
+    Raises:
+      TrainingDiverged: the loss became non-finite; nothing is saved as finished.
     """
     say = log or (lambda _msg: None)
     record = store.finished(name, identity)
@@ -91,22 +99,28 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
     say(f"[{name}] training: {_describe(identity)}")
     started = datetime.datetime.now(datetime.timezone.utc)
     start = time.perf_counter()
-    history = train(model, train_input)
+    try:
+        history = train(model, train_input)
+    except TrainingDiverged as err:
+        raise TrainingDiverged(f"[{name}] {err}; nothing was recorded for this run") from None
     train_seconds = time.perf_counter() - start
     metrics = evaluate(model)
     store.run_dir(name).mkdir(parents=True, exist_ok=True)
     model.save_weights(store.weights_path(name))
+    earlier = sum(h["seconds"] + h.get("eval_seconds", 0.0) for h in history if h.get("resumed"))
     record = {
         "run": name,
         "experiment": identity.get("experiment"),
         "seed": identity.get("seed", 0),
         **metrics,
         **model_size(model),
-        "wall_seconds": time.perf_counter() - start,
-        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - start + earlier,
+        "train_seconds": train_seconds + earlier,
+        "resumed_seconds": earlier,
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "started_at": started.isoformat(timespec="seconds"),
         "identity": identity,
+        "identity_hash": identity_hash(identity),
         "config": config,
         "environment": environment(),
         "history": history,

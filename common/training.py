@@ -4,15 +4,15 @@ Teacher, KD student, scratch student, teacher assistant and subclass models all
 train through `fit`; only the `Method` (their loss) differs.
 """
 
-import json
+import math
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from common.results import write_arrays_atomic
+from common.checkpoint import EpochCheckpoint
+from common.errors import UserError
 
 
 def compiled_predictor(logits_fn):
@@ -52,6 +52,10 @@ def accuracy(logits, labels):
     return float(np.mean(np.argmax(logits, axis=-1) == np.reshape(labels, -1)))
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the run is not recorded as finished."""
+
+
 def make_train_step(method, optimizer, strategy=None, element_spec=None):
     """Returns `(step, trackers)`: a compiled step and the metrics it updates.
 
@@ -61,10 +65,12 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None):
 
     `trackers` maps each loss term, `"loss"` (their sum) and `"train_accuracy"` to a
     `keras.metrics` object, averaged over the examples seen since the last reset.
-    Under a `tf.distribute` strategy each replica computes its share of the
-    (global) batch; its loss is divided by the number of replicas because the
-    optimizer sums the replicas' gradients, so the update is the global mean's.
-    The model must have been built under `strategy.scope()`.
+    Under a `tf.distribute` strategy each replica computes the mean loss of its
+    share of the (global) batch and weights it by `local size / global size` (as
+    `tf.nn.compute_average_loss` does); the optimizer sums the replicas' gradients,
+    so the update is that of the global batch's mean loss even when the replicas
+    get unequal shares (a last partial batch). The model must have been built
+    under `strategy.scope()`.
     """
     strategy = strategy or tf.distribute.get_strategy()
     variables = method.trainable_variables
@@ -73,19 +79,19 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None):
         trackers["loss"] = keras.metrics.Mean(name="loss")
         trackers["train_accuracy"] = keras.metrics.SparseCategoricalAccuracy()
         optimizer.build(variables)
-    replicas = strategy.num_replicas_in_sync
 
     def replica_step(batch):
+        local_size = tf.cast(tf.shape(batch["y"])[0], tf.float32)
+        global_size = tf.distribute.get_replica_context().all_reduce("sum", local_size)
         with tf.GradientTape() as tape:
             terms, logits = method.loss_terms(batch, training=True)
             loss = tf.add_n(list(terms.values()))
-            scaled_loss = loss / replicas
+            # A replica can get no examples of a last partial batch: its mean is NaN, its weight 0.
+            scaled_loss = tf.math.multiply_no_nan(loss, local_size / global_size)
         gradients = tape.gradient(scaled_loss, variables)
         optimizer.apply_gradients(zip(gradients, variables))
-        weight = tf.shape(batch["y"])[0]
-        for name, value in terms.items():
-            trackers[name].update_state(value, sample_weight=weight)
-        trackers["loss"].update_state(loss, sample_weight=weight)
+        for name, value in [*terms.items(), ("loss", loss)]:
+            trackers[name].update_state(tf.where(local_size > 0, value, 0.0), sample_weight=local_size)
         trackers["train_accuracy"].update_state(batch["y"], logits)
 
     def step(batch):
@@ -99,36 +105,6 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None):
 def accuracy_on(dataset):
     """An `evaluate` callable for `fit`: `predictor -> {"test_accuracy": ...}` on `dataset`."""
     return lambda predictor: {"test_accuracy": accuracy(*predict(predictor, dataset))}
-
-
-class EpochCheckpoint:
-    """The state after the last finished epoch, in one atomically written file
-    `directory/state.npz`: every model variable (weights and the random-generator
-    states of layers such as dropout), every optimizer variable, and the history so
-    far. `fit` saves it after every epoch and continues from it, so an interrupted
-    run loses at most the epoch in progress."""
-
-    def __init__(self, directory, model, optimizer):
-        self.path = Path(directory) / "state.npz"
-        self.model, self.optimizer = model, optimizer
-
-    def _variables(self):
-        return {"model": self.model.variables, "optimizer": self.optimizer.variables}
-
-    def save(self, history):
-        arrays = {f"{group}_{i}": np.asarray(v) for group, variables in self._variables().items()
-                  for i, v in enumerate(variables)}
-        write_arrays_atomic(self.path, {**arrays, "history": np.array(json.dumps(history))})
-
-    def load(self):
-        """Restores model and (built) optimizer; returns the saved history, or [] if none."""
-        if not self.path.exists():
-            return []
-        with np.load(self.path) as saved:
-            for group, variables in self._variables().items():
-                for i, variable in enumerate(variables):
-                    variable.assign(saved[f"{group}_{i}"])
-            return json.loads(str(saved["history"]))
 
 
 def fit(
@@ -151,22 +127,29 @@ def fit(
       epochs: number of passes, >= 1.
       optimizer: a `keras.optimizers.Optimizer`, used as it is (created under
         `strategy.scope()` when a strategy is given).
-      evaluate: optional `callable(predictor) -> dict` of test metrics, run after
-        every epoch; `predictor` is the compiled `x -> class logits` of the method
-        (e.g. `accuracy_on(test_data)`).
+      evaluate: optional `callable(predictor) -> dict` of held-out metrics, run
+        after every epoch; `predictor` is the compiled `x -> class logits` of the
+        method (e.g. `accuracy_on(test_data)`).
       log: optional `callable(str)` for one progress line per epoch.
-      on_epoch_end: optional `callable(epoch, record)`, e.g. to keep checkpoints.
+      on_epoch_end: optional `callable(epoch, record)`, e.g. to keep checkpoints;
+        it runs before the epoch's resume state is saved, so a resumed run never
+        skips it.
       strategy: optional `tf.distribute.Strategy` the model was built under; each
         batch of `train_data` is the global batch, split across its replicas.
-      resume_dir: optional folder for an `EpochCheckpoint`: training continues
-        after the last epoch saved there, and saves every epoch. The dataset is
-        first advanced by the finished epochs (its shuffles and random views are
-        drawn per pass), so a resumed run sees the data an uninterrupted one would.
+      resume_dir: optional folder for a `common.checkpoint.EpochCheckpoint`:
+        training continues after the last epoch saved there, and saves every
+        epoch. The dataset is first advanced by the finished epochs (its shuffles
+        and random views are drawn per pass), so a resumed run sees the data an
+        uninterrupted one would. Epochs carried over are marked `"resumed": True`.
 
     Returns:
       The history: one dict per epoch with `epoch` (1-based), each loss term,
       `loss`, `train_accuracy`, `seconds` (train time) and, with `evaluate`, its
       metrics and `eval_seconds`.
+
+    Raises:
+      TrainingDiverged: an epoch's mean loss is NaN or infinite; that epoch is
+        neither saved nor passed to `on_epoch_end`.
     """
     if int(epochs) < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -174,8 +157,11 @@ def fit(
     batches = strategy.experimental_distribute_dataset(train_data)
     step, trackers = make_train_step(method, optimizer, strategy, element_spec=batches.element_spec)
     predictor = compiled_predictor(method.class_logits) if evaluate is not None else None
-    checkpoint = EpochCheckpoint(resume_dir, method.model, optimizer) if resume_dir is not None else None
-    history = checkpoint.load() if checkpoint is not None else []
+    checkpoint = None
+    history = []
+    if resume_dir is not None:
+        checkpoint = EpochCheckpoint(resume_dir, method.model, optimizer, method.trainable_variables)
+        history = [{**record, "resumed": True} for record in checkpoint.load(log)]
     if history and log is not None:
         log(f"resuming after epoch {len(history)}/{epochs} (saved in {resume_dir})")
     for _ in history:
@@ -189,17 +175,22 @@ def fit(
         record = {"epoch": epoch}
         record.update({name: float(t.result()) for name, t in trackers.items()})
         record["seconds"] = time.perf_counter() - start
+        if not math.isfinite(record["loss"]):
+            raise TrainingDiverged(
+                f"training diverged: the loss is {record['loss']} in epoch {epoch}/{epochs}; "
+                f"lower the learning rate (now {float(optimizer.learning_rate):g}) and run again"
+            )
         if predictor is not None:
             start = time.perf_counter()
             record.update(evaluate(predictor))
             record["eval_seconds"] = time.perf_counter() - start
         history.append(record)
-        if checkpoint is not None and epoch < int(epochs):
-            checkpoint.save(history)
-        if log is not None:
-            log(format_epoch(record, epochs, method.term_names))
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
+        if checkpoint is not None and epoch < int(epochs):
+            checkpoint.save(history)
+        if log is not None:  # once the epoch is durable
+            log(format_epoch(record, epochs, method.term_names))
     return history
 
 

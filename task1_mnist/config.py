@@ -17,6 +17,7 @@ class Task1Config(cfg.SharedConfig):
     experiments = EXPERIMENTS
 
     out: str = "results/task1"
+    validation: float = 5000
     explain_images: int = 50
     only: tuple = EXPERIMENTS
     epochs: int = 12

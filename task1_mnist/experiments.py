@@ -28,31 +28,42 @@ class Task1(Recipes):
 
     def __init__(self, config, arrays=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
-        self.arrays = arrays if arrays is not None else mnist.load_mnist(config.data_dir, config.limit)
-        self.test_data = common_data.batched(
-            {"x": self.arrays["x_test"], "y": self.arrays["y_test"]}, EVAL_BATCH, map_fn=mnist.scale
-        )
+        arrays = arrays if arrays is not None else mnist.load_mnist(config.data_dir, config.limit)
+        self.data_id = common_data.fingerprint(*(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")))
+        held_out = common_data.validation_count(config.validation, len(arrays["y_train"]))
+        train, val = common_data.stratified_split(arrays["y_train"], held_out)
+        self.arrays = {**arrays, "x_train": arrays["x_train"][train], "y_train": arrays["y_train"][train],
+                       "x_val": arrays["x_train"][val], "y_val": arrays["y_train"][val]}
+        self.eval_sets = {
+            split: common_data.batched({"x": self.arrays[f"x_{split}"], "y": self.arrays[f"y_{split}"]}, EVAL_BATCH,
+                                       map_fn=mnist.scale)
+            for split in (("val", "test") if held_out else ("test",))
+        }
 
     def base_identity(self):
         c = self.config
         return {"epochs": c.epochs, "batch_size": c.batch_size, "learning_rate": c.learning_rate,
-                "train_examples": int(len(self.arrays["y_train"]))}
+                "data": self.data_id, "train_examples": int(len(self.arrays["y_train"])),
+                "validation_examples": int(len(self.arrays["y_val"]))}
 
     def train_data(self, **extra_arrays):
-        arrays = {"x": self.arrays["x_train"], "y": self.arrays["y_train"], **extra_arrays}
-        return common_data.batched(
-            arrays, self.config.batch_size, shuffle=True, seed=self.seed, map_fn=mnist.scale
-        )
+        return {"x": self.arrays["x_train"], "y": self.arrays["y_train"], **extra_arrays}
+
+    def train_dataset(self, arrays):
+        """Shuffled batches of `arrays`; built after the run's seed is set (see `runs.run`)."""
+        return common_data.batched(arrays, self.config.batch_size, shuffle=True, seed=self.seed, map_fn=mnist.scale)
 
     def evaluate(self, predictor):
-        return training.accuracy_on(self.test_data)(predictor)
+        """`val_accuracy` (with a validation split) and `test_accuracy` of a predictor."""
+        return {f"{split}_accuracy": training.accuracy(*training.predict(predictor, data))
+                for split, data in self.eval_sets.items()}
 
     def compute_logits(self, model, name):
         return common_data.teacher_logits(
             model, {"x": self.arrays["x_train"], "y": self.arrays["y_train"]}, EVAL_BATCH, map_fn=mnist.scale
         )
 
-    def fit_model(self, name, model, make_method, data, resume_dir, keep_checkpoints=False):
+    def fit_model(self, name, model, make_method, arrays, resume_dir, keep_checkpoints=False):
         """Adam at the configured rate for `epochs`; with `keep_checkpoints`, the weights
         after every epoch are kept as `<run>/checkpoints/epoch-NN.weights.h5`."""
 
@@ -62,7 +73,7 @@ class Task1(Recipes):
         self.checkpoint_path(name, 1).parent.mkdir(parents=True, exist_ok=True)
         return training.fit(
             make_method(model),
-            data,
+            self.train_dataset(arrays),
             epochs=self.config.epochs,
             optimizer=self.adam(self.config.learning_rate),
             evaluate=self.evaluate,
@@ -106,21 +117,24 @@ class Task1(Recipes):
         return record
 
     def grid(self):
-        """Every (T, alpha) cell; writes `grid-s<seed>.csv` and `.json` (best cell)."""
+        """Every (T, alpha) cell; writes `grid-s<seed>.csv` and `.json` with the best cell,
+        chosen on the validation split (on the test set only with `--validation 0`)."""
         cells = [(t, a) for t in self.config.temperatures for a in self.config.alphas]
         rows = []
         for index, (temperature, alpha) in enumerate(cells, 1):
             self.log(f"[grid {index}/{len(cells)}] T={temperature:g} alpha={alpha:g} seed={self.seed}")
             record = self.kd(temperature, alpha)
-            rows.append({"temperature": float(temperature), "alpha": float(alpha),
-                         "test_accuracy": record["test_accuracy"], "run": record["run"]})
-        best = max(rows, key=lambda row: row["test_accuracy"])
+            rows.append({"temperature": float(temperature), "alpha": float(alpha), "run": record["run"],
+                         **{f"{split}_accuracy": record[f"{split}_accuracy"] for split in self.eval_sets}})
+        chosen_by = self.selection_metric("accuracy")
+        best = max(rows, key=lambda row: row[chosen_by])
         stem = self.store.root / f"grid-s{self.seed}"
-        write_csv_atomic(stem.with_suffix(".csv"), rows, ("temperature", "alpha", "test_accuracy", "run"))
-        write_json_atomic(stem.with_suffix(".json"), {"cells": rows, "best": best})
-        self.log(f"[grid] best: T={best['temperature']:g} alpha={best['alpha']:g} "
-                 f"test_accuracy {best['test_accuracy']:.4f}")
-        return {"cells": rows, "best": best}
+        write_csv_atomic(stem.with_suffix(".csv"), rows,
+                         ("temperature", "alpha", *(f"{s}_accuracy" for s in self.eval_sets), "run"))
+        write_json_atomic(stem.with_suffix(".json"), {"cells": rows, "best": best, "chosen_by": chosen_by})
+        self.log(f"[grid] best by {chosen_by}: T={best['temperature']:g} alpha={best['alpha']:g} "
+                 f"{chosen_by} {best[chosen_by]:.4f}, test_accuracy {best['test_accuracy']:.4f}")
+        return {"cells": rows, "best": best, "chosen_by": chosen_by}
 
     def flops(self):
         """Parameters and FLOPs (batch 1) of each architecture; writes `flops.csv`."""

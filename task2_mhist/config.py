@@ -27,6 +27,7 @@ class Task2Config(cfg.SharedConfig):
     experiments = EXPERIMENTS
 
     out: str = "results/task2"
+    validation: float = 0.15
     lime_samples: int = 500
     occlusion_patch: int = 32
     occlusion_stride: int = 16

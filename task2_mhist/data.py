@@ -47,6 +47,36 @@ class Split:
     def head(self, count):
         return Split(self.paths[:count], self.labels[:count], self.votes[:count])
 
+    def take(self, indices):
+        """The images at `indices`, in that order."""
+        return Split(tuple(self.paths[i] for i in indices), self.labels[indices], self.votes[indices])
+
+
+def fingerprint(splits):
+    """16 hex digits over every split's image names, labels, votes and file sizes
+    in bytes: a synthetic folder with the real names and labels differs from the
+    real images (their files differ in size), and so do two image sets of one CSV."""
+    from common.data import fingerprint as digest
+
+    parts = []
+    for name in sorted(splits):
+        split = splits[name]
+        parts += [name, "\n".join(Path(p).name for p in split.paths), split.labels, split.votes,
+                  np.array([Path(p).stat().st_size for p in split.paths], np.int64)]
+    return digest(*parts)
+
+
+def hold_out(splits, validation):
+    """`splits` with a `"val"` split of `validation` training images (a count or a
+    fraction below 1) taken out of `"train"`, stratified by label; unchanged for 0."""
+    from common.data import stratified_split, validation_count
+
+    count = validation_count(validation, len(splits["train"]))
+    if not count:
+        return dict(splits)
+    train, val = stratified_split(splits["train"].labels, count)
+    return {**splits, "train": splits["train"].take(train), "val": splits["train"].take(val)}
+
 
 def images_folder(data_dir):
     """The folder holding the PNGs: `DATA/images/` (as `images.zip` unpacks) or `DATA/`."""

@@ -19,7 +19,7 @@ import numpy as np
 from common import explain, methods, runs, training
 from common.metrics import binary_metrics
 from common.recipes import Recipes
-from common.results import ResultsStore, write_array_atomic, write_arrays_atomic, write_csv_atomic
+from common.results import ResultsStore, write_array_atomic, write_arrays_atomic, write_csv_atomic, write_json_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
 
@@ -34,8 +34,11 @@ class Task2(Recipes):
 
     def __init__(self, config, splits=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
-        self.splits = splits or mhist.load_mhist(config.data_dir, config.annotations, limit=config.limit)
-        self.test_data = mhist.dataset(self.splits["test"], config.image_size, EVAL_BATCH)
+        splits = splits or mhist.load_mhist(config.data_dir, config.annotations, limit=config.limit)
+        self.data_id = mhist.fingerprint(splits)
+        self.splits = mhist.hold_out(splits, config.validation)
+        self.eval_sets = {name: mhist.dataset(self.splits[name], config.image_size, EVAL_BATCH)
+                          for name in ("val", "test") if name in self.splits}
         self._features = {}
 
     # -- the task's data and schedule -----------------------------------------
@@ -43,7 +46,8 @@ class Task2(Recipes):
     def base_identity(self):
         c = self.config
         return {"weights": str(c.weights), "image_size": c.image_size, "batch_size": c.batch_size, "augment": c.augment,
-                "train_examples": len(self.splits["train"]), "test_examples": len(self.splits["test"])}
+                "data": self.data_id, "train_examples": len(self.splits["train"]),
+                "validation_examples": len(self.splits.get("val", ())), "test_examples": len(self.splits["test"])}
 
     def train_data(self, **extra_arrays):
         """The per-example arrays that ride along with the training images; `fit_model`
@@ -63,13 +67,21 @@ class Task2(Recipes):
         c = self.config
         return c.feature_cache == "on" or (c.feature_cache == "auto" and self.views() <= c.fe_epochs)
 
-    def evaluate(self, predictor, curve=True, test_data=None):
-        logits, labels = training.predict(predictor, self.test_data if test_data is None else test_data)
-        return binary_metrics(labels, logits, curve=curve)
+    def evaluate(self, predictor, eval_sets=None, summary=True):
+        """AUC, F1 and accuracy on each held-out split (`val_auc`, `test_auc`, ...) over the
+        whole split; with `summary`, the test confusion matrix and ROC curve too."""
+        metrics = {}
+        for split, data in (eval_sets or self.eval_sets).items():
+            logits, labels = training.predict(predictor, data)
+            summarised = summary and split == "test"
+            split_metrics = binary_metrics(labels, logits, prefix=split, curve=summarised)
+            if not summarised:
+                del split_metrics["confusion_matrix"]
+            metrics.update(split_metrics)
+        return metrics
 
-    def epoch_metrics(self, predictor, test_data=None):
-        metrics = self.evaluate(predictor, curve=False, test_data=test_data)
-        return {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+    def epoch_metrics(self, predictor, eval_sets=None):
+        return self.evaluate(predictor, eval_sets, summary=False)
 
     def per_view_outputs(self, model, label):
         """`(n_train, V, D)` outputs of a frozen `model` on every training image in each view;
@@ -93,26 +105,28 @@ class Task2(Recipes):
         return logits
 
     def base_features(self, model):
-        """`(train (n, V, D), test (m, 1, D))` pooled features of `model`'s frozen base.
+        """`{"train": (n, V, D), "val"/"test": (m, 1, D)}` pooled features of `model`'s frozen base.
 
-        Computed once per distinct base (architecture, size and weight values) and
-        kept in memory and as `<out>/cache/features-*.npz`: every run that starts
-        from the same base (all students of one seed) shares them.
+        Computed once per distinct base (architecture, size, weight values) and data
+        (fingerprint and validation split), kept in memory and as
+        `<out>/cache/features-*.npz`: every run that starts from the same base (all
+        students of one seed) shares them.
         """
-        key = (f"{model.name}-{self.config.image_size}px-{self.views()}views-"
-               f"{models.weights_fingerprint(models.base_of(model))}")
+        key = (f"{model.name}-{self.config.image_size}px-{self.views()}views-data{self.data_id}-"
+               f"val{len(self.splits.get('val', ()))}-{models.weights_fingerprint(models.base_of(model))}")
         if key not in self._features:
             path = self.store.root / "cache" / f"features-{key}.npz"
             if path.exists():
                 with np.load(path) as saved:
-                    self._features[key] = saved["train"], saved["test"]
+                    self._features[key] = {name: saved[name] for name in saved.files}
             else:
                 extractor, _ = models.split_at_base(model)
-                train = self.per_view_outputs(extractor, f"[{model.name}] base features")
-                test = training.predict(training.compiled_predictor(extractor), self.test_data)[0][:, None]
-                test = test.astype(np.float32)
-                write_arrays_atomic(path, {"train": train, "test": test})
-                self._features[key] = train, test
+                predictor = training.compiled_predictor(extractor)
+                features = {"train": self.per_view_outputs(extractor, f"[{model.name}] base features")}
+                for split, data in self.eval_sets.items():
+                    features[split] = training.predict(predictor, data)[0][:, None].astype(np.float32)
+                write_arrays_atomic(path, features)
+                self._features[key] = features
         return self._features[key]
 
     def fit_model(self, name, model, make_method, extra, resume_dir, phase, learning_rate):
@@ -122,18 +136,19 @@ class Task2(Recipes):
         feature_extraction = phase == "fe"
         models.set_base_trainable(model, not feature_extraction)
         if feature_extraction and self.caches_features():
-            train_features, test_features = self.base_features(model)
+            features = self.base_features(model)
             method = make_method(models.split_at_base(model)[1])
-            data = self.train_dataset(extra, features=train_features)
-            test_data = mhist.dataset(self.splits["test"], c.image_size, EVAL_BATCH, features=test_features)
+            data = self.train_dataset(extra, features=features["train"])
+            eval_sets = {split: mhist.dataset(self.splits[split], c.image_size, EVAL_BATCH, features=features[split])
+                         for split in self.eval_sets}
         else:
-            method, data, test_data = make_method(model), self.train_dataset(extra), self.test_data
+            method, data, eval_sets = make_method(model), self.train_dataset(extra), self.eval_sets
         return training.fit(
             method,
             data,
             epochs=c.fe_epochs if feature_extraction else c.ft_epochs,
             optimizer=self.adam(learning_rate if feature_extraction else learning_rate / 10),
-            evaluate=lambda predictor: self.epoch_metrics(predictor, test_data),
+            evaluate=lambda predictor: self.epoch_metrics(predictor, eval_sets),
             log=self.progress(name),
             strategy=self.strategy,
             resume_dir=resume_dir,
@@ -196,15 +211,22 @@ class Task2(Recipes):
         return record
 
     def tcurve(self):
-        """Student AUC against T at the configured alpha; writes `tcurve-s<seed>.csv`."""
+        """Student AUC against T at the configured alpha; writes `tcurve-s<seed>.csv` and
+        `.json` with the best T, chosen on the validation split (on the test set only
+        with `--validation 0`)."""
+        metrics = [f"{split}_{m}" for split in self.eval_sets for m in ("auc", "accuracy")]
         rows = []
         for index, temperature in enumerate(self.config.temperatures, 1):
             self.log(f"[tcurve {index}/{len(self.config.temperatures)}] T={temperature:g}")
             record = self.kd(temperature)
-            rows.append({"temperature": temperature, "alpha": self.config.alpha, "test_auc": record["test_auc"],
-                         "test_accuracy": record["test_accuracy"], "run": record["run"]})
-        write_csv_atomic(self.store.root / f"tcurve-s{self.seed}.csv", rows,
-                         ("temperature", "alpha", "test_auc", "test_accuracy", "run"))
+            rows.append({"temperature": temperature, "alpha": self.config.alpha, "run": record["run"],
+                         **{k: record[k] for k in metrics}})
+        chosen_by = self.selection_metric("auc")
+        best = max(rows, key=lambda row: row[chosen_by])
+        stem = self.store.root / f"tcurve-s{self.seed}"
+        write_csv_atomic(stem.with_suffix(".csv"), rows, ("temperature", "alpha", *metrics, "run"))
+        write_json_atomic(stem.with_suffix(".json"), {"cells": rows, "best": best, "chosen_by": chosen_by})
+        self.log(f"[tcurve] best by {chosen_by}: T={best['temperature']:g}, test_auc {best['test_auc']:.4f}")
         return rows
 
     def pretrained(self):

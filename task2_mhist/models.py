@@ -26,6 +26,7 @@ TEACHER, STUDENT, ASSISTANT = "resnet50v2", "mobilenetv2", "densenet121"
 BASE_NAME = "base"
 
 
+@keras.saving.register_keras_serializable(package="kd_toolkit")
 class InferenceMode(layers.Layer):
     """Runs `base` with `training=False` whatever mode the enclosing model is called in.
 
@@ -45,6 +46,14 @@ class InferenceMode(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return self.base.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "base": keras.saving.serialize_keras_object(self.base)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        return cls(keras.saving.deserialize_keras_object(config.pop("base")), **config)
 
 
 def preprocessing(mode):

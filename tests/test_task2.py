@@ -41,7 +41,7 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
     assert {p.parent.name for p in out.glob("*/metrics.json")} == expected
     for name in expected:
         record = json.loads((out / name / "metrics.json").read_text())
-        for key in ("test_auc", "test_accuracy", "test_f1"):
+        for key in ("test_auc", "test_accuracy", "test_f1", "val_auc", "val_accuracy", "val_f1"):
             assert 0.0 <= record[key] <= 1.0
         assert np.array(record["confusion_matrix"]).sum() == 12
         assert record["roc_curve"]["tpr"][-1] == 1.0
@@ -51,9 +51,11 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
     ft = json.loads((out / "teacher-ft-s0" / "metrics.json").read_text())
     assert ft["identity"]["learning_rate"] == pytest.approx(1e-5)  # teacher 1e-4 / 10
     assert (out / "teacher-ft-s0" / "train_logits-8views.npy").exists()
-    assert np.load(out / "teacher-ft-s0" / "train_logits-8views.npy").shape == (24, 8, 2)
-    assert np.load(out / "skd-teacher-S2-ft-s0" / "train_logits-8views.npy").shape == (24, 8, 4)
+    assert np.load(out / "teacher-ft-s0" / "train_logits-8views.npy").shape == (20, 8, 2)
+    assert np.load(out / "skd-teacher-S2-ft-s0" / "train_logits-8views.npy").shape == (20, 8, 4)
     assert [r["temperature"] for r in results["tcurve"]] == [1.0, 4.0]
+    assert json.loads((out / "tcurve-s0.json").read_text())["chosen_by"] == "val_auc"
+    assert record["identity"]["validation_examples"] == 4  # 15% of 24, stratified: 3 HP + 1 SSA
     assert {r["weights"] for r in results["pretrained"]} == {"none"}
     assert [r["model"] for r in results["takd"]][-1] == "student from teacher (BLKD)"
     flops = list(csv.DictReader(open(out / "flops.csv")))
@@ -117,3 +119,14 @@ def test_cli_errors(tmp_path, mhist_dir, capsys):
     assert "--image-size" in capsys.readouterr().err
     assert cli.main(["--data-dir", str(mhist_dir), "--alpha", "-1", "-q"]) == 2
     assert "alpha" in capsys.readouterr().err
+
+
+def test_a_run_alone_equals_the_same_run_after_others(tmp_path, mhist_dir, tiny_architectures):
+    from tests.test_task1 import disturb_random_state
+
+    disturb_random_state(123)
+    alone = run_all(tiny_config(tmp_path / "alone", mhist_dir, only=("scratch",)))[0]["scratch"]
+    disturb_random_state(7)
+    after = run_all(tiny_config(tmp_path / "after", mhist_dir, only=("teacher", "kd", "scratch")))[0]["scratch"]
+    assert [h["loss"] for h in alone["history"]] == [h["loss"] for h in after["history"]]
+    assert (alone["test_auc"], alone["test_accuracy"]) == (after["test_auc"], after["test_accuracy"])

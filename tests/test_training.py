@@ -151,3 +151,63 @@ def test_step_traces_once_with_a_partial_last_batch():
             step(batch)
         counts.append(step.experimental_get_tracing_count())
     assert counts == [2, 1]
+
+
+def test_a_non_finite_loss_stops_training_and_saves_nothing(tmp_path):
+    model = tiny_model()
+    with pytest.raises(training.TrainingDiverged, match=r"loss is (nan|inf) in epoch \d/3.*lower the learning rate \(now 1e\+30\)"):
+        training.fit(methods.CrossEntropy(model), common_data.batched(blobs(64), 8), epochs=3,
+                     optimizer=keras.optimizers.SGD(1e30), resume_dir=tmp_path / "resume")
+    assert not (tmp_path / "resume" / "state.npz").exists()
+
+
+def test_epoch_state_is_saved_after_on_epoch_end(tmp_path):
+    """A kill inside `on_epoch_end` (say, while writing the epoch's checkpoint) must
+    not leave a resume state that skips that epoch's checkpoint for good."""
+    arrays = blobs(64)
+    seen = []
+
+    def checkpoint(epoch, _record):
+        seen.append(epoch)
+        if epoch == 2 and len(seen) == 2:
+            raise Interrupt  # killed while writing epoch 2's checkpoint
+
+    def train():
+        return training.fit(methods.CrossEntropy(dropout_model()), common_data.batched(arrays, 16, shuffle=True, seed=1),
+                            epochs=3, optimizer=keras.optimizers.Adam(0.05), on_epoch_end=checkpoint,
+                            resume_dir=tmp_path / "resume")
+
+    with pytest.raises(Interrupt):
+        train()
+    history = train()
+    assert seen == [1, 2, 2, 3]  # epoch 2 runs again, and its checkpoint is written
+    assert [h.get("resumed", False) for h in history] == [True, False, False]
+
+
+def test_resume_state_is_keyed_by_structure_not_by_keras_auto_names(tmp_path):
+    from common.checkpoint import EpochCheckpoint, variable_keys
+
+    def state(model):
+        optimizer = keras.optimizers.Adam()
+        optimizer.build(model.trainable_variables)
+        return EpochCheckpoint(tmp_path, model, optimizer, model.trainable_variables)
+
+    first = dropout_model(seed=0)
+    checkpoint = state(first)
+    for variable in checkpoint.variables.values():
+        variable.assign(variable + 1.0)
+    checkpoint.save([{"epoch": 1}])
+    tiny_model(), dropout_model()  # later models get other Keras names ("dense_7", "seed_generator_3")
+    second = dropout_model(seed=5)
+    assert [v.path for v in second.variables] != [v.path for v in first.variables]
+    assert sorted(variable_keys(second).values()) == sorted(variable_keys(first).values())
+    restored = state(second)
+    assert restored.load() == [{"epoch": 1}]
+    for key, variable in restored.variables.items():
+        np.testing.assert_array_equal(np.asarray(variable), np.asarray(checkpoint.variables[key]))
+    assert "1.Dense/kernel" in restored.variables and "optimizer/1.Dense/kernel/momentum" in restored.variables
+
+    messages = []
+    other = keras.Sequential([keras.Input((2,)), keras.layers.Dense(5), keras.layers.Dense(2)])
+    assert state(other).load(messages.append) == []  # another architecture: never loaded, not even in part
+    assert "does not fit this model" in messages[0]

@@ -1,0 +1,105 @@
+"""Epoch-level resume state, keyed by names that do not depend on the process.
+
+Keras names variables from process-global counters (`teacher/conv2d_3/kernel`,
+`seed_generator_7/...`), so the same model built after other models gets other
+paths. `variable_keys` names each variable by where it sits in the model's layer
+tree instead (`0.Conv2D/kernel`, `5.Dropout/seed_generator_state`), and each
+optimizer slot by the variable it belongs to (`optimizer/0.Conv2D/kernel/momentum`).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from common.results import write_arrays_atomic
+
+
+def _sublayers(layer):
+    # Keras 3 has no public list of a plain layer's direct sublayers (a wrapper's
+    # `base`, say); `_flatten_layers` is what `Model.layers` itself is built on.
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def variable_keys(model):
+    """`{id(variable): key}` for every variable of `model` (weights and RNG states).
+
+    A key joins, from the root, each layer's index among its parent's sublayers and
+    its class name, then the variable's own short name: stable across processes
+    for the same architecture, different when the architecture differs.
+    """
+    keys = {}
+
+    def visit(layer, prefix):
+        for index, child in enumerate(_sublayers(layer)):
+            visit(child, f"{prefix}{index}.{type(child).__name__}/")
+        taken = set(keys.values())
+        for variable in layer.variables:
+            if id(variable) in keys:
+                continue  # named inside a sublayer
+            key, n = f"{prefix}{variable.name}", 1
+            while key in taken:
+                n += 1
+                key = f"{prefix}{variable.name}#{n}"
+            keys[id(variable)] = key
+            taken.add(key)
+
+    visit(model, "")
+    return keys
+
+
+def optimizer_keys(optimizer, model_keys, variables):
+    """`{id(optimizer variable): key}`: a slot of trainable `variables[i]` is
+    `optimizer/<its model key>/<slot>` (Keras names slots `<opt>/<var path>_<slot>`),
+    other state (`iteration`, `learning_rate`) `optimizer/<name>`."""
+    by_prefix = {f"{optimizer.name}/{v.path.replace('/', '_')}_": model_keys[id(v)] for v in variables}
+    keys = {}
+    for variable in optimizer.variables:
+        key = f"optimizer/{variable.name}"
+        for prefix, model_key in by_prefix.items():
+            if variable.path.startswith(prefix):
+                key = f"optimizer/{model_key}/{variable.path[len(prefix):]}"
+                break
+        keys[id(variable)] = key
+    return keys
+
+
+class EpochCheckpoint:
+    """The state after the last finished epoch, in one atomically written file
+    `directory/state.npz`: every model variable (weights and the random-generator
+    states of layers such as dropout), every optimizer variable, the history so
+    far and the seconds spent, each variable under its `variable_keys` name.
+
+    A saved state whose names or shapes differ from the model's (another
+    architecture) is never loaded, not even in part: `load` says so and returns
+    nothing, and training starts over.
+    """
+
+    def __init__(self, directory, model, optimizer, trainable_variables):
+        self.path = Path(directory) / "state.npz"
+        model_keys = variable_keys(model)
+        self.variables = {model_keys[id(v)]: v for v in model.variables}
+        opt_keys = optimizer_keys(optimizer, model_keys, trainable_variables)
+        self.variables.update({opt_keys[id(v)]: v for v in optimizer.variables})
+
+    def save(self, history):
+        arrays = {f"var:{key}": np.asarray(v) for key, v in self.variables.items()}
+        write_arrays_atomic(self.path, {**arrays, "history": np.array(json.dumps(history))})
+
+    def load(self, log=None):
+        """Restores model and (built) optimizer; returns the saved history, or [] if none
+        (or if the saved state belongs to another architecture)."""
+        if not self.path.exists():
+            return []
+        with np.load(self.path) as saved:
+            stored = {name[4:]: saved[name] for name in saved.files if name.startswith("var:")}
+            mismatch = sorted(set(stored) ^ set(self.variables)) or [
+                key for key, v in self.variables.items() if tuple(stored[key].shape) != tuple(v.shape)]
+            if mismatch:
+                if log is not None:
+                    log(f"ignoring saved epoch state {self.path}: it does not fit this model "
+                        f"(first difference: {mismatch[0]}); training from epoch 1")
+                return []
+            for key, variable in self.variables.items():
+                variable.assign(stored[key])
+            return json.loads(str(saved["history"]))
