@@ -12,8 +12,9 @@ def import_tensorflow_quietly():
     """Imports TensorFlow with its C++ start-up notices (oneDNN, CUDA probing) hidden.
 
     TensorFlow >= 2.20 prints them before its log level applies, so stderr is
-    silenced at the file-descriptor level for the import only; Python errors raised
-    by the import still show.
+    silenced at the file-descriptor level for the import and the first device
+    query (where a machine without a GPU logs `failed call to cuInit`); Python
+    errors raised by the import still show.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
@@ -22,17 +23,32 @@ def import_tensorflow_quietly():
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
             try:
-                import tensorflow  # noqa: F401
+                import tensorflow
+
+                tensorflow.config.list_physical_devices()
             finally:
                 os.dup2(saved, 2)
     finally:
         os.close(saved)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults as they are typed: `0,1,2` for lists; none for on/off flags."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _expand_help(self, action):
+        if isinstance(action.default, (tuple, list)):
+            shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in action.default)
+            action = argparse.Action(action.option_strings, action.dest, default=shown, help=action.help)
+        return super()._expand_help(action)
+
+
 def parser(prog, description):
-    return argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
 def add_shared_arguments(parser, defaults, experiments):
@@ -111,7 +127,7 @@ def summary_table(store):
     records = store.records()
     if not records:
         return f"no finished runs in {store.root}"
-    metrics = [m for m in ("test_accuracy", "test_auc") if any(m in r for r in records)]
+    metrics = [m for m in ("val_accuracy", "test_accuracy", "val_auc", "test_auc") if any(m in r for r in records)]
     header = ["run", *metrics, "params", "flops", "wall_s"]
     rows = [
         [

@@ -6,8 +6,11 @@
 - `multi-worker`: `MultiWorkerMirroredStrategy` over the machines named in the
   `TF_CONFIG` environment variable (run the same command on each worker).
 
-`--batch-size` is the global batch, split across replicas.
+`--batch-size` is the global batch, split across replicas. Every worker runs the
+same steps; only the chief writes `--out` (see `results_root`).
 """
+
+from pathlib import Path
 
 import tensorflow as tf
 
@@ -22,3 +25,25 @@ def make_strategy(name):
     if name == "multi-worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def is_chief(strategy):
+    """Whether this process is the one that writes results: yes unless it is a
+    non-chief worker of a multi-worker cluster (the chief, or worker 0 of a
+    cluster without one, writes; the rule of TensorFlow's multi-worker guide)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if task_type is None or task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def results_root(out, strategy):
+    """`out` for the chief; `out/.workers/<type>-<id>` for the other workers, which
+    keep their own copy of the store (so each resumes exactly as the chief does)
+    without writing the chief's results."""
+    if is_chief(strategy):
+        return Path(out)
+    resolver = strategy.cluster_resolver
+    return Path(out) / ".workers" / f"{resolver.task_type}-{resolver.task_id}"

@@ -13,10 +13,10 @@ import time
 import keras
 
 from common import methods, runs, training
-from common.distribute import make_strategy
+from common.distribute import make_strategy, results_root
 from common.errors import DataError
 from common.explanations import explain_and_save
-from common.results import ResultsStore
+from common.results import ResultsStore, identity_hash
 
 
 class Recipes:
@@ -28,10 +28,33 @@ class Recipes:
         self.config = config
         self.seed = seed
         self.log = log or (lambda _msg: None)
-        self.store = ResultsStore(config.out)
         self.strategy = make_strategy(config.distribute)
+        self.store = ResultsStore(results_root(config.out, self.strategy))
         self._models = {}
         self._logits = {}
+
+    @staticmethod
+    def load_data(config):
+        """The task's data set, loaded once and shared by every seed's `Recipes`."""
+        raise NotImplementedError
+
+    @classmethod
+    def run_all(cls, config, data=None, log=None):
+        """Every selected experiment for every seed, then `summary.csv` (one row per
+        run) and `summary_by_experiment.csv` (mean ± std over seeds). `--out` is
+        checked before any data is read or model trained. Returns per-seed outcomes."""
+        log = log or (lambda _msg: None)
+        ResultsStore(config.out).prepare()
+        data = data if data is not None else cls.load_data(config)
+        outcomes = {}
+        for index, seed in enumerate(config.seeds, 1):
+            if len(config.seeds) > 1:
+                log(f"== seed {seed} ({index}/{len(config.seeds)})")
+            task = cls(config, data, seed=seed, log=log)
+            outcomes[seed] = task.run()
+        task.store.write_summary()
+        task.store.write_seed_summary()
+        return outcomes
 
     # -- provided by each task -------------------------------------------------
 
@@ -216,16 +239,15 @@ class Recipes:
         """LIME or occlusion maps of teacher, KD student and scratch student, saved under
         `explain/<kind>-s<seed>` with the agreement numbers of every pair."""
         c = self.config
-        models = {
-            "teacher": self.teacher_model()[1],
-            "kd_student": self._models[self.kd()["run"]],
-            "scratch_student": self._models[self.scratch()["run"]],
-        }
+        records = {"teacher": self.teacher(), "kd_student": self.kd(), "scratch_student": self.scratch()}
         if kind == "lime":
             settings = {"num_samples": c.lime_samples, **self.lime_settings()}
         else:
             settings = {"patch": c.occlusion_patch, "stride": c.occlusion_stride, "fill": self.occlusion_fill}
+        # The maps belong to these exact runs: another student (say, of another T) is explained anew.
+        settings["runs"] = {name: f"{r['run']}@{identity_hash(r['identity'])}" for name, r in records.items()}
         images, labels = self.explanation_images()
-        predictors = {name: training.probabilities_fn(model, self.explain_batch) for name, model in models.items()}
+        predictors = {name: training.probabilities_fn(self._models[r["run"]], self.explain_batch)
+                      for name, r in records.items()}
         return explain_and_save(self.store.root / "explain", f"{kind}-s{self.seed}", kind, predictors,
                                 images, labels, {"seed": self.seed, "top_k": c.top_k, **settings}, self.log)

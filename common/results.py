@@ -30,7 +30,9 @@ SUMMARY_COLUMNS = (
     "epochs",
     "temperature",
     "alpha",
+    "val_accuracy",
     "test_accuracy",
+    "val_auc",
     "test_auc",
     "params",
     "flops",
@@ -127,6 +129,19 @@ class ResultsStore:
 
     def __init__(self, root):
         self.root = Path(root)
+
+    def prepare(self):
+        """Creates `root` if needed and checks that files can be written there, so a
+        bad `--out` fails at once with one line, before any work."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--out {self.root} is a file, not a folder; choose a folder for the results")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as err:
+            raise UserError(f"--out {self.root}: cannot write results there ({err.strerror or err}); "
+                            "choose a folder you can write to") from None
 
     def run_dir(self, name):
         return self.root / name

@@ -195,12 +195,12 @@ def fit(
 
 
 def format_epoch(record, epochs, term_names=()):
-    """One progress line: `epoch 3/12 loss 0.1234 (ce 0.1, kd 0.02) train_acc 0.98 test_... 4.1s`."""
+    """One progress line: `epoch 3/12 loss 0.1234 (ce 0.1, kd 0.02) train_acc 0.98 val_... test_... 4.1s`."""
     parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['loss']:.4f}"]
     if len(term_names) > 1:
         parts.append("(" + ", ".join(f"{k} {record[k]:.4f}" for k in term_names) + ")")
     parts.append(f"train_acc {record['train_accuracy']:.4f}")
     parts += [f"{k.replace('accuracy', 'acc')} {v:.4f}" for k, v in record.items()
-              if k.startswith("test_") and isinstance(v, float)]
+              if k.startswith(("val_", "test_")) and isinstance(v, float)]
     parts.append(f"{record['seconds']:.1f}s")
     return " ".join(parts)

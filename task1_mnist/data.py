@@ -1,6 +1,7 @@
 """MNIST loading: a local `mnist.npz` (keras layout) or Keras' own download."""
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,8 @@ def _read_npz(path):
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except KeyError as err:
         raise DataError(f"{path}: missing array {err}; {_HOW}") from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err}); {_HOW}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: not a readable .npz file, truncated or corrupt ({err}); {_HOW}") from None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim != 3 or x.shape[1:] != (28, 28) or len(x) != len(y) or len(x) == 0:

@@ -14,7 +14,7 @@ from common import data as common_data
 from common import explain, losses, methods, runs, training
 from common.errors import DataError
 from common.recipes import Recipes
-from common.results import ResultsStore, write_csv_atomic, write_json_atomic
+from common.results import write_csv_atomic, write_json_atomic
 from task1_mnist import data as mnist
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
 
@@ -28,7 +28,7 @@ class Task1(Recipes):
 
     def __init__(self, config, arrays=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
-        arrays = arrays if arrays is not None else mnist.load_mnist(config.data_dir, config.limit)
+        arrays = arrays if arrays is not None else self.load_data(config)
         self.data_id = common_data.fingerprint(*(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")))
         held_out = common_data.validation_count(config.validation, len(arrays["y_train"]))
         train, val = common_data.stratified_split(arrays["y_train"], held_out)
@@ -39,6 +39,10 @@ class Task1(Recipes):
                                        map_fn=mnist.scale)
             for split in (("val", "test") if held_out else ("test",))
         }
+
+    @staticmethod
+    def load_data(config):
+        return mnist.load_mnist(config.data_dir, config.limit)
 
     def base_identity(self):
         c = self.config
@@ -239,17 +243,6 @@ class Task1(Recipes):
                 "hide_value": 0.0}
 
 def run_all(config, arrays=None, log=None):
-    """Every selected experiment for every seed; then `summary.csv` (one row per run)
-    and `summary_by_experiment.csv` (mean ± std over seeds). Returns per-seed outcomes."""
-    log = log or (lambda _msg: None)
-    arrays = arrays if arrays is not None else mnist.load_mnist(config.data_dir, config.limit)
-    outcomes = {}
-    for index, seed in enumerate(config.seeds, 1):
-        if len(config.seeds) > 1:
-            log(f"== seed {seed} ({index}/{len(config.seeds)})")
-        task = Task1(config, arrays=arrays, seed=seed, log=log)
-        outcomes[seed] = task.run()
-    store = ResultsStore(config.out)
-    store.write_summary()
-    store.write_seed_summary()
-    return outcomes
+    """Every selected experiment for every seed (see `Recipes.run_all`); `arrays`:
+    loaded MNIST, else read from `config.data_dir`."""
+    return Task1.run_all(config, arrays, log)

@@ -19,7 +19,7 @@ import numpy as np
 from common import explain, methods, runs, training
 from common.metrics import binary_metrics
 from common.recipes import Recipes
-from common.results import ResultsStore, write_array_atomic, write_arrays_atomic, write_csv_atomic, write_json_atomic
+from common.results import write_array_atomic, write_arrays_atomic, write_csv_atomic, write_json_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
 
@@ -34,7 +34,7 @@ class Task2(Recipes):
 
     def __init__(self, config, splits=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
-        splits = splits or mhist.load_mhist(config.data_dir, config.annotations, limit=config.limit)
+        splits = splits or self.load_data(config)
         self.data_id = mhist.fingerprint(splits)
         self.splits = mhist.hold_out(splits, config.validation)
         self.eval_sets = {name: mhist.dataset(self.splits[name], config.image_size, EVAL_BATCH)
@@ -42,6 +42,10 @@ class Task2(Recipes):
         self._features = {}
 
     # -- the task's data and schedule -----------------------------------------
+
+    @staticmethod
+    def load_data(config):
+        return mhist.load_mhist(config.data_dir, config.annotations, limit=config.limit)
 
     def base_identity(self):
         c = self.config
@@ -307,15 +311,6 @@ def weights_tag(weights):
 
 
 def run_all(config, splits=None, log=None):
-    """Every selected experiment for every seed, then the summaries."""
-    log = log or (lambda _msg: None)
-    splits = splits or mhist.load_mhist(config.data_dir, config.annotations, limit=config.limit)
-    outcomes = {}
-    for index, seed in enumerate(config.seeds, 1):
-        if len(config.seeds) > 1:
-            log(f"== seed {seed} ({index}/{len(config.seeds)})")
-        outcomes[seed] = Task2(config, splits=splits, seed=seed, log=log).run()
-    store = ResultsStore(config.out)
-    store.write_summary()
-    store.write_seed_summary()
-    return outcomes
+    """Every selected experiment for every seed (see `Recipes.run_all`); `splits`:
+    loaded MHIST, else read from `config.data_dir`."""
+    return Task2.run_all(config, splits, log)

@@ -11,6 +11,8 @@ base has no statistics to keep, so its BatchNorm layers learn theirs while
 fine-tuning.
 """
 
+import warnings
+
 import keras
 from keras import layers
 
@@ -90,18 +92,24 @@ def build(architecture, weights="imagenet", image_size=224, num_outputs=2, dropo
 def make_base(constructor, architecture, weights, resolved, image_size):
     """The `keras.applications` base; `resolved` is `resolve_weights(weights, ...)`."""
     try:
-        base = constructor(include_top=False, weights=resolved, input_shape=(image_size, image_size, 3),
-                           pooling="avg")
-    except Exception as err:  # download failures surface as several exception types
+        with warnings.catch_warnings():  # a mismatched file makes Keras warn once per layer
+            warnings.simplefilter("ignore")
+            base = constructor(include_top=False, weights=resolved, input_shape=(image_size, image_size, 3),
+                               pooling="avg")
+    except Exception as err:  # download and load failures surface as several exception types
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[0][:200] if lines else type(err).__name__
         if resolved == "imagenet":
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise DataError(
                 f"could not get ImageNet weights for {architecture} ({reason}); pass --weights DIR (a folder "
                 f"holding {keras_weights_file(architecture, image_size)} and the other bases' Keras no-top "
                 f"files), --weights PATH (one file of this base) or --weights none"
             ) from None
         if resolved is not None:
-            raise DataError(f"--weights {weights}: cannot load into {architecture} without top ({err})") from None
+            raise DataError(
+                f"--weights {weights}: not the weights of {architecture} without top ({reason}); use its Keras "
+                f"no-top file {keras_weights_file(architecture, image_size)}, a folder of such files, imagenet or none"
+            ) from None
         raise
     base.name = BASE_NAME
     return base

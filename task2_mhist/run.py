@@ -25,7 +25,7 @@ def build_parser():
     p.add_argument("--phase", choices=PHASES, default=d.phase, help="feature-extraction only, or then fine-tuning (finetune = all)")
     p.add_argument("--weights", default=d.weights, help="imagenet (Keras download), none, or PATH to a base weights file")
     p.add_argument("--image-size", type=int, default=d.image_size, help="square input size in pixels; smaller runs faster on CPU")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
     p.add_argument("--fe-epochs", type=int, default=d.fe_epochs, help="feature-extraction epochs")
     p.add_argument("--ft-epochs", type=int, default=d.ft_epochs, help="fine-tuning epochs")
     p.add_argument("--teacher-lr", type=float, default=d.teacher_lr, help="teacher Adam rate (fine-tuning: / 10)")

@@ -70,3 +70,21 @@ def tiny_architectures(monkeypatch):
 
     for name, (_, mode) in list(models.ARCHITECTURES.items()):
         monkeypatch.setitem(models.ARCHITECTURES, name, (tiny_base, mode))
+
+
+def write_keras_weights(folder, architectures, image_size):
+    """Writes each architecture's base (random values) under the file name Keras gives
+    its no-top ImageNet weights, in the legacy HDF5 layout Keras' downloads use, as a
+    `--weights DIR` folder; returns `{architecture: the base written}`."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    from task2_mhist import models
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = {}
+    for architecture in architectures:
+        sources[architecture] = models.base_of(models.build(architecture, "none", image_size))
+        with h5py.File(folder / models.keras_weights_file(architecture, image_size), "w") as handle:
+            legacy_h5_format.save_weights_to_hdf5_group(handle, sources[architecture])
+    return sources

@@ -269,3 +269,45 @@ def test_a_run_alone_equals_the_same_run_after_others(tmp_path, synthetic_mnist)
                   arrays=synthetic_mnist).run()["scratch"]
     assert [h["loss"] for h in alone["history"]] == [h["loss"] for h in after["history"]]
     assert alone["test_accuracy"] == after["test_accuracy"]
+
+
+def test_bad_files_and_folders_are_one_line_errors_before_any_training(tmp_path, real_mnist_dir, capsys):
+    truncated = tmp_path / "mnist.npz"
+    truncated.write_bytes((real_mnist_dir / "mnist.npz").read_bytes()[:3_000_000])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    cases = [
+        (["--data-dir", str(truncated), "--out", str(tmp_path / "o")], "truncated or corrupt"),
+        (["--data-dir", str(real_mnist_dir), "--out", str(a_file)], "is a file, not a folder"),
+        (["--data-dir", str(real_mnist_dir), "--out", "/proc/kd-results"], "cannot write results there"),
+    ]
+    for argv, message in cases:
+        status = cli.main([*argv, "--only", "scratch", "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and err.startswith("error:") and message in err and "\n" not in err, err
+    assert a_file.read_text() == "not a folder"
+    assert not any((tmp_path / "o").glob("*/metrics.json"))
+
+
+def test_a_diverging_run_is_an_error_and_is_not_recorded(tmp_path, synthetic_mnist, capsys):
+    np.savez(tmp_path / "mnist.npz", **{k: v[..., 0] if k.startswith("x") else v for k, v in synthetic_mnist.items()})
+    argv = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--learning-rate", "1e30", "--epochs", "2",
+            "--validation", "0", "--only", "scratch", "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "[scratch-s0] training diverged" in err and "lower the learning rate" in err and "\n" not in err
+    assert not (tmp_path / "o" / "scratch-s0" / "metrics.json").exists()
+    assert cli.main(argv) == 2  # a rerun trains (and fails) again: nothing was marked finished
+
+
+def test_explanations_belong_to_the_runs_they_explain(tmp_path, synthetic_mnist):
+    config = small_config(tmp_path, only=("occlusion",), explain_images=1)
+    run_all(config, arrays=synthetic_mnist)
+    saved = json.loads((tmp_path / "out" / "explain" / "occlusion-s0.json").read_text())
+    assert saved["settings"]["runs"]["kd_student"].startswith("kd-T4-a0.5-s0@")
+    messages = []
+    run_all(small_config(tmp_path, only=("occlusion",), explain_images=1, temperature=2.0), arrays=synthetic_mnist,
+            log=messages.append)
+    assert not any("occlusion-s0] finished earlier" in m for m in messages)  # another student: explained anew
+    saved = json.loads((tmp_path / "out" / "explain" / "occlusion-s0.json").read_text())
+    assert saved["settings"]["runs"]["kd_student"].startswith("kd-T2-a0.5-s0@")

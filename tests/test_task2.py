@@ -130,3 +130,35 @@ def test_a_run_alone_equals_the_same_run_after_others(tmp_path, mhist_dir, tiny_
     after = run_all(tiny_config(tmp_path / "after", mhist_dir, only=("teacher", "kd", "scratch")))[0]["scratch"]
     assert [h["loss"] for h in alone["history"]] == [h["loss"] for h in after["history"]]
     assert (alone["test_auc"], alone["test_accuracy"]) == (after["test_auc"], after["test_accuracy"])
+
+
+def test_every_experiment_end_to_end_with_a_pretrained_weights_folder(tmp_path, mhist_dir, tiny_architectures):
+    """The default path: pretrained bases (here a --weights folder of Keras-named files
+    with random values), every experiment in one invocation, then a report."""
+    from tests.conftest import write_keras_weights
+
+    weights = tmp_path / "weights"
+    write_keras_weights(weights, models.ARCHITECTURES, 32)
+    config = tiny_config(tmp_path, mhist_dir, weights=str(weights))
+    results = run_all(config)[0]
+    out = tmp_path / "out"
+    stems = ["teacher", "kd-T4-a0.5", "kd-T1-a0.5", "scratch", "skd-teacher-S2", "skd-S2-T4-a0.5",
+             "ta-T4-a0.5", "ta-takd-T4-a0.5", "teacher-init_none", "scratch-init_none"]
+    assert {p.parent.name for p in out.glob("*/metrics.json")} == {
+        f"{stem}-{phase}-s0" for stem in stems for phase in ("fe", "ft")}
+    assert {r["weights"] for r in results["pretrained"]} == {"file", "none"}
+    teacher = json.loads((out / "teacher-ft-s0" / "metrics.json").read_text())
+    assert teacher["identity"]["weights"] == str(weights) and teacher["params"] > 0 and teacher["flops"] > 0
+    assert isinstance(models.build(models.TEACHER, str(weights), 32).get_layer(models.BASE_NAME), models.InferenceMode)
+
+
+def test_cli_with_a_real_mobilenetv2_weights_folder(tmp_path, mhist_dir, capsys):
+    """The issue's command: a real MobileNetV2 no-top file, `--only scratch`, finishes."""
+    from tests.conftest import write_keras_weights
+
+    write_keras_weights(tmp_path / "w", (models.STUDENT,), 32)
+    argv = ["--data-dir", str(mhist_dir), "--out", str(tmp_path / "o"), "--weights", str(tmp_path / "w"),
+            "--image-size", "32", "--batch-size", "8", "--fe-epochs", "1", "--ft-epochs", "1", "--only", "scratch", "-q"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "o" / "scratch-ft-s0" / "metrics.json").read_text())
+    assert record["params"] == models.build(models.STUDENT, "none", 32).count_params() and record["flops"] > 0

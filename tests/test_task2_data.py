@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from common.errors import DataError
+from tests.conftest import write_keras_weights
 from task2_mhist import data as mhist
 from task2_mhist import models
 
@@ -190,14 +191,7 @@ def test_weights_from_a_saved_file(tmp_path):
 def test_weights_from_a_folder_of_keras_files(tmp_path, tiny_architectures):
     """One folder serves every architecture, each file under its Keras name and in
     the legacy HDF5 layout Keras' downloads use."""
-    import h5py
-    from keras.src.legacy.saving import legacy_h5_format
-
-    sources = {}
-    for architecture in (models.TEACHER, models.STUDENT):
-        sources[architecture] = models.base_of(models.build(architecture, "none", 40))
-        with h5py.File(tmp_path / models.keras_weights_file(architecture, 40), "w") as handle:
-            legacy_h5_format.save_weights_to_hdf5_group(handle, sources[architecture])
+    sources = write_keras_weights(tmp_path, (models.TEACHER, models.STUDENT), 40)
     assert models.keras_weights_file(models.STUDENT, 40).endswith("_1.0_224_no_top.h5")  # 40 px: Keras uses 224
     assert models.keras_weights_file(models.STUDENT, 160).endswith("_1.0_160_no_top.h5")
     assert models.keras_weights_file(models.TEACHER) == "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -219,3 +213,13 @@ def test_imagenet_download_failure_names_the_way_out(monkeypatch):
     with pytest.raises(DataError, match="--weights DIR.*resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5.*--weights none"):
         models.build("resnet50v2", "imagenet", 32)
     assert keras  # the real constructor is restored by monkeypatch
+
+
+def test_weights_of_another_architecture_are_a_short_error(tmp_path, capsys):
+    path = tmp_path / "resnet.weights.h5"
+    models.base_of(models.build(models.TEACHER, "none", 32)).save_weights(path)
+    with pytest.raises(DataError) as caught:
+        models.build(models.STUDENT, str(path), 32)
+    message = str(caught.value)
+    assert "not the weights of mobilenetv2" in message and "\n" not in message and len(message) < 600
+    assert "UserWarning" not in capsys.readouterr().err
