@@ -159,13 +159,27 @@ def top_k_overlap(a, b, k):
 
 
 def agreement(maps_a, maps_b, k=5):
-    """Mean and std over images of Pearson r and top-k overlap between two models' maps."""
-    r = np.array([pearson(a, b) for a, b in zip(maps_a, maps_b)])
-    overlap = np.array([top_k_overlap(a, b, k) for a, b in zip(maps_a, maps_b)])
+    """Mean and std over images of Pearson r and top-k overlap between two models' maps.
+
+    An image where either map is constant or has no more than `k` cells (say, one
+    superpixel) says nothing about agreement (r undefined, overlap trivially 1): it
+    is left out and counted in `degenerate_images`; with no usable image every
+    statistic is NaN.
+    """
+    usable = [(a, b) for a, b in zip(maps_a, maps_b) if _informative(a, k) and _informative(b, k)]
+    r = np.array([pearson(a, b) for a, b in usable])
+    overlap = np.array([top_k_overlap(a, b, k) for a, b in usable])
+    nan = float("nan")
     return {
-        "pearson_mean": float(np.nanmean(r)) if np.isfinite(r).any() else float("nan"),
-        "pearson_std": float(np.nanstd(r)) if np.isfinite(r).any() else float("nan"),
-        f"top{k}_overlap_mean": float(overlap.mean()),
-        f"top{k}_overlap_std": float(overlap.std()),
-        "images": int(len(r)),
+        "pearson_mean": float(r.mean()) if len(r) else nan,
+        "pearson_std": float(r.std()) if len(r) else nan,
+        f"top{k}_overlap_mean": float(overlap.mean()) if len(r) else nan,
+        f"top{k}_overlap_std": float(overlap.std()) if len(r) else nan,
+        "images": int(len(maps_a)),
+        "degenerate_images": int(len(maps_a) - len(usable)),
     }
+
+
+def _informative(values, k):
+    values = np.ravel(np.asarray(values, np.float64))
+    return values.size > k and np.all(np.isfinite(values)) and np.ptp(values) > 0

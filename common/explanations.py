@@ -51,11 +51,14 @@ def explain_and_save(out_dir, tag, kind, predictors, images, labels, settings, l
     k = settings.get("top_k", 5)
     pairs = {}
     for a, b in itertools.combinations(predictors, 2):
-        pairs[f"{a} vs {b}"] = explain.agreement(maps[a], maps[b], k)
-        pairs[f"{a} vs {b}"]["pearson_per_image"] = [explain.pearson(x, y) for x, y in zip(maps[a], maps[b])]
-        say(f"[{tag}] {a} vs {b}: Pearson r {pairs[f'{a} vs {b}']['pearson_mean']:.3f} "
-            f"± {pairs[f'{a} vs {b}']['pearson_std']:.3f}, top-{k} overlap "
-            f"{pairs[f'{a} vs {b}'][f'top{k}_overlap_mean']:.2f}")
+        pair = pairs[f"{a} vs {b}"] = explain.agreement(maps[a], maps[b], k)
+        pair["pearson_per_image"] = [explain.pearson(x, y) for x, y in zip(maps[a], maps[b])]
+        if pair["degenerate_images"] == pair["images"]:
+            say(f"[{tag}] {a} vs {b}: agreement undefined: every map is constant or has at most {k} cells")
+            continue
+        left_out = f" ({pair['degenerate_images']} degenerate images left out)" if pair["degenerate_images"] else ""
+        say(f"[{tag}] {a} vs {b}: Pearson r {pair['pearson_mean']:.3f} ± {pair['pearson_std']:.3f}, "
+            f"top-{k} overlap {pair[f'top{k}_overlap_mean']:.2f}{left_out}")
     for name, per_image in maps.items():
         arrays[f"map__{name}"] = _pad(per_image)
     write_arrays_atomic(npz_path, arrays, compressed=True)

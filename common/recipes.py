@@ -41,11 +41,12 @@ class Recipes:
     @classmethod
     def run_all(cls, config, data=None, log=None):
         """Every selected experiment for every seed, then `summary.csv` (one row per
-        run) and `summary_by_experiment.csv` (mean ± std over seeds). `--out` is
-        checked before any data is read or model trained. Returns per-seed outcomes."""
+        run) and `summary_by_experiment.csv` (mean ± std over seeds). The data are
+        read and checked first (nothing is written for bad data), then `--out`,
+        before any model trains. Returns per-seed outcomes."""
         log = log or (lambda _msg: None)
-        ResultsStore(config.out).prepare()
         data = data if data is not None else cls.load_data(config)
+        ResultsStore(config.out).prepare()
         outcomes = {}
         for index, seed in enumerate(config.seeds, 1):
             if len(config.seeds) > 1:
@@ -60,6 +61,11 @@ class Recipes:
 
     def base_identity(self):
         """Settings shared by every run of the task (epochs, batch size, data size...)."""
+        raise NotImplementedError
+
+    def data_info(self):
+        """Where the data came from, for records and reports: `source`, `fingerprint`,
+        `synthetic`, and the `train` / `validation` / `test` sizes."""
         raise NotImplementedError
 
     def train_data(self, **extra_arrays):
@@ -125,6 +131,7 @@ class Recipes:
                                                      resume_dir=self.store.resume_dir(name, identity), **fit_options),
             evaluate=lambda model: self.evaluate(training.compiled_predictor(make_method(model).class_logits)),
             log=self.log,
+            about={"data": self.data_info()},
         )
         if model is None:
             raise DataError(
@@ -195,7 +202,9 @@ class Recipes:
         """Runs the selected experiments (all by default) in `experiments` order.
 
         Returns `{experiment: outcome}`. Each experiment's wall time and the process's
-        peak memory after it are logged and appended to `<out>/timings.jsonl`.
+        peak memory after it are logged and appended to `<out>/timings.jsonl`, also
+        when it stops early (`"finished": false`: interrupted or failed), so the
+        time of every invocation, resumed ones included, is counted.
         """
         only = tuple(only or self.config.only)
         outcomes = {}
@@ -204,14 +213,19 @@ class Recipes:
                 continue
             started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             start = time.perf_counter()
-            outcomes[name] = getattr(self, name)()
-            timing = {"experiment": name, "seed": self.seed, "started_at": started,
-                      "seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(runs.peak_rss_mib(), 1)}
+            finished = False
+            try:
+                outcomes[name] = getattr(self, name)()
+                finished = True
+            finally:
+                timing = {"experiment": name, "seed": self.seed, "started_at": started, "finished": finished,
+                          "seconds": round(time.perf_counter() - start, 1),
+                          "peak_rss_mib": round(runs.peak_rss_mib(), 1)}
+                self.store.root.mkdir(parents=True, exist_ok=True)
+                with open(self.store.root / "timings.jsonl", "a") as handle:
+                    handle.write(json.dumps(timing) + "\n")
             self.log(f"[{name}] experiment finished in {timing['seconds']:.0f}s "
                      f"(peak memory so far {timing['peak_rss_mib']:.0f} MiB)")
-            self.store.root.mkdir(parents=True, exist_ok=True)
-            with open(self.store.root / "timings.jsonl", "a") as handle:
-                handle.write(json.dumps(timing) + "\n")
         return outcomes
 
     # -- explanations (each task provides its images and segmentation) ----------

@@ -53,7 +53,7 @@ def model_size(model):
     return {"params": int(model.count_params()), "flops": _FLOPS_BY_ARCHITECTURE[key]}
 
 
-def run(store, name, *, identity, config, build, data, train, evaluate, log=None):
+def run(store, name, *, identity, config, build, data, train, evaluate, log=None, about=None):
     """Trains and records run `name`, or loads it when it already finished.
 
     Args:
@@ -73,6 +73,8 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
         `common.training.fit` (or the concatenation of several phases).
       evaluate: `(model) -> dict` of metrics (at least `test_accuracy`).
       log: optional `callable(str)` for progress.
+      about: optional dict saved with the record as it is (e.g. `"data"`: where the
+        data came from), not part of the identity.
 
     Returns:
       `(record, model)`: the saved record and the trained model (weights loaded
@@ -122,6 +124,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
         "identity": identity,
         "identity_hash": identity_hash(identity),
         "config": config,
+        **(about or {}),
         "environment": environment(),
         "history": history,
     }

@@ -36,7 +36,8 @@ def locate(data_dir=None):
 
 
 def load_mnist(data_dir=None, limit=None):
-    """MNIST as uint8 arrays: `x_train (n, 28, 28, 1)`, `y_train (n,)`, `x_test`, `y_test`.
+    """MNIST as uint8 arrays: `x_train (n, 28, 28, 1)`, `y_train (n,)`, `x_test`, `y_test`,
+    and `source` (where they came from, a string).
 
     `limit` keeps the first `limit` training and test examples (quick runs).
     """
@@ -49,6 +50,9 @@ def load_mnist(data_dir=None, limit=None):
         arrays = {k: v[:limit] for k, v in arrays.items()}
     arrays["x_train"] = arrays["x_train"][..., None]
     arrays["x_test"] = arrays["x_test"][..., None]
+    arrays["source"] = str(path) if path is not None else "keras.datasets.mnist download"
+    if limit is not None:
+        arrays["source"] += f" (first {limit} train and test images)"
     return arrays
 
 

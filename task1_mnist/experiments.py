@@ -44,6 +44,11 @@ class Task1(Recipes):
     def load_data(config):
         return mnist.load_mnist(config.data_dir, config.limit)
 
+    def data_info(self):
+        return {"source": self.arrays.get("source", "arrays given by the caller"), "fingerprint": self.data_id,
+                "synthetic": False, **{name: int(len(self.arrays[f"y_{split}"]))
+                                       for name, split in (("train", "train"), ("validation", "val"), ("test", "test"))}}
+
     def base_identity(self):
         c = self.config
         return {"epochs": c.epochs, "batch_size": c.batch_size, "learning_rate": c.learning_rate,

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.errors import DataError
+from task2_mhist import synthetic
 
 CSV_NAME = "annotations.csv"
 IMAGE = "Image Name"
@@ -76,6 +77,11 @@ def hold_out(splits, validation):
         return dict(splits)
     train, val = stratified_split(splits["train"].labels, count)
     return {**splits, "train": splits["train"].take(train), "val": splits["train"].take(val)}
+
+
+def is_synthetic(data_dir):
+    """Whether `data_dir` was written by `task2_mhist.synthetic` (noise, not tissue)."""
+    return data_dir is not None and (Path(data_dir).expanduser() / synthetic.MARKER).is_file()
 
 
 def images_folder(data_dir):

@@ -47,6 +47,12 @@ class Task2(Recipes):
     def load_data(config):
         return mhist.load_mhist(config.data_dir, config.annotations, limit=config.limit)
 
+    def data_info(self):
+        source = str(self.config.data_dir) + (f" (first {self.config.limit} per partition)" if self.config.limit else "")
+        return {"source": source, "fingerprint": self.data_id, "synthetic": mhist.is_synthetic(self.config.data_dir),
+                **{name: len(self.splits.get(split, ()))
+                   for name, split in (("train", "train"), ("validation", "val"), ("test", "test"))}}
+
     def base_identity(self):
         c = self.config
         return {"weights": str(c.weights), "image_size": c.image_size, "batch_size": c.batch_size, "augment": c.augment,

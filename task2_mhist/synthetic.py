@@ -2,18 +2,21 @@
 without the real images: `python -m task2_mhist.synthetic --out DIR`.
 
 Every image is `size x size` RGB noise whose class is learnable (SSA tiles are
-redder, HP tiles bluer). With `--annotations` (e.g. the real CSV in
+redder, HP tiles bluer). The folder carries `SYNTHETIC.json`, so every run and
+report made from it says so. With `--annotations` (e.g. the real CSV in
 `../shared/data/mhist/`) the folder has the real names, labels, votes and
 partitions: 3,152 images, 2,175 train / 977 test.
 """
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+MARKER = "SYNTHETIC.json"  # beside annotations.csv: this folder is not real MHIST
 COLUMNS = ("Image Name", "Majority Vote Label", "Number of Annotators who Selected SSA (Out of 7)", "Partition")
 
 
@@ -57,6 +60,9 @@ def write_folder(root, rows, size=224, seed=0, log=None):
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         writer.writerows(rows)
+    marker = {"generator": "task2_mhist.synthetic", "images": len(rows), "size": size, "seed": seed,
+              "note": "noise images whose class is colour-coded; not MHIST tissue"}
+    (root / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return root
 
 

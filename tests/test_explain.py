@@ -90,3 +90,15 @@ def test_pearson_and_top_k_by_hand():
     assert explain.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert np.isnan(explain.pearson([1, 1, 1], [1, 2, 3]))
     assert explain.top_k_overlap([5, 4, 3, 0], [5, 0, 4, 3], k=2) == 0.5
+
+
+def test_degenerate_maps_are_left_out_of_agreement():
+    informative = [np.array([0.1, 0.5, -0.2, 0.9, 0.0, 0.3, -0.4])] * 2
+    constant = [np.zeros(7)] * 2  # e.g. a model whose probability never moved
+    one_superpixel = [np.array([0.4])] * 2  # SLIC found one segment: top-5 overlap would be trivially 1
+    mixed = explain.agreement(informative + constant + one_superpixel, informative + constant + one_superpixel, k=5)
+    assert mixed["pearson_mean"] == pytest.approx(1.0) and mixed["top5_overlap_mean"] == 1.0
+    assert (mixed["images"], mixed["degenerate_images"]) == (6, 4)
+    none = explain.agreement(one_superpixel, one_superpixel, k=5)
+    assert none["degenerate_images"] == 2
+    assert all(np.isnan(none[key]) for key in ("pearson_mean", "pearson_std", "top5_overlap_mean"))
