@@ -11,6 +11,7 @@ skipped with a note in the summary, never a crash.
 import argparse
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -91,6 +92,55 @@ def grouped(records, metric):
     return {g: (*mean_std([r[metric] for r in rs]), len(rs), rs[0]) for g, rs in groups.items()}
 
 
+SETTINGS = (  # identity key -> how a settings line names it
+    ("epochs", "epochs"), ("batch_size", "batch"), ("learning_rate", "learning rate"), ("image_size", "image px"),
+    ("weights", "weights"), ("augment", "augmentation"),
+)
+
+
+def _values(values):
+    values = sorted({str(v) for v in values if v is not None})
+    return values[0] if len(values) == 1 else " / ".join(values)
+
+
+def settings_line(records):
+    """One italic line naming what produced a table: training settings (per phase
+    for Task 2), seeds and data (source, fingerprint, sizes; synthetic said first)."""
+    if not records:
+        return ""
+    parts = []
+    phases = sorted({r["identity"].get("phase") for r in records if r["identity"].get("phase")})
+    for key, label in SETTINGS:
+        if key == "epochs" and phases:
+            parts.append("epochs " + ", ".join(
+                f"{phase} {_values(r['identity'].get('epochs') for r in records if r['identity'].get('phase') == phase)}"
+                for phase in phases))
+        elif any(key in r["identity"] for r in records):
+            parts.append(f"{label} {_values(r['identity'].get(key) for r in records)}")
+    seeds = sorted({r.get("seed", 0) for r in records})
+    parts.append(f"seeds {', '.join(map(str, seeds))} (n={len(seeds)})")
+    data = [r.get("data") or {} for r in records]
+    if not all(data):
+        parts.append("data: not recorded (results from before data fingerprints)")
+    else:
+        first = data[0]
+        synthetic = "SYNTHETIC images, " if any(d.get("synthetic") for d in data) else ""
+        parts.append(f"data: {synthetic}{_values(d['source'] for d in data)} (fingerprint "
+                     f"{_values(d['fingerprint'] for d in data)}), {first['train']:,} train / "
+                     f"{first['validation']:,} validation / {first['test']:,} test")
+    return "*Settings: " + "; ".join(parts) + ".*\n"
+
+
+def test_count(records):
+    """`"977 "` (the recorded test-set size and a space), or "" when not recorded."""
+    sizes = {(r.get("data") or {}).get("test") for r in records} - {None}
+    return f"{sizes.pop():,} " if len(sizes) == 1 else ""
+
+
+def is_synthetic(records):
+    return any((r.get("data") or {}).get("synthetic") for r in records)
+
+
 # -- Task 1 -------------------------------------------------------------------------
 
 HEADLINE = [
@@ -110,13 +160,13 @@ def task1(report, root, metric="test_accuracy"):
     if not records:
         report.skip("Task 1", f"no finished runs in {root}")
         return
-    report.text("## Task 1: MNIST\n")
+    report.text("## Task 1: MNIST" + (" (SYNTHETIC data)" if is_synthetic(records) else "") + "\n")
     stats = grouped(records, metric)
-    headline_table(report, stats)
-    grid_figures(report, records, metric)
+    headline_table(report, stats, records)
+    grid_figures(report, records, metric, root)
     bars(report, stats)
     learning_curves(report, records)
-    eskd_table(report, root)
+    eskd_table(report, root, records)
     entropy_figure(report, root)
     flops_table(report, root / "flops.csv")
     for kind in ("lime", "occlusion"):
@@ -124,31 +174,37 @@ def task1(report, root, metric="test_accuracy"):
     cost_table(report, root, records)
 
 
-def headline_table(report, stats):
+def headline_table(report, stats, records):
     rows = ["| model | test accuracy (%) | params | FLOPs |", "|---|---:|---:|---:|"]
     for group, label in HEADLINE:
         if group in stats:
             mean, std, n, record = stats[group]
             rows.append(f"| {label} | {fmt(mean, std, n)} | {record['params']:,} | {record['flops']:,} |")
     if len(rows) > 2:
-        report.text("Test accuracy on the 10,000 MNIST test images (mean ± sample std over seeds).\n\n"
-                    + "\n".join(rows) + "\n")
+        shown = [r for r in records if seed_group(r["run"]) in dict(HEADLINE)]
+        report.text(f"Test accuracy on the {test_count(shown)}test images (mean ± sample std over seeds).\n\n"
+                    + "\n".join(rows) + "\n\n" + settings_line(shown))
     else:
         report.skip("Task 1 headline table", "no teacher/KD/scratch runs")
 
 
-def kd_cells(records, metric):
-    """`{(T, alpha): [values over seeds]}` from the KD student runs straight from the teacher."""
+def kd_cells(records, metric, seeds=None):
+    """`{(T, alpha): [values over seeds]}` from the KD student runs straight from the
+    teacher (of `seeds` only, when given)."""
     cells = {}
     for r in records:
         ident = r.get("identity", {})
-        if ident.get("experiment") == "kd" and r.get(metric) is not None:
+        if ident.get("experiment") == "kd" and r.get(metric) is not None and (seeds is None or r.get("seed") in seeds):
             cells.setdefault((ident["temperature"], ident["alpha"]), []).append(r[metric])
     return cells
 
 
-def grid_figures(report, records, metric):
-    cells = kd_cells(records, metric)
+def grid_figures(report, records, metric, root):
+    grids = {int(p.stem.split("-s")[-1]): json.loads(p.read_text()) for p in sorted(root.glob("grid-s*.json"))}
+    # Only the seeds that ran the whole grid: a cell run for more seeds (T=4, alpha=0.5) is not averaged differently.
+    seeds = set(grids) or None
+    records = [r for r in records if seeds is None or r.get("seed") in seeds]
+    cells = kd_cells(records, metric, seeds)
     temperatures = sorted({t for t, _ in cells})
     alphas = sorted({a for _, a in cells})
     if len(temperatures) < 2:
@@ -178,13 +234,22 @@ def grid_figures(report, records, metric):
     fig.colorbar(image, ax=ax, label="test accuracy (%)")
     ax.set_title("KD student: T x alpha grid")
     report.figure(fig, "task1", "grid_heatmap", "Student test accuracy (%) for every (T, alpha) cell.")
-    best = max(cells, key=lambda c: np.mean(cells[c]))
     rows = ["| T | " + " | ".join(f"alpha={a:g}" for a in alphas) + " |", "|---" * (len(alphas) + 1) + "|"]
     for t in temperatures:
         rows.append(f"| {t:g} | " + " | ".join(
             fmt(*mean_std(cells[(t, a)]), len(cells[(t, a)])) if (t, a) in cells else "" for a in alphas) + " |")
-    report.text(f"Grid (test accuracy %). Best cell: T={best[0]:g}, alpha={best[1]:g} "
-                f"({np.mean(cells[best]) * 100:.2f}%).\n\n" + "\n".join(rows) + "\n")
+    best = []
+    for seed, grid in sorted(grids.items()):
+        cell, chosen_by = grid["best"], grid.get("chosen_by", "test_accuracy")
+        best.append(f"seed {seed}: T={cell['temperature']:g}, alpha={cell['alpha']:g} by {chosen_by.replace('_', ' ')} "
+                    f"({cell[chosen_by] * 100:.2f}%), test accuracy {cell['test_accuracy'] * 100:.2f}%")
+    chosen = ("Best cell, chosen per seed as the run saved it" + (
+        " (on the TEST set: these runs had no validation split, so the choice is optimistic)"
+        if any(g.get("chosen_by", "test_accuracy").startswith("test") for g in grids.values()) else
+        " on the validation split; the test set only reports") + ": " + "; ".join(best) + "."
+        if best else "No grid-s*.json: no best cell chosen.")
+    kd_records = [r for r in records if r.get("identity", {}).get("experiment") == "kd"]
+    report.text("Grid (test accuracy %). " + chosen + "\n\n" + "\n".join(rows) + "\n\n" + settings_line(kd_records))
 
 
 def t_curve_figure(report, task, name, values_by_t, ylabel, title, caption):
@@ -250,7 +315,7 @@ def learning_curves(report, records):
     report.figure(fig, "task1", "learning_curves", "Test accuracy after each epoch (mean over seeds; band: min-max).")
 
 
-def eskd_table(report, root):
+def eskd_table(report, root, records):
     files = sorted(root.glob("eskd-s*.csv"))
     if not files:
         report.skip("early-stopped teachers", "no eskd-s*.csv")
@@ -264,8 +329,9 @@ def eskd_table(report, root):
     rows = ["| teacher epoch | teacher accuracy (%) | student accuracy (%) |", "|---:|---:|---:|"]
     for epoch, (teacher, student) in sorted(by_epoch.items()):
         rows.append(f"| {epoch} | {fmt(*mean_std(teacher), len(teacher))} | {fmt(*mean_std(student), len(student))} |")
+    shown = [r for r in records if str(r.get("experiment", "")).startswith("eskd")]
     report.text("Early-stopped teachers (Cho & Hariharan 2019): a student distilled from the teacher's "
-                "checkpoint after each epoch.\n\n" + "\n".join(rows) + "\n")
+                "checkpoint after each epoch.\n\n" + "\n".join(rows) + "\n\n" + settings_line(shown))
 
 
 def entropy_figure(report, root):
@@ -337,6 +403,10 @@ def explanation_panel(report, folder, kind, task):
     data = np.load(path)
     record = json.loads(path.with_suffix(".json").read_text())
     models = record["settings"]["models"]
+    if kind == "lime" and "segments" in data.files and max(len(np.unique(s)) for s in data["segments"]) < 2:
+        report.skip(f"{kind} panels ({task})", f"{path.name}: the segmentation found one superpixel per image "
+                    "(e.g. noise images), so the maps carry nothing to show")
+        return
     images, labels = data["images"], data["labels"]
     count = min(4, len(images))
     fig, axes = plt.subplots(count, len(models) + 1, figsize=(1.9 * (len(models) + 1), 1.9 * count), squeeze=False)
@@ -357,13 +427,22 @@ def explanation_panel(report, folder, kind, task):
         ax.set_yticks([])
     k = record["settings"].get("top_k", 5)
     agreement = record["agreement"]
-    caption_parts = [f"{pair.replace('_', ' ')}: r = {number(a['pearson_mean'])} ± {number(a['pearson_std'])}, "
-                     f"top-{k} overlap {number(a[f'top{k}_overlap_mean'])}" for pair, a in agreement.items()]
+    caption_parts = []
+    for pair, a in agreement.items():
+        degenerate = a.get("degenerate_images", 0)
+        if degenerate >= a["images"]:
+            caption_parts.append(f"{pair.replace('_', ' ')}: undefined (every map constant or at most {k} cells)")
+            continue
+        left_out = f", {degenerate} degenerate images left out" if degenerate else ""
+        caption_parts.append(f"{pair.replace('_', ' ')}: r = {number(a['pearson_mean'])} ± {number(a['pearson_std'])}, "
+                             f"top-{k} overlap {number(a[f'top{k}_overlap_mean'])}{left_out}")
     method = ("LIME superpixel weights" if kind == "lime"
               else f"occlusion ({record['settings']['patch']}px patch, stride {record['settings']['stride']})")
+    runs = record["settings"].get("runs")
     caption = (f"{method} for the true label; red = evidence for it, blue = against, each map scaled to "
                f"its own largest value. Agreement over "
-               f"{record['settings']['images']} images (mean ± std): " + "; ".join(caption_parts) + ".")
+               f"{record['settings']['images']} images (mean ± std): " + "; ".join(caption_parts) + "."
+               + (" Runs explained: " + ", ".join(r.split("@")[0] for r in runs.values()) + "." if runs else ""))
     report.figure(fig, task, f"{kind}_panel", caption)
 
 
@@ -401,7 +480,9 @@ def task2(report, root):
     if not records:
         report.skip("Task 2", f"no finished runs in {root}")
         return
-    report.text("## Task 2: MHIST\n")
+    synthetic = is_synthetic(records)
+    report.text("## Task 2: MHIST" + (" — SYNTHETIC images (noise, not tissue: numbers test the pipeline, "
+                                      "not the method)" if synthetic else "") + "\n")
     auc, acc, f1 = (grouped(records, m) for m in ("test_auc", "test_accuracy", "test_f1"))
     rows = ["| model | AUC (%) | accuracy (%) | F1 (%) | params | FLOPs |", "|---|---:|---:|---:|---:|---:|"]
     for group, label in HEADLINE_TASK2:
@@ -410,8 +491,11 @@ def task2(report, root):
             rows.append(f"| {label} | {fmt(*auc[group][:3])} | {fmt(*acc[group][:3])} | {fmt(*f1[group][:3])} "
                         f"| {record['params']:,} | {record['flops']:,} |")
     if len(rows) > 2:
-        report.text("Test metrics over the whole MHIST test set after fine-tuning (SSA is the positive class; "
-                    "mean ± std over seeds).\n\n" + "\n".join(rows) + "\n")
+        # Each fine-tuned row started from its feature-extraction run: both phases' settings are named.
+        shown = [r for r in records if re.sub(r"-fe$", "-ft", seed_group(r["run"])) in dict(HEADLINE_TASK2)]
+        where = f"the whole {'SYNTHETIC ' if synthetic else ''}MHIST test set ({test_count(shown)}images)"
+        report.text(f"Test metrics over {where} after fine-tuning (SSA is the positive class; "
+                    "mean ± std over seeds).\n\n" + "\n".join(rows) + "\n\n" + settings_line(shown))
     by_run = {seed_group(r["run"]): r for r in records if r.get("seed") == min(x.get("seed", 0) for x in records)}
     shown = [(label, by_run[g]) for g, label in HEADLINE_TASK2[:3] if g in by_run and "roc_curve" in by_run[g]]
     if shown:
@@ -440,15 +524,25 @@ def task2(report, root):
                       "prediction = the more probable class).")
     else:
         report.skip("ROC curves and confusion matrices", "no fine-tuned teacher/KD/scratch runs with ROC points")
-    cells = {}
+    cells, kd_runs = {}, []
     for r in records:
         ident = r.get("identity", {})
         if ident.get("experiment") == "kd" and ident.get("phase") == "finetune":
             cells.setdefault(ident["temperature"], []).append(r["test_auc"])
+            kd_runs.append(r)
     if len(cells) >= 2:
+        choices = []
+        for path in sorted(root.glob("tcurve-s*.json")):
+            saved = json.loads(path.read_text())
+            chosen_by = saved.get("chosen_by", "test_auc")
+            choices.append(f"{path.stem.split('-')[-1].replace('s', 'seed ')}: T={saved['best']['temperature']:g} "
+                           f"by {chosen_by.replace('_', ' ')}" + (" (on the TEST set: no validation split)"
+                                                                   if chosen_by.startswith("test") else ""))
         t_curve_figure(report, "task2", "t_curve_auc", cells, "student test AUC (%)", "KD student AUC against T",
                        "MobileNetV2 student AUC after fine-tuning against the KD temperature; "
-                       "error bars: std over seeds where there are several.")
+                       "error bars: std over seeds where there are several."
+                       + (" Best T: " + "; ".join(choices) + "." if choices else ""))
+        report.text(settings_line(kd_runs))
     else:
         report.skip("Task 2 T curve", "fewer than two temperatures among the fine-tuned KD runs")
     flops_table(report, root / "flops.csv")
@@ -469,7 +563,8 @@ def make_report(results_dir, out_dir):
         task2(report, results_dir / "task2")
     else:
         report.skip("Task 2", f"no {results_dir / 'task2'}")
-    report.path = report.write("Knowledge distillation: results")
+    synthetic = any(is_synthetic(ResultsStore(results_dir / t).records()) for t in ("task1", "task2"))
+    report.path = report.write("Knowledge distillation: results" + (" (includes SYNTHETIC data)" if synthetic else ""))
     return report
 
 
