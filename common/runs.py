@@ -16,8 +16,10 @@ from common.training import TrainingDiverged
 
 
 def environment():
-    """Library versions and devices, stored with every run for reproducibility."""
-    return {
+    """Library versions and devices (GPU names, CUDA and cuDNN when a GPU is used),
+    stored with every run for reproducibility."""
+    gpus = tf.config.list_physical_devices("GPU")
+    found = {
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
@@ -25,6 +27,11 @@ def environment():
         "platform": platform.platform(),
         "devices": [d.device_type for d in tf.config.list_physical_devices()],
     }
+    if gpus:
+        build = tf.sysconfig.get_build_info()
+        found["gpus"] = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+        found.update(cuda=build.get("cuda_version"), cudnn=build.get("cudnn_version"))
+    return found
 
 
 def peak_rss_mib():

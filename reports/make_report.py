@@ -378,7 +378,9 @@ def cost_table(report, root, records):
     for r in sorted(records, key=lambda r: r.get("started_at", "")):
         evaluation = sum(h.get("eval_seconds", 0.0) for h in r.get("history", []))
         runs.append(f"| {r['run']} | {r.get('wall_seconds', 0.0) / 60:.1f} | {evaluation / 60:.1f} |")
-    machine = records[0].get("environment", {}).get("platform", "this machine") if records else "this machine"
+    env = records[0].get("environment", {}) if records else {}
+    machine = env.get("platform", "this machine") + (f" with {', '.join(env['gpus'])}" if env.get("gpus") else
+                                                      f" ({', '.join(sorted(set(env.get('devices', []))))})")
     report.text(f"Cost on {machine}: wall time per "
                 "experiment (an experiment that reuses finished runs costs only what it adds), then per run "
                 "(a run's wall time includes its final test evaluation).\n\n" + "\n".join(rows) + "\n\n"
