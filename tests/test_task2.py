@@ -137,11 +137,13 @@ def test_every_experiment_end_to_end_with_a_pretrained_weights_folder(tmp_path, 
     with random values), every experiment in one invocation, then a report."""
     from tests.conftest import write_keras_weights
 
+    from reports.make_report import make_report
+
     weights = tmp_path / "weights"
     write_keras_weights(weights, models.ARCHITECTURES, 32)
-    config = tiny_config(tmp_path, mhist_dir, weights=str(weights))
+    out = tmp_path / "results" / "task2"
+    config = tiny_config(tmp_path, mhist_dir, weights=str(weights), out=str(out))
     results = run_all(config)[0]
-    out = tmp_path / "out"
     stems = ["teacher", "kd-T4-a0.5", "kd-T1-a0.5", "scratch", "skd-teacher-S2", "skd-S2-T4-a0.5",
              "ta-T4-a0.5", "ta-takd-T4-a0.5", "teacher-init_none", "scratch-init_none"]
     assert {p.parent.name for p in out.glob("*/metrics.json")} == {
@@ -150,6 +152,12 @@ def test_every_experiment_end_to_end_with_a_pretrained_weights_folder(tmp_path, 
     teacher = json.loads((out / "teacher-ft-s0" / "metrics.json").read_text())
     assert teacher["identity"]["weights"] == str(weights) and teacher["params"] > 0 and teacher["flops"] > 0
     assert isinstance(models.build(models.TEACHER, str(weights), 32).get_layer(models.BASE_NAME), models.InferenceMode)
+    assert teacher["data"]["synthetic"] and teacher["data"]["validation"] == 4
+    make_report(tmp_path / "results", tmp_path / "report")
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    assert "## Task 2: MHIST — SYNTHETIC images" in text
+    assert f"weights {weights} / none" in text  # the table holds pretrained and random-init rows
+    assert "epochs feature-extraction 1, finetune 1" in text and "image px 32" in text
 
 
 def test_cli_with_a_real_mobilenetv2_weights_folder(tmp_path, mhist_dir, capsys):
