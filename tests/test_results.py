@@ -64,3 +64,30 @@ def test_summary_has_one_row_per_run(tmp_path):
         ("a", 0.5, "kd", "1"),
         ("b", 0.75, "kd", "1"),
     ]
+
+
+def test_result_files_follow_the_umask_and_summary_follows_every_run(tmp_path):
+    import os
+    import stat
+
+    from common import results
+
+    store = ResultsStore(tmp_path)
+    store.save("a-s0", {"run": "a-s0", "test_accuracy": 0.5, "identity": {"experiment": "a", "seed": 0}})
+    mode = stat.S_IMODE((tmp_path / "a-s0" / "metrics.json").stat().st_mode)
+    assert mode == 0o666 & ~results._UMASK and results._UMASK == os.umask(results._UMASK)
+    assert [r["run"] for r in csv.DictReader(open(tmp_path / "summary.csv"))] == ["a-s0"]  # no write_summary call
+    store.save("b-s0", {"run": "b-s0", "test_accuracy": 0.7, "identity": {"experiment": "b", "seed": 0}})
+    assert [r["run"] for r in csv.DictReader(open(tmp_path / "summary.csv"))] == ["a-s0", "b-s0"]
+
+
+def test_out_that_is_a_file_or_unwritable_is_refused(tmp_path):
+    from common.errors import UserError
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        ResultsStore(tmp_path / "f").prepare()
+    with pytest.raises(UserError, match="cannot write results there"):
+        ResultsStore("/proc/kd-results").prepare()
+    ResultsStore(tmp_path / "new" / "deep").prepare()
+    assert (tmp_path / "new" / "deep").is_dir()

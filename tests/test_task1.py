@@ -152,6 +152,12 @@ def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path, synthet
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in whole["history"]], rel=1e-6)
     assert resumed["test_accuracy"] == whole["test_accuracy"]
     assert not (tmp_path / "killed" / "out" / "scratch-s0" / "resume").exists()  # dropped once finished
+    # The first invocation's two epochs count in the run's time.
+    earlier = sum(h["seconds"] + h["eval_seconds"] for h in resumed["history"][:2])
+    assert resumed["resumed_seconds"] == pytest.approx(earlier) and resumed["wall_seconds"] > earlier
+    assert [h.get("resumed", False) for h in resumed["history"]] == [True, True, False]
+    timings = [json.loads(line) for line in (tmp_path / "killed" / "out" / "timings.jsonl").read_text().splitlines()]
+    assert [t["finished"] for t in timings] == [False, True]  # the killed invocation is counted too
 
 
 def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist):
@@ -311,3 +317,11 @@ def test_explanations_belong_to_the_runs_they_explain(tmp_path, synthetic_mnist)
     assert not any("occlusion-s0] finished earlier" in m for m in messages)  # another student: explained anew
     saved = json.loads((tmp_path / "out" / "explain" / "occlusion-s0.json").read_text())
     assert saved["settings"]["runs"]["kd_student"].startswith("kd-T2-a0.5-s0@")
+
+
+def test_help_shows_defaults_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0)" in text and "(default: 0.2,0.5,0.8)" in text and "(default: 1,2,4,16,32,64)" in text
+    assert "(0," not in text and "(default: False)" not in text and "(default: None)" not in text
