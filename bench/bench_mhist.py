@@ -80,9 +80,9 @@ def main(argv=None):
         print(f"feature extraction, {args.epochs} epochs of {n} images at {args.image_size} px ...", flush=True)
         images_epoch = steady_epoch_seconds(methods.CrossEntropy(frozen_teacher()), task.train_dataset(extra))
         teacher = frozen_teacher()
-        features_seconds, (train_features, _) = timed(lambda: task.base_features(teacher))
+        features_seconds, features = timed(lambda: task.base_features(teacher))
         head = models.split_at_base(teacher)[1]
-        features_epoch = steady_epoch_seconds(methods.CrossEntropy(head), task.train_dataset(extra, features=train_features))
+        features_epoch = steady_epoch_seconds(methods.CrossEntropy(head), task.train_dataset(extra, features=features["train"]))
 
         print(f"KD student, {args.epochs} fine-tuning epochs each way ...", flush=True)
         logits_seconds, logits = timed(lambda: task.per_view_outputs(teacher, "[teacher] logits"))
