@@ -67,6 +67,10 @@ def add_shared_arguments(parser, defaults, experiments):
     add("--top-k", type=int, default=defaults.top_k, help="top-k cells compared between explanation maps")
     add("--distribute", default=defaults.distribute, help="tf.distribute strategy: none, mirrored (all local GPUs) "
         "or multi-worker (machines in TF_CONFIG); --batch-size is the global batch")
+    add("--deterministic", action="store_true",
+        help="op determinism: the same seed gives the same numbers on a GPU too (some kernels slower)")
+    add("--no-tf32", dest="tf32", action="store_false",
+        help="exact float32 matrix products and convolutions on GPUs with TensorFloat-32 (slower)")
     add("--only", type=name_list, default=defaults.only, help=f"experiments, comma list of {','.join(experiments)}")
     add("--limit", type=int, help="use only the first N train and test images (quick runs)")
     add("-q", "--quiet", action="store_true", help="print only errors and the final summary")

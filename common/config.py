@@ -47,6 +47,8 @@ class SharedConfig(BaseConfig):
     top_k: int = 5
     validation: float = 0
     distribute: str = "none"
+    deterministic: bool = False
+    tf32: bool = True
     only: tuple = ()
     limit: Optional[int] = None
     quiet: bool = False

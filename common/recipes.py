@@ -12,7 +12,7 @@ import time
 
 import keras
 
-from common import methods, runs, training
+from common import device, methods, runs, training
 from common.distribute import make_strategy, results_root
 from common.errors import DataError
 from common.explanations import explain_and_save
@@ -45,6 +45,7 @@ class Recipes:
         read and checked first (nothing is written for bad data), then `--out`,
         before any model trains. Returns per-seed outcomes."""
         log = log or (lambda _msg: None)
+        device.configure(config.deterministic, config.tf32)
         data = data if data is not None else cls.load_data(config)
         ResultsStore(config.out).prepare()
         outcomes = {}

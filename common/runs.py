@@ -10,14 +10,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from common import device
 from common.flops import count_flops
 from common.results import identity_hash
 from common.training import TrainingDiverged
 
 
 def environment():
-    """Library versions and devices (GPU names, CUDA and cuDNN when a GPU is used),
-    stored with every run for reproducibility."""
+    """Library versions, devices (GPU names, CUDA and cuDNN when a GPU is used) and
+    the `common.device` settings in force, stored with every run for reproducibility."""
     gpus = tf.config.list_physical_devices("GPU")
     found = {
         "python": platform.python_version(),
@@ -27,6 +28,7 @@ def environment():
         "platform": platform.platform(),
         "devices": [d.device_type for d in tf.config.list_physical_devices()],
     }
+    found.update(device.settings())
     if gpus:
         build = tf.sysconfig.get_build_info()
         found["gpus"] = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
@@ -106,6 +108,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
     set_seed(identity.get("seed", 0))
     model = build()
     say(f"[{name}] training: {_describe(identity)}")
+    device.reset_peak_memory()
     started = datetime.datetime.now(datetime.timezone.utc)
     start = time.perf_counter()
     try:
@@ -127,6 +130,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
         "train_seconds": train_seconds + earlier,
         "resumed_seconds": earlier,
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        **({"peak_gpu_mib": round(device.peak_memory_mib(), 1)} if device.peak_memory_mib() is not None else {}),
         "started_at": started.isoformat(timespec="seconds"),
         "identity": identity,
         "identity_hash": identity_hash(identity),

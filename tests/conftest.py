@@ -6,11 +6,30 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from common import device  # noqa: E402
+
+device.configure()  # memory growth: several test processes can share one GPU
+
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
 @pytest.fixture
 def synthetic_mnist():
+    return synthetic_mnist_arrays()
+
+
+@pytest.fixture
+def exact_float32():
+    """TensorFloat-32 off for a test that checks hand-computed values (on by default
+    on GPUs that have it: about 1e-3 relative error); no effect on a CPU."""
+    import tensorflow as tf
+
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    yield
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+
+
+def synthetic_mnist_arrays():
     """Small MNIST-shaped uint8 arrays whose class is the position of a bright square."""
     rng = np.random.default_rng(0)
 

@@ -8,6 +8,8 @@ import pytest
 
 from common import losses
 
+pytestmark = pytest.mark.usefixtures("exact_float32")  # hand values: no TF32 rounding on GPUs
+
 
 def softmax(values):
     exps = [math.exp(v) for v in values]
