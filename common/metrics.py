@@ -33,3 +33,37 @@ def binary_metrics(labels, logits, positive=1, curve=True, prefix="test"):
         result["roc_curve"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(),
                                "thresholds": np.nan_to_num(thresholds, posinf=1.0).tolist()}
     return result
+
+
+def _confidence_and_hits(logits, labels):
+    probabilities = softmax(logits)
+    return probabilities.max(axis=-1), probabilities.argmax(axis=-1) == np.asarray(labels).reshape(-1)
+
+
+def reliability(logits, labels, bins=15):
+    """Reliability diagram data: the top-1 softmax probability (confidence) cut into
+    `bins` equal-width bins of (0, 1], right edge included. Returns
+    `{"edges": (bins + 1,), "count", "confidence", "accuracy": (bins,)}`: per bin the
+    examples, their mean confidence and their accuracy (NaN for an empty bin)."""
+    confidence, hits = _confidence_and_hits(logits, labels)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=bins) / count
+        accuracy = np.bincount(index, weights=hits, minlength=bins) / count
+    return {"edges": np.linspace(0, 1, bins + 1), "count": count, "confidence": mean_confidence,
+            "accuracy": accuracy}
+
+
+def expected_calibration_error(logits, labels, bins=15):
+    """ECE (Guo et al. 2017): `sum_b |B_b| / n * |accuracy(B_b) - confidence(B_b)|`
+    over the `reliability` bins; 0 for a perfectly calibrated model, in [0, 1]."""
+    table = reliability(logits, labels, bins)
+    used = table["count"] > 0
+    gaps = np.abs(table["accuracy"][used] - table["confidence"][used])
+    return float(np.sum(table["count"][used] / table["count"].sum() * gaps))
+
+
+def top1_agreement(logits_a, logits_b):
+    """Fidelity: the fraction of rows where two models predict the same class."""
+    return float(np.mean(np.argmax(logits_a, axis=-1) == np.argmax(logits_b, axis=-1)))

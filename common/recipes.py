@@ -11,12 +11,14 @@ import json
 import time
 
 import keras
+import numpy as np
 
 from common import device, methods, runs, training
 from common.distribute import make_strategy, results_root
 from common.errors import DataError
 from common.explanations import explain_and_save
-from common.results import ResultsStore, identity_hash
+from common.metrics import expected_calibration_error
+from common.results import ResultsStore, identity_hash, write_arrays_atomic
 
 
 class Recipes:
@@ -83,8 +85,10 @@ class Recipes:
 
     eval_sets = {}  # split name ("val", "test") -> held-out data, set by the task
 
-    def evaluate(self, predictor):
-        """Held-out metrics (`val_accuracy`, `test_accuracy`, ...) of a compiled `x -> class logits`."""
+    def split_metrics(self, split, logits, labels, summary):
+        """Metrics of one held-out split from its `(n, classes)` logits and labels, keys
+        prefixed by the split (`test_accuracy`, ...); `summary`: also those only a
+        run's final record keeps (e.g. a confusion matrix)."""
         raise NotImplementedError
 
     def compute_logits(self, model, name):
@@ -92,6 +96,31 @@ class Recipes:
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------
+
+    def held_out(self, predictor, eval_sets=None):
+        """`{split: (logits, labels)}` of a compiled `x -> class logits` on each held-out split."""
+        return {split: training.predict(predictor, data) for split, data in (eval_sets or self.eval_sets).items()}
+
+    def evaluate(self, predictor, eval_sets=None):
+        """Per-epoch held-out metrics (`val_accuracy`, `test_accuracy`, ...) of a predictor."""
+        metrics = {}
+        for split, (logits, labels) in self.held_out(predictor, eval_sets).items():
+            metrics.update(self.split_metrics(split, logits, labels, summary=False))
+        return metrics
+
+    def final_metrics(self, name, predictor):
+        """A run's recorded metrics: each split's `split_metrics` with the summary, and
+        its expected calibration error (`val_ece`, `test_ece`); the test logits and
+        labels are saved as `<run>/test_outputs.npz`, so reports compute fidelity
+        between models and reliability diagrams without running any model again."""
+        metrics = {}
+        for split, (logits, labels) in self.held_out(predictor).items():
+            metrics.update(self.split_metrics(split, logits, labels, summary=True))
+            metrics[f"{split}_ece"] = expected_calibration_error(logits, labels)
+            if split == "test":
+                write_arrays_atomic(self.store.run_dir(name) / "test_outputs.npz",
+                                    {"logits": logits.astype(np.float32), "labels": labels.astype(np.int32)})
+        return metrics
 
     def identity(self, experiment, **settings):
         return {"experiment": experiment, "seed": self.seed, **self.base_identity(), **settings}
@@ -130,7 +159,7 @@ class Recipes:
             data=train_data,
             train=lambda model, data: self.fit_model(name, model, make_method, data,
                                                      resume_dir=self.store.resume_dir(name, identity), **fit_options),
-            evaluate=lambda model: self.evaluate(training.compiled_predictor(make_method(model).class_logits)),
+            evaluate=lambda model: self.final_metrics(name, training.compiled_predictor(make_method(model).class_logits)),
             log=self.log,
             about={"data": self.data_info()},
         )

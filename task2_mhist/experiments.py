@@ -77,21 +77,14 @@ class Task2(Recipes):
         c = self.config
         return c.feature_cache == "on" or (c.feature_cache == "auto" and self.views() <= c.fe_epochs)
 
-    def evaluate(self, predictor, eval_sets=None, summary=True):
-        """AUC, F1 and accuracy on each held-out split (`val_auc`, `test_auc`, ...) over the
-        whole split; with `summary`, the test confusion matrix and ROC curve too."""
-        metrics = {}
-        for split, data in (eval_sets or self.eval_sets).items():
-            logits, labels = training.predict(predictor, data)
-            summarised = summary and split == "test"
-            split_metrics = binary_metrics(labels, logits, prefix=split, curve=summarised)
-            if not summarised:
-                del split_metrics["confusion_matrix"]
-            metrics.update(split_metrics)
+    def split_metrics(self, split, logits, labels, summary):
+        """AUC, F1 and accuracy over the whole split (`val_auc`, `test_auc`, ...); with
+        `summary`, the test confusion matrix and ROC curve too."""
+        summarised = summary and split == "test"
+        metrics = binary_metrics(labels, logits, prefix=split, curve=summarised)
+        if not summarised:
+            del metrics["confusion_matrix"]
         return metrics
-
-    def epoch_metrics(self, predictor, eval_sets=None):
-        return self.evaluate(predictor, eval_sets, summary=False)
 
     def per_view_outputs(self, model, label):
         """`(n_train, V, D)` outputs of a frozen `model` on every training image in each view;
@@ -158,7 +151,7 @@ class Task2(Recipes):
             data,
             epochs=c.fe_epochs if feature_extraction else c.ft_epochs,
             optimizer=self.adam(learning_rate if feature_extraction else learning_rate / 10),
-            evaluate=lambda predictor: self.epoch_metrics(predictor, eval_sets),
+            evaluate=lambda predictor: self.evaluate(predictor, eval_sets),
             log=self.progress(name),
             strategy=self.strategy,
             resume_dir=resume_dir,

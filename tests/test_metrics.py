@@ -34,3 +34,30 @@ def test_accuracy_f1_and_confusion_by_hand():
     assert result["test_f1"] == pytest.approx(2 / 3)
     assert result["confusion_matrix"] == [[1, 1], [1, 2]]
     assert result["roc_curve"]["fpr"][0] == 0.0 and result["roc_curve"]["tpr"][-1] == 1.0
+
+
+def test_expected_calibration_error_hand_values():
+    from common.metrics import expected_calibration_error, reliability
+
+    # Two examples, 2 classes. Confidences: softmax([ln 3, 0]) = 0.75 (right), softmax([0, ln 9]) = 0.9 (wrong).
+    logits = np.log(np.array([[3.0, 1.0], [1.0, 9.0]]))
+    labels = np.array([0, 0])
+    # 10 bins: 0.75 -> bin (0.7, 0.8], 0.9 -> bin (0.8, 0.9] (right edge included).
+    table = reliability(logits, labels, bins=10)
+    assert table["count"].tolist() == [0] * 7 + [1, 1, 0]
+    np.testing.assert_allclose(table["confidence"][7:9], [0.75, 0.9])
+    np.testing.assert_allclose(table["accuracy"][7:9], [1.0, 0.0])
+    # ECE = 1/2 * |1 - 0.75| + 1/2 * |0 - 0.9| = 0.125 + 0.45
+    assert expected_calibration_error(logits, labels, bins=10) == pytest.approx(0.575)
+    # One bin: |mean accuracy - mean confidence| = |0.5 - 0.825|
+    assert expected_calibration_error(logits, labels, bins=1) == pytest.approx(0.325)
+    # Confident and right everywhere: ECE near 0.
+    assert expected_calibration_error(np.array([[20.0, 0.0], [0.0, 20.0]]), np.array([0, 1])) < 1e-6
+
+
+def test_top1_agreement():
+    from common.metrics import top1_agreement
+
+    a = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 0.0], [0.0, 5.0, 1.0]])
+    b = np.array([[9.0, 0.0, 0.0], [0.0, 3.0, 1.0], [2.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    assert top1_agreement(a, b) == 0.75

@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from common import training
+from common.metrics import expected_calibration_error
 from task1_mnist import data as mnist
 from task1_mnist import run as cli
 from task1_mnist.config import Task1Config
@@ -38,6 +40,11 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
         assert (out / name / "model.weights.h5").exists()
     kd = json.loads((out / "kd-T4-a0.5-s0" / "metrics.json").read_text())
     assert set(kd["history"][0]) >= {"ce", "kd", "loss", "test_accuracy"}
+    assert 0.0 <= kd["test_ece"] <= 1.0 and 0.0 <= kd["val_ece"] <= 1.0
+    with np.load(out / "kd-T4-a0.5-s0" / "test_outputs.npz") as saved:
+        assert saved["logits"].shape == (128, 10)
+        assert training.accuracy(saved["logits"], saved["labels"]) == kd["test_accuracy"]
+        assert expected_calibration_error(saved["logits"], saved["labels"]) == pytest.approx(kd["test_ece"])
     assert kd["params"] == 1_238_730
     skd_teacher = json.loads((out / "skd-teacher-S4-s0" / "metrics.json").read_text())
     assert set(skd_teacher["history"][0]) >= {"ce", "aux"} and skd_teacher["params"] == 1_011_466 + 30 * 129
