@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.metrics import reliability, top1_agreement  # noqa: E402
 from common.results import ResultsStore, mean_std, seed_group  # noqa: E402
 
 DPI = 110
@@ -163,6 +164,7 @@ def task1(report, root, metric="test_accuracy"):
     report.text("## Task 1: MNIST" + (" (SYNTHETIC data)" if is_synthetic(records) else "") + "\n")
     stats = grouped(records, metric)
     headline_table(report, stats, records)
+    quality(report, root, records, HEADLINE, "teacher", "task1")
     grid_figures(report, records, metric, root)
     bars(report, stats)
     learning_curves(report, records)
@@ -186,6 +188,64 @@ def headline_table(report, stats, records):
                     + "\n".join(rows) + "\n\n" + settings_line(shown))
     else:
         report.skip("Task 1 headline table", "no teacher/KD/scratch runs")
+
+
+def outputs_of(root, run):
+    """`(logits, labels)` a run saved on the test set (`test_outputs.npz`), or None."""
+    path = root / run / "test_outputs.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as saved:
+        return saved["logits"], saved["labels"]
+
+
+def quality(report, root, records, headline, teacher_group, task):
+    """Student quality beyond accuracy: fidelity (top-1 agreement with the same seed's
+    teacher on the test set) and expected calibration error, mean ± std over seeds,
+    and reliability diagrams of teacher, KD student and scratch student."""
+    rows = ["| model | fidelity to the teacher (%) | test ECE (%) |", "|---|---:|---:|"]
+    shown = []
+    for group, label in headline:
+        runs = [r for r in records if seed_group(r["run"]) == group and r.get("test_ece") is not None]
+        if not runs:
+            continue
+        shown += runs
+        fidelity = []
+        for r in runs:
+            mine, teacher = outputs_of(root, r["run"]), outputs_of(root, f"{teacher_group}-s{r.get('seed', 0)}")
+            if group != teacher_group and mine is not None and teacher is not None:
+                fidelity.append(top1_agreement(mine[0], teacher[0]))
+        ece = [r["test_ece"] for r in runs]
+        rows.append(f"| {label} | {fmt(*mean_std(fidelity), len(fidelity)) if fidelity else '—'} "
+                    f"| {fmt(*mean_std(ece), len(ece))} |")
+    if not shown:
+        report.skip(f"fidelity and calibration ({task})", "no runs with test_ece (results from before it was recorded)")
+        return
+    report.text("Fidelity: how often a model predicts the class its seed's teacher predicts, on the test set. "
+                "Calibration: expected calibration error over 15 equal-width confidence bins (0 = confidence "
+                "matches accuracy).\n\n" + "\n".join(rows) + "\n\n" + settings_line(shown))
+    panels = []
+    for group, label in headline[:3]:
+        runs = sorted((r for r in shown if seed_group(r["run"]) == group), key=lambda r: r.get("seed", 0))
+        found = outputs_of(root, runs[0]["run"]) if runs else None
+        if found is not None:
+            panels.append((label, runs[0], found))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2), squeeze=False)
+    for ax, (label, record, (logits, labels)) in zip(axes[0], panels):
+        table = reliability(logits, labels)
+        centres = (table["edges"][:-1] + table["edges"][1:]) / 2
+        used = table["count"] > 0
+        ax.bar(centres[used], table["accuracy"][used], width=1 / len(centres), edgecolor="black", alpha=0.7,
+               label="accuracy")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{label}\nECE {record['test_ece'] * 100:.2f}% ({record['run']})", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+    report.figure(fig, task, "reliability", "Reliability diagrams on the test set (first seed): accuracy per "
+                  "confidence bin; bars below the diagonal are over-confident.")
 
 
 def kd_cells(records, metric, seeds=None):
@@ -547,6 +607,7 @@ def task2(report, root):
         report.text(settings_line(kd_runs))
     else:
         report.skip("Task 2 T curve", "fewer than two temperatures among the fine-tuned KD runs")
+    quality(report, root, records, HEADLINE_TASK2, "teacher-ft", "task2")
     flops_table(report, root / "flops.csv")
     for kind in ("lime", "occlusion"):
         explanation_panel(report, root / "explain", kind, "task2")

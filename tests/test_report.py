@@ -19,7 +19,7 @@ def fabricate(root):
         history = [{"epoch": e, "test_accuracy": accuracy - 0.01 * (2 - e)} for e in (1, 2)]
         store.save(f"{name}-s{seed}", {
             "run": f"{name}-s{seed}", "experiment": experiment, "seed": seed, "test_accuracy": accuracy,
-            "val_accuracy": accuracy - 0.001, "params": 10, "flops": 20, "history": history,
+            "val_accuracy": accuracy - 0.001, "test_ece": 0.02, "params": 10, "flops": 20, "history": history,
             "identity": {"experiment": experiment, "seed": seed, "epochs": 2, **identity}, "data": DATA,
         })
         accuracies.setdefault(name, []).append(accuracy)
@@ -31,6 +31,12 @@ def fabricate(root):
         save("scratch", "scratch", 0.980 + shift, seed)
         cells = [save(f"kd-T{t:g}-a{a:g}", "kd", 0.985 + t / 1000 + a / 100 + shift, seed, temperature=t, alpha=a)
                  for t in (1.0, 4.0) for a in (0.2, 0.5)]
+        labels = np.arange(20) % 10
+        for name, disagree in (("teacher", 0), ("kd-T4-a0.5", 2), ("scratch", 4)):  # test images where it differs
+            predicted = labels.copy()
+            predicted[:disagree] = (predicted[:disagree] + 1) % 10
+            np.savez(root / "task1" / f"{name}-s{seed}" / "test_outputs.npz", logits=5.0 * np.eye(10)[predicted],
+                     labels=labels)
         best = max(cells, key=lambda c: c["val_accuracy"])
         (root / "task1" / f"grid-s{seed}.json").write_text(json.dumps({"cells": cells, "best": best,
                                                                       "chosen_by": "val_accuracy"}))
@@ -70,7 +76,7 @@ def test_report_writes_every_figure_and_matching_numbers(tmp_path):
     accuracies = fabricate(tmp_path / "results")
     report = make_report(tmp_path / "results", tmp_path / "report")
     expected = {"t_curve", "grid_heatmap", "accuracy_bars", "learning_curves", "teacher_entropy",
-                "lime_panel", "occlusion_panel"}
+                "lime_panel", "occlusion_panel", "reliability"}
     assert {p.split("/")[-1][:-4] for p in report.figures} == expected
     for figure in report.figures:
         assert (tmp_path / "report" / figure).stat().st_size > 1000
@@ -85,6 +91,10 @@ def test_report_writes_every_figure_and_matching_numbers(tmp_path):
     assert "*Settings: epochs 2; seeds 0, 1 (n=2); data: fake/mnist.npz (fingerprint 0123abcd), 55,000 train / " \
            "5,000 validation / 10,000 test.*" in text
     assert "Test accuracy on the 10,000 test images" in text and "SYNTHETIC" not in text
+    # Fidelity from the saved outputs (2 and 4 of 20 predictions differ from the teacher's), ECE from the records.
+    assert "| teacher | — | 2.00 ± 0.00 (n=2) |" in text
+    assert "| KD student (T=4, alpha=0.5) | 90.00 ± 0.00 (n=2) | 2.00 ± 0.00 (n=3) |" in text
+    assert "| student from scratch | 80.00 ± 0.00 (n=2) | 2.00 ± 0.00 (n=2) |" in text
     assert "| 1 | 95.00 ± 0.00 (n=2) | 97.00 ± 0.00 (n=2) |" in text  # eskd table
     assert "| teacher | 1,011,466 | 22,042,058 |" in text
     assert "teacher vs kd student: r = 0.81 ± 0.05, top-5 overlap 0.60" in text
