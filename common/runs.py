@@ -120,6 +120,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
     store.run_dir(name).mkdir(parents=True, exist_ok=True)
     model.save_weights(store.weights_path(name))
     earlier = sum(h["seconds"] + h.get("eval_seconds", 0.0) for h in history if h.get("resumed"))
+    peak_gpu = device.peak_memory_mib()
     record = {
         "run": name,
         "experiment": identity.get("experiment"),
@@ -130,7 +131,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
         "train_seconds": train_seconds + earlier,
         "resumed_seconds": earlier,
         "peak_rss_mib": round(peak_rss_mib(), 1),
-        **({"peak_gpu_mib": round(device.peak_memory_mib(), 1)} if device.peak_memory_mib() is not None else {}),
+        **({"peak_gpu_mib": round(peak_gpu, 1)} if peak_gpu is not None else {}),
         "started_at": started.isoformat(timespec="seconds"),
         "identity": identity,
         "identity_hash": identity_hash(identity),
