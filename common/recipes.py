@@ -18,7 +18,7 @@ from common.distribute import make_strategy, results_root
 from common.errors import DataError
 from common.explanations import explain_and_save
 from common.metrics import expected_calibration_error
-from common.results import ResultsStore, identity_hash, write_arrays_atomic
+from common.results import ResultsStore, identity_hash, write_arrays_atomic, write_csv_atomic, write_json_atomic
 
 
 class Recipes:
@@ -129,6 +129,23 @@ class Recipes:
         """`val_<metric>` when a validation split is held out, else `test_<metric>`:
         the number that chooses settings (T, alpha); the test set only reports."""
         return f"val_{metric}" if "val" in self.eval_sets else f"test_{metric}"
+
+    def save_sweep(self, name, rows, metric, keys):
+        """Writes a sweep's rows (one per setting, each with its `run` and held-out
+        metrics) to `<name>-s<seed>.csv` and `.json` with the best row, chosen on
+        `selection_metric(metric)`; logs the choice. `keys`: the swept settings,
+        first columns of the CSV. Returns `{"cells", "best", "chosen_by"}`."""
+        chosen_by = self.selection_metric(metric)
+        best = max(rows, key=lambda row: row[chosen_by])
+        measured = [k for k in rows[0] if k not in (*keys, "run")]
+        stem = self.store.root / f"{name}-s{self.seed}"
+        write_csv_atomic(stem.with_suffix(".csv"), rows, (*keys, *measured, "run"))
+        result = {"cells": rows, "best": best, "chosen_by": chosen_by}
+        write_json_atomic(stem.with_suffix(".json"), result)
+        setting = " ".join(f"{k}={best[k]:g}" for k in keys)
+        self.log(f"[{name}] best by {chosen_by}: {setting}, {chosen_by} {best[chosen_by]:.4f}, "
+                 f"test_{metric} {best[f'test_{metric}']:.4f}")
+        return result
 
     def kd_tag(self, temperature=None, alpha=None):
         temperature = self.config.temperature if temperature is None else temperature

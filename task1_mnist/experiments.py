@@ -14,7 +14,7 @@ from common import data as common_data
 from common import explain, losses, methods, runs, training
 from common.errors import DataError
 from common.recipes import Recipes
-from common.results import write_csv_atomic, write_json_atomic
+from common.results import write_csv_atomic
 from task1_mnist import data as mnist
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
 
@@ -133,15 +133,7 @@ class Task1(Recipes):
             record = self.kd(temperature, alpha)
             rows.append({"temperature": float(temperature), "alpha": float(alpha), "run": record["run"],
                          **{f"{split}_accuracy": record[f"{split}_accuracy"] for split in self.eval_sets}})
-        chosen_by = self.selection_metric("accuracy")
-        best = max(rows, key=lambda row: row[chosen_by])
-        stem = self.store.root / f"grid-s{self.seed}"
-        write_csv_atomic(stem.with_suffix(".csv"), rows,
-                         ("temperature", "alpha", *(f"{s}_accuracy" for s in self.eval_sets), "run"))
-        write_json_atomic(stem.with_suffix(".json"), {"cells": rows, "best": best, "chosen_by": chosen_by})
-        self.log(f"[grid] best by {chosen_by}: T={best['temperature']:g} alpha={best['alpha']:g} "
-                 f"{chosen_by} {best[chosen_by]:.4f}, test_accuracy {best['test_accuracy']:.4f}")
-        return {"cells": rows, "best": best, "chosen_by": chosen_by}
+        return self.save_sweep("grid", rows, "accuracy", ("temperature", "alpha"))
 
     def flops(self):
         """Parameters and FLOPs (batch 1) of each architecture; writes `flops.csv`."""

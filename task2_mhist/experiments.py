@@ -19,7 +19,7 @@ import numpy as np
 from common import explain, methods, runs, training
 from common.metrics import binary_metrics
 from common.recipes import Recipes
-from common.results import write_array_atomic, write_arrays_atomic, write_csv_atomic, write_json_atomic
+from common.results import write_array_atomic, write_arrays_atomic, write_csv_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
 
@@ -224,12 +224,7 @@ class Task2(Recipes):
             record = self.kd(temperature)
             rows.append({"temperature": temperature, "alpha": self.config.alpha, "run": record["run"],
                          **{k: record[k] for k in metrics}})
-        chosen_by = self.selection_metric("auc")
-        best = max(rows, key=lambda row: row[chosen_by])
-        stem = self.store.root / f"tcurve-s{self.seed}"
-        write_csv_atomic(stem.with_suffix(".csv"), rows, ("temperature", "alpha", *metrics, "run"))
-        write_json_atomic(stem.with_suffix(".json"), {"cells": rows, "best": best, "chosen_by": chosen_by})
-        self.log(f"[tcurve] best by {chosen_by}: T={best['temperature']:g}, test_auc {best['test_auc']:.4f}")
+        self.save_sweep("tcurve", rows, "auc", ("temperature", "alpha"))
         return rows
 
     def pretrained(self):
