@@ -1,4 +1,10 @@
-"""Task 1 architectures (course figure). All return logits, shape `(batch, outputs)`."""
+"""Task 1 architectures (course figure). All return logits, shape `(batch, outputs)`.
+
+Feature layers, read by feature distillation methods (`feature_model`): the CNNs'
+`"spatial"` (last pooled feature map, 11x11x64 in the teacher) and `"embedding"`
+(the 128-unit hidden layer); the MLP's `"embedding"` (its second hidden layer)
+and `"hidden"` (its first, one unit per input pixel, read as a 28x28x1 map).
+"""
 
 import keras
 from keras import layers
@@ -17,10 +23,10 @@ def _cnn(widths, first_pool_stride, num_outputs, name):
             layers.Conv2D(first, 3, strides=1, padding="valid", activation="relu"),
             layers.MaxPooling2D(2, strides=first_pool_stride),
             layers.Conv2D(second, 3, strides=1, padding="valid", activation="relu"),
-            layers.MaxPooling2D(2, strides=2),
+            layers.MaxPooling2D(2, strides=2, name="spatial"),
             layers.Flatten(),
             layers.Dropout(0.5),
-            layers.Dense(128, activation="relu"),
+            layers.Dense(128, activation="relu", name="embedding"),
             layers.Dropout(0.5),
             layers.Dense(num_outputs),
         ],
@@ -54,9 +60,17 @@ def build_student(num_outputs=NUM_CLASSES, name="student"):
         [
             keras.Input(INPUT_SHAPE),
             layers.Flatten(),
-            layers.Dense(784, activation="relu"),
-            layers.Dense(784, activation="relu"),
+            layers.Dense(784, activation="relu", name="hidden"),
+            layers.Dense(784, activation="relu", name="embedding"),
             layers.Dense(num_outputs),
         ],
         name=name,
     )
+
+
+def feature_model(model):
+    """`x -> {"logits", "embedding", "spatial"}` sharing `model`'s layers (see above)."""
+    spatial = model.get_layer("spatial").output if any(l.name == "spatial" for l in model.layers) else \
+        layers.Reshape(INPUT_SHAPE)(model.get_layer("hidden").output)
+    outputs = {"logits": model.outputs[0], "embedding": model.get_layer("embedding").output, "spatial": spatial}
+    return keras.Model(model.inputs[0], outputs, name=f"{model.name}_features")

@@ -25,7 +25,8 @@ ARCHITECTURES = {
     "densenet121": (keras.applications.DenseNet121, "torch"),
 }
 TEACHER, STUDENT, ASSISTANT = "resnet50v2", "mobilenetv2", "densenet121"
-BASE_NAME = "base"
+BASE_NAME = "base"  # outputs the last feature map, (batch, S/32, S/32, C)
+POOLED = "pooled"  # its global average, (batch, C): the features the head reads
 
 
 @keras.saving.register_keras_serializable(package="kd_toolkit")
@@ -84,6 +85,7 @@ def build(architecture, weights="imagenet", image_size=224, num_outputs=2, dropo
     for layer in preprocessing(mode):
         x = layer(x)
     x = InferenceMode(base, name=BASE_NAME)(x) if resolved is not None else base(x)
+    x = layers.GlobalAveragePooling2D(name=POOLED)(x)
     x = layers.Dropout(dropout)(x)
     outputs = layers.Dense(num_outputs, name="logits")(x)
     return keras.Model(inputs, outputs, name=name or architecture)
@@ -94,8 +96,7 @@ def make_base(constructor, architecture, weights, resolved, image_size):
     try:
         with warnings.catch_warnings():  # a mismatched file makes Keras warn once per layer
             warnings.simplefilter("ignore")
-            base = constructor(include_top=False, weights=resolved, input_shape=(image_size, image_size, 3),
-                               pooling="avg")
+            base = constructor(include_top=False, weights=resolved, input_shape=(image_size, image_size, 3))
     except Exception as err:  # download and load failures surface as several exception types
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = lines[0][:200] if lines else type(err).__name__
@@ -151,12 +152,20 @@ def base_of(model):
     return layer.base if isinstance(layer, InferenceMode) else layer
 
 
+def feature_model(model):
+    """`x -> {"logits", "embedding": pooled features (batch, C), "spatial": the base's
+    last feature map (batch, h, w, C)}`, sharing `model`'s layers."""
+    outputs = {"logits": model.outputs[0], "embedding": model.get_layer(POOLED).output,
+               "spatial": model.get_layer(BASE_NAME).output}
+    return keras.Model(model.inputs[0], outputs, name=f"{model.name}_features")
+
+
 def split_at_base(model):
     """`(features, head)`, two models sharing `model`'s layers: pixels -> the base's
     pooled features `(batch, D)` (preprocessing included), and features -> outputs.
     `head(features(x))` is `model(x)`; training `head` trains `model`'s head."""
     layer_list = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    cut = layer_list.index(model.get_layer(BASE_NAME)) + 1
+    cut = layer_list.index(model.get_layer(POOLED)) + 1
     x = pixels = keras.Input(model.input_shape[1:])
     for layer in layer_list[:cut]:
         x = layer(x)

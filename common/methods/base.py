@@ -1,0 +1,161 @@
+"""What every training objective shares: the trained model, its variables, its
+class-logit prediction, and (for distillation) the frozen teacher's outputs.
+
+A batch is a dict of tensors: `"x"` model inputs, `"y"` `(batch,)` integer labels,
+`"index"` `(batch,)` example ids (from 0 to the training set size), and for a
+distillation method `"teacher_<target>"` for each of its `teacher_targets`:
+a frozen teacher's outputs for exactly these inputs, computed once per example
+(and view) before training, so the teacher never runs per step.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+
+class Method:
+    """Base class: the trained model and the loss terms of one batch.
+
+    `term_names` are the loss terms `loss_terms` returns (their sum is minimised;
+    each is logged). `extra_layers` are layers the method trains or updates beside
+    the model (a regressor, projection heads, a memory bank): their variables are
+    trained with the model's and saved in every epoch checkpoint, but are not part
+    of the model that is kept.
+    """
+
+    term_names = ()
+    extra_layers = ()
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def trainable_variables(self):
+        extra = [v for layer in self.extra_layers for v in layer.trainable_variables]
+        return self.model.trainable_variables + extra
+
+    def forward(self, x, training=False):
+        """`(outputs, class_logits)`: the model's raw outputs (what is distilled) and
+        the `(batch, classes)` logits used for labels, accuracy and prediction."""
+        outputs = self.model(x, training=training)
+        return outputs, outputs
+
+    def class_logits(self, x, training=False):
+        return self.forward(x, training=training)[1]
+
+    def loss_terms(self, batch, training=True):
+        """Returns `({term_name: scalar}, class_logits)`; the loss is the terms' sum."""
+        raise NotImplementedError
+
+
+class CrossEntropy(Method):
+    """Supervised training on hard labels: a teacher, or a student from scratch."""
+
+    term_names = ("ce",)
+
+    def loss_terms(self, batch, training=True):
+        from common import losses
+
+        _, logits = self.forward(batch["x"], training=training)
+        return {"ce": losses.teacher_loss(batch["y"], logits)}, logits
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """A method without hyperparameters of its own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a method may need to know about its task and data.
+
+    `num_classes`: classes of the labels; `num_examples`: training set size (for
+    memory banks indexed by `"index"`); `temperature`, `alpha`: the task's
+    `--temperature` and `--alpha` (the KD settings every logit method shares);
+    `features`: `x -> {output name: tensor}` of the student (see `Distiller`).
+    """
+
+    num_classes: int
+    num_examples: int = 0
+    temperature: float = 4.0
+    alpha: float = 0.5
+    features: object = None
+
+
+class Distiller(Method):
+    """A student that learns from a frozen teacher: the base of every registered method.
+
+    Subclasses set:
+      name: the registry name, also the experiment name (`--only <name>`).
+      summary: one line for `--help` and the README.
+      Options: a frozen dataclass of the method's own hyperparameters (CLI flags
+        `--<name>-<field>`); `__post_init__` raises `ValueError` for bad values.
+      teacher_outputs / student_outputs: names of model outputs it reads, from
+        `"logits"`, `"embedding"` (the penultimate vector, `(batch, D)`) and
+        `"spatial"` (the last feature map, `(batch, H, W, C)`); a task model
+        exposes them through its feature model.
+      uses: which shared settings it reads (`"temperature"`, `"alpha"`), part of
+        its run identity.
+
+    and implement `loss_terms`. `teacher_targets` turns the teacher's outputs into
+    what is cached per example (default: those outputs themselves).
+    """
+
+    name = None
+    summary = ""
+    Options = NoOptions
+    teacher_outputs = ("logits",)
+    student_outputs = ("logits",)
+    uses = ()
+
+    def __init__(self, student, options=None, context=None, teacher=None):
+        super().__init__(student)
+        self.options = options if options is not None else self.Options()
+        self.context = context
+        self.teacher = teacher  # only used when batches carry no cached targets (tests, benchmarks)
+        self.student_features = context.features if context is not None and context.features is not None else None
+
+    @classmethod
+    def teacher_targets(cls, outputs):
+        """`{target: (batch, ...)}` cached per example from the teacher's `{output: tensor}`;
+        batches carry each as `"teacher_<target>"`."""
+        return {name: outputs[name] for name in cls.teacher_outputs}
+
+    @classmethod
+    def target_names(cls):
+        """The keys of `teacher_targets`, without running a teacher."""
+        return tuple(cls.teacher_outputs)
+
+    def targets(self, batch):
+        """The teacher's cached targets for this batch (gradients stopped)."""
+        names = self.target_names()
+        if all(f"teacher_{n}" in batch for n in names):
+            return {n: tf.stop_gradient(batch[f"teacher_{n}"]) for n in names}
+        if self.teacher is None:
+            raise ValueError(f"{type(self).__name__} needs batches with "
+                             f"{', '.join('teacher_' + n for n in names)} or a teacher model")
+        outputs = self.teacher(batch["x"], training=False)
+        outputs = outputs if isinstance(outputs, dict) else {"logits": outputs}
+        return {n: tf.stop_gradient(v) for n, v in self.teacher_targets(outputs).items()}
+
+    def student(self, x, training):
+        """`{output: tensor}` of the student: `"logits"` always, features when it reads any."""
+        if set(self.student_outputs) <= {"logits"}:
+            return {"logits": self.model(x, training=training)}
+        if self.student_features is None:
+            raise ValueError(f"{type(self).__name__} reads the student's {', '.join(self.student_outputs)}: "
+                             "pass Context(features=...)")
+        return self.student_features(x, training=training)
+
+    def build_extras(self, teacher_shapes):
+        """Creates the method's `extra_layers` once the shapes of the teacher's targets,
+        `{target: (batch, ...)}`, are known (before training); none by default."""
+
+    def student_shapes(self):
+        """`{output: shape}` of the student's feature model, batch dimension None."""
+        return {name: tuple(tensor.shape) for name, tensor in self.student_features.output.items()}
+
+    @classmethod
+    def create(cls, student, options, context):
+        """The method for a run of the registry: `student` trained with `options`."""
+        return cls(student, options, context)

@@ -1,0 +1,80 @@
+"""Decoupled knowledge distillation (Zhao, Cui, Song, Qiu & Liang, CVPR 2022).
+
+With p = softmax(z / T) over C classes and t the label, KD's KL splits into a
+target-class part and a non-target part:
+
+    b = [p_t, 1 − p_t]                       binary (target vs rest) probabilities
+    p̂_i = p_i / (1 − p_t),  i ≠ t           distribution over the non-target classes
+    KL(p^T ‖ p^S) = TCKD + (1 − p^T_t) · NCKD
+    TCKD = KL(b^T ‖ b^S),  NCKD = KL(p̂^T ‖ p̂^S)
+
+DKD drops the coupling weight (1 − p^T_t) and weights the parts freely:
+
+    L = CE(y, softmax(z_s)) + T² · (α · TCKD + β · NCKD)
+
+α = `--dkd-tckd-weight` (paper: 1), β = `--dkd-nckd-weight` (paper: 8), T =
+`--temperature` (paper: 4). The paper's linear warm-up of the KD part over the
+first 20 of 240 epochs is not used (the course trains 12 epochs).
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from common import losses
+from common.methods.base import Distiller
+
+
+def dkd_parts(labels, student_logits, teacher_logits, temperature):
+    """`(tckd, nckd)`: batch means of the two KL parts above at temperature T (no T²)."""
+    temperature = losses.validate_temperature(temperature)
+    student = tf.cast(student_logits, tf.float32) / temperature
+    teacher = tf.cast(teacher_logits, tf.float32) / temperature
+    target = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), tf.shape(student)[-1])
+
+    def binary_log_probs(scaled):
+        log_p = tf.nn.log_softmax(scaled)
+        log_target = tf.reduce_sum(log_p * target, axis=-1)
+        log_rest = tf.reduce_logsumexp(log_p - 1000.0 * target, axis=-1)  # log(1 − p_t), stably
+        return tf.stack([log_target, log_rest], axis=-1)
+
+    def kl(log_p, log_q):
+        return tf.reduce_mean(tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1))
+
+    tckd = kl(binary_log_probs(teacher), binary_log_probs(student))
+    # Removing the target class: its logit minus 1000 has probability exp(-1000) = 0 in float32.
+    nckd = kl(tf.nn.log_softmax(teacher - 1000.0 * target), tf.nn.log_softmax(student - 1000.0 * target))
+    return tckd, nckd
+
+
+@dataclasses.dataclass(frozen=True)
+class DKDOptions:
+    tckd_weight: float = dataclasses.field(default=1.0, metadata={"help": "alpha, weight of target-class KD"})
+    nckd_weight: float = dataclasses.field(default=8.0, metadata={"help": "beta, weight of non-target-class KD"})
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if not getattr(self, field.name) >= 0:
+                raise ValueError(f"--dkd-{field.name.replace('_', '-')} must be >= 0, got {getattr(self, field.name)!r}")
+
+
+class DKD(Distiller):
+    """Logged terms: `ce`, `tckd` and `nckd` (each already weighted and scaled by T²)."""
+
+    name = "dkd"
+    summary = "decoupled KD (Zhao et al. 2022): CE + T^2 (a TCKD + b NCKD)"
+    Options = DKDOptions
+    term_names = ("ce", "tckd", "nckd")
+    uses = ("temperature",)
+
+    def loss_terms(self, batch, training=True):
+        logits = self.student(batch["x"], training)["logits"]
+        temperature = self.context.temperature
+        tckd, nckd = dkd_parts(batch["y"], logits, self.targets(batch)["logits"], temperature)
+        scale = temperature**2
+        return {"ce": losses.teacher_loss(batch["y"], logits),
+                "tckd": self.options.tckd_weight * scale * tckd,
+                "nckd": self.options.nckd_weight * scale * nckd}, logits
+
+
+METHOD = DKD

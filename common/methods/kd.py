@@ -1,0 +1,43 @@
+"""Knowledge distillation (Hinton, Vinyals & Dean 2015).
+
+    L = α · CE(y, softmax(z_s)) + (1 − α) · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))
+
+z_s, z_t: student and teacher logits; T: `--temperature`; α: `--alpha`. The loss
+functions are `common.losses.teacher_loss` and `common.losses.distillation_loss`.
+"""
+
+from common import losses
+from common.methods.base import Distiller
+
+
+class Distillation(Distiller):
+    """Hinton KD; the two weighted parts are logged as `ce` and `kd` (their sum is
+    exactly `losses.student_loss`). `teacher` is only needed when batches carry no
+    `"teacher_logits"`; it is never trained here."""
+
+    name = "kd"
+    summary = "Hinton KD: alpha CE + (1 - alpha) T^2 KL of softened logits (--temperature, --alpha)"
+    term_names = ("ce", "kd")
+    uses = ("temperature", "alpha")
+
+    def __init__(self, student, temperature, alpha, teacher=None, context=None):
+        super().__init__(student, context=context, teacher=teacher)
+        self.temperature = losses.validate_temperature(temperature)
+        self.alpha = losses.validate_alpha(alpha)
+
+    @classmethod
+    def create(cls, student, options, context):
+        return cls(student, context.temperature, context.alpha, context=context)
+
+    def teacher_logits(self, batch):
+        return self.targets(batch)["logits"]
+
+    def loss_terms(self, batch, training=True):
+        outputs, logits = self.forward(batch["x"], training=training)
+        return {
+            "ce": self.alpha * losses.teacher_loss(batch["y"], logits),
+            "kd": (1.0 - self.alpha) * losses.distillation_loss(self.teacher_logits(batch), outputs, self.temperature),
+        }, logits
+
+
+METHOD = Distillation

@@ -1,0 +1,187 @@
+"""The registered distillation methods: each loss against values computed by hand
+(plain `math`/numpy loops, written from the papers' formulas), plus the registry."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from common import methods
+from common.methods import at, crd, dkd, fitnets, rkd
+
+pytestmark = pytest.mark.usefixtures("exact_float32")
+
+TEACHER = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0], [2.0, 0.0, -1.0]]
+STUDENT = [[3.0, 2.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.5, -0.5]]
+LABELS = [2, 0, 1]
+
+
+def softmax(values):
+    exps = [math.exp(v) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def hand_dkd(temperature):
+    tckd = nckd = full = coupled = 0.0
+    for t, s, y in zip(TEACHER, STUDENT, LABELS):
+        pt, ps = softmax([v / temperature for v in t]), softmax([v / temperature for v in s])
+        bt, bs = [pt[y], 1 - pt[y]], [ps[y], 1 - ps[y]]
+        rest_t = [p / (1 - pt[y]) for i, p in enumerate(pt) if i != y]
+        rest_s = [p / (1 - ps[y]) for i, p in enumerate(ps) if i != y]
+        tckd += kl(bt, bs) / len(LABELS)
+        nckd += kl(rest_t, rest_s) / len(LABELS)
+        full += kl(pt, ps) / len(LABELS)
+        coupled += (kl(bt, bs) + (1 - pt[y]) * kl(rest_t, rest_s)) / len(LABELS)
+    return tckd, nckd, full, coupled
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_dkd_parts_match_hand_values_and_decompose_kd(temperature):
+    tckd, nckd = dkd.dkd_parts(tf.constant(LABELS), tf.constant(STUDENT), tf.constant(TEACHER), temperature)
+    hand_tckd, hand_nckd, full, coupled = hand_dkd(temperature)
+    assert float(tckd) == pytest.approx(hand_tckd, rel=1e-5)
+    assert float(nckd) == pytest.approx(hand_nckd, rel=1e-5)
+    assert coupled == pytest.approx(full, rel=1e-9)  # the paper's identity KD = TCKD + (1 - p_t) NCKD
+
+
+def test_dkd_method_weights_its_terms():
+    batch = {"x": tf.constant(STUDENT), "y": tf.constant(LABELS), "teacher_logits": tf.constant(TEACHER)}
+    identity = tf.keras.layers.Lambda(lambda x: x)
+    method = dkd.DKD(identity, dkd.DKDOptions(tckd_weight=2.0, nckd_weight=3.0), methods.Context(3, temperature=4.0))
+    terms, _ = method.loss_terms(batch)
+    hand_tckd, hand_nckd, _, _ = hand_dkd(4.0)
+    ce = sum(-math.log(softmax(s)[y]) for s, y in zip(STUDENT, LABELS)) / 3
+    assert float(terms["ce"]) == pytest.approx(ce, rel=1e-5)
+    assert float(terms["tckd"]) == pytest.approx(2.0 * 16 * hand_tckd, rel=1e-5)
+    assert float(terms["nckd"]) == pytest.approx(3.0 * 16 * hand_nckd, rel=1e-5)
+
+
+def test_hint_loss_is_mean_squared_difference():
+    teacher = [[1.0, 2.0], [0.0, -1.0]]
+    student = [[0.0, 2.0], [3.0, 1.0]]
+    assert float(fitnets.hint_loss(tf.constant(teacher), tf.constant(student))) == pytest.approx((1 + 0 + 9 + 4) / 4)
+
+
+def test_attention_map_and_loss_match_hand_values():
+    # one example, 2x2 positions, 2 channels
+    features = np.array([[[[1.0, -3.0], [2.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]]], np.float32)
+    hand_map = [[(1 + 9) / 2, (4 + 0) / 2], [0.0, (1 + 1) / 2]]
+    np.testing.assert_allclose(at.attention_map(tf.constant(features)).numpy()[0], hand_map)
+    teacher_map = np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32)
+    q_s = np.array([5.0, 2.0, 0.0, 1.0]) / math.sqrt(25 + 4 + 0 + 1)
+    q_t = np.array([1.0, 0.0, 0.0, 1.0]) / math.sqrt(2)
+    loss = at.attention_loss(tf.constant(teacher_map), at.attention_map(tf.constant(features)))
+    assert float(loss) == pytest.approx(float(np.mean((q_s - q_t) ** 2)), rel=1e-5)
+
+
+def test_attention_loss_resizes_the_teacher_map():
+    student = tf.ones((2, 4, 4))
+    teacher = tf.ones((2, 2, 2))  # uniform either way: the same normalised map
+    assert float(at.attention_loss(teacher, student)) == pytest.approx(0.0, abs=1e-7)
+
+
+def hand_rkd(teacher, student):
+    def huber(x):
+        return 0.5 * x * x if abs(x) < 1 else abs(x) - 0.5
+
+    def distance_potentials(e):
+        n = len(e)
+        d = [[math.dist(e[i], e[j]) for j in range(n)] for i in range(n)]
+        mean = sum(d[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+        return [[d[i][j] / mean for j in range(n)] for i in range(n)]
+
+    def angle_potentials(e):
+        n = len(e)
+        out = np.zeros((n, n, n))
+        for i in range(n):
+            for j in range(n):
+                for k in range(n):
+                    if j == i or k == i:
+                        continue
+                    a = np.subtract(e[j], e[i])
+                    b = np.subtract(e[k], e[i])
+                    out[i, j, k] = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+        return out
+
+    n = len(teacher)
+    dt, ds = distance_potentials(teacher), distance_potentials(student)
+    distance = sum(huber(ds[i][j] - dt[i][j]) for i in range(n) for j in range(n)) / n**2
+    at_, as_ = angle_potentials(teacher), angle_potentials(student)
+    angle = sum(huber(x) for x in (as_ - at_).ravel()) / n**3
+    return distance, angle
+
+
+def test_rkd_losses_match_hand_values():
+    teacher = [[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [1.0, 1.0]]
+    student = [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.5], [5.0, -1.0, 0.0]]  # another width
+    distance, angle = rkd.rkd_losses(tf.constant(teacher), tf.constant(student))
+    hand_distance, hand_angle = hand_rkd(teacher, student)
+    assert float(distance) == pytest.approx(hand_distance, rel=1e-5)
+    assert float(angle) == pytest.approx(hand_angle, rel=1e-5)
+    # a right angle at the origin between (3,0) and (0,4): cosine 0; 3-4-5 triangle distances
+    np.testing.assert_allclose(rkd.angle_potentials(tf.constant(teacher)).numpy()[0, 1, 2], 0.0, atol=1e-6)
+    np.testing.assert_allclose(rkd.pairwise_distances(tf.constant(teacher)).numpy()[1, 2], 5.0, rtol=1e-6)
+
+
+def test_rkd_is_zero_for_a_scaled_copy_and_has_finite_gradients():
+    teacher = tf.constant([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    student = tf.Variable(2.0 * teacher)
+    with tf.GradientTape() as tape:
+        distance, angle = rkd.rkd_losses(teacher, student)
+        total = distance + angle
+    assert float(total) == pytest.approx(0.0, abs=1e-6)
+    assert np.all(np.isfinite(tape.gradient(total, student).numpy()))
+
+
+def test_nce_loss_matches_hand_value():
+    positive = [2.0, 0.5]
+    negatives = [[0.1, 0.3, 1.0], [0.2, 0.2, 0.05]]
+    n = 30
+    noise = 3 / n
+    hand = 0.0
+    for p, row in zip(positive, negatives):
+        hand -= math.log(p / (p + noise)) + sum(math.log(noise / (h + noise)) for h in row)
+    hand /= 2
+    value = crd.nce_loss(tf.constant(positive), tf.constant(negatives), n)
+    assert float(value) == pytest.approx(hand, rel=1e-5)
+
+
+def test_crd_memory_moves_towards_the_batch_and_fixes_z_once():
+    memory = crd.ContrastMemory(num_examples=20, dim=4, temperature=0.5, negatives=6)
+    memory.build_for(student_dim=5, teacher_dim=3)
+    before = memory.student_memory.numpy().copy()
+    student = tf.random.normal((3, 5), seed=1)
+    teacher = tf.random.normal((3, 3), seed=2)
+    index = tf.constant([2, 7, 11])
+    loss = memory.loss(student, teacher, index)
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    after = memory.student_memory.numpy()
+    changed = np.flatnonzero(np.any(after != before, axis=1))
+    np.testing.assert_array_equal(changed, [2, 7, 11])
+    np.testing.assert_allclose(np.linalg.norm(after[[2, 7, 11]], axis=1), 1.0, rtol=1e-5)
+    v = tf.math.l2_normalize(memory.student_head(student), axis=-1).numpy()
+    expected = before[[2, 7, 11]] * 0.5 + 0.5 * v
+    np.testing.assert_allclose(after[[2, 7, 11]], expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                               rtol=1e-5)
+    z = memory.z.numpy().copy()
+    assert np.all(z > 0)
+    memory.loss(student, teacher, index)
+    np.testing.assert_array_equal(memory.z.numpy(), z)
+
+
+def test_registry_lists_each_method_with_validated_options():
+    assert set(methods.REGISTRY) >= {"kd", "dkd", "fitnets", "at", "rkd", "crd"}
+    for name, cls in methods.REGISTRY.items():
+        assert cls.name == name and cls.summary and cls.__module__ == f"common.methods.{name}"
+    assert methods.make_options("dkd", {"nckd_weight": 2.0}).nckd_weight == 2.0
+    with pytest.raises(ValueError, match="--dkd-nckd-weight must be >= 0"):
+        methods.make_options("dkd", {"nckd_weight": -1.0})
+    with pytest.raises(ValueError, match="no option"):
+        methods.make_options("rkd", {"weight": 1.0})
+    with pytest.raises(ValueError, match="--crd-negatives"):
+        methods.make_options("crd", {"negatives": 0})
