@@ -75,7 +75,7 @@ def main(argv=None):
         runs.set_seed(0)
         start = time.perf_counter()
         if logits is None:
-            logits = common_data.teacher_logits(teacher, {"x": x_train, "y": y_train}, 1024)
+            logits = common_data.teacher_outputs(teacher, {"x": x_train, "y": y_train}, 1024)["logits"]
         student = build_student()
         data = common_data.batched({"x": x_train, "y": y_train, "teacher_logits": logits}, batch, shuffle=True, seed=0)
         training.fit(methods.Distillation(student, temperature, alpha), data, epochs=epochs,
@@ -128,7 +128,7 @@ def main(argv=None):
     cells = GRID[: args.grid_cells]
     print(f"Grid of {len(cells)} cells x {epochs} epochs ...", flush=True)
     start = time.perf_counter()
-    logits = common_data.teacher_logits(teacher, {"x": x_train, "y": y_train}, 1024)
+    logits = common_data.teacher_outputs(teacher, {"x": x_train, "y": y_train}, 1024)["logits"]
     grid_ours = [test_accuracy(toolkit(tc, ac, epochs, logits)[1]) for tc, ac in cells]
     grid_ours_s = time.perf_counter() - start
     start = time.perf_counter()

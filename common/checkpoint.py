@@ -67,7 +67,8 @@ def optimizer_keys(optimizer, model_keys, variables):
 class EpochCheckpoint:
     """The state after the last finished epoch, in one atomically written file
     `directory/state.npz`: every model variable (weights and the random-generator
-    states of layers such as dropout), every optimizer variable, the history so
+    states of layers such as dropout), every variable of `extra_layers` (a
+    method's regressor, heads or memory bank), every optimizer variable, the history so
     far and the seconds spent, each variable under its `variable_keys` name.
 
     A saved state whose names or shapes differ from the model's (another
@@ -75,10 +76,14 @@ class EpochCheckpoint:
     nothing, and training starts over.
     """
 
-    def __init__(self, directory, model, optimizer, trainable_variables):
+    def __init__(self, directory, model, optimizer, trainable_variables, extra_layers=()):
         self.path = Path(directory) / "state.npz"
         model_keys = variable_keys(model)
+        for index, layer in enumerate(extra_layers):  # a method's own variables (`Method.extra_layers`)
+            prefix = f"extra/{index}.{type(layer).__name__}/"
+            model_keys.update({key: prefix + name for key, name in variable_keys(layer).items()})
         self.variables = {model_keys[id(v)]: v for v in model.variables}
+        self.variables.update({model_keys[id(v)]: v for layer in extra_layers for v in layer.variables})
         opt_keys = optimizer_keys(optimizer, model_keys, trainable_variables)
         self.variables.update({opt_keys[id(v)]: v for v in optimizer.variables})
 

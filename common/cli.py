@@ -72,8 +72,39 @@ def add_shared_arguments(parser, defaults, experiments):
     add("--no-tf32", dest="tf32", action="store_false",
         help="exact float32 matrix products and convolutions on GPUs with TensorFloat-32 (slower)")
     add("--only", type=name_list, default=defaults.only, help=f"experiments, comma list of {','.join(experiments)}")
+    add_method_arguments(parser, defaults)
     add("--limit", type=int, help="use only the first N train and test images (quick runs)")
     add("-q", "--quiet", action="store_true", help="print only errors and the final summary")
+
+
+def add_method_arguments(parser, defaults):
+    """`--chain-method` and every registered method's options, `--<method>-<option>`."""
+    from common import methods
+
+    group = parser.add_argument_group(
+        "distillation methods", "each registered method is an experiment (--only NAME): "
+        + "; ".join(f"{name}: {cls.summary}" for name, cls in methods.REGISTRY.items()))
+    group.add_argument("--chain-method", default=defaults.chain_method, choices=tuple(methods.REGISTRY),
+                       help="method of the teacher-assistant chain (takd) and early-stopped teachers (eskd)")
+    for method, field, flag, default, text in methods.option_flags():
+        group.add_argument(flag, dest=f"{METHOD_OPTION}{method}.{field}", type=type(default), default=None,
+                           metavar="N" if isinstance(default, int) else "X",
+                           help=f"{text} (default {default:g})")
+
+
+METHOD_OPTION = "method_option:"
+
+
+def pop_method_options(settings):
+    """Removes the `--<method>-<option>` values from parsed `settings` (a dict) and
+    returns those given as `{method: {option: value}}`."""
+    found = {}
+    for key in [k for k in settings if k.startswith(METHOD_OPTION)]:
+        value = settings.pop(key)
+        if value is not None:
+            method, field = key[len(METHOD_OPTION):].split(".")
+            found.setdefault(method, {})[field] = value
+    return found
 
 
 def float_list(text):

@@ -27,7 +27,10 @@ class SharedConfig(BaseConfig):
     """The settings both tasks take (a task redeclares a field to change its default).
 
     `alpha` weights the hard-label cross-entropy, `1 - alpha` the distillation term.
-    Every experiment is repeated for each seed in `seeds`. `validation` training
+    `chain_method`: the registered method the teacher-assistant chain (and Task 1's
+    early-stopped teachers) distil with. `method_options`: `{method: {option:
+    value}}` from the `--<method>-<option>` flags (unset options keep the method's
+    defaults). Every experiment is repeated for each seed in `seeds`. `validation` training
     examples (a count, or a fraction below 1) are held out, stratified by class, to
     choose T and alpha; the test set only reports.
     """
@@ -46,6 +49,8 @@ class SharedConfig(BaseConfig):
     occlusion_stride: int = 2
     top_k: int = 5
     validation: float = 0
+    chain_method: str = "kd"
+    method_options: dict = dataclasses.field(default_factory=dict)
     distribute: str = "none"
     deterministic: bool = False
     tf32: bool = True
@@ -117,4 +122,12 @@ def validate_shared(config, experiments, strategies, image_size):
     except ValueError as err:
         raise ConfigError(str(err)) from None
     choices("only", config.only, experiments, "--only")
+    from common import methods
+
+    choices("chain_method", (config.chain_method,), tuple(methods.REGISTRY), "--chain-method")
+    for name, values in dict(config.method_options).items():
+        try:
+            methods.make_options(name, dict(values))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     choices("distribute", (config.distribute,), strategies, "--distribute")

@@ -30,15 +30,18 @@ def batched(arrays, batch_size, *, shuffle=False, seed=None, map_fn=None):
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def teacher_logits(teacher_logits_fn, arrays, batch_size, map_fn=None):
-    """`(n, classes)` float32 logits of a frozen model for every row of `arrays`, in order.
+def teacher_outputs(outputs_fn, arrays, batch_size, map_fn=None):
+    """`{name: (n, ...)}` float32 outputs of a frozen model for every row of `arrays`, in
+    order; `outputs_fn(x, training=False)` returns a dict (e.g. a method's
+    `teacher_targets`) or one tensor (`{"logits": ...}`).
 
-    Computed once and attached to the training arrays (`"teacher_logits"`), a frozen
+    Computed once and attached to the training arrays (`"teacher_<name>"`), a frozen
     teacher costs one inference pass instead of one per student step and epoch.
     """
     dataset = batched(arrays, batch_size, map_fn=map_fn)
-    logits, _ = predict(compiled_predictor(teacher_logits_fn), dataset)
-    return logits.astype(np.float32)
+    outputs, _ = predict(compiled_predictor(outputs_fn), dataset)
+    outputs = outputs if isinstance(outputs, dict) else {"logits": outputs}
+    return {name: array.astype(np.float32) for name, array in outputs.items()}
 
 
 def fingerprint(*parts):

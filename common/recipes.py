@@ -1,11 +1,13 @@
 """Plumbing shared by the tasks' experiment recipes (one config, one seed).
 
 A task subclasses `Recipes` and provides its data and training schedule:
-`base_identity`, `train_data`, `fit_model`, `evaluate` and `compute_logits`.
+`base_identity`, `train_data`, `fit_model`, `split_metrics`, `compute_targets`,
+`feature_model` and `student_builder`.
 Everything else (resumable recorded runs, cached logits of frozen models,
 distillation chains, explanation artefacts) is written once here.
 """
 
+import dataclasses
 import datetime
 import json
 import time
@@ -15,7 +17,7 @@ import numpy as np
 
 from common import device, methods, runs, training
 from common.distribute import make_strategy, results_root
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from common.explanations import explain_and_save
 from common.metrics import expected_calibration_error
 from common.results import ResultsStore, identity_hash, write_arrays_atomic, write_csv_atomic, write_json_atomic
@@ -33,7 +35,7 @@ class Recipes:
         self.strategy = make_strategy(config.distribute)
         self.store = ResultsStore(results_root(config.out, self.strategy))
         self._models = {}
-        self._logits = {}
+        self._targets = {}
 
     @staticmethod
     def load_data(config):
@@ -91,9 +93,25 @@ class Recipes:
         run's final record keeps (e.g. a confusion matrix)."""
         raise NotImplementedError
 
-    def compute_logits(self, model, name):
-        """Logits of frozen model `name` on the training set, by example index."""
+    def compute_targets(self, outputs_fn, name, tag):
+        """`{target: array}` of `outputs_fn` (`x -> {target: tensor}`, a frozen model `name`
+        and what a method caches of it, `tag` naming those targets) on every training
+        example, by example index: `(n, ...)`, or `(n, views, ...)` when `per_view`."""
         raise NotImplementedError
+
+    per_view = False  # whether cached teacher outputs have a views axis (Task 2's dihedral views)
+
+    def feature_model(self, model):
+        """`x -> {"logits", "embedding", "spatial"}` sharing `model`'s layers (the task's models)."""
+        raise NotImplementedError
+
+    def student_builder(self):
+        """`() -> keras.Model`: a fresh student (the architecture every method distils into)."""
+        raise NotImplementedError
+
+    def student_fit_options(self):
+        """Extra `fit_model` options of a student's run (e.g. its learning rate)."""
+        return {}
 
     # -- shared ------------------------------------------------------------------
 
@@ -202,14 +220,44 @@ class Recipes:
         with self.strategy.scope():
             return keras.optimizers.Adam(learning_rate)
 
-    def logits_of(self, name, model=None):
-        """Training-set logits of a trained model (`compute_logits`), computed once per object."""
-        if name not in self._logits:
-            self._logits[name] = self.compute_logits(model if model is not None else self._models[name], name)
-        return self._logits[name]
+    def targets_of(self, name, model, method_cls):
+        """`{"teacher_<target>": array}`: what `method_cls` reads of frozen model `name`
+        on the training set (`compute_targets`), computed once per model and targets."""
+        targets = method_cls.target_names()
+        key = (name, targets)
+        if key not in self._targets:
+            if targets == ("logits",) and tuple(method_cls.teacher_outputs) == ("logits",):
+                outputs_fn = lambda x, training=False: {"logits": model(x, training=training)}  # noqa: E731
+            else:
+                features = self.feature_model(model)
+                outputs_fn = lambda x, training=False: method_cls.teacher_targets(features(x, training=training))  # noqa: E731
+            self._targets[key] = self.compute_targets(outputs_fn, name, "-".join(targets))
+        return {f"teacher_{target}": array for target, array in self._targets[key].items()}
 
-    def distil(self, stem, identity, build, parent, make_method, **fit_options):
-        """Trains `make_method(model)` on batches carrying `parent()`'s logits.
+    def logits_of(self, name, model=None):
+        """Training-set logits of a trained model, computed once per model (`model` may be
+        omitted once they are, or for a model this object trained)."""
+        cached = (name, ("logits",)) in self._targets
+        model = model if model is not None or cached else self._models[name]
+        return self.targets_of(name, model, methods.Distillation)["teacher_logits"]
+
+    def method_options(self, name):
+        """The `Options` of registered method `name` from `--<name>-<field>` flags."""
+        return methods.make_options(name, dict(self.config.method_options).get(name, {}))
+
+    def method_settings(self, cls, temperature=None, alpha=None):
+        """What defines a run of method `cls`: the shared settings it uses (T, alpha)
+        and its own options, in a fixed order; part of the run's identity and name."""
+        shared = {"temperature": self.config.temperature if temperature is None else temperature,
+                  "alpha": self.config.alpha if alpha is None else alpha}
+        settings = {k: float(shared[k]) for k in ("temperature", "alpha") if k in cls.uses}
+        if cls.name is not None:
+            settings.update(dataclasses.asdict(self.method_options(cls.name)))
+        return settings
+
+    def distil(self, stem, identity, build, parent, factory, **fit_options):
+        """Trains `factory(model)` (a `MethodFactory`) on batches carrying what its method
+        reads of `parent()`'s outputs.
 
         `parent` is `() -> (run name, model)`, called only if this run must train,
         so a finished student never makes its teacher train or predict again.
@@ -217,33 +265,53 @@ class Recipes:
 
         def data():
             parent_name, parent_model = parent()
-            return self.train_data(teacher_logits=self.logits_of(parent_name, parent_model))
+            targets = self.targets_of(parent_name, parent_model, factory.cls)
+            skip = 2 if self.per_view else 1
+            factory.teacher_shapes = {k[len("teacher_"):]: (None, *v.shape[skip:]) for k, v in targets.items()}
+            return self.train_data(**targets)
 
-        return self.train_model(stem, identity, build, make_method, data, **fit_options)
+        return self.train_model(stem, identity, build, factory, data, **fit_options)
 
-    def chain(self, links, parent, temperature=None, alpha=None, **fit_options):
+    def factory(self, cls, settings=None, make=None):
+        """A `MethodFactory` for method class `cls` with `settings` (`method_settings`)."""
+        if getattr(cls, "single_replica", False) and self.strategy.num_replicas_in_sync > 1:
+            raise ConfigError(f"{cls.name} keeps a memory bank that is not synchronised across replicas; "
+                              "run it with --distribute none")
+        return MethodFactory(self, cls, settings if settings is not None else self.method_settings(cls), make)
+
+    def chain(self, links, parent=None, method="kd", temperature=None, alpha=None):
         """Distils along a chain: parent -> links[0] -> links[1] -> ...
 
-        `links` is a list of `(role, build)`; link i learns by KD at (T, alpha) from
-        link i-1 (from `parent() -> (name, model)` for i = 0). Run names join the
-        roles, e.g. `ta-T4-a0.5-s0` then `ta-takd-T4-a0.5-s0`; a one-link chain
+        `links` is a list of `(role, build)`; link i learns by registered `method`
+        (KD by default, at T and alpha) from link i-1 (from `parent() -> (name,
+        model)` for i = 0; the seed's teacher by default). Run names join the roles,
+        the method when it is not the first role or KD, and its settings, e.g.
+        `ta-T4-a0.5-s0` then `ta-takd-T4-a0.5-s0`; a one-link chain
         `[("kd", build_student)]` is exactly the plain KD student. Returns the
         records (of each link's final run).
         """
-        temperature = self.config.temperature if temperature is None else temperature
-        alpha = self.config.alpha if alpha is None else alpha
+        cls = methods.get(method)
+        settings = self.method_settings(cls, temperature, alpha)
+        parent = parent or self.teacher_model
         roles, records = [], []
         for role, build in links:
             roles.append(role)
-            stem = "-".join(roles) + "-" + self.kd_tag(temperature, alpha)
-            identity = self.identity(role, temperature=float(temperature), alpha=float(alpha))
-            record, model = self.distil(
-                stem, identity, build, parent,
-                lambda student: methods.Distillation(student, temperature, alpha), **fit_options,
-            )
+            shown = [] if method in ("kd", roles[0]) else [method]
+            stem = "-".join([*roles, *shown, run_tag(settings)])
+            extra = {} if method in ("kd", role) else {"method": method}
+            record, model = self.distil(stem, self.identity(role, **extra, **settings), build, parent,
+                                        self.factory(cls, settings), **self.student_fit_options())
             records.append(record)
             parent = lambda name=record["run"], model=model: (name, model)  # noqa: E731
         return records
+
+    def kd(self, temperature=None, alpha=None):
+        """The student distilled straight from the teacher by KD at (T, alpha); its record."""
+        return self.distil_method("kd", temperature, alpha)
+
+    def distil_method(self, method, temperature=None, alpha=None):
+        """The student distilled from the seed's teacher by registered `method`; its record."""
+        return self.chain([(method, self.student_builder())], method=method, temperature=temperature, alpha=alpha)[-1]
 
     def run(self, only=None):
         """Runs the selected experiments (all by default) in `experiments` order.
@@ -262,7 +330,7 @@ class Recipes:
             start = time.perf_counter()
             finished = False
             try:
-                outcomes[name] = getattr(self, name)()
+                outcomes[name] = getattr(self, name)() if hasattr(self, name) else self.distil_method(name)
                 finished = True
             finally:
                 timing = {"experiment": name, "seed": self.seed, "started_at": started, "finished": finished,
@@ -312,3 +380,39 @@ class Recipes:
                       for name, r in records.items()}
         return explain_and_save(self.store.root / "explain", f"{kind}-s{self.seed}", kind, predictors,
                                 images, labels, {"seed": self.seed, "top_k": c.top_k, **settings}, self.log)
+
+
+def run_tag(settings):
+    """`{"temperature": 4.0, "alpha": 0.5, "nckd_weight": 8.0}` -> `"T4-a0.5-nw8"`: a
+    readable run-name part (T, alpha, then each option by its words' initials)."""
+    short = {"temperature": "T", "alpha": "a"}
+    parts = []
+    for key, value in settings.items():
+        label = short.get(key) or "".join(word[0] for word in key.split("_"))
+        parts.append(f"{label}{value:g}" if isinstance(value, (int, float)) else f"{label}{value}")
+    return "-".join(parts)
+
+
+class MethodFactory:
+    """`model -> Method`: a registered method (or `make(model, context)`) with its
+    settings, the task's context and the student's feature model, its extra layers
+    built for the teacher's target shapes (`teacher_shapes`, set once the targets
+    are computed). `reads_features`: it reads more of the student than its logits."""
+
+    def __init__(self, recipes, cls, settings, make=None):
+        self.recipes, self.cls, self.settings, self.make = recipes, cls, settings, make
+        self.reads_features = bool(set(cls.student_outputs) - {"logits"})
+        self.teacher_shapes = {}
+
+    def __call__(self, model):
+        r, s = self.recipes, self.settings
+        context = methods.Context(
+            num_classes=r.num_classes, num_examples=r.num_train_examples(),
+            temperature=s.get("temperature", r.config.temperature), alpha=s.get("alpha", r.config.alpha),
+            features=r.feature_model(model) if self.reads_features else None)
+        if self.make is not None:
+            return self.make(model, context)
+        options = self.cls.Options(**{f.name: s[f.name] for f in dataclasses.fields(self.cls.Options)})
+        method = self.cls.create(model, options, context)
+        method.build_extras(self.teacher_shapes)
+        return method

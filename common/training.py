@@ -35,16 +35,20 @@ def probabilities_fn(logits_fn, batch_size=1024):
 def predict(predictor, dataset):
     """Runs `predictor` over a dataset of `{"x", "y", ...}` batches.
 
-    Returns `(logits, labels)` as numpy arrays of shapes `(n, classes)` and `(n,)`,
-    in dataset order.
+    Returns `(outputs, labels)` in dataset order: `outputs` the `(n, ...)` numpy array
+    of the predictor (e.g. `(n, classes)` logits), or a dict of them when it returns a
+    dict; `labels` of shape `(n,)`.
     """
-    logits, labels = [], []
+    outputs, labels = [], []
     for batch in dataset:
-        logits.append(predictor(batch["x"]).numpy())
+        outputs.append(predictor(batch["x"]))
         labels.append(batch["y"].numpy())
-    if not logits:
+    if not outputs:
         raise ValueError("cannot predict on an empty dataset")
-    return np.concatenate(logits), np.concatenate(labels).reshape(-1)
+    labels = np.concatenate(labels).reshape(-1)
+    if isinstance(outputs[0], dict):
+        return {k: np.concatenate([o[k].numpy() for o in outputs]) for k in outputs[0]}, labels
+    return np.concatenate([o.numpy() for o in outputs]), labels
 
 
 def accuracy(logits, labels):
@@ -160,7 +164,8 @@ def fit(
     checkpoint = None
     history = []
     if resume_dir is not None:
-        checkpoint = EpochCheckpoint(resume_dir, method.model, optimizer, method.trainable_variables)
+        checkpoint = EpochCheckpoint(resume_dir, method.model, optimizer, method.trainable_variables,
+                                     method.extra_layers)
         history = [{**record, "resumed": True} for record in checkpoint.load(log)]
     if history and log is not None:
         log(f"resuming after epoch {len(history)}/{epochs} (saved in {resume_dir})")

@@ -3,10 +3,11 @@
 import dataclasses
 
 from common import config as cfg
-from common import losses
+from common import losses, methods
 
 EXPERIMENTS = (
-    "teacher", "kd", "scratch", "grid", "flops", "entropy", "skd", "takd", "eskd", "lime", "occlusion",
+    "teacher", "kd", "scratch", "grid", "flops", "entropy", *methods.OTHER_METHODS, "skd", "takd", "eskd", "lime",
+    "occlusion",
 )
 
 

@@ -16,6 +16,7 @@ from common.errors import DataError
 from common.recipes import Recipes
 from common.results import write_csv_atomic
 from task1_mnist import data as mnist
+from task1_mnist import models
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
 
 EVAL_BATCH = 1024
@@ -24,7 +25,9 @@ EVAL_BATCH = 1024
 class Task1(Recipes):
     """Runs Task 1 experiments for one config and one seed over one loaded dataset."""
 
-    experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", "skd", "takd", "eskd", "lime", "occlusion")
+    experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", *methods.OTHER_METHODS, "skd", "takd", "eskd",
+                   "lime", "occlusion")
+    num_classes = NUM_CLASSES
 
     def __init__(self, config, arrays=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
@@ -56,7 +59,17 @@ class Task1(Recipes):
                 "validation_examples": int(len(self.arrays["y_val"]))}
 
     def train_data(self, **extra_arrays):
-        return {"x": self.arrays["x_train"], "y": self.arrays["y_train"], **extra_arrays}
+        y = self.arrays["y_train"]
+        return {"x": self.arrays["x_train"], "y": y, "index": np.arange(len(y), dtype=np.int32), **extra_arrays}
+
+    def num_train_examples(self):
+        return int(len(self.arrays["y_train"]))
+
+    def feature_model(self, model):
+        return models.feature_model(model)
+
+    def student_builder(self):
+        return build_student
 
     def train_dataset(self, arrays):
         """Shuffled batches of `arrays`; built after the run's seed is set (see `runs.run`)."""
@@ -65,9 +78,10 @@ class Task1(Recipes):
     def split_metrics(self, split, logits, labels, summary):
         return {f"{split}_accuracy": training.accuracy(logits, labels)}
 
-    def compute_logits(self, model, name):
-        return common_data.teacher_logits(
-            model, {"x": self.arrays["x_train"], "y": self.arrays["y_train"]}, EVAL_BATCH, map_fn=mnist.scale
+    def compute_targets(self, outputs_fn, name, tag):
+        self.log(f"[{name}] {tag} on the training set")
+        return common_data.teacher_outputs(
+            outputs_fn, {"x": self.arrays["x_train"], "y": self.arrays["y_train"]}, EVAL_BATCH, map_fn=mnist.scale
         )
 
     def fit_model(self, name, model, make_method, arrays, resume_dir, keep_checkpoints=False):
@@ -107,14 +121,6 @@ class Task1(Recipes):
         if self.teacher_name() not in self._models:
             self.teacher()
         return self.teacher_name(), self._models[self.teacher_name()]
-
-    def chain(self, links, temperature=None, alpha=None, parent=None):
-        """Teacher -> links[0] -> ... (see `Recipes.chain`); returns the records."""
-        return super().chain(links, parent or self.teacher_model, temperature, alpha)
-
-    def kd(self, temperature=None, alpha=None):
-        """The student distilled straight from the teacher at (T, alpha); its record."""
-        return self.chain([("kd", build_student)], temperature, alpha)[-1]
 
     def scratch(self):
         """The student trained on hard labels only."""
@@ -180,14 +186,17 @@ class Task1(Recipes):
             self.identity("skd", temperature=c.temperature, alpha=c.alpha, **aux),
             lambda: build_student(NUM_CLASSES * s),
             lambda: (teacher_name, teacher),
-            lambda student: methods.SubclassDistillation(student, NUM_CLASSES, c.temperature, c.alpha),
+            self.factory(methods.SubclassDistillation, make=lambda student, _: methods.SubclassDistillation(
+                student, NUM_CLASSES, c.temperature, c.alpha)),
         )
         return {"teacher": teacher_record, "student": record}
 
     def takd(self):
-        """Teacher -> assistant -> student, against baseline KD from the teacher (BLKD)."""
-        assistant, student = self.chain([("ta", build_assistant), ("takd", build_student)])
-        baseline = self.kd()
+        """Teacher -> assistant -> student by `--chain-method` (KD by default), against
+        that method straight from the teacher (BLKD)."""
+        method = self.config.chain_method
+        assistant, student = self.chain([("ta", build_assistant), ("takd", build_student)], method=method)
+        baseline = self.distil_method(method)
         teacher = self.teacher()
         rows = [{"model": label, "run": r["run"], "test_accuracy": r["test_accuracy"]}
                 for label, r in (("teacher", teacher), ("assistant (from teacher)", assistant),
@@ -197,17 +206,19 @@ class Task1(Recipes):
         return rows
 
     def eskd(self):
-        """Students distilled from the teacher's early checkpoints and from the final one."""
+        """Students distilled (by `--chain-method`, KD by default) from the teacher's early
+        checkpoints and from the final one."""
         teacher_record = self.teacher()
         name = self.teacher_name()
+        method = self.config.chain_method
         rows = []
         for epoch in sorted(set(self.config.teacher_epochs) | {self.config.epochs}):
             if epoch == self.config.epochs:
-                record = self.kd()
+                record = self.distil_method(method)
             else:
                 record = self.chain(
                     [(f"eskd-e{epoch:02d}", build_student)],
-                    parent=lambda epoch=epoch: self.checkpoint_model(name, epoch),
+                    parent=lambda epoch=epoch: self.checkpoint_model(name, epoch), method=method,
                 )[-1]
             rows.append({"teacher_epoch": epoch,
                          "teacher_test_accuracy": teacher_record["history"][epoch - 1]["test_accuracy"],

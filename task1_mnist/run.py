@@ -40,6 +40,7 @@ def main(argv=None):
 
 def _run(args):
     settings = vars(args)
+    settings["method_options"] = cli.pop_method_options(settings)
     single_seed = settings.pop("single_seed")
     if single_seed is not None:
         settings["seeds"] = (single_seed,)

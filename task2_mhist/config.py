@@ -4,8 +4,10 @@ import dataclasses
 from typing import Optional
 
 from common import config as cfg
+from common import methods
 
-EXPERIMENTS = ("teacher", "kd", "scratch", "tcurve", "pretrained", "skd", "takd", "flops", "lime", "occlusion")
+EXPERIMENTS = ("teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd", "flops",
+               "lime", "occlusion")
 PHASES = ("feature-extraction", "finetune", "all")
 FEATURE_CACHE = ("auto", "on", "off")
 

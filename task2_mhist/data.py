@@ -192,7 +192,10 @@ def decode(path, image_size):
     )
 
 
-PER_VIEW = ("teacher_logits", "features")  # arrays of shape (n, V, ...) read at the view shown
+def per_view(name):
+    """Whether extra array `name` has shape `(n, V, ...)`, read at the view shown: a
+    frozen model's cached outputs (`teacher_*`) or base features."""
+    return name == "features" or name.startswith("teacher_")
 
 
 def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed=0, extra=None, view=None,
@@ -202,8 +205,8 @@ def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed
     With `augment`, each example is shown in a random dihedral view (flips and
     90° rotations; tissue has no up or down) and `"view"` says which. `view`
     forces one view for every example (e.g. to precompute a teacher's logits for
-    view v). `extra` arrays (first dim = split size) ride along; those named in
-    `PER_VIEW`, of shape `(n, 8, ...)`, are reduced to the view shown.
+    view v). `extra` arrays (first dim = split size) ride along; `per_view` ones,
+    of shape `(n, 8, ...)`, are reduced to the view shown.
 
     `features`, `(n, V, D)` outputs of a frozen base per view (V = 8, or 1 without
     augmentation), replace the images: `"x"` is then the `(D,)` features of the
@@ -237,7 +240,7 @@ def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed
             out["x"] = tf.cast(dihedral(e["image"], shown), tf.float32)
         for name, table in tables.items():
             value = tf.gather(table, e["index"])
-            out["x" if name == "features" else name] = tf.gather(value, shown) if name in PER_VIEW else value
+            out["x" if name == "features" else name] = tf.gather(value, shown) if per_view(name) else value
         return out
 
     return base.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)

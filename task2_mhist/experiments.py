@@ -6,9 +6,11 @@ Every model trains in two phases, each its own resumable run: feature extraction
 feature-extraction weights). Test metrics are computed over the whole test set.
 
 What is computed once: the decoded images (cached as uint8 by `tf.data`); a
-frozen teacher's logits for every training image in each of the 8 dihedral views
-(one view without augmentation), kept in memory and in the teacher's run folder
-(`train_logits-<V>views.npy`), so a student never runs its teacher per step; and,
+frozen teacher's outputs that a method reads (logits; an embedding or attention
+maps for feature methods) for every training image in each of the 8 dihedral
+views (one view without augmentation), kept in memory and in the teacher's run
+folder (`train_<targets>-<V>views.npz`), so a student never runs its teacher per
+step; and,
 for feature extraction (see `Task2Config.feature_cache`), a frozen base's pooled
 features per training image and view and per test image, shared by every run that
 starts from that base, so the phase trains only the head.
@@ -19,7 +21,7 @@ import numpy as np
 from common import explain, methods, runs, training
 from common.metrics import binary_metrics
 from common.recipes import Recipes
-from common.results import write_array_atomic, write_arrays_atomic, write_csv_atomic
+from common.results import write_arrays_atomic, write_csv_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
 
@@ -30,7 +32,8 @@ NUM_CLASSES = len(mhist.CLASSES)
 class Task2(Recipes):
     """Runs Task 2 experiments for one config and one seed."""
 
-    experiments = ("flops", "teacher", "kd", "scratch", "tcurve", "pretrained", "skd", "takd", "lime", "occlusion")
+    experiments = ("flops", "teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd",
+                   "lime", "occlusion")
 
     def __init__(self, config, splits=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
@@ -87,25 +90,45 @@ class Task2(Recipes):
         return metrics
 
     def per_view_outputs(self, model, label):
-        """`(n_train, V, D)` outputs of a frozen `model` on every training image in each view;
-        `label` starts its progress lines."""
+        """`(n_train, V, ...)` outputs of a frozen `model` (`x -> tensor`, or a dict of them:
+        then a dict of arrays) on every training image in each view; `label` starts
+        its progress lines."""
         predictor = training.compiled_predictor(model)
         per_view = []
         for view in range(self.views()):
             self.log(f"{label} on the training set, view {view + 1}/{self.views()}")
             dataset = mhist.dataset(self.splits["train"], self.config.image_size, EVAL_BATCH, view=view)
             per_view.append(training.predict(predictor, dataset)[0])
+        if isinstance(per_view[0], dict):
+            return {k: np.stack([v[k] for v in per_view], axis=1).astype(np.float32) for k in per_view[0]}
         return np.stack(per_view, axis=1).astype(np.float32)
 
-    def compute_logits(self, model, name):
-        """`(n_train, V, outputs)`, also saved as `<run>/train_logits-<V>views.npy`."""
-        path = self.store.run_dir(name) / f"train_logits-{self.views()}views.npy"
+    per_view = True
+
+    def compute_targets(self, outputs_fn, name, tag):
+        """`{target: (n_train, V, ...)}`, also saved as `<run>/train_<tag>-<V>views.npz`."""
+        path = self.store.run_dir(name) / f"train_{tag}-{self.views()}views.npz"
         if path.exists():
-            return np.load(path)
-        logits = self.per_view_outputs(model, f"[{name}] logits")
+            with np.load(path) as saved:
+                return {k: saved[k] for k in saved.files}
+        targets = self.per_view_outputs(outputs_fn, f"[{name}] {tag}")
         if self.store.run_dir(name).is_dir():
-            write_array_atomic(path, logits)
-        return logits
+            write_arrays_atomic(path, targets)
+        return targets
+
+    num_classes = NUM_CLASSES
+
+    def num_train_examples(self):
+        return len(self.splits["train"])
+
+    def feature_model(self, model):
+        return models.feature_model(model)
+
+    def student_builder(self):
+        return self.builder(models.STUDENT)
+
+    def student_fit_options(self):
+        return {"learning_rate": self.config.student_lr}
 
     def base_features(self, model):
         """`{"train": (n, V, D), "val"/"test": (m, 1, D)}` pooled features of `model`'s frozen base.
@@ -134,9 +157,15 @@ class Task2(Recipes):
 
     def fit_model(self, name, model, make_method, extra, resume_dir, phase, learning_rate):
         """One phase. Feature extraction trains the head, on cached base features when
-        `caches_features()`; fine-tuning trains everything at learning rate / 10."""
+        `caches_features()`; fine-tuning trains everything at learning rate / 10.
+
+        A method that reads the student's features (FitNets, AT, RKD, CRD) distils
+        them while fine-tuning; its feature-extraction phase trains the head with
+        cross-entropy, since the frozen base's features cannot move."""
         c = self.config
         feature_extraction = phase == "fe"
+        if feature_extraction and getattr(make_method, "reads_features", False):
+            make_method = methods.CrossEntropy
         models.set_base_trainable(model, not feature_extraction)
         if feature_extraction and self.caches_features():
             features = self.base_features(model)
@@ -199,11 +228,6 @@ class Task2(Recipes):
         name = self.teacher()["run"]
         return name, self._models[name]
 
-    def kd(self, temperature=None):
-        """MobileNetV2 distilled from the teacher at (T, alpha) through both phases."""
-        return self.chain([("kd", self.builder(models.STUDENT))], self.teacher_model, temperature,
-                          learning_rate=self.config.student_lr)[-1]
-
     def scratch(self, weights=None):
         """The student without a teacher (cross-entropy only)."""
         weights = self.config.weights if weights is None else weights
@@ -254,18 +278,19 @@ class Task2(Recipes):
         record, _ = self.distil(
             f"skd-S{s}-{self.kd_tag()}", self.identity("skd", subclasses=s, temperature=c.temperature, alpha=c.alpha),
             self.builder(models.STUDENT, outputs=outputs), lambda: (teacher_record["run"], teacher),
-            lambda student: methods.SubclassDistillation(student, NUM_CLASSES, c.temperature, c.alpha),
+            self.factory(methods.SubclassDistillation, make=lambda student, _: methods.SubclassDistillation(
+                student, NUM_CLASSES, c.temperature, c.alpha)),
             learning_rate=c.student_lr,
         )
         return {"teacher": teacher_record, "student": record}
 
     def takd(self):
-        """ResNet50V2 -> DenseNet121 assistant -> MobileNetV2, against BLKD (= `kd`)."""
+        """ResNet50V2 -> DenseNet121 assistant -> MobileNetV2 by `--chain-method` (KD by
+        default), against that method straight from the teacher (BLKD)."""
+        method = self.config.chain_method
         assistant, student = self.chain(
-            [("ta", self.builder(models.ASSISTANT)), ("takd", self.builder(models.STUDENT))],
-            self.teacher_model, learning_rate=self.config.student_lr,
-        )
-        baseline = self.kd()
+            [("ta", self.builder(models.ASSISTANT)), ("takd", self.builder(models.STUDENT))], method=method)
+        baseline = self.distil_method(method)
         rows = [{"model": label, "run": r["run"], "test_auc": r["test_auc"], "test_accuracy": r["test_accuracy"]}
                 for label, r in (("teacher", self.teacher()), ("assistant (from teacher)", assistant),
                                  ("student via assistant (TAKD)", student), ("student from teacher (BLKD)", baseline))]

@@ -152,19 +152,29 @@ def base_of(model):
     return layer.base if isinstance(layer, InferenceMode) else layer
 
 
+def _layer_chain(model):
+    """`model`'s layers in call order (Task 2 models are one chain), without the input."""
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
 def feature_model(model):
     """`x -> {"logits", "embedding": pooled features (batch, C), "spatial": the base's
-    last feature map (batch, h, w, C)}`, sharing `model`'s layers."""
-    outputs = {"logits": model.outputs[0], "embedding": model.get_layer(POOLED).output,
-               "spatial": model.get_layer(BASE_NAME).output}
-    return keras.Model(model.inputs[0], outputs, name=f"{model.name}_features")
+    last feature map (batch, h, w, C)}`, sharing `model`'s layers. (The chain is
+    called anew: a nested base's own `output` is that of its inner graph.)"""
+    x = pixels = keras.Input(model.input_shape[1:])
+    outputs = {}
+    for layer in _layer_chain(model):
+        x = layer(x)
+        if layer.name in (BASE_NAME, POOLED):
+            outputs["spatial" if layer.name == BASE_NAME else "embedding"] = x
+    return keras.Model(pixels, {"logits": x, **outputs}, name=f"{model.name}_features")
 
 
 def split_at_base(model):
     """`(features, head)`, two models sharing `model`'s layers: pixels -> the base's
     pooled features `(batch, D)` (preprocessing included), and features -> outputs.
     `head(features(x))` is `model(x)`; training `head` trains `model`'s head."""
-    layer_list = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    layer_list = _layer_chain(model)
     cut = layer_list.index(model.get_layer(POOLED)) + 1
     x = pixels = keras.Input(model.input_shape[1:])
     for layer in layer_list[:cut]:

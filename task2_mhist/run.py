@@ -45,7 +45,9 @@ def main(argv=None):
 
 
 def _run(args):
-    config = Task2Config(**vars(args))
+    settings = vars(args)
+    settings["method_options"] = cli.pop_method_options(settings)
+    config = Task2Config(**settings)
     log = cli.logger(config.quiet)
     log("Task 2 (MHIST) config:\n" + config.describe())
     from common.results import ResultsStore

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from common import training
+from common import methods, training
 from common.metrics import expected_calibration_error
 from task1_mnist import data as mnist
 from task1_mnist import run as cli
@@ -28,7 +28,8 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
     expected_runs = {
         "teacher-s0", "kd-T4-a0.5-s0", "kd-T1-a0.5-s0", "scratch-s0",
         "skd-teacher-S4-s0", "skd-S4-T4-a0.5-s0", "ta-T4-a0.5-s0", "ta-takd-T4-a0.5-s0",
-        "eskd-e01-T4-a0.5-s0",
+        "eskd-e01-T4-a0.5-s0", "dkd-T4-tw1-nw8-s0", "fitnets-w1-s0", "at-w1000-s0", "rkd-dw25-aw50-s0",
+        "crd-w0.8-t0.07-d128-n4096-s0",
     }
     assert {p.parent.name for p in out.glob("*/metrics.json")} == expected_runs
     for name in expected_runs:
@@ -165,6 +166,36 @@ def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path, synthet
     assert [h.get("resumed", False) for h in resumed["history"]] == [True, True, False]
     timings = [json.loads(line) for line in (tmp_path / "killed" / "out" / "timings.jsonl").read_text().splitlines()]
     assert [t["finished"] for t in timings] == [False, True]  # the killed invocation is counted too
+
+
+@pytest.mark.parametrize("method", list(methods.REGISTRY))
+def test_each_method_killed_mid_run_resumes_with_its_extra_variables(method, tmp_path, synthetic_mnist):
+    """Every registered method: killed after epoch 2 of 3, the rerun continues from the
+    saved epoch (model, optimizer and the method's regressor, heads, memory banks and
+    random state) and ends exactly where an uninterrupted run ends."""
+    def killed_after_epoch_2(message):
+        if f"[{method}-" in message and "] epoch 2/3" in message:
+            raise KeyboardInterrupt
+
+    config = small_config(tmp_path / "killed", epochs=3, only=(method,), method_options={"crd": {"negatives": 64}})
+    with pytest.raises(KeyboardInterrupt):
+        run_all(config, arrays=synthetic_mnist, log=killed_after_epoch_2)
+    state = next((tmp_path / "killed" / "out").glob(f"{method}-*/resume/state.npz"))
+    with np.load(state) as saved:
+        extra = [k for k in saved.files if k.startswith("var:extra/")]
+    assert bool(extra) == (method in ("fitnets", "crd"))  # their regressor / heads and memory are saved too
+    messages = []
+    run_all(config, arrays=synthetic_mnist, log=messages.append)
+    assert any("resuming after epoch 2/3" in m for m in messages)
+    run_all(small_config(tmp_path / "whole", epochs=3, only=(method,), method_options={"crd": {"negatives": 64}}),
+            arrays=synthetic_mnist)
+    resumed, whole = (next((tmp_path / d / "out").glob(f"{method}-*/metrics.json")) for d in ("killed", "whole"))
+    resumed, whole = json.loads(resumed.read_text()), json.loads(whole.read_text())
+    terms = methods.get(method).term_names
+    assert set(terms) <= set(whole["history"][0])  # each named loss term is logged
+    for name in ("loss", *terms):
+        assert [h[name] for h in resumed["history"]] == pytest.approx([h[name] for h in whole["history"]], rel=1e-6)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
 
 
 def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist):

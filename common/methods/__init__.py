@@ -22,6 +22,7 @@ REGISTRY = {}
 for _module in MODULES:
     _cls = importlib.import_module(f"common.methods.{_module}").METHOD
     REGISTRY[_cls.name] = _cls
+OTHER_METHODS = tuple(name for name in REGISTRY if name != "kd")  # experiments beside the course's `kd`
 
 __all__ = ["REGISTRY", "Context", "CrossEntropy", "Distiller", "Method", "Distillation", "KnownSubclassTeacher",
            "SubclassDistillation", "SubclassTeacher", "get", "option_flags", "make_options"]

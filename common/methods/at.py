@@ -33,8 +33,9 @@ def attention_loss(teacher_map, student_map):
     `(batch, H_t, W_t)` map is first resized to the student's `(batch, H_s, W_s)`."""
     student_map = tf.cast(student_map, tf.float32)
     teacher_map = tf.cast(teacher_map, tf.float32)
-    if teacher_map.shape[1:] != student_map.shape[1:]:
-        resized = tf.image.resize(teacher_map[..., None], student_map.shape[1:3], method="bilinear")
+    same = teacher_map.shape[1:].is_fully_defined() and teacher_map.shape[1:] == student_map.shape[1:]
+    if not same:  # (resizing to the same size would leave the map as it is)
+        resized = tf.image.resize(teacher_map[..., None], tf.shape(student_map)[1:3], method="bilinear")
         teacher_map = resized[..., 0]
     batch = tf.shape(student_map)[0]
     student_q = tf.math.l2_normalize(tf.reshape(student_map, (batch, -1)), axis=-1)

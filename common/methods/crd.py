@@ -4,7 +4,7 @@ Student and teacher embeddings (`"embedding"`) are projected by trained linear
 heads to d = `--crd-dim` units and L2-normalised: v_S = g_S(s), v_T = g_T(t). Two
 memory banks keep one unit vector per training example, M_S (student side) and
 M_T (teacher side). For example i with K negatives j ≠ i drawn uniformly from the
-N training examples, and τ = `--crd-temperature`:
+N training examples, and τ = `--crd-tau`:
 
     h(v, m) = exp(⟨v, m⟩ / τ) / Z          Z: mean of exp(⟨v, m⟩/τ) · N over the first batch, then fixed
     P(D=1 | h) = h / (h + K/N)              the data-vs-noise posterior of NCE
@@ -96,15 +96,15 @@ class ContrastMemory(keras.layers.Layer):
 @dataclasses.dataclass(frozen=True)
 class CRDOptions:
     weight: float = dataclasses.field(default=0.8, metadata={"help": "beta, weight of the contrastive loss"})
-    temperature: float = dataclasses.field(default=0.07, metadata={"help": "tau of the contrastive scores"})
+    tau: float = dataclasses.field(default=0.07, metadata={"help": "temperature tau of the contrastive scores"})
     dim: int = dataclasses.field(default=128, metadata={"help": "units of the projection heads"})
     negatives: int = dataclasses.field(default=4096, metadata={"help": "K, negatives per batch"})
 
     def __post_init__(self):
         if not self.weight >= 0:
             raise ValueError(f"--crd-weight must be >= 0, got {self.weight!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"--crd-temperature must be > 0, got {self.temperature!r}")
+        if not self.tau > 0:
+            raise ValueError(f"--crd-tau must be > 0, got {self.tau!r}")
         for name in ("dim", "negatives"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -130,7 +130,7 @@ class CRD(Distiller):
 
     def build_extras(self, teacher_shapes):
         o = self.options
-        self.memory = ContrastMemory(self.context.num_examples, o.dim, o.temperature, o.negatives, name="crd")
+        self.memory = ContrastMemory(self.context.num_examples, o.dim, o.tau, o.negatives, name="crd")
         self.memory.build_for(self.student_shapes()["embedding"][-1], teacher_shapes["embedding"][-1])
         self.extra_layers = (self.memory,)
 
