@@ -9,6 +9,7 @@ distillation chains, explanation artefacts) is written once here.
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import time
 
@@ -20,7 +21,8 @@ from common.distribute import make_strategy, results_root
 from common.errors import ConfigError, DataError
 from common.explanations import explain_and_save
 from common.metrics import expected_calibration_error
-from common.results import ResultsStore, identity_hash, write_arrays_atomic, write_csv_atomic, write_json_atomic
+from common.results import (ResultsStore, identity_hash, write_arrays_atomic, write_atomic, write_csv_atomic,
+                            write_json_atomic)
 
 
 class Recipes:
@@ -107,6 +109,10 @@ class Recipes:
 
     def student_builder(self):
         """`() -> keras.Model`: a fresh student (the architecture every method distils into)."""
+        raise NotImplementedError
+
+    def teacher_builder(self):
+        """`() -> keras.Model`: a fresh teacher of the task's configuration."""
         raise NotImplementedError
 
     def student_fit_options(self):
@@ -296,14 +302,21 @@ class Recipes:
         roles, records = [], []
         for role, build in links:
             roles.append(role)
-            shown = [] if method in ("kd", roles[0]) else [method]
-            stem = "-".join([*roles, *shown, run_tag(settings)])
+            stem = self.method_stem(method, roles, settings)
             extra = {} if method in ("kd", role) else {"method": method}
             record, model = self.distil(stem, self.identity(role, **extra, **settings), build, parent,
                                         self.factory(cls, settings), **self.student_fit_options())
             records.append(record)
             parent = lambda name=record["run"], model=model: (name, model)  # noqa: E731
         return records
+
+    def method_stem(self, method, roles=None, settings=None):
+        """The run-name stem of a chain's link (see `chain`): roles, the method unless it
+        is KD or the first role, and its settings; by default the student of `method`."""
+        roles = roles or [method]
+        settings = settings if settings is not None else self.method_settings(methods.get(method))
+        shown = [] if method in ("kd", roles[0]) else [method]
+        return "-".join([*roles, *shown, run_tag(settings)])
 
     def kd(self, temperature=None, alpha=None):
         """The student distilled straight from the teacher by KD at (T, alpha); its record."""
@@ -342,6 +355,84 @@ class Recipes:
             self.log(f"[{name}] experiment finished in {timing['seconds']:.0f}s "
                      f"(peak memory so far {timing['peak_rss_mib']:.0f} MiB)")
         return outcomes
+
+    # -- deployment ----------------------------------------------------------------
+
+    primary_metric = "accuracy"  # the test metric the export table compares ("auc" in Task 2)
+
+    def final_run_name(self, stem):
+        """The run holding the finished model of `stem` (a task with phases: its last)."""
+        return self.run_name(stem)
+
+    def test_arrays(self):
+        """`(images float32 in the models' input scale, labels)` of the whole test set."""
+        raise NotImplementedError
+
+    def representative_inputs(self, count=200):
+        """`count` float32 training inputs that calibrate full-integer quantization."""
+        raise NotImplementedError
+
+    def export(self):
+        """TFLite files of the teacher and of every finished student of this seed (KD,
+        scratch and each registered method at the configured settings), as float32,
+        dynamic-range int8 and full int8 (`common.export`), measured on the whole
+        test set: test metric against the Keras model's, size, CPU latency per image.
+        Writes `export/<run>/<variant>.tflite` (+ `.json` with its measurement, reused
+        when the file is unchanged) and `export-s<seed>.csv`; returns the rows."""
+        from common import export
+
+        images, labels = self.test_arrays()
+        representative = self.representative_inputs()
+        _, runtime = export.runtime()
+        metric = f"test_{self.primary_metric}"
+        teacher_name, _ = self.teacher_model()
+        self.kd(), self.scratch()
+        candidates = [("teacher", teacher_name), ("scratch", self.final_run_name("scratch"))]
+        candidates += [(m, self.final_run_name(self.method_stem(m))) for m in methods.REGISTRY]
+        rows = []
+        for label, name in candidates:
+            record = self.store.load(name)
+            if record is None:
+                self.log(f"[export] {label}: no finished run {name} for this seed; skipped")
+                continue
+            model = self._models.get(name) or self.load_trained(label, name)
+            for variant in export.VARIANTS:
+                path = self.store.root / "export" / name / f"{variant}.tflite"
+                if not path.exists():
+                    self.log(f"[export] {name} -> {variant}")
+                    content = export.convert(model, variant, representative)
+                    write_atomic(path, lambda handle, content=content: handle.write(content), mode="wb")
+                content = path.read_bytes()
+                digest = hashlib.sha256(content).hexdigest()[:16]
+                measured_path = path.with_suffix(".json")
+                measured = json.loads(measured_path.read_text()) if measured_path.exists() else {}
+                if measured.get("sha256") != digest or measured.get("runtime") != runtime:
+                    self.log(f"[export] measuring {name} {variant} on {len(labels)} test images")
+                    logits, stats = export.measure(content, images)
+                    measured = {"sha256": digest, "runtime": runtime, **stats,
+                                metric: self.split_metrics("test", logits, labels, summary=False)[metric]}
+                    write_json_atomic(measured_path, measured)
+                rows.append({"model": label, "run": name, "variant": variant, "params": record["params"],
+                             "flops": record["flops"], "size_bytes": measured["size_bytes"],
+                             "latency_ms_median": measured["latency_ms_median"],
+                             f"keras_{metric}": record[metric], f"tflite_{metric}": measured[metric],
+                             "drop": record[metric] - measured[metric], "runtime": runtime})
+                self.log(f"[export] {name} {variant}: {measured['size_bytes'] / 1024:,.0f} KiB, "
+                         f"{measured['latency_ms_median']:.3f} ms/image, {metric} {measured[metric]:.4f} "
+                         f"(Keras {record[metric]:.4f})")
+        columns = ("model", "variant", "params", "flops", "size_bytes", "latency_ms_median", f"keras_{metric}",
+                   f"tflite_{metric}", "drop", "run", "runtime")
+        write_csv_atomic(self.store.root / f"export-s{self.seed}.csv", rows, columns)
+        write_json_atomic(self.store.root / f"export-s{self.seed}.json",
+                          {"rows": rows, "environment": runs.environment(), "threads": 1})
+        return rows
+
+    def load_trained(self, label, name):
+        """The trained model of finished run `name` (`label`: "teacher" or a student)."""
+        build = self.teacher_builder() if label == "teacher" else self.student_builder()
+        model = self.build_in_scope(build)
+        model.load_weights(self.store.weights_path(name))
+        return model
 
     # -- explanations (each task provides its images and segmentation) ----------
 

@@ -6,8 +6,8 @@ from common import config as cfg
 from common import losses, methods
 
 EXPERIMENTS = (
-    "teacher", "kd", "scratch", "grid", "flops", "entropy", *methods.OTHER_METHODS, "skd", "takd", "eskd", "lime",
-    "occlusion",
+    "teacher", "kd", "scratch", "grid", "flops", "entropy", *methods.OTHER_METHODS, "skd", "takd", "eskd", "export",
+    "lime", "occlusion",
 )
 
 

@@ -26,7 +26,7 @@ class Task1(Recipes):
     """Runs Task 1 experiments for one config and one seed over one loaded dataset."""
 
     experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", *methods.OTHER_METHODS, "skd", "takd", "eskd",
-                   "lime", "occlusion")
+                   "export", "lime", "occlusion")
     num_classes = NUM_CLASSES
 
     def __init__(self, config, arrays=None, seed=None, log=None):
@@ -71,6 +71,15 @@ class Task1(Recipes):
     def student_builder(self):
         return build_student
 
+    def teacher_builder(self):
+        return build_teacher
+
+    def test_arrays(self):
+        return mnist.scale({"x": self.arrays["x_test"]})["x"].numpy(), self.arrays["y_test"].astype(int)
+
+    def representative_inputs(self, count=200):
+        return mnist.scale({"x": self.arrays["x_train"][:count]})["x"].numpy()
+
     def train_dataset(self, arrays):
         """Shuffled batches of `arrays`; built after the run's seed is set (see `runs.run`)."""
         return common_data.batched(arrays, self.config.batch_size, shuffle=True, seed=self.seed, map_fn=mnist.scale)
@@ -112,7 +121,7 @@ class Task1(Recipes):
     def teacher(self):
         """Trains (or loads) the teacher, keeping every epoch's weights; returns its record."""
         record, _ = self.train(
-            self.teacher_name(), self.identity("teacher"), build_teacher, methods.CrossEntropy,
+            self.teacher_name(), self.identity("teacher"), self.teacher_builder(), methods.CrossEntropy,
             self.train_data, keep_checkpoints=True,
         )
         return record

@@ -7,7 +7,7 @@ from common import config as cfg
 from common import methods
 
 EXPERIMENTS = ("teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd", "flops",
-               "lime", "occlusion")
+               "export", "lime", "occlusion")
 PHASES = ("feature-extraction", "finetune", "all")
 FEATURE_CACHE = ("auto", "on", "off")
 

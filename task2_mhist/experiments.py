@@ -33,7 +33,7 @@ class Task2(Recipes):
     """Runs Task 2 experiments for one config and one seed."""
 
     experiments = ("flops", "teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd",
-                   "lime", "occlusion")
+                   "export", "lime", "occlusion")
 
     def __init__(self, config, splits=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
@@ -129,6 +129,25 @@ class Task2(Recipes):
 
     def student_fit_options(self):
         return {"learning_rate": self.config.student_lr}
+
+    def teacher_builder(self):
+        return self.builder(models.TEACHER)
+
+    primary_metric = "auc"
+
+    def final_run_name(self, stem):
+        return self.run_name(f"{stem}-{'fe' if self.config.phase == 'feature-extraction' else 'ft'}")
+
+    def test_arrays(self):
+        images, labels = [], []
+        for batch in self.eval_sets["test"]:
+            images.append(batch["x"].numpy())
+            labels.append(batch["y"].numpy())
+        return np.concatenate(images), np.concatenate(labels).astype(int)
+
+    def representative_inputs(self, count=200):
+        train = mhist.dataset(self.splits["train"].head(count), self.config.image_size, EVAL_BATCH)
+        return np.concatenate([batch["x"].numpy() for batch in train])
 
     def base_features(self, model):
         """`{"train": (n, V, D), "val"/"test": (m, 1, D)}` pooled features of `model`'s frozen base.

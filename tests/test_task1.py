@@ -198,6 +198,37 @@ def test_each_method_killed_mid_run_resumes_with_its_extra_variables(method, tmp
     assert resumed["test_accuracy"] == whole["test_accuracy"]
 
 
+def test_export_measures_each_tflite_file_against_its_keras_model(tmp_path, synthetic_mnist):
+    config = small_config(tmp_path, only=("teacher", "kd", "scratch", "dkd", "export"))
+    rows = run_all(config, arrays=synthetic_mnist)[0]["export"]
+    out = tmp_path / "out"
+    assert {(r["model"], r["variant"]) for r in rows} == {
+        (m, v) for m in ("teacher", "kd", "scratch", "dkd") for v in ("float32", "dynamic_int8", "int8")}
+    task = Task1(config, arrays=synthetic_mnist)
+    images, labels = task.test_arrays()
+    from common import export
+    from task1_mnist.models import build_student
+
+    student = build_student()
+    student.load_weights(out / "kd-T4-a0.5-s0" / "model.weights.h5")
+    keras_logits = student.predict(images, verbose=0)
+    for variant, tolerance in (("float32", 1e-4), ("dynamic_int8", 0.3), ("int8", 0.3)):
+        content = (out / "export" / "kd-T4-a0.5-s0" / f"{variant}.tflite").read_bytes()
+        logits, stats = export.measure(content, images)
+        assert np.max(np.abs(logits - keras_logits)) < tolerance * max(1.0, np.abs(keras_logits).max())
+        row = next(r for r in rows if r["model"] == "kd" and r["variant"] == variant)
+        assert row["tflite_test_accuracy"] == training.accuracy(logits, labels)
+        assert row["size_bytes"] == len(content) and stats["latency_ms_median"] > 0
+        assert row["drop"] == pytest.approx(row["keras_test_accuracy"] - row["tflite_test_accuracy"])
+    sizes = {r["variant"]: r["size_bytes"] for r in rows if r["model"] == "kd"}
+    assert sizes["dynamic_int8"] < sizes["float32"] / 3  # int8 weights: about a quarter of the bytes
+    assert list(csv.DictReader(open(out / "export-s0.csv")))[0]["runtime"].startswith(("ai-edge-litert", "tf.lite"))
+    # A second invocation reuses the files and their measurements.
+    messages = []
+    run_all(config, arrays=synthetic_mnist, log=messages.append)
+    assert not any("measuring" in m or "->" in m for m in messages)
+
+
 def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist):
     records = []
     for folder in ("a", "b"):

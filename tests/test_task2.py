@@ -23,6 +23,9 @@ def test_in_model_preprocessing_matches_keras_applications(mode, reference):
     np.testing.assert_allclose(np.asarray(x), reference(pixels.copy()), rtol=1e-5, atol=1e-5)
 
 
+METHOD_STEMS = ["dkd-T4-tw1-nw8", "fitnets-w1", "at-w1000", "rkd-dw25-aw50", "crd-w0.8-t0.07-d128-n4096"]
+
+
 def tiny_config(tmp_path, data_dir, **overrides):
     settings = dict(data_dir=str(data_dir), out=str(tmp_path / "out"), weights="none", image_size=32, batch_size=8,
                     fe_epochs=1, ft_epochs=1, temperatures=(1.0, 4.0), explain_images=2, lime_samples=40,
@@ -36,7 +39,7 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
     results = run_all(config)[0]
     out = tmp_path / "out"
     stems = ["teacher", "kd-T4-a0.5", "kd-T1-a0.5", "scratch", "skd-teacher-S2", "skd-S2-T4-a0.5",
-             "ta-T4-a0.5", "ta-takd-T4-a0.5"]
+             "ta-T4-a0.5", "ta-takd-T4-a0.5", *METHOD_STEMS]
     expected = {f"{stem}-{phase}-s0" for stem in stems for phase in ("fe", "ft")}
     assert {p.parent.name for p in out.glob("*/metrics.json")} == expected
     for name in expected:
@@ -50,9 +53,19 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
         assert record["peak_rss_mib"] > 0
     ft = json.loads((out / "teacher-ft-s0" / "metrics.json").read_text())
     assert ft["identity"]["learning_rate"] == pytest.approx(1e-5)  # teacher 1e-4 / 10
-    assert (out / "teacher-ft-s0" / "train_logits-8views.npy").exists()
-    assert np.load(out / "teacher-ft-s0" / "train_logits-8views.npy").shape == (20, 8, 2)
-    assert np.load(out / "skd-teacher-S2-ft-s0" / "train_logits-8views.npy").shape == (20, 8, 4)
+    assert np.load(out / "teacher-ft-s0" / "train_logits-8views.npz")["logits"].shape == (20, 8, 2)
+    assert np.load(out / "skd-teacher-S2-ft-s0" / "train_logits-8views.npz")["logits"].shape == (20, 8, 4)
+    # feature methods cache what they read of the teacher per view: attention maps, embeddings
+    assert np.load(out / "teacher-ft-s0" / "train_attention-8views.npz")["attention"].shape == (20, 8, 15, 15)
+    assert np.load(out / "teacher-ft-s0" / "train_embedding-8views.npz")["embedding"].shape == (20, 8, 4)
+    for stem in METHOD_STEMS:  # their feature-extraction phase trains the head by cross-entropy
+        fe = json.loads((out / f"{stem}-fe-s0" / "metrics.json").read_text())
+        ft = json.loads((out / f"{stem}-ft-s0" / "metrics.json").read_text())
+        reads_features = not stem.startswith("dkd")
+        assert "ce" in fe["history"][0] and (len(ft["history"][0]) > len(fe["history"][0])) == reads_features
+    export = list(csv.DictReader(open(out / "export-s0.csv")))
+    assert {r["model"] for r in export} == {"teacher", "scratch", "kd", *(s.split("-")[0] for s in METHOD_STEMS)}
+    assert {r["variant"] for r in export} == {"float32", "dynamic_int8", "int8"}
     assert [r["temperature"] for r in results["tcurve"]] == [1.0, 4.0]
     assert json.loads((out / "tcurve-s0.json").read_text())["chosen_by"] == "val_auc"
     assert record["identity"]["validation_examples"] == 4  # 15% of 24, stratified: 3 HP + 1 SSA
@@ -145,7 +158,7 @@ def test_every_experiment_end_to_end_with_a_pretrained_weights_folder(tmp_path, 
     config = tiny_config(tmp_path, mhist_dir, weights=str(weights), out=str(out))
     results = run_all(config)[0]
     stems = ["teacher", "kd-T4-a0.5", "kd-T1-a0.5", "scratch", "skd-teacher-S2", "skd-S2-T4-a0.5",
-             "ta-T4-a0.5", "ta-takd-T4-a0.5", "teacher-init_none", "scratch-init_none"]
+             "ta-T4-a0.5", "ta-takd-T4-a0.5", "teacher-init_none", "scratch-init_none", *METHOD_STEMS]
     assert {p.parent.name for p in out.glob("*/metrics.json")} == {
         f"{stem}-{phase}-s0" for stem in stems for phase in ("fe", "ft")}
     assert {r["weights"] for r in results["pretrained"]} == {"file", "none"}
