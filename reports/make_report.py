@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -168,6 +169,8 @@ def task1(report, root, metric="test_accuracy"):
     grid_figures(report, records, metric, root)
     bars(report, stats)
     learning_curves(report, records)
+    methods_table(report, root, records, metric, "teacher", "task1")
+    deployment_table(report, root, metric)
     eskd_table(report, root, records)
     entropy_figure(report, root)
     flops_table(report, root / "flops.csv")
@@ -246,6 +249,101 @@ def quality(report, root, records, headline, teacher_group, task):
         ax.legend(fontsize=7, loc="upper left")
     report.figure(fig, task, "reliability", "Reliability diagrams on the test set (first seed): accuracy per "
                   "confidence bin; bars below the diagonal are over-confident.")
+
+
+METHOD_NAMES = {"kd": "KD (Hinton et al. 2015)", "dkd": "DKD (Zhao et al. 2022)", "fitnets": "FitNets (Romero et al. 2015)",
+                "at": "AT (Zagoruyko & Komodakis 2017)", "rkd": "RKD (Park et al. 2019)",
+                "crd": "CRD (Tian et al. 2020)", "scratch": "no teacher (scratch)"}
+
+
+def method_runs(records):
+    """A DataFrame of the final runs of each student method at the configured settings,
+    one row per seed: `method`, `seed`, `run`, the metrics, `fidelity` filled later.
+    (KD cells of the grid or T curve at other settings are left out; so is Task 2's
+    feature-extraction phase when fine-tuning ran.)"""
+    rows = []
+    for r in records:
+        ident, config = r.get("identity", {}), r.get("config", {})
+        method = ident.get("experiment")
+        if method not in METHOD_NAMES or ident.get("phase") == "feature-extraction" and config.get("phase") != \
+                "feature-extraction":
+            continue
+        if method == "kd" and (ident.get("temperature") != config.get("temperature")
+                               or ident.get("alpha") != config.get("alpha")):
+            continue
+        if method == "scratch" and str(ident.get("weights", config.get("weights"))) != str(config.get("weights")):
+            continue
+        rows.append({"method": method, "seed": r.get("seed", 0), "run": r["run"], "record": r,
+                     **{k: v for k, v in r.items() if k.startswith("test_") and isinstance(v, (int, float))}})
+    return pd.DataFrame(rows)
+
+
+def noise_call(values, reference):
+    """Whether two seed samples differ by more than their noise: |difference of means| >
+    2 standard errors (sqrt(s_a²/n_a + s_b²/n_b)); "within seed noise" otherwise."""
+    a, b = np.asarray(values, float), np.asarray(reference, float)
+    if len(a) < 2 or len(b) < 2:
+        return "one seed: no call"
+    error = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    difference = a.mean() - b.mean()
+    if abs(difference) <= 2 * error:
+        return "within seed noise"
+    return "above KD" if difference > 0 else "below KD"
+
+
+def methods_table(report, root, records, metric, teacher_group, task):
+    """Every distillation method of the registry against KD and scratch: the test metric,
+    fidelity to the seed's teacher and ECE (mean ± std over seeds), and whether the
+    difference to KD is beyond seed noise."""
+    frame = method_runs(records)
+    if frame.empty or frame["method"].nunique() < 3:
+        report.skip(f"distillation methods table ({task})", "fewer than three of the registry's methods ran")
+        return
+    def fidelity(row):
+        mine, teacher = outputs_of(root, row["run"]), outputs_of(root, f"{teacher_group}-s{row['seed']}")
+        return np.nan if mine is None or teacher is None else top1_agreement(mine[0], teacher[0])
+    frame["fidelity"] = frame.apply(fidelity, axis=1)
+    kd = frame.loc[frame["method"] == "kd", metric].to_numpy()
+    lines = [f"| method | {metric.replace('_', ' ')} (%) | fidelity (%) | test ECE (%) | vs KD | train s/seed |",
+             "|---|---:|---:|---:|---|---:|"]
+    for method in [m for m in METHOD_NAMES if m in set(frame["method"])]:
+        rows = frame[frame["method"] == method]
+        n = len(rows)
+        cells = [fmt(rows[c].mean(), rows[c].std(ddof=1) if n > 1 else 0.0, n) if rows[c].notna().all() else "—"
+                 for c in (metric, "fidelity", "test_ece")]
+        call = "—" if method == "kd" or not len(kd) else noise_call(rows[metric], kd)
+        seconds = np.mean([r["train_seconds"] for r in rows["record"]])
+        lines.append(f"| {METHOD_NAMES[method]} | {' | '.join(cells)} | {call} | {seconds:.0f} |")
+    shown = list(frame["record"])
+    report.text("### Distillation methods\n\nEach registered method distils the same teacher into the same student "
+                "(one run per seed; defaults of `--help`). \"vs KD\": the difference of means against KD is "
+                "called beyond seed noise only when it exceeds two standard errors.\n\n"
+                + "\n".join(lines) + "\n\n" + settings_line(shown))
+
+
+def deployment_table(report, root, metric):
+    """`export-s*.csv` aggregated over seeds: size, latency, and the test-metric drop
+    of each TFLite variant against its Keras model."""
+    paths = sorted(root.glob("export-s*.csv"))
+    if not paths:
+        report.skip(f"deployment table ({root.name})", "no export-s*.csv (run --only export)")
+        return
+    frame = pd.concat([pd.read_csv(p).assign(seed=int(p.stem.split("-s")[-1])) for p in paths])
+    keras, tflite = f"keras_{metric}", f"tflite_{metric}"
+    table = frame.groupby(["model", "variant"], sort=False).agg(
+        params=("params", "first"), flops=("flops", "first"), size=("size_bytes", "mean"),
+        latency=("latency_ms_median", "mean"), keras=(keras, "mean"), tflite=(tflite, "mean"),
+        drop=("drop", "mean"), drop_std=("drop", "std"), seeds=("seed", "nunique")).reset_index()
+    lines = [f"| model | variant | params | FLOPs | size (KiB) | latency (ms/image) | Keras {metric.replace('_', ' ')} (%) "
+             "| TFLite (%) | drop (points) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in table.itertuples():
+        drop = f"{row.drop * 100:+.2f}" + (f" ± {row.drop_std * 100:.2f}" if row.seeds > 1 else "")
+        lines.append(f"| {row.model} | {row.variant} | {row.params:,} | {row.flops:,} | {row.size / 1024:,.0f} "
+                     f"| {row.latency:.3f} | {row.keras * 100:.2f} | {row.tflite * 100:.2f} | {drop} |")
+    runtime = ", ".join(sorted(frame["runtime"].unique()))
+    report.text("### Deployment (TensorFlow Lite)\n\nEach model converted to TFLite and run on the whole test set "
+                f"through {runtime}, one image per call on one CPU thread (latency: median per image, mean over "
+                f"{frame['seed'].nunique()} seed(s)). Drop: Keras minus TFLite, in points.\n\n" + "\n".join(lines) + "\n")
 
 
 def kd_cells(records, metric, seeds=None):
@@ -608,6 +706,8 @@ def task2(report, root):
     else:
         report.skip("Task 2 T curve", "fewer than two temperatures among the fine-tuned KD runs")
     quality(report, root, records, HEADLINE_TASK2, "teacher-ft", "task2")
+    methods_table(report, root, records, "test_auc", "teacher-ft", "task2")
+    deployment_table(report, root, "test_auc")
     flops_table(report, root / "flops.csv")
     for kind in ("lime", "occlusion"):
         explanation_panel(report, root / "explain", kind, "task2")

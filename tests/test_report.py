@@ -169,3 +169,43 @@ def test_synthetic_data_and_degenerate_explanations_are_said(tmp_path):
     assert "epochs feature-extraction 1, finetune 2" in text and "data: SYNTHETIC images, fake/mhist" in text
     assert "lime-s0.npz: the segmentation found one superpixel per image" in text
     assert not any("lime_panel" in f for f in report.figures) and "nan" not in text
+
+
+def test_noise_call_uses_two_standard_errors():
+    from reports.make_report import noise_call
+
+    kd = [0.980, 0.982, 0.984]  # mean 0.982, sample var 4e-6
+    # se = sqrt(4e-6/3 + 4e-6/3) = 0.001633: 2 se = 0.003266
+    assert noise_call([0.983, 0.985, 0.987], kd) == "within seed noise"  # +0.003
+    assert noise_call([0.984, 0.986, 0.988], kd) == "above KD"  # +0.004
+    assert noise_call([0.976, 0.978, 0.980], kd) == "below KD"  # -0.004
+    assert noise_call([0.99], kd) == "one seed: no call"
+
+
+def test_methods_and_deployment_tables(tmp_path):
+    store = ResultsStore(tmp_path / "task1")
+    config = {"temperature": 4.0, "alpha": 0.5}
+    for seed in (0, 1, 2):
+        for name, method, accuracy, extra in (("kd-T4-a0.5", "kd", 0.98, {"temperature": 4.0, "alpha": 0.5}),
+                                              ("kd-T1-a0.5", "kd", 0.50, {"temperature": 1.0, "alpha": 0.5}),
+                                              ("dkd-T4-tw1-nw8", "dkd", 0.99, {"temperature": 4.0}),
+                                              ("scratch", "scratch", 0.97, {}), ("teacher", "teacher", 0.995, {})):
+            store.save(f"{name}-s{seed}", {
+                "run": f"{name}-s{seed}", "experiment": method, "seed": seed, "test_accuracy": accuracy + seed / 1000,
+                "test_ece": 0.01, "params": 10, "flops": 20, "train_seconds": 5.0, "history": [], "config": config,
+                "identity": {"experiment": method, "seed": seed, "epochs": 2, **extra}, "data": DATA})
+        write_csv_atomic(tmp_path / "task1" / f"export-s{seed}.csv",
+                         [{"model": "kd", "variant": v, "params": 10, "flops": 20, "size_bytes": size,
+                           "latency_ms_median": 0.1, "keras_test_accuracy": 0.98, "tflite_test_accuracy": 0.98 - drop,
+                           "drop": drop, "run": "kd-T4-a0.5", "runtime": "ai-edge-litert 2.3.0"}
+                          for v, size, drop in (("float32", 4096, 0.0), ("int8", 1024, 0.001 * seed))],
+                         ("model", "variant", "params", "flops", "size_bytes", "latency_ms_median",
+                          "keras_test_accuracy", "tflite_test_accuracy", "drop", "run", "runtime"))
+    text = make_report(tmp_path, tmp_path / "report").path.read_text()
+    methods = text[text.index("### Distillation methods"):text.index("### Deployment")]
+    assert "| KD (Hinton et al. 2015) | 98.10 ± 0.10 (n=3)" in methods  # T=1 grid cells left out
+    assert "| DKD (Zhao et al. 2022) | 99.10 ± 0.10 (n=3)" in methods and "above KD" in methods
+    assert "| no teacher (scratch) | 97.10 ± 0.10 (n=3)" in methods and "below KD" in methods
+    deployment = text[text.index("### Deployment"):]
+    assert "| kd | int8 | 10 | 20 | 1 | 0.100 | 98.00 | 97.90 | +0.10 ± 0.10 |" in deployment
+    assert "ai-edge-litert 2.3.0" in deployment
