@@ -185,3 +185,38 @@ def test_registry_lists_each_method_with_validated_options():
         methods.make_options("rkd", {"weight": 1.0})
     with pytest.raises(ValueError, match="--crd-negatives"):
         methods.make_options("crd", {"negatives": 0})
+
+
+def test_the_readme_walk_through_adds_a_method(tmp_path, synthetic_mnist):
+    """README's "Adding a method": its file plus one word in MODULES, in a fresh copy of
+    the project, gives a method that `--help` lists and `--only` trains and records."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    start = readme.index("```python", readme.index("`common/methods/logitmse.py`")) + len("```python")
+    code = readme[start:readme.index("```", start)]
+    project = tmp_path / "project"
+    for package in ("common", "task1_mnist"):
+        shutil.copytree(root / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "common" / "methods" / "logitmse.py").write_text(code)
+    registry = project / "common" / "methods" / "__init__.py"
+    text = registry.read_text()
+    assert text.count('MODULES = ("kd",') == 1
+    registry.write_text(text.replace('MODULES = ("kd",', 'MODULES = ("kd", "logitmse",'))
+    np.savez(tmp_path / "mnist.npz", **{k: v[..., 0] if k.startswith("x") else v for k, v in synthetic_mnist.items()})
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    command = [sys.executable, "task1_mnist/run.py"]
+    shown = subprocess.run([*command, "--help"], cwd=project, env=env, capture_output=True, text=True)
+    assert "--logitmse-weight" in shown.stdout and "logit matching" in shown.stdout
+    done = subprocess.run([*command, "--data-dir", str(tmp_path / "mnist.npz"), "--out", str(tmp_path / "out"),
+                           "--only", "logitmse", "--logitmse-weight", "2", "--epochs", "1", "--batch-size", "64",
+                           "--validation", "64", "-q"], cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "out" / "logitmse-w2-s0" / "metrics.json").read_text())
+    assert record["identity"]["weight"] == 2.0 and {"ce", "mse"} <= set(record["history"][0])
