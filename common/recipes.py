@@ -20,7 +20,7 @@ from common import device, methods, runs, training
 from common.distribute import make_strategy, results_root
 from common.errors import ConfigError, DataError
 from common.explanations import explain_and_save
-from common.metrics import expected_calibration_error
+from common.metrics import expected_calibration_error, top1_agreement
 from common.results import (ResultsStore, identity_hash, write_arrays_atomic, write_atomic, write_csv_atomic,
                             write_json_atomic)
 
@@ -132,11 +132,14 @@ class Recipes:
             metrics.update(self.split_metrics(split, logits, labels, summary=False))
         return metrics
 
-    def final_metrics(self, name, predictor):
+    def final_metrics(self, name, predictor, teacher=None):
         """A run's recorded metrics: each split's `split_metrics` with the summary, and
         its expected calibration error (`val_ece`, `test_ece`); the test logits and
         labels are saved as `<run>/test_outputs.npz`, so reports compute fidelity
-        between models and reliability diagrams without running any model again."""
+        between models and reliability diagrams without running any model again.
+        `teacher`: the run it was distilled from; when that run saved its test
+        outputs, `test_fidelity` is the fraction of test images where the two
+        predict the same class (and `distilled_from` names it)."""
         metrics = {}
         for split, (logits, labels) in self.held_out(predictor).items():
             metrics.update(self.split_metrics(split, logits, labels, summary=True))
@@ -144,6 +147,11 @@ class Recipes:
             if split == "test":
                 write_arrays_atomic(self.store.run_dir(name) / "test_outputs.npz",
                                     {"logits": logits.astype(np.float32), "labels": labels.astype(np.int32)})
+                source = self.store.run_dir(teacher) / "test_outputs.npz" if teacher else None
+                if source is not None and source.exists():
+                    with np.load(source) as saved:
+                        metrics["test_fidelity"] = top1_agreement(logits, saved["logits"])
+                    metrics["distilled_from"] = teacher
         return metrics
 
     def identity(self, experiment, **settings):
@@ -200,7 +208,8 @@ class Recipes:
             data=train_data,
             train=lambda model, data: self.fit_model(name, model, make_method, data,
                                                      resume_dir=self.store.resume_dir(name, identity), **fit_options),
-            evaluate=lambda model: self.final_metrics(name, training.compiled_predictor(make_method(model).class_logits)),
+            evaluate=lambda model: self.final_metrics(name, training.compiled_predictor(make_method(model).class_logits),
+                                                      getattr(make_method, "parent_name", None)),
             log=self.log,
             about={"data": self.data_info()},
         )
@@ -271,6 +280,7 @@ class Recipes:
 
         def data():
             parent_name, parent_model = parent()
+            factory.parent_name = parent_name
             targets = self.targets_of(parent_name, parent_model, factory.cls)
             skip = 2 if self.per_view else 1
             factory.teacher_shapes = {k[len("teacher_"):]: (None, *v.shape[skip:]) for k, v in targets.items()}
@@ -494,6 +504,7 @@ class MethodFactory:
         self.recipes, self.cls, self.settings, self.make = recipes, cls, settings, make
         self.reads_features = bool(set(cls.student_outputs) - {"logits"})
         self.teacher_shapes = {}
+        self.parent_name = None  # the run it distils from, once known
 
     def __call__(self, model):
         r, s = self.recipes, self.settings

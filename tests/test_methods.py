@@ -179,12 +179,14 @@ def test_registry_lists_each_method_with_validated_options():
     for name, cls in methods.REGISTRY.items():
         assert cls.name == name and cls.summary and cls.__module__ == f"common.methods.{name}"
     assert methods.make_options("dkd", {"nckd_weight": 2.0}).nckd_weight == 2.0
-    with pytest.raises(ValueError, match="--dkd-nckd-weight must be >= 0"):
+    with pytest.raises(ValueError, match="--dkd-nckd-weight must be a number >= 0"):
         methods.make_options("dkd", {"nckd_weight": -1.0})
     with pytest.raises(ValueError, match="no option"):
         methods.make_options("rkd", {"weight": 1.0})
-    with pytest.raises(ValueError, match="--crd-negatives"):
+    with pytest.raises(ValueError, match="--crd-negatives must be an integer >= 1, got 0"):
         methods.make_options("crd", {"negatives": 0})
+    with pytest.raises(ValueError, match="--crd-tau must be a number > 0"):
+        methods.make_options("crd", {"tau": 0.0})
 
 
 def test_the_readme_walk_through_adds_a_method(tmp_path, synthetic_mnist):

@@ -47,6 +47,11 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
         assert training.accuracy(saved["logits"], saved["labels"]) == kd["test_accuracy"]
         assert expected_calibration_error(saved["logits"], saved["labels"]) == pytest.approx(kd["test_ece"])
     assert kd["params"] == 1_238_730
+    with np.load(out / "kd-T4-a0.5-s0" / "test_outputs.npz") as mine, np.load(out / "teacher-s0" / "test_outputs.npz") as t:
+        agree = np.mean(np.argmax(mine["logits"], 1) == np.argmax(t["logits"], 1))
+    assert kd["distilled_from"] == "teacher-s0" and kd["test_fidelity"] == pytest.approx(agree)
+    takd = json.loads((out / "ta-takd-T4-a0.5-s0" / "metrics.json").read_text())
+    assert takd["distilled_from"] == "ta-T4-a0.5-s0"  # its own teacher: the assistant
     skd_teacher = json.loads((out / "skd-teacher-S4-s0" / "metrics.json").read_text())
     assert set(skd_teacher["history"][0]) >= {"ce", "aux"} and skd_teacher["params"] == 1_011_466 + 30 * 129
     assert results["teacher"]["test_accuracy"] > 0.9  # the synthetic task is learnable

@@ -20,7 +20,7 @@ import dataclasses
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller
+from common.methods.base import Distiller, check_options
 
 
 def attention_map(features, p=2.0):
@@ -48,8 +48,7 @@ class ATOptions:
     weight: float = dataclasses.field(default=1000.0, metadata={"help": "beta; the loss is beta/2 times the map MSE"})
 
     def __post_init__(self):
-        if not self.weight >= 0:
-            raise ValueError(f"--at-weight must be >= 0, got {self.weight!r}")
+        check_options(self, "at")
 
 
 class AttentionTransfer(Distiller):

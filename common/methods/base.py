@@ -60,6 +60,21 @@ class CrossEntropy(Method):
         return {"ce": losses.teacher_loss(batch["y"], logits)}, logits
 
 
+def check_options(options, method):
+    """Validates a method's `Options` from each field's metadata: a number >= `minimum`
+    (default 0; > it with `exclusive`), an integer >= `minimum` (default 1) when the
+    default is an int. Raises `ValueError` naming the flag `--<method>-<field>`."""
+    for field in dataclasses.fields(options):
+        value, flag = getattr(options, field.name), f"--{method}-{field.name.replace('_', '-')}"
+        integer = isinstance(field.default, int)
+        minimum = field.metadata.get("minimum", 1 if integer else 0)
+        exclusive = field.metadata.get("exclusive", False)
+        number = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+        if not number or not (value > minimum if exclusive else value >= minimum):
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"{flag} must be {kind} {'>' if exclusive else '>='} {minimum:g}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class NoOptions:
     """A method without hyperparameters of its own."""

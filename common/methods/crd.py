@@ -30,7 +30,7 @@ import keras
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller
+from common.methods.base import Distiller, check_options
 
 
 def nce_loss(positive, negatives, num_examples):
@@ -96,19 +96,13 @@ class ContrastMemory(keras.layers.Layer):
 @dataclasses.dataclass(frozen=True)
 class CRDOptions:
     weight: float = dataclasses.field(default=0.8, metadata={"help": "beta, weight of the contrastive loss"})
-    tau: float = dataclasses.field(default=0.07, metadata={"help": "temperature tau of the contrastive scores"})
+    tau: float = dataclasses.field(default=0.07, metadata={"help": "temperature tau of the contrastive scores",
+                                                           "exclusive": True})
     dim: int = dataclasses.field(default=128, metadata={"help": "units of the projection heads"})
     negatives: int = dataclasses.field(default=4096, metadata={"help": "K, negatives per batch"})
 
     def __post_init__(self):
-        if not self.weight >= 0:
-            raise ValueError(f"--crd-weight must be >= 0, got {self.weight!r}")
-        if not self.tau > 0:
-            raise ValueError(f"--crd-tau must be > 0, got {self.tau!r}")
-        for name in ("dim", "negatives"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--crd-{name} must be an integer >= 1, got {value!r}")
+        check_options(self, "crd")
 
 
 class CRD(Distiller):

@@ -22,7 +22,7 @@ import dataclasses
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller
+from common.methods.base import Distiller, check_options
 
 
 def dkd_parts(labels, student_logits, teacher_logits, temperature):
@@ -53,9 +53,7 @@ class DKDOptions:
     nckd_weight: float = dataclasses.field(default=8.0, metadata={"help": "beta, weight of non-target-class KD"})
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            if not getattr(self, field.name) >= 0:
-                raise ValueError(f"--dkd-{field.name.replace('_', '-')} must be >= 0, got {getattr(self, field.name)!r}")
+        check_options(self, "dkd")
 
 
 class DKD(Distiller):

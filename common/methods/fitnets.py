@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller
+from common.methods.base import Distiller, check_options
 
 
 def hint_loss(teacher_hint, student_regressed):
@@ -33,8 +33,7 @@ class FitNetsOptions:
     weight: float = dataclasses.field(default=1.0, metadata={"help": "beta, weight of the hint loss"})
 
     def __post_init__(self):
-        if not self.weight >= 0:
-            raise ValueError(f"--fitnets-weight must be >= 0, got {self.weight!r}")
+        check_options(self, "fitnets")
 
 
 class FitNets(Distiller):

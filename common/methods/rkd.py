@@ -20,7 +20,7 @@ import dataclasses
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller
+from common.methods.base import Distiller, check_options
 
 
 def huber(x):
@@ -75,9 +75,7 @@ class RKDOptions:
     angle_weight: float = dataclasses.field(default=50.0, metadata={"help": "lambda_A, angle-wise loss weight"})
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            if not getattr(self, field.name) >= 0:
-                raise ValueError(f"--rkd-{field.name.replace('_', '-')} must be >= 0, got {getattr(self, field.name)!r}")
+        check_options(self, "rkd")
 
 
 class RKD(Distiller):
