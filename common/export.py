@@ -13,6 +13,8 @@ so each file's logits and its latency per image come from the same pass.
 """
 
 import contextlib
+import hashlib
+import json
 import os
 import statistics
 import sys
@@ -21,6 +23,8 @@ import warnings
 
 import numpy as np
 import tensorflow as tf
+
+from common.results import write_atomic, write_json_atomic
 
 VARIANTS = ("float32", "dynamic_int8", "int8")
 
@@ -118,3 +122,33 @@ def measure(content, images):
     logits, seconds = LiteModel(content).run(images)
     return logits, {"size_bytes": len(content), "latency_ms_median": 1000 * statistics.median(seconds),
                     "latency_ms_mean": 1000 * statistics.fmean(seconds)}
+
+
+def export_model(folder, model, images, representative, score, log=None):
+    """Every variant of `model` as `folder/<variant>.tflite`, measured on `images`:
+    `{variant: {"size_bytes", "latency_ms_median", "latency_ms_mean", "score"}}`,
+    `score(logits)` being the file's test metric. A file already there is kept, and
+    its measurement (`<variant>.json`, keyed by the file's hash and the runtime) is
+    reused, so a rerun only does what is missing."""
+    say = log or (lambda _msg: None)
+    _, name = runtime()
+    measured = {}
+    for variant in VARIANTS:
+        path = folder / f"{variant}.tflite"
+        if not path.exists():
+            say(f"converting to {variant}")
+            content = convert(model, variant, representative)
+            write_atomic(path, lambda handle, content=content: handle.write(content), mode="wb")
+        content = path.read_bytes()
+        digest = hashlib.sha256(content).hexdigest()[:16]
+        saved_path = path.with_suffix(".json")
+        saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+        if saved.get("sha256") != digest or saved.get("runtime") != name:
+            say(f"measuring {variant} on {len(images)} test images")
+            logits, stats = measure(content, images)
+            saved = {"sha256": digest, "runtime": name, **stats, "score": score(logits)}
+            write_json_atomic(saved_path, saved)
+        say(f"{variant}: {saved['size_bytes'] / 1024:,.0f} KiB, {saved['latency_ms_median']:.3f} ms/image, "
+            f"score {saved['score']:.4f}")
+        measured[variant] = saved
+    return measured

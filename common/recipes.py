@@ -9,7 +9,6 @@ distillation chains, explanation artefacts) is written once here.
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import time
 
@@ -21,8 +20,7 @@ from common.distribute import make_strategy, results_root
 from common.errors import ConfigError, DataError
 from common.explanations import explain_and_save
 from common.metrics import expected_calibration_error, top1_agreement
-from common.results import (ResultsStore, identity_hash, write_arrays_atomic, write_atomic, write_csv_atomic,
-                            write_json_atomic)
+from common.results import ResultsStore, identity_hash, write_arrays_atomic, write_csv_atomic, write_json_atomic
 
 
 class Recipes:
@@ -396,9 +394,11 @@ class Recipes:
         _, runtime = export.runtime()
         metric = f"test_{self.primary_metric}"
         teacher_name, _ = self.teacher_model()
-        self.kd(), self.scratch()
+        self.kd()
+        self.scratch()
         candidates = [("teacher", teacher_name), ("scratch", self.final_run_name("scratch"))]
         candidates += [(m, self.final_run_name(self.method_stem(m))) for m in methods.REGISTRY]
+        score = lambda logits: self.split_metrics("test", logits, labels, summary=False)[metric]  # noqa: E731
         rows = []
         for label, name in candidates:
             record = self.store.load(name)
@@ -406,30 +406,14 @@ class Recipes:
                 self.log(f"[export] {label}: no finished run {name} for this seed; skipped")
                 continue
             model = self._models.get(name) or self.load_trained(label, name)
-            for variant in export.VARIANTS:
-                path = self.store.root / "export" / name / f"{variant}.tflite"
-                if not path.exists():
-                    self.log(f"[export] {name} -> {variant}")
-                    content = export.convert(model, variant, representative)
-                    write_atomic(path, lambda handle, content=content: handle.write(content), mode="wb")
-                content = path.read_bytes()
-                digest = hashlib.sha256(content).hexdigest()[:16]
-                measured_path = path.with_suffix(".json")
-                measured = json.loads(measured_path.read_text()) if measured_path.exists() else {}
-                if measured.get("sha256") != digest or measured.get("runtime") != runtime:
-                    self.log(f"[export] measuring {name} {variant} on {len(labels)} test images")
-                    logits, stats = export.measure(content, images)
-                    measured = {"sha256": digest, "runtime": runtime, **stats,
-                                metric: self.split_metrics("test", logits, labels, summary=False)[metric]}
-                    write_json_atomic(measured_path, measured)
+            measured = export.export_model(self.store.root / "export" / name, model, images, representative, score,
+                                           self.progress(f"export {name}"))
+            for variant, found in measured.items():
                 rows.append({"model": label, "run": name, "variant": variant, "params": record["params"],
-                             "flops": record["flops"], "size_bytes": measured["size_bytes"],
-                             "latency_ms_median": measured["latency_ms_median"],
-                             f"keras_{metric}": record[metric], f"tflite_{metric}": measured[metric],
-                             "drop": record[metric] - measured[metric], "runtime": runtime})
-                self.log(f"[export] {name} {variant}: {measured['size_bytes'] / 1024:,.0f} KiB, "
-                         f"{measured['latency_ms_median']:.3f} ms/image, {metric} {measured[metric]:.4f} "
-                         f"(Keras {record[metric]:.4f})")
+                             "flops": record["flops"], "size_bytes": found["size_bytes"],
+                             "latency_ms_median": found["latency_ms_median"], f"keras_{metric}": record[metric],
+                             f"tflite_{metric}": found["score"], "drop": record[metric] - found["score"],
+                             "runtime": runtime})
         columns = ("model", "variant", "params", "flops", "size_bytes", "latency_ms_median", f"keras_{metric}",
                    f"tflite_{metric}", "drop", "run", "runtime")
         write_csv_atomic(self.store.root / f"export-s{self.seed}.csv", rows, columns)

@@ -231,7 +231,8 @@ def test_export_measures_each_tflite_file_against_its_keras_model(tmp_path, synt
     # A second invocation reuses the files and their measurements.
     messages = []
     run_all(config, arrays=synthetic_mnist, log=messages.append)
-    assert not any("measuring" in m or "->" in m for m in messages)
+    assert any("[export kd-T4-a0.5-s0] int8:" in m for m in messages)
+    assert not any("measuring" in m or "converting" in m for m in messages)
 
 
 def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist):
