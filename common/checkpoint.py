@@ -51,16 +51,23 @@ def variable_keys(model):
 def optimizer_keys(optimizer, model_keys, variables):
     """`{id(optimizer variable): key}`: a slot of trainable `variables[i]` is
     `optimizer/<its model key>/<slot>` (Keras names slots `<opt>/<var path>_<slot>`),
-    other state (`iteration`, `learning_rate`) `optimizer/<name>`."""
-    by_prefix = {f"{optimizer.name}/{v.path.replace('/', '_')}_": model_keys[id(v)] for v in variables}
+    other state (`iteration`, `learning_rate`) `optimizer/<name>`. A wrapped optimizer
+    (Keras' `LossScaleOptimizer`) keeps its own state under `optimizer/inner/`."""
     keys = {}
-    for variable in optimizer.variables:
-        key = f"optimizer/{variable.name}"
-        for prefix, model_key in by_prefix.items():
-            if variable.path.startswith(prefix):
-                key = f"optimizer/{model_key}/{variable.path[len(prefix):]}"
-                break
-        keys[id(variable)] = key
+    # The wrapped optimizer first: the wrapper's `variables` include the wrapped one's.
+    for prefix, current in (("optimizer/inner", getattr(optimizer, "inner_optimizer", None)), ("optimizer", optimizer)):
+        if current is None:
+            continue
+        slots = {f"{current.name}/{v.path.replace('/', '_')}_": model_keys[id(v)] for v in variables}
+        for variable in current.variables:
+            if id(variable) in keys:
+                continue
+            key = f"{prefix}/{variable.name}"
+            for start, model_key in slots.items():
+                if variable.path.startswith(start):
+                    key = f"optimizer/{model_key}/{variable.path[len(start):]}"
+                    break
+            keys[id(variable)] = key
     return keys
 
 
@@ -86,6 +93,10 @@ class EpochCheckpoint:
         self.variables.update({model_keys[id(v)]: v for layer in extra_layers for v in layer.variables})
         opt_keys = optimizer_keys(optimizer, model_keys, trainable_variables)
         self.variables.update({opt_keys[id(v)]: v for v in optimizer.variables})
+        count = len({id(v) for v in [*model.variables, *optimizer.variables]}
+                    | {id(v) for layer in extra_layers for v in layer.variables})
+        if len(self.variables) != count:  # two variables under one key: one would not be saved
+            raise ValueError(f"resume state keys collide: {count} variables, {len(self.variables)} keys")
 
     def save(self, history):
         arrays = {f"var:{key}": np.asarray(v) for key, v in self.variables.items()}

@@ -54,6 +54,9 @@ class SharedConfig(BaseConfig):
     distribute: str = "none"
     deterministic: bool = False
     tf32: bool = True
+    precision: str = "float32"
+    jit: str = "auto"
+    steps_per_call: int = 1
     only: tuple = ()
     limit: Optional[int] = None
     quiet: bool = False
@@ -131,3 +134,8 @@ def validate_shared(config, experiments, strategies, image_size):
         except ValueError as err:
             raise ConfigError(str(err)) from None
     choices("distribute", (config.distribute,), strategies, "--distribute")
+    from common import device
+
+    choices("precision", (config.precision,), device.PRECISIONS, "--precision")
+    choices("jit", (config.jit,), device.JIT, "--jit")
+    positive_int("steps_per_call", config.steps_per_call, "--steps-per-call")

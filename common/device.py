@@ -8,15 +8,28 @@
 - `tf32`: TensorFloat-32 for float32 matrix products and convolutions on GPUs that
   have it (Ampere and later; about 1e-3 relative error, much faster). Off gives
   exact float32, as a CPU computes.
+- `precision`: Keras' global dtype policy, `float32` or mixed (`mixed_bfloat16`,
+  `mixed_float16`: layers compute in 16 bits and keep float32 variables; losses
+  and softmax are computed in float32 in `common.losses`, and float16 training
+  scales its loss, see `optimizer`). Models built afterwards use it.
+- `jit` (`use_jit`): XLA compilation of the training step: `on`, `off`, or `auto`
+  = on where a GPU is used (on this project's CPUs XLA slowed convolutions).
 """
 
+import keras
 import tensorflow as tf
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+JIT = ("auto", "on", "off")
 
 _state = {"deterministic": False}
 
 
-def configure(deterministic=False, tf32=True):
+def configure(deterministic=False, tf32=True, precision="float32"):
     """Applies the settings above; call before any TensorFlow op runs on a GPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    keras.mixed_precision.set_global_policy(precision)
     for gpu in tf.config.list_physical_devices("GPU"):
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
@@ -28,10 +41,27 @@ def configure(deterministic=False, tf32=True):
         _state["deterministic"] = True
 
 
+def use_jit(jit):
+    """`--jit` resolved to a bool: `auto` is on exactly when a GPU is visible."""
+    if jit not in JIT:
+        raise ValueError(f"jit must be one of {', '.join(JIT)}, got {jit!r}")
+    return jit == "on" or (jit == "auto" and bool(tf.config.list_physical_devices("GPU")))
+
+
+def optimizer(optimizer):
+    """`optimizer` as training at the current precision needs it: wrapped in Keras'
+    dynamic loss scaling under `mixed_float16` (float16 gradients underflow), as it
+    is otherwise. Create it under the strategy's scope."""
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
 def settings():
-    """What is in force, for run records: `op_determinism`, `tf32`, `memory_growth`."""
+    """What is in force, for run records: `precision`, `op_determinism`, `tf32`, `memory_growth`."""
     gpus = tf.config.list_physical_devices("GPU")
     return {
+        "precision": keras.mixed_precision.global_policy().name,
         "op_determinism": _state["deterministic"],
         "tf32": tf.config.experimental.tensor_float_32_execution_enabled(),
         "memory_growth": all(tf.config.experimental.get_memory_growth(g) for g in gpus) if gpus else None,

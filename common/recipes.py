@@ -49,7 +49,7 @@ class Recipes:
         read and checked first (nothing is written for bad data), then `--out`,
         before any model trains. Returns per-seed outcomes."""
         log = log or (lambda _msg: None)
-        device.configure(config.deterministic, config.tf32)
+        device.configure(config.deterministic, config.tf32, config.precision)
         data = data if data is not None else cls.load_data(config)
         ResultsStore(config.out).prepare()
         outcomes = {}
@@ -229,9 +229,14 @@ class Recipes:
             return build()
 
     def adam(self, learning_rate):
-        """An Adam optimizer created under the strategy's scope, as `tf.distribute` needs."""
+        """An Adam optimizer created under the strategy's scope, as `tf.distribute` needs
+        (with loss scaling under `--precision mixed_float16`)."""
         with self.strategy.scope():
-            return keras.optimizers.Adam(learning_rate)
+            return device.optimizer(keras.optimizers.Adam(learning_rate))
+
+    def step_options(self):
+        """`fit` options from the config: XLA (`--jit`) and `--steps-per-call`."""
+        return {"jit": device.use_jit(self.config.jit), "steps_per_call": self.config.steps_per_call}
 
     def targets_of(self, name, model, method_cls):
         """`{"teacher_<target>": array}`: what `method_cls` reads of frozen model `name`

@@ -16,8 +16,12 @@ from common.errors import UserError
 
 
 def compiled_predictor(logits_fn):
-    """Wraps `logits_fn(x, training=False)` in a `tf.function` for fast inference."""
-    return tf.function(lambda x: logits_fn(x, training=False), reduce_retracing=True)
+    """Wraps `logits_fn(x, training=False)` in a `tf.function` for fast inference;
+    outputs (a tensor or a dict of them) come back as float32 whatever the precision."""
+    def predict_float32(x):
+        return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), logits_fn(x, training=False))
+
+    return tf.function(predict_float32, reduce_retracing=True)
 
 
 def probabilities_fn(logits_fn, batch_size=1024):
@@ -60,12 +64,17 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the run is not recorded as finished."""
 
 
-def make_train_step(method, optimizer, strategy=None, element_spec=None):
+def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=False, steps_per_call=1):
     """Returns `(step, trackers)`: a compiled step and the metrics it updates.
 
     With `element_spec` (the batches' `tf.data` spec, batch dimension unknown), the
     step is traced once for every batch size; without it, a last partial batch
-    traces the step a second time.
+    traces the step a second time. `jit`: each replica's step is XLA-compiled.
+
+    `steps_per_call` > 1: `step` takes an iterator over the batches instead of one
+    batch, runs up to that many steps in one compiled call (a `tf.range` loop, so
+    Python is visited once per call) and returns how many it ran; fewer means the
+    iterator is exhausted. The updates are those of one step per call.
 
     `trackers` maps each loss term, `"loss"` (their sum) and `"train_accuracy"` to a
     `keras.metrics` object, averaged over the examples seen since the last reset.
@@ -89,21 +98,34 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None):
         global_size = tf.distribute.get_replica_context().all_reduce("sum", local_size)
         with tf.GradientTape() as tape:
             terms, logits = method.loss_terms(batch, training=True)
-            loss = tf.add_n(list(terms.values()))
+            loss = tf.add_n([tf.cast(t, tf.float32) for t in terms.values()])
             # A replica can get no examples of a last partial batch: its mean is NaN, its weight 0.
-            scaled_loss = tf.math.multiply_no_nan(loss, local_size / global_size)
+            scaled_loss = optimizer.scale_loss(tf.math.multiply_no_nan(loss, local_size / global_size))
         gradients = tape.gradient(scaled_loss, variables)
         optimizer.apply_gradients(zip(gradients, variables))
         for name, value in [*terms.items(), ("loss", loss)]:
             trackers[name].update_state(tf.where(local_size > 0, value, 0.0), sample_weight=local_size)
         trackers["train_accuracy"].update_state(batch["y"], logits)
 
-    def step(batch):
-        strategy.run(replica_step, args=(batch,))
+    run_replica = tf.function(replica_step, jit_compile=True) if jit else replica_step
 
-    step = tf.function(step, input_signature=None if element_spec is None else [element_spec])
+    if steps_per_call == 1:
+        def step(batch):
+            strategy.run(run_replica, args=(batch,))
 
-    return step, trackers
+        return tf.function(step, input_signature=None if element_spec is None else [element_spec]), trackers
+
+    def steps(iterator):
+        done = tf.constant(0)
+        for _ in tf.range(steps_per_call):
+            optional = iterator.get_next_as_optional()
+            if not optional.has_value():
+                break
+            strategy.run(run_replica, args=(optional.get_value(),))
+            done += 1
+        return done
+
+    return tf.function(steps), trackers
 
 
 def accuracy_on(dataset):
@@ -122,6 +144,8 @@ def fit(
     on_epoch_end=None,
     strategy=None,
     resume_dir=None,
+    jit=False,
+    steps_per_call=1,
 ):
     """Trains `method.model` for `epochs` passes over `train_data`.
 
@@ -145,6 +169,7 @@ def fit(
         epoch. The dataset is first advanced by the finished epochs (its shuffles
         and random views are drawn per pass), so a resumed run sees the data an
         uninterrupted one would. Epochs carried over are marked `"resumed": True`.
+      jit, steps_per_call: see `make_train_step`; neither changes the updates.
 
     Returns:
       The history: one dict per epoch with `epoch` (1-based), each loss term,
@@ -159,7 +184,8 @@ def fit(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     strategy = strategy or tf.distribute.get_strategy()
     batches = strategy.experimental_distribute_dataset(train_data)
-    step, trackers = make_train_step(method, optimizer, strategy, element_spec=batches.element_spec)
+    step, trackers = make_train_step(method, optimizer, strategy, element_spec=batches.element_spec, jit=jit,
+                                     steps_per_call=steps_per_call)
     predictor = compiled_predictor(method.class_logits) if evaluate is not None else None
     checkpoint = None
     history = []
@@ -175,8 +201,13 @@ def fit(
         for tracker in trackers.values():
             tracker.reset_state()
         start = time.perf_counter()
-        for batch in batches:
-            step(batch)
+        if steps_per_call == 1:
+            for batch in batches:
+                step(batch)
+        else:
+            iterator = iter(batches)
+            while int(step(iterator)) == steps_per_call:
+                pass
         record = {"epoch": epoch}
         record.update({name: float(t.result()) for name, t in trackers.items()})
         record["seconds"] = time.perf_counter() - start

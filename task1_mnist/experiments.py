@@ -111,6 +111,7 @@ class Task1(Recipes):
             strategy=self.strategy,
             on_epoch_end=checkpoint if keep_checkpoints else None,
             resume_dir=resume_dir,
+            **self.step_options(),
         )
 
     # -- experiments -----------------------------------------------------------

@@ -203,6 +203,7 @@ class Task2(Recipes):
             log=self.progress(name),
             strategy=self.strategy,
             resume_dir=resume_dir,
+            **self.step_options(),
         )
 
     def train_model(self, stem, identity, build, make_method, train_data, learning_rate):

@@ -211,3 +211,71 @@ def test_resume_state_is_keyed_by_structure_not_by_keras_auto_names(tmp_path):
     other = keras.Sequential([keras.Input((2,)), keras.layers.Dense(5), keras.layers.Dense(2)])
     assert state(other).load(messages.append) == []  # another architecture: never loaded, not even in part
     assert "does not fit this model" in messages[0]
+
+
+@pytest.mark.parametrize("steps_per_call", [3, 8])
+def test_several_steps_per_call_give_the_same_updates(steps_per_call):
+    """10 batches (the last partial) per epoch, in calls of 3 or 8 steps: the same
+    weights and history as one step per call."""
+    arrays = blobs(150)
+
+    def train(steps):
+        model = tiny_model()
+        history = training.fit(methods.CrossEntropy(model), common_data.batched(arrays, 16, shuffle=True, seed=3),
+                               epochs=2, optimizer=keras.optimizers.Adam(0.01), steps_per_call=steps)
+        return model.get_weights(), history
+
+    single, single_history = train(1)
+    several, several_history = train(steps_per_call)
+    for a, b in zip(single, several):
+        np.testing.assert_array_equal(a, b)
+    assert [h["loss"] for h in several_history] == [h["loss"] for h in single_history]
+
+
+def test_an_xla_compiled_step_trains_like_the_plain_one():
+    arrays = blobs(128)
+
+    def train(jit):
+        model = tiny_model()
+        training.fit(methods.CrossEntropy(model), common_data.batched(arrays, 32), epochs=2,
+                     optimizer=keras.optimizers.Adam(0.01), jit=jit)
+        return model.get_weights()
+
+    for a, b in zip(train(False), train(True)):  # XLA may fuse and reorder float operations
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains_and_resumes(precision, tmp_path):
+    """16-bit compute, float32 variables and losses; float16 scales its loss (Keras'
+    LossScaleOptimizer), whose state the epoch checkpoint keeps too."""
+    from common import device
+
+    device.configure(precision=precision)
+    try:
+        arrays = blobs(128)
+
+        def train(resume_dir, log=None):
+            model = tiny_model()
+            optimizer = device.optimizer(keras.optimizers.Adam(0.01))
+            history = training.fit(methods.CrossEntropy(model), common_data.batched(arrays, 32, shuffle=True, seed=1),
+                                   epochs=3, optimizer=optimizer, resume_dir=resume_dir, log=log,
+                                   evaluate=training.accuracy_on(common_data.batched(arrays, 64)))
+            return model, optimizer, history
+
+        def killed_after_epoch_2(line):
+            if line.startswith("epoch 2/3"):
+                raise KeyboardInterrupt
+
+        model, optimizer, history = train(None)
+        assert model.layers[0].compute_dtype == precision.split("_")[1] and model.layers[0].kernel.dtype == "float32"
+        assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
+        assert history[-1]["test_accuracy"] > 0.95 and np.isfinite(history[-1]["loss"])
+        with pytest.raises(KeyboardInterrupt):
+            train(tmp_path / "resume", killed_after_epoch_2)
+        resumed_model, _, resumed = train(tmp_path / "resume")
+        assert [h.get("resumed", False) for h in resumed] == [True, True, False]
+        for a, b in zip(model.get_weights(), resumed_model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        device.configure()  # float32 again for the tests that follow

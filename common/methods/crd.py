@@ -13,7 +13,8 @@ N training examples, and τ = `--crd-tau`:
 
 After each step the banks move towards the batch: M_i ← normalise(μ M_i + (1 − μ) v_i),
 μ = 0.5. β = 0.8, τ = 0.07, d = 128 as in the authors' code; K = `--crd-negatives`
-(paper: 16,384 on CIFAR-100's 50,000 images; 4,096 here by default). One set of K
+(paper: 16,384 on CIFAR-100's 50,000 images; 4,096 here by default, and at most
+N − 1, e.g. on MHIST's 1,850 training images). One set of K
 negatives is drawn per batch and shared by its examples (the authors draw them per
 example), which turns the K dot products per example into one matrix product.
 
@@ -52,8 +53,8 @@ class ContrastMemory(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_examples, self.dim = int(num_examples), int(dim)
         self.temperature, self.negatives, self.momentum = float(temperature), int(negatives), float(momentum)
-        self.student_head = keras.layers.Dense(self.dim, name="student_head")
-        self.teacher_head = keras.layers.Dense(self.dim, name="teacher_head")
+        self.student_head = keras.layers.Dense(self.dim, name="student_head", dtype="float32")
+        self.teacher_head = keras.layers.Dense(self.dim, name="teacher_head", dtype="float32")
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build_for(self, student_dim, teacher_dim):
@@ -124,7 +125,8 @@ class CRD(Distiller):
 
     def build_extras(self, teacher_shapes):
         o = self.options
-        self.memory = ContrastMemory(self.context.num_examples, o.dim, o.tau, o.negatives, name="crd")
+        negatives = min(o.negatives, self.context.num_examples - 1)  # a small set has fewer others to contrast
+        self.memory = ContrastMemory(self.context.num_examples, o.dim, o.tau, negatives, name="crd", dtype="float32")
         self.memory.build_for(self.student_shapes()["embedding"][-1], teacher_shapes["embedding"][-1])
         self.extra_layers = (self.memory,)
 

@@ -52,13 +52,13 @@ class FitNets(Distiller):
         self.extra_layers = ()
 
     def build_extras(self, teacher_shapes):
-        self.regressor = keras.layers.Dense(teacher_shapes["embedding"][-1], name="fitnets_regressor")
+        self.regressor = keras.layers.Dense(teacher_shapes["embedding"][-1], name="fitnets_regressor", dtype="float32")
         self.regressor.build(self.student_shapes()["embedding"])
         self.extra_layers = (self.regressor,)
 
     def loss_terms(self, batch, training=True):
         outputs = self.student(batch["x"], training)
-        hint = hint_loss(self.targets(batch)["embedding"], self.regressor(outputs["embedding"]))
+        hint = hint_loss(self.targets(batch)["embedding"], self.regressor(tf.cast(outputs["embedding"], tf.float32)))
         return {"ce": losses.teacher_loss(batch["y"], outputs["logits"]),
                 "hint": self.options.weight * hint}, outputs["logits"]
 
