@@ -7,6 +7,7 @@ Everything else (resumable recorded runs, cached logits of frozen models,
 distillation chains, explanation artefacts) is written once here.
 """
 
+import collections
 import dataclasses
 import datetime
 import json
@@ -34,8 +35,11 @@ class Recipes:
         self.log = log or (lambda _msg: None)
         self.strategy = make_strategy(config.distribute)
         self.store = ResultsStore(results_root(config.out, self.strategy))
-        self._models = {}
+        self._models = collections.OrderedDict()  # the last `kept_models` models, most recent last
+        self._builders = {}  # run name -> how to build it, to reload an evicted model from its weights
         self._targets = {}
+
+    kept_models = 3  # trained models held in memory at once (Task 2's take hundreds of MB each)
 
     @staticmethod
     def load_data(config):
@@ -195,8 +199,13 @@ class Recipes:
     def train(self, name, identity, build, make_method, train_data, **fit_options):
         """Trains `make_method(model)` on `train_data()` (or loads the finished run).
 
-        Returns `(record, model)`; the model is kept for later links of a chain.
+        Returns `(record, model)`; the model is kept for later links of a chain
+        (`model_of`).
         """
+        if name in self._builders:  # done earlier in this object: no rebuild
+            record = self.store.finished(name, identity)
+            if record is not None:
+                return record, self.model_of(name)
         record, model = runs.run(
             self.store,
             name,
@@ -215,8 +224,26 @@ class Recipes:
             raise DataError(
                 f"{self.store.weights_path(name)} is missing; delete {self.store.run_dir(name)} to train it again"
             )
-        self._models[name] = model
+        self._builders[name] = build
+        self.keep(name, model)
         return record, model
+
+    def keep(self, name, model):
+        """Holds `model` in memory as the most recent; the oldest beyond `kept_models` is dropped."""
+        self._models[name] = model
+        self._models.move_to_end(name)
+        while len(self._models) > self.kept_models:
+            self._models.popitem(last=False)
+
+    def model_of(self, name):
+        """The trained model of run `name`, trained or loaded by this object: from memory,
+        or rebuilt from its saved weights if it was dropped."""
+        if name not in self._models:
+            model = self.build_in_scope(self._builders[name])
+            model.load_weights(self.store.weights_path(name))
+            self.keep(name, model)
+        self._models.move_to_end(name)
+        return self._models[name]
 
     def train_model(self, stem, identity, build, make_method, train_data, **fit_options):
         """Trains one model through the task's schedule; returns `(record, model)` of its
@@ -256,7 +283,7 @@ class Recipes:
         """Training-set logits of a trained model, computed once per model (`model` may be
         omitted once they are, or for a model this object trained)."""
         cached = (name, ("logits",)) in self._targets
-        model = model if model is not None or cached else self._models[name]
+        model = model if model is not None or cached else self.model_of(name)
         return self.targets_of(name, model, methods.Distillation)["teacher_logits"]
 
     def method_options(self, name):
@@ -410,7 +437,7 @@ class Recipes:
             if record is None:
                 self.log(f"[export] {label}: no finished run {name} for this seed; skipped")
                 continue
-            model = self._models.get(name) or self.load_trained(label, name)
+            model = self.model_of(name) if name in self._builders else self.load_trained(label, name)
             measured = export.export_model(self.store.root / "export" / name, model, images, representative, score,
                                            self.progress(f"export {name}"))
             for variant, found in measured.items():
@@ -466,7 +493,7 @@ class Recipes:
         # The maps belong to these exact runs: another student (say, of another T) is explained anew.
         settings["runs"] = {name: f"{r['run']}@{identity_hash(r['identity'])}" for name, r in records.items()}
         images, labels = self.explanation_images()
-        predictors = {name: training.probabilities_fn(self._models[r["run"]], self.explain_batch)
+        predictors = {name: training.probabilities_fn(self.model_of(r["run"]), self.explain_batch)
                       for name, r in records.items()}
         return explain_and_save(self.store.root / "explain", f"{kind}-s{self.seed}", kind, predictors,
                                 images, labels, {"seed": self.seed, "top_k": c.top_k, **settings}, self.log)

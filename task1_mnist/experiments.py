@@ -128,9 +128,9 @@ class Task1(Recipes):
         return record
 
     def teacher_model(self):
-        if self.teacher_name() not in self._models:
+        if self.teacher_name() not in self._builders:
             self.teacher()
-        return self.teacher_name(), self._models[self.teacher_name()]
+        return self.teacher_name(), self.model_of(self.teacher_name())
 
     def scratch(self):
         """The student trained on hard labels only."""

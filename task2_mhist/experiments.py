@@ -245,8 +245,10 @@ class Task2(Recipes):
                                 self.train_data, learning_rate=self.config.teacher_lr)[0]
 
     def teacher_model(self):
-        name = self.teacher()["run"]
-        return name, self._models[name]
+        name = self.final_run_name("teacher")
+        if name not in self._builders:
+            self.teacher()
+        return name, self.model_of(name)
 
     def scratch(self, weights=None):
         """The student without a teacher (cross-entropy only)."""

@@ -183,3 +183,15 @@ def test_cli_with_a_real_mobilenetv2_weights_folder(tmp_path, mhist_dir, capsys)
     assert cli.main(argv) == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "o" / "scratch-ft-s0" / "metrics.json").read_text())
     assert record["params"] == models.build(models.STUDENT, "none", 32).count_params() and record["flops"] > 0
+
+
+def test_only_the_last_few_trained_models_stay_in_memory(tmp_path, mhist_dir, tiny_architectures):
+    task = Task2(tiny_config(tmp_path, mhist_dir, only=("teacher", "kd", "scratch", "lime")))
+    task.run()
+    assert len(task._models) <= task.kept_models
+    assert "teacher-fe-s0" not in task._models
+    reloaded = task.model_of("teacher-fe-s0")  # dropped, then rebuilt from its saved weights
+    saved = models.build(models.TEACHER, "none", 32)
+    saved.load_weights(tmp_path / "out" / "teacher-fe-s0" / "model.weights.h5")
+    for a, b in zip(reloaded.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(a, b)
