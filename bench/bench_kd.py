@@ -10,7 +10,8 @@ data, in one process, at the same T, alpha, batch size, optimizer and epochs:
 - `eager_loop`: a plain `tf.GradientTape` loop without `tf.function`, teacher on
   every step (the notebook way).
 
-Then the T x alpha grid (scaled down: `--grid-cells` cells of `--epochs` epochs),
+The toolkit also runs with several steps per compiled call and with an XLA-compiled
+step (`--steps-per-call`, `--jit on` of the task commands). Then the T x alpha grid (scaled down: `--grid-cells` cells of `--epochs` epochs),
 toolkit vs Distiller. Writes `bench/results/kd_mnist.json` and prints a table.
 
     python bench/bench_kd.py --data-dir ../shared/data/mnist
@@ -50,6 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-weights", default=str(ROOT / "results/task1/teacher-s0/model.weights.h5"),
                         help="trained teacher; trained for 1 epoch when the file is missing")
     parser.add_argument("--limit", type=int, help="use the first N images only (smoke test)")
+    parser.add_argument("--steps-per-call", type=int, default=8, help="steps per compiled call of the extra row")
     parser.add_argument("--out", default=str(ROOT / "bench/results/kd_mnist.json"))
     return parser.parse_args(argv)
 
@@ -70,8 +72,9 @@ def main(argv=None):
     def test_accuracy(model):
         return float(np.mean(np.argmax(model.predict(x_test, batch_size=1024, verbose=0), -1) == y_test))
 
-    def toolkit(temperature, alpha, epochs, logits=None):
-        """Returns (seconds, student); `logits` reuses a precomputation (grid)."""
+    def toolkit(temperature, alpha, epochs, logits=None, **step_options):
+        """Returns (seconds, student); `logits` reuses a precomputation (grid);
+        `step_options`: `jit`, `steps_per_call` of `training.fit`."""
         runs.set_seed(0)
         start = time.perf_counter()
         if logits is None:
@@ -79,7 +82,7 @@ def main(argv=None):
         student = build_student()
         data = common_data.batched({"x": x_train, "y": y_train, "teacher_logits": logits}, batch, shuffle=True, seed=0)
         training.fit(methods.Distillation(student, temperature, alpha), data, epochs=epochs,
-                     optimizer=keras.optimizers.Adam(lr))
+                     optimizer=keras.optimizers.Adam(lr), **step_options)
         return time.perf_counter() - start, student
 
     def keras_distiller(temperature, alpha, epochs):
@@ -120,6 +123,10 @@ def main(argv=None):
     print(f"KD student, T={t:g} alpha={alpha:g}, {epochs} epochs of {n} images ...", flush=True)
     seconds, student = toolkit(t, alpha, epochs)
     rows.append(row("toolkit (cached teacher logits, compiled step)", seconds, epochs * n, test_accuracy(student)))
+    for label, options in ((f"toolkit, {args.steps_per_call} steps per call", {"steps_per_call": args.steps_per_call}),
+                           ("toolkit, XLA-compiled step", {"jit": True})):
+        seconds, student = toolkit(t, alpha, epochs, **options)
+        rows.append(row(label, seconds, epochs * n, test_accuracy(student)))
     seconds, student = keras_distiller(t, alpha, epochs)
     rows.append(row("keras.distillation.Distiller.fit", seconds, epochs * n, test_accuracy(student)))
     seconds = eager_loop(t, alpha, args.eager_steps)
@@ -135,7 +142,7 @@ def main(argv=None):
     grid_keras = [test_accuracy(keras_distiller(tc, ac, epochs)[1]) for tc, ac in cells]
     grid_keras_s = time.perf_counter() - start
 
-    by = {r["method"].split(" ")[0]: r for r in rows}
+    by = {r["method"].split(" ")[0]: r for r in reversed(rows)}  # "toolkit": its first, plain row
     result = {
         "benchmark": "KD student training on MNIST (MLP student, CNN teacher)",
         "command": "python bench/bench_kd.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end (tiny settings) and write their figures."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def test_bench_kd_smoke(tmp_path, real_mnist_dir):
+    import bench_kd
+
+    out = tmp_path / "kd.json"
+    argv = ["--data-dir", str(real_mnist_dir), "--limit", "512", "--epochs", "1", "--grid-cells", "1",
+            "--eager-steps", "2", "--steps-per-call", "4", "--teacher-weights", str(tmp_path / "none.h5"),
+            "--out", str(out)]
+    assert bench_kd.main(argv) == 0
+    result = json.loads(out.read_text())
+    methods = [r["method"] for r in result["kd_student"]]
+    assert methods[0].startswith("toolkit (cached") and "toolkit, 4 steps per call" in methods
+    assert "toolkit, XLA-compiled step" in methods and "keras.distillation.Distiller.fit" in methods
+    assert all(r["images_per_s"] > 0 for r in result["kd_student"])
+    assert result["speedup_vs_distiller"] > 0 and "devices" in result["environment"]
