@@ -182,9 +182,8 @@ class Recipes:
         return result
 
     def kd_tag(self, temperature=None, alpha=None):
-        temperature = self.config.temperature if temperature is None else temperature
-        alpha = self.config.alpha if alpha is None else alpha
-        return f"T{temperature:g}-a{alpha:g}"
+        """`T4-a0.5`: the run-name part of KD settings (`run_tag`), the config's by default."""
+        return run_tag(self.method_settings(methods.Distillation, temperature, alpha))
 
     def run_name(self, stem):
         """Run names end in the seed (`kd-T4-a0.5-s0`), so seeds group by stripping it."""

@@ -12,7 +12,7 @@ every run.
 import dataclasses
 import importlib
 
-from common.methods.base import Context, CrossEntropy, Distiller, Method
+from common.methods.base import Context, CrossEntropy, Distiller, Method, check_options
 from common.methods.kd import Distillation
 from common.methods.subclass import KnownSubclassTeacher, SubclassDistillation, SubclassTeacher
 
@@ -46,10 +46,13 @@ def option_flags():
 
 
 def make_options(name, values):
-    """`REGISTRY[name].Options(**values)`; raises `ValueError` for bad values or fields."""
+    """`REGISTRY[name].Options(**values)`, checked (`check_options`); raises `ValueError`
+    for bad values or fields."""
     cls = get(name)
     known = {f.name for f in dataclasses.fields(cls.Options)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{name} has no option {', '.join(unknown)}; it takes {', '.join(sorted(known)) or 'none'}")
-    return cls.Options(**values)
+    options = cls.Options(**values)
+    check_options(options, name)
+    return options

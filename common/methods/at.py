@@ -20,7 +20,7 @@ import dataclasses
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller, check_options
+from common.methods.base import Distiller
 
 
 def attention_map(features, p=2.0):
@@ -47,8 +47,6 @@ def attention_loss(teacher_map, student_map):
 class ATOptions:
     weight: float = dataclasses.field(default=1000.0, metadata={"help": "beta; the loss is beta/2 times the map MSE"})
 
-    def __post_init__(self):
-        check_options(self, "at")
 
 
 class AttentionTransfer(Distiller):

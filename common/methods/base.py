@@ -104,7 +104,7 @@ class Distiller(Method):
       name: the registry name, also the experiment name (`--only <name>`).
       summary: one line for `--help` and the README.
       Options: a frozen dataclass of the method's own hyperparameters (CLI flags
-        `--<name>-<field>`); `__post_init__` raises `ValueError` for bad values.
+        `--<name>-<field>`), checked by `check_options` from each field's metadata.
       teacher_outputs / student_outputs: names of model outputs it reads, from
         `"logits"`, `"embedding"` (the penultimate vector, `(batch, D)`) and
         `"spatial"` (the last feature map, `(batch, H, W, C)`); a task model
@@ -128,7 +128,7 @@ class Distiller(Method):
         self.options = options if options is not None else self.Options()
         self.context = context
         self.teacher = teacher  # only used when batches carry no cached targets (tests, benchmarks)
-        self.student_features = context.features if context is not None and context.features is not None else None
+        self.student_features = context.features if context is not None else None
 
     @classmethod
     def teacher_targets(cls, outputs):

@@ -31,7 +31,7 @@ import keras
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller, check_options
+from common.methods.base import Distiller
 
 
 def nce_loss(positive, negatives, num_examples):
@@ -102,8 +102,6 @@ class CRDOptions:
     dim: int = dataclasses.field(default=128, metadata={"help": "units of the projection heads"})
     negatives: int = dataclasses.field(default=4096, metadata={"help": "K, negatives per batch"})
 
-    def __post_init__(self):
-        check_options(self, "crd")
 
 
 class CRD(Distiller):
@@ -115,7 +113,6 @@ class CRD(Distiller):
     term_names = ("ce", "crd")
     teacher_outputs = ("embedding",)
     student_outputs = ("logits", "embedding")
-    needs_index = True
     single_replica = True
 
     def __init__(self, student, options=None, context=None, teacher=None):

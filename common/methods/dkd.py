@@ -22,7 +22,7 @@ import dataclasses
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller, check_options
+from common.methods.base import Distiller
 
 
 def dkd_parts(labels, student_logits, teacher_logits, temperature):
@@ -52,8 +52,6 @@ class DKDOptions:
     tckd_weight: float = dataclasses.field(default=1.0, metadata={"help": "alpha, weight of target-class KD"})
     nckd_weight: float = dataclasses.field(default=8.0, metadata={"help": "beta, weight of non-target-class KD"})
 
-    def __post_init__(self):
-        check_options(self, "dkd")
 
 
 class DKD(Distiller):

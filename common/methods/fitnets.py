@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller, check_options
+from common.methods.base import Distiller
 
 
 def hint_loss(teacher_hint, student_regressed):
@@ -32,8 +32,6 @@ def hint_loss(teacher_hint, student_regressed):
 class FitNetsOptions:
     weight: float = dataclasses.field(default=1.0, metadata={"help": "beta, weight of the hint loss"})
 
-    def __post_init__(self):
-        check_options(self, "fitnets")
 
 
 class FitNets(Distiller):

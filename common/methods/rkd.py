@@ -20,7 +20,7 @@ import dataclasses
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller, check_options
+from common.methods.base import Distiller
 
 
 def huber(x):
@@ -74,8 +74,6 @@ class RKDOptions:
     distance_weight: float = dataclasses.field(default=25.0, metadata={"help": "lambda_D, distance-wise loss weight"})
     angle_weight: float = dataclasses.field(default=50.0, metadata={"help": "lambda_A, angle-wise loss weight"})
 
-    def __post_init__(self):
-        check_options(self, "rkd")
 
 
 class RKD(Distiller):
