@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import datetime
 import json
+import shutil
 import time
 
 import keras
@@ -20,6 +21,7 @@ from common import device, methods, runs, training
 from common.distribute import make_strategy, results_root
 from common.errors import ConfigError, DataError
 from common.explanations import explain_and_save
+from common.fused import Fused
 from common.metrics import expected_calibration_error, top1_agreement
 from common.results import ResultsStore, identity_hash, write_arrays_atomic, write_csv_atomic, write_json_atomic
 
@@ -128,10 +130,13 @@ class Recipes:
         return {split: training.predict(predictor, data) for split, data in (eval_sets or self.eval_sets).items()}
 
     def evaluate(self, predictor, eval_sets=None):
-        """Per-epoch held-out metrics (`val_accuracy`, `test_accuracy`, ...) of a predictor."""
+        """Per-epoch held-out metrics (`val_accuracy`, `test_accuracy`, ...) of a predictor;
+        of each model, under its prefix (`0/test_accuracy`), when it returns a dict of
+        `{prefix: logits}` (`common.fused`)."""
         metrics = {}
-        for split, (logits, labels) in self.held_out(predictor, eval_sets).items():
-            metrics.update(self.split_metrics(split, logits, labels, summary=False))
+        for split, (outputs, labels) in self.held_out(predictor, eval_sets).items():
+            for prefix, logits in (outputs.items() if isinstance(outputs, dict) else [("", outputs)]):
+                metrics.update({prefix + k: v for k, v in self.split_metrics(split, logits, labels, False).items()})
         return metrics
 
     def final_metrics(self, name, predictor, teacher=None):
@@ -306,16 +311,76 @@ class Recipes:
         `parent` is `() -> (run name, model)`, called only if this run must train,
         so a finished student never makes its teacher train or predict again.
         """
+        return self.train_model(stem, identity, build, factory, self.distil_data(parent, [factory]), **fit_options)
+
+    def distil_data(self, parent, factories):
+        """`() -> training arrays` carrying what each of `factories` reads of `parent()`'s
+        outputs (computed once per model and targets); it also tells each factory
+        the parent's name and the shapes of those targets."""
 
         def data():
             parent_name, parent_model = parent()
-            factory.parent_name = parent_name
-            targets = self.targets_of(parent_name, parent_model, factory.cls)
-            skip = 2 if self.per_view else 1
-            factory.teacher_shapes = {k[len("teacher_"):]: (None, *v.shape[skip:]) for k, v in targets.items()}
+            targets = {}
+            for factory in factories:
+                found = self.targets_of(parent_name, parent_model, factory.cls)
+                skip = 2 if self.per_view else 1
+                factory.parent_name = parent_name
+                factory.teacher_shapes = {k[len("teacher_"):]: (None, *v.shape[skip:]) for k, v in found.items()}
+                targets.update(found)
             return self.train_data(**targets)
 
-        return self.train_model(stem, identity, build, factory, data, **fit_options)
+        return data
+
+    def distil_fused(self, students, parent, **fit_options):
+        """Distils the unfinished of `students`, `[(stem, identity, build, factory)]` as
+        `distil` takes them, all from `parent()`, together: one compiled step per
+        batch trains them all (`common.fused.Fused`). Each starts from the weights
+        and sees the batches it would alone (its seed is set before it is built, the
+        shuffle is the seed's), so each is recorded as the run `distil` would
+        record: same name, identity and weights (within float tolerance); its
+        record says `"fused"` with whom, and its times are its equal share.
+
+        Fewer than two unfinished: nothing is done (train them one by one). For a
+        task whose `train_model` is one run (Task 1). A resumable group: its epoch
+        state lives in `<out>/fused-<hash>-s<seed>/` until every member is recorded.
+        """
+        pending = [(self.run_name(stem), identity, build, factory) for stem, identity, build, factory in students
+                   if self.store.finished(self.run_name(stem), identity) is None]
+        if len(pending) < 2:
+            return
+        names = [name for name, *_ in pending]
+        arrays = self.distil_data(parent, [factory for *_, factory in pending])()
+        models = []
+        for index, (_, identity, build, _) in enumerate(pending):
+            runs.set_seed(identity["seed"])  # as `runs.run` does before building a model
+            with keras.name_scope(f"fused{index}"):  # distinct variable paths for the one optimizer
+                models.append(self.build_in_scope(build))
+        method = Fused([factory(model) for model, (*_, factory) in zip(models, pending)], labels=names)
+        group_identity = {"fused": [identity for _, identity, _, _ in pending]}
+        group = f"fused-{identity_hash(group_identity)[:8]}-s{self.seed}"
+        self.log(f"[{group}] training {len(pending)} runs in one step: {', '.join(names)}")
+        device.reset_peak_memory()
+        started = datetime.datetime.now(datetime.timezone.utc)
+        start = time.perf_counter()
+        try:
+            history = self.fit_model(group, method.model, lambda _: method, arrays,
+                                     resume_dir=self.store.resume_dir(group, group_identity), **fit_options)
+        except training.TrainingDiverged:
+            shutil.rmtree(self.store.run_dir(group), ignore_errors=True)
+            raise
+        share = (time.perf_counter() - start) / len(pending)
+        for index, (name, identity, build, factory) in enumerate(pending):
+            evaluated = time.perf_counter()
+            member = method.members[index]
+            metrics = self.final_metrics(name, training.compiled_predictor(member.class_logits), factory.parent_name)
+            runs.finish(self.store, name, identity=identity, config=self.config.as_dict(), model=models[index],
+                        history=method.member_history(history, index), metrics=metrics, started=started,
+                        train_seconds=share, wall_seconds=share + time.perf_counter() - evaluated,
+                        about={"data": self.data_info(), "fused": {"runs": len(pending), "group": group}})
+            self._builders[name] = build
+            self.keep(name, models[index])
+        shutil.rmtree(self.store.run_dir(group), ignore_errors=True)
+        self.log(f"[{group}] recorded {len(pending)} runs in {time.perf_counter() - start:.1f}s")
 
     def factory(self, cls, settings=None, make=None):
         """A `MethodFactory` for method class `cls` with `settings` (`method_settings`)."""

@@ -117,6 +117,22 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
         raise TrainingDiverged(f"[{name}] {err}; nothing was recorded for this run") from None
     train_seconds = time.perf_counter() - start
     metrics = evaluate(model)
+    record = finish(store, name, identity=identity, config=config, model=model, history=history, metrics=metrics,
+                    started=started, train_seconds=train_seconds, wall_seconds=time.perf_counter() - start,
+                    about=about)
+    say(f"[{name}] done in {record['wall_seconds']:.1f}s: {_summary(metrics)}")
+    return record, model
+
+
+def finish(store, name, *, identity, config, model, history, metrics, started, train_seconds, wall_seconds,
+           about=None):
+    """Records trained run `name`: its weights, then its record (`metrics.json`, written
+    last, so a run with a record is finished); returns the record.
+
+    `train_seconds` and `wall_seconds` (training plus final evaluation) are this
+    invocation's; the seconds of epochs carried over from an interrupted one
+    (`"resumed"` in `history`) are added to both.
+    """
     store.run_dir(name).mkdir(parents=True, exist_ok=True)
     model.save_weights(store.weights_path(name))
     earlier = sum(h["seconds"] + h.get("eval_seconds", 0.0) for h in history if h.get("resumed"))
@@ -127,7 +143,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
         "seed": identity.get("seed", 0),
         **metrics,
         **model_size(model),
-        "wall_seconds": time.perf_counter() - start + earlier,
+        "wall_seconds": wall_seconds + earlier,
         "train_seconds": train_seconds + earlier,
         "resumed_seconds": earlier,
         "peak_rss_mib": round(peak_rss_mib(), 1),
@@ -141,9 +157,11 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
         "history": history,
     }
     store.save(name, record)
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    say(f"[{name}] done in {record['wall_seconds']:.1f}s: {summary}")
-    return record, model
+    return record
+
+
+def _summary(metrics):
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def _describe(identity):

@@ -76,8 +76,10 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
     Python is visited once per call) and returns how many it ran; fewer means the
     iterator is exhausted. The updates are those of one step per call.
 
-    `trackers` maps each loss term, `"loss"` (their sum) and `"train_accuracy"` to a
-    `keras.metrics` object, averaged over the examples seen since the last reset.
+    `trackers` maps each loss term, `"loss"` (their sum) and `"train_accuracy"` (one
+    per model, `"<prefix>train_accuracy"`, when the method trains several: see
+    `Method.prefixes`) to a `keras.metrics` object, averaged over the examples seen
+    since the last reset.
     Under a `tf.distribute` strategy each replica computes the mean loss of its
     share of the (global) batch and weights it by `local size / global size` (as
     `tf.nn.compute_average_loss` does); the optimizer sums the replicas' gradients,
@@ -90,7 +92,8 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
     with strategy.scope():
         trackers = {name: keras.metrics.Mean(name=name) for name in method.term_names}
         trackers["loss"] = keras.metrics.Mean(name="loss")
-        trackers["train_accuracy"] = keras.metrics.SparseCategoricalAccuracy()
+        for prefix in method.prefixes:
+            trackers[f"{prefix}train_accuracy"] = keras.metrics.SparseCategoricalAccuracy()
         optimizer.build(variables)
 
     def replica_step(batch):
@@ -105,7 +108,8 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
         optimizer.apply_gradients(zip(gradients, variables))
         for name, value in [*terms.items(), ("loss", loss)]:
             trackers[name].update_state(tf.where(local_size > 0, value, 0.0), sample_weight=local_size)
-        trackers["train_accuracy"].update_state(batch["y"], logits)
+        for prefix, member_logits in (logits.items() if isinstance(logits, dict) else [("", logits)]):
+            trackers[f"{prefix}train_accuracy"].update_state(batch["y"], member_logits)
 
     run_replica = tf.function(replica_step, jit_compile=True) if jit else replica_step
 
@@ -226,7 +230,7 @@ def fit(
         if checkpoint is not None and epoch < int(epochs):
             checkpoint.save(history)
         if log is not None:  # once the epoch is durable
-            log(format_epoch(record, epochs, method.term_names))
+            log(method.epoch_line(record, epochs))
     return history
 
 

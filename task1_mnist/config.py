@@ -11,9 +11,16 @@ EXPERIMENTS = (
 )
 
 
+FUSE_GRID = ("auto", "on", "off")
+
+
 @dataclasses.dataclass(frozen=True)
 class Task1Config(cfg.SharedConfig):
-    """Settings of a Task 1 invocation (shared ones in `SharedConfig`); validated on construction."""
+    """Settings of a Task 1 invocation (shared ones in `SharedConfig`); validated on construction.
+
+    `fuse_grid`: whether the grid's students train together in one compiled step
+    (`Task1.fuses_grid`): `on`, `off`, or `auto` (see there).
+    """
 
     experiments = EXPERIMENTS
 
@@ -29,6 +36,7 @@ class Task1Config(cfg.SharedConfig):
     aux_weight: float = 1.0
     aux_temperature: float = 1.0
     teacher_epochs: tuple = (2, 4)
+    fuse_grid: str = "auto"
 
     def input_size(self):
         return 28
@@ -39,6 +47,10 @@ class Task1Config(cfg.SharedConfig):
         cfg.positive_float("learning_rate", self.learning_rate, "--learning-rate")
         super().__post_init__()
         cfg.positive_int("subclasses", self.subclasses, "--subclasses")
+        cfg.choices("fuse_grid", (self.fuse_grid,), FUSE_GRID, "--fuse-grid")
+        if self.fuse_grid == "on" and self.precision == "mixed_float16":
+            raise cfg.ConfigError("--fuse-grid on cannot train under --precision mixed_float16: the cells would "
+                                  "share one loss scale; use --fuse-grid off or another precision")
         if not self.aux_weight >= 0:
             raise cfg.ConfigError(f"--aux-weight must be >= 0, got {self.aux_weight!r}")
         if not self.alphas:

@@ -143,6 +143,8 @@ class Task1(Recipes):
         """Every (T, alpha) cell; writes `grid-s<seed>.csv` and `.json` with the best cell,
         chosen on the validation split (on the test set only with `--validation 0`)."""
         cells = [(t, a) for t in self.config.temperatures for a in self.config.alphas]
+        if self.fuses_grid():
+            self.fuse_grid(cells)
         rows = []
         for index, (temperature, alpha) in enumerate(cells, 1):
             self.log(f"[grid {index}/{len(cells)}] T={temperature:g} alpha={alpha:g} seed={self.seed}")
@@ -150,6 +152,31 @@ class Task1(Recipes):
             rows.append({"temperature": float(temperature), "alpha": float(alpha), "run": record["run"],
                          **{f"{split}_accuracy": record[f"{split}_accuracy"] for split in self.eval_sets}})
         return self.save_sweep("grid", rows, "accuracy", ("temperature", "alpha"))
+
+    def fuses_grid(self):
+        """`--fuse-grid`: `on`, `off`, or `auto`: on with a GPU (unless under mixed_float16,
+        whose loss scale the cells would share), off on a CPU, where fusing measured
+        no faster (README, Benchmarks)."""
+        import tensorflow as tf
+
+        setting = self.config.fuse_grid
+        if setting != "auto":
+            return setting == "on"
+        return bool(tf.config.list_physical_devices("GPU")) and self.config.precision != "mixed_float16"
+
+    def fuse_grid(self, cells):
+        """Trains the unfinished KD students of `cells` ((T, alpha) pairs) together
+        (`distil_fused`): the same runs, names and weights as one by one. If the
+        fused training diverges, the cells are left to train one at a time."""
+        students = []
+        for temperature, alpha in cells:
+            settings = self.method_settings(methods.Distillation, temperature, alpha)
+            students.append((self.method_stem("kd", settings=settings), self.identity("kd", **settings),
+                             build_student, self.factory(methods.Distillation, settings)))
+        try:
+            self.distil_fused(students, self.teacher_model, **self.student_fit_options())
+        except training.TrainingDiverged as err:
+            self.log(f"[grid] fused training stopped ({err}); training the cells one at a time")
 
     def flops(self):
         """Parameters and FLOPs (batch 1) of each architecture; writes `flops.csv`."""

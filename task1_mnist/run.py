@@ -11,7 +11,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from common import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
-from task1_mnist.config import EXPERIMENTS, Task1Config  # noqa: E402
+from task1_mnist.config import EXPERIMENTS, FUSE_GRID, Task1Config  # noqa: E402
 
 
 def build_parser():
@@ -26,6 +26,9 @@ def build_parser():
     parser.add_argument("--seed", type=int, dest="single_seed", help="shorthand for --seeds N")
     parser.add_argument("--temperatures", type=cli.float_list, default=defaults.temperatures, help="grid temperatures, comma list")
     parser.add_argument("--alphas", type=cli.float_list, default=defaults.alphas, help="grid alphas, comma list")
+    parser.add_argument("--fuse-grid", default=defaults.fuse_grid, choices=FUSE_GRID,
+                        help="train the grid's students together in one compiled step, each exactly as alone "
+                             "(auto: on with a GPU)")
     parser.add_argument("--subclasses", type=int, default=defaults.subclasses, help="subclasses per class for subclass KD")
     parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight, help="weight beta of the subclass auxiliary loss")
     parser.add_argument("--aux-temperature", type=float, default=defaults.aux_temperature, help="temperature tau of the subclass auxiliary loss")

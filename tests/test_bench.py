@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
@@ -11,7 +13,7 @@ def test_bench_kd_smoke(tmp_path, real_mnist_dir):
     import bench_kd
 
     out = tmp_path / "kd.json"
-    argv = ["--data-dir", str(real_mnist_dir), "--limit", "512", "--epochs", "1", "--grid-cells", "1",
+    argv = ["--data-dir", str(real_mnist_dir), "--limit", "512", "--epochs", "1", "--grid-cells", "2",
             "--eager-steps", "2", "--steps-per-call", "4", "--teacher-weights", str(tmp_path / "none.h5"),
             "--out", str(out)]
     assert bench_kd.main(argv) == 0
@@ -21,3 +23,5 @@ def test_bench_kd_smoke(tmp_path, real_mnist_dir):
     assert "toolkit, XLA-compiled step" in methods and "keras.distillation.Distiller.fit" in methods
     assert all(r["images_per_s"] > 0 for r in result["kd_student"])
     assert result["speedup_vs_distiller"] > 0 and "devices" in result["environment"]
+    grid = result["grid"]  # fused cells train exactly as they do one by one
+    assert grid["fused_accuracies"] == pytest.approx(grid["toolkit_accuracies"], abs=2 / 512)

@@ -147,6 +147,64 @@ def test_interrupted_grid_resumes_only_missing_cells(tmp_path, synthetic_mnist):
     assert len(trained) == 1 and "kd-T8-a0.5-s0" in trained[0]
 
 
+def weights_of(path):
+    from task1_mnist.models import build_student
+
+    model = build_student()
+    model.load_weights(path)
+    return model.get_weights()
+
+
+def test_a_fused_grid_trains_each_cell_as_it_would_alone(tmp_path, synthetic_mnist):
+    grid = dict(temperatures=(1.0, 4.0), alphas=(0.2, 0.5), only=("grid",))
+    messages = []
+    fused = Task1(small_config(tmp_path / "fused", fuse_grid="on", **grid), arrays=synthetic_mnist,
+                  log=messages.append).run()["grid"]
+    alone = Task1(small_config(tmp_path / "alone", fuse_grid="off", **grid), arrays=synthetic_mnist).run()["grid"]
+    assert sum("training 4 runs in one step" in m for m in messages) == 1
+    assert not any("] training:" in m and "kd-" in m for m in messages)  # no cell trained on its own
+    assert [c["run"] for c in fused["cells"]] == [c["run"] for c in alone["cells"]]
+    for cell in fused["cells"]:
+        name = cell["run"]
+        records = [json.loads((tmp_path / d / "out" / name / "metrics.json").read_text()) for d in ("fused", "alone")]
+        assert records[0]["identity"] == records[1]["identity"]
+        assert records[0]["fused"]["runs"] == 4 and "fused" not in records[1]
+        for a, b in zip(*(weights_of(tmp_path / d / "out" / name / "model.weights.h5") for d in ("fused", "alone"))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for key in ("loss", "ce", "kd", "train_accuracy", "val_accuracy", "test_accuracy"):
+            assert [h[key] for h in records[0]["history"]] == pytest.approx([h[key] for h in records[1]["history"]],
+                                                                            rel=1e-5, abs=1e-6), key
+        assert records[0]["test_fidelity"] == records[1]["test_fidelity"]
+    assert not list((tmp_path / "fused" / "out").glob("fused-*"))  # the group's resume state is gone
+    # Finished cells are not trained again; one missing cell trains alone.
+    (tmp_path / "fused" / "out" / "kd-T4-a0.2-s0" / "metrics.json").unlink()
+    messages = []
+    Task1(small_config(tmp_path / "fused", fuse_grid="on", **grid), arrays=synthetic_mnist,
+          log=messages.append).run()
+    assert [m for m in messages if "] training" in m] == [next(m for m in messages if "] training:" in m)]
+    assert "kd-T4-a0.2-s0" in next(m for m in messages if "] training:" in m)
+
+
+def test_a_fused_grid_killed_mid_training_resumes(tmp_path, synthetic_mnist):
+    def killed_after_epoch_2(message):
+        if "[fused-" in message and "] epoch 2/3" in message:
+            raise KeyboardInterrupt
+
+    grid = dict(temperatures=(1.0, 4.0), alphas=(0.5,), only=("grid",), epochs=3, fuse_grid="on")
+    with pytest.raises(KeyboardInterrupt):
+        Task1(small_config(tmp_path / "killed", **grid), arrays=synthetic_mnist, log=killed_after_epoch_2).run()
+    messages = []
+    Task1(small_config(tmp_path / "killed", **grid), arrays=synthetic_mnist, log=messages.append).run()
+    assert any("resuming after epoch 2/3" in m for m in messages)
+    Task1(small_config(tmp_path / "whole", **grid), arrays=synthetic_mnist).run()
+    for name in ("kd-T1-a0.5-s0", "kd-T4-a0.5-s0"):
+        resumed, whole = (json.loads((tmp_path / d / "out" / name / "metrics.json").read_text())
+                          for d in ("killed", "whole"))
+        assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in whole["history"]],
+                                                                        rel=1e-6)
+        assert [h.get("resumed", False) for h in resumed["history"]] == [True, True, False]
+
+
 def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path, synthetic_mnist):
     def killed_after_epoch_2(message):
         if "[scratch-s0] epoch 2/3" in message:

@@ -25,6 +25,7 @@ class Method:
 
     term_names = ()
     extra_layers = ()
+    prefixes = ("",)  # keys of `class_logits` when it returns a dict (several models, `common.fused`)
 
     def __init__(self, model):
         self.model = model
@@ -46,6 +47,12 @@ class Method:
     def loss_terms(self, batch, training=True):
         """Returns `({term_name: scalar}, class_logits)`; the loss is the terms' sum."""
         raise NotImplementedError
+
+    def epoch_line(self, record, epochs):
+        """The progress line of one epoch's record (`common.training.format_epoch`)."""
+        from common.training import format_epoch
+
+        return format_epoch(record, epochs, self.term_names)
 
 
 class CrossEntropy(Method):
