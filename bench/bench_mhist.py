@@ -36,6 +36,7 @@ import keras  # noqa: E402
 from common import methods, runs, training  # noqa: E402
 from common.results import write_json_atomic  # noqa: E402
 from task2_mhist import models  # noqa: E402
+from task2_mhist import data as mhist  # noqa: E402
 from task2_mhist.config import Task2Config  # noqa: E402
 from task2_mhist.experiments import Task2  # noqa: E402
 
@@ -74,7 +75,8 @@ def main(argv=None):
             return model
 
         def steady_epoch_seconds(method, data):
-            history = training.fit(method, data, epochs=args.epochs, optimizer=keras.optimizers.Adam(1e-4))
+            history = training.fit(method, data, epochs=args.epochs, optimizer=keras.optimizers.Adam(1e-4),
+                                   prepare=mhist.show)
             return sum(h["seconds"] for h in history[1:]) / (args.epochs - 1)
 
         print(f"feature extraction, {args.epochs} epochs of {n} images at {args.image_size} px ...", flush=True)

@@ -7,6 +7,7 @@ tree instead (`0.Conv2D/kernel`, `5.Dropout/seed_generator_state`), and each
 optimizer slot by the variable it belongs to (`optimizer/0.Conv2D/kernel/momentum`).
 """
 
+import concurrent.futures
 import json
 from pathlib import Path
 
@@ -71,12 +72,25 @@ def optimizer_keys(optimizer, model_keys, variables):
     return keys
 
 
+_WRITER = []
+
+
+def _writer():
+    """The one background thread that writes resume states, started when first needed."""
+    if not _WRITER:
+        _WRITER.append(concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint"))
+    return _WRITER[0]
+
+
 class EpochCheckpoint:
     """The state after the last finished epoch, in one atomically written file
     `directory/state.npz`: every model variable (weights and the random-generator
     states of layers such as dropout), every variable of `extra_layers` (a
     method's regressor, heads or memory bank), every optimizer variable, the history so
     far and the seconds spent, each variable under its `variable_keys` name.
+
+    `save` writes in the background (training does not wait for the disk); `wait`
+    waits for it.
 
     A saved state whose names or shapes differ from the model's (another
     architecture) is never loaded, not even in part: `load` says so and returns
@@ -85,6 +99,7 @@ class EpochCheckpoint:
 
     def __init__(self, directory, model, optimizer, trainable_variables, extra_layers=()):
         self.path = Path(directory) / "state.npz"
+        self._pending = None
         model_keys = variable_keys(model)
         for index, layer in enumerate(extra_layers):  # a method's own variables (`Method.extra_layers`)
             prefix = f"extra/{index}.{type(layer).__name__}/"
@@ -99,8 +114,20 @@ class EpochCheckpoint:
             raise ValueError(f"resume state keys collide: {count} variables, {len(self.variables)} keys")
 
     def save(self, history):
-        arrays = {f"var:{key}": np.asarray(v) for key, v in self.variables.items()}
-        write_arrays_atomic(self.path, {**arrays, "history": np.array(json.dumps(history))})
+        """Copies the state to host memory now and writes it in a background thread, so
+        training goes on while the file is written; a write waits for the previous
+        one, and `wait` for the last (`common.training.fit` calls it before it returns
+        or raises, so an interrupted run keeps every epoch it reported)."""
+        arrays = {f"var:{key}": np.array(v) for key, v in self.variables.items()}  # copies: training goes on
+        arrays["history"] = np.array(json.dumps(history))
+        self.wait()
+        self._pending = _writer().submit(write_arrays_atomic, self.path, arrays)
+
+    def wait(self):
+        """Blocks until the last `save` is on disk; raises its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def load(self, log=None):
         """Restores model and (built) optimizer; returns the saved history, or [] if none

@@ -36,8 +36,9 @@ def probabilities_fn(logits_fn, batch_size=1024):
     return probabilities
 
 
-def predict(predictor, dataset):
-    """Runs `predictor` over a dataset of `{"x", "y", ...}` batches.
+def predict(predictor, dataset, prepare=None):
+    """Runs `predictor` over a dataset of `{"x", "y", ...}` batches (each first passed
+    through `prepare`, `batch -> batch`, when given: see `fit`).
 
     Returns `(outputs, labels)` in dataset order: `outputs` the `(n, ...)` numpy array
     of the predictor (e.g. `(n, classes)` logits), or a dict of them when it returns a
@@ -45,7 +46,7 @@ def predict(predictor, dataset):
     """
     outputs, labels = [], []
     for batch in dataset:
-        outputs.append(predictor(batch["x"]))
+        outputs.append(predictor((prepare(batch) if prepare is not None else batch)["x"]))
         labels.append(batch["y"].numpy())
     if not outputs:
         raise ValueError("cannot predict on an empty dataset")
@@ -64,12 +65,14 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the run is not recorded as finished."""
 
 
-def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=False, steps_per_call=1):
+def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=False, steps_per_call=1, prepare=None):
     """Returns `(step, trackers)`: a compiled step and the metrics it updates.
 
     With `element_spec` (the batches' `tf.data` spec, batch dimension unknown), the
     step is traced once for every batch size; without it, a last partial batch
     traces the step a second time. `jit`: each replica's step is XLA-compiled.
+    `prepare`: `batch -> batch` run first inside the compiled step, on the device
+    (e.g. Task 2's `show`, which turns uint8 images into their augmented views).
 
     `steps_per_call` > 1: `step` takes an iterator over the batches instead of one
     batch, runs up to that many steps in one compiled call (a `tf.range` loop, so
@@ -97,6 +100,8 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
         optimizer.build(variables)
 
     def replica_step(batch):
+        if prepare is not None:
+            batch = prepare(batch)
         local_size = tf.cast(tf.shape(batch["y"])[0], tf.float32)
         global_size = tf.distribute.get_replica_context().all_reduce("sum", local_size)
         with tf.GradientTape() as tape:
@@ -150,6 +155,7 @@ def fit(
     resume_dir=None,
     jit=False,
     steps_per_call=1,
+    prepare=None,
 ):
     """Trains `method.model` for `epochs` passes over `train_data`.
 
@@ -174,6 +180,8 @@ def fit(
         and random views are drawn per pass), so a resumed run sees the data an
         uninterrupted one would. Epochs carried over are marked `"resumed": True`.
       jit, steps_per_call: see `make_train_step`; neither changes the updates.
+      prepare: see `make_train_step` (the same function must be given to
+        `evaluate`'s predictions if its batches need it).
 
     Returns:
       The history: one dict per epoch with `epoch` (1-based), each loss term,
@@ -189,7 +197,7 @@ def fit(
     strategy = strategy or tf.distribute.get_strategy()
     batches = strategy.experimental_distribute_dataset(train_data)
     step, trackers = make_train_step(method, optimizer, strategy, element_spec=batches.element_spec, jit=jit,
-                                     steps_per_call=steps_per_call)
+                                     steps_per_call=steps_per_call, prepare=prepare)
     predictor = compiled_predictor(method.class_logits) if evaluate is not None else None
     checkpoint = None
     history = []
@@ -201,36 +209,40 @@ def fit(
         log(f"resuming after epoch {len(history)}/{epochs} (saved in {resume_dir})")
     for _ in history:
         iter(batches)  # draws that pass's shuffle and views without reading it
-    for epoch in range(len(history) + 1, int(epochs) + 1):
-        for tracker in trackers.values():
-            tracker.reset_state()
-        start = time.perf_counter()
-        if steps_per_call == 1:
-            for batch in batches:
-                step(batch)
-        else:
-            iterator = iter(batches)
-            while int(step(iterator)) == steps_per_call:
-                pass
-        record = {"epoch": epoch}
-        record.update({name: float(t.result()) for name, t in trackers.items()})
-        record["seconds"] = time.perf_counter() - start
-        if not math.isfinite(record["loss"]):
-            raise TrainingDiverged(
-                f"training diverged: the loss is {record['loss']} in epoch {epoch}/{epochs}; "
-                f"lower the learning rate (now {float(optimizer.learning_rate):g}) and run again"
-            )
-        if predictor is not None:
+    try:
+        for epoch in range(len(history) + 1, int(epochs) + 1):
+            for tracker in trackers.values():
+                tracker.reset_state()
             start = time.perf_counter()
-            record.update(evaluate(predictor))
-            record["eval_seconds"] = time.perf_counter() - start
-        history.append(record)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
-        if checkpoint is not None and epoch < int(epochs):
-            checkpoint.save(history)
-        if log is not None:  # once the epoch is durable
-            log(method.epoch_line(record, epochs))
+            if steps_per_call == 1:
+                for batch in batches:
+                    step(batch)
+            else:
+                iterator = iter(batches)
+                while int(step(iterator)) == steps_per_call:
+                    pass
+            record = {"epoch": epoch}
+            record.update({name: float(t.result()) for name, t in trackers.items()})
+            record["seconds"] = time.perf_counter() - start
+            if not math.isfinite(record["loss"]):
+                raise TrainingDiverged(
+                    f"training diverged: the loss is {record['loss']} in epoch {epoch}/{epochs}; "
+                    f"lower the learning rate (now {float(optimizer.learning_rate):g}) and run again"
+                )
+            if predictor is not None:
+                start = time.perf_counter()
+                record.update(evaluate(predictor))
+                record["eval_seconds"] = time.perf_counter() - start
+            history.append(record)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
+            if checkpoint is not None and epoch < int(epochs):
+                checkpoint.save(history)
+            if log is not None:  # its state is saved (written in the background; see `finally`)
+                log(method.epoch_line(record, epochs))
+    finally:
+        if checkpoint is not None:
+            checkpoint.wait()  # the last epoch reported is on disk, also when interrupted
     return history
 
 

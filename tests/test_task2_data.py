@@ -20,8 +20,8 @@ def test_load_synthetic_folder(mhist_dir):
     assert (len(splits["train"]), len(splits["test"])) == (24, 12)
     assert set(splits["train"].labels.tolist()) == {0, 1}
     batch = next(iter(mhist.dataset(splits["train"], 32, 5)))
-    assert batch["x"].shape == (5, 32, 32, 3) and batch["x"].dtype == tf.float32
-    assert float(tf.reduce_max(batch["x"])) > 1.0  # pixels stay in [0, 255]
+    assert batch["x"].shape == (5, 32, 32, 3) and batch["x"].dtype == tf.uint8  # bytes travel; models cast
+    assert int(tf.reduce_max(batch["x"])) > 1
     resized = next(iter(mhist.dataset(splits["train"], 48, 2)))
     assert resized["x"].shape == (2, 48, 48, 3)
 
@@ -96,6 +96,35 @@ def test_dihedral_views_are_the_eight_distinct_symmetries():
     np.testing.assert_array_equal(views[1], np.rot90(image.numpy(), 1))
     np.testing.assert_array_equal(views[4], np.fliplr(image.numpy()))
     assert len({v.tobytes() for v in views}) == 8
+
+
+def test_show_turns_a_batch_as_dihedral_turns_each_image():
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (16, 5, 5, 3)), tf.uint8)
+    views = tf.constant([v % 8 for v in range(16)], tf.int32)
+    shown = mhist.show({"x": images, "view": views, "y": views})
+    assert shown["x"].dtype == tf.uint8 and shown["y"] is views
+    for image, view, turned in zip(images, views, shown["x"]):
+        np.testing.assert_array_equal(turned.numpy(), mhist.dihedral(image, view).numpy())
+    features = {"x": tf.zeros((4, 7)), "view": views[:4]}
+    assert mhist.show(features) is features  # features already show their view
+
+
+def test_each_image_is_decoded_once_for_every_dataset_and_view(mhist_dir, monkeypatch):
+    splits = mhist.load_mhist(mhist_dir)
+    decodes = []
+    real = mhist.decode
+    monkeypatch.setattr(mhist, "decode", lambda path, size: decodes.append(size) or real(path, size))
+    monkeypatch.setattr(mhist, "_DECODED", mhist.collections.OrderedDict())
+    datasets = [mhist.dataset(splits["train"], 32, 8, view=v) for v in range(8)]
+    datasets.append(mhist.dataset(splits["train"], 32, 8, shuffle=True, augment=True))
+    for data in datasets:
+        for _ in data:
+            pass
+    assert decodes == [32]  # one trace of the decoding map: one pass over the files
+    pixels = mhist.decoded(splits["train"], 32)
+    first = next(iter(mhist.dataset(splits["train"], 32, 3, view=5)))
+    np.testing.assert_array_equal(first["x"].numpy(), pixels[:3])
+    np.testing.assert_array_equal(mhist.show(first)["x"].numpy()[1], mhist.dihedral(pixels[1], tf.constant(5)).numpy())
 
 
 def test_augmented_views_repeat_with_the_seed(mhist_dir):
