@@ -25,3 +25,18 @@ def test_bench_kd_smoke(tmp_path, real_mnist_dir):
     assert result["speedup_vs_distiller"] > 0 and "devices" in result["environment"]
     grid = result["grid"]  # fused cells train exactly as they do one by one
     assert grid["fused_accuracies"] == pytest.approx(grid["toolkit_accuracies"], abs=2 / 512)
+
+
+def test_bench_finetune_smoke(tmp_path, mhist_dir):
+    import bench_finetune
+
+    out = tmp_path / "finetune.json"
+    argv = ["--data-dir", str(mhist_dir), "--image-size", "32", "--limit", "16", "--batch-size", "8",
+            "--anchor-steps", "2", "--architectures", "mobilenetv2", "--out", str(out)]
+    assert bench_finetune.main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = result["fine_tuning_images_per_s"]
+    assert [r["architecture"] for r in rows] == ["mobilenetv2"]
+    assert all(r[k] > 0 for r in rows for k in ("anchor", "toolkit", "keras_fit", "inference"))
+    kd = result["kd_student_images_per_s"]
+    assert kd["toolkit_cached_logits"] > 0 and kd["distiller_fit"] > 0 and "devices" in result["environment"]
