@@ -12,7 +12,6 @@ one dispatch, one evaluation pass for all.
 """
 
 import keras
-import numpy as np
 
 from common.methods.base import Method
 
@@ -27,7 +26,7 @@ class Members(keras.layers.Layer):
 
 
 class Fused(Method):
-    """`members` (methods on distinct models) trained together; `labels` name them in logs.
+    """`members` (methods on distinct models) trained together.
 
     Loss terms and class logits are keyed by member: term `ce` of member 2 is
     `"2/ce"`, its logits `"2/"` (`prefixes`), so `common.training.fit` tracks each
@@ -35,11 +34,10 @@ class Fused(Method):
     member's history as if it had trained alone.
     """
 
-    def __init__(self, members, labels=None):
+    def __init__(self, members):
         self.members = list(members)
         if len(self.members) < 2:
             raise ValueError(f"fusing needs at least 2 members, got {len(self.members)}")
-        self.labels = list(labels or range(len(self.members)))
         super().__init__(Members([m.model for m in self.members]))
         self.prefixes = tuple(f"{i}/" for i in range(len(self.members)))
         self.term_names = tuple(p + t for p, m in zip(self.prefixes, self.members) for t in m.term_names)
@@ -89,8 +87,5 @@ class Fused(Method):
         for name in names:
             values = [record[p + name] for p in self.prefixes if p + name in record]
             parts.append(f"{name.replace('accuracy', 'acc')} {min(values):.4f}-{max(values):.4f}")
-        best = int(np.argmax([record.get(p + "val_accuracy", record.get(p + "test_accuracy", 0))
-                              for p in self.prefixes]))
-        parts.append(f"(best {self.labels[best]})")
         parts.append(f"{record['seconds']:.1f}s")
         return " ".join(parts)

@@ -355,7 +355,7 @@ class Recipes:
             runs.set_seed(identity["seed"])  # as `runs.run` does before building a model
             with keras.name_scope(f"fused{index}"):  # distinct variable paths for the one optimizer
                 models.append(self.build_in_scope(build))
-        method = Fused([factory(model) for model, (*_, factory) in zip(models, pending)], labels=names)
+        method = Fused([factory(model) for model, (*_, factory) in zip(models, pending)])
         group_identity = {"fused": [identity for _, identity, _, _ in pending]}
         group = f"fused-{identity_hash(group_identity)[:8]}-s{self.seed}"
         self.log(f"[{group}] training {len(pending)} runs in one step: {', '.join(names)}")

@@ -189,14 +189,14 @@ _FLIP_COLS = (False, False, True, True, True, True, False, False)
 
 
 def show(batch):
-    """The batch with its images `"x"` `(B, S, S, C)` in their views `"view"` `(B,)`:
-    `dihedral` of each, computed for the whole batch in three selects (on the
-    device, inside the compiled step, as uint8). Batches of features (rank 2)
-    already show their view and are returned as they are."""
-    x = batch["x"]
-    if x.shape.rank != 4:
+    """The batch with its images `"x"` `(B, S, S, C)` in their views `"view"` `(B,)`, as
+    float32 pixels in [0, 255]: `dihedral` of each, computed for the whole batch in
+    three selects on the device (inside the compiled step; the uint8 bytes are cast
+    on arrival, since oneDNN has no uint8 transpose on many CPUs). Batches of
+    features (rank 2) already show their view and are returned as they are."""
+    if batch["x"].shape.rank != 4:
         return batch
-    view = batch["view"]
+    x, view = tf.cast(batch["x"], tf.float32), batch["view"]
 
     def where(table, changed, unchanged):
         return tf.where(tf.gather(tf.constant(table), view)[:, None, None, None], changed, unchanged)
