@@ -224,7 +224,7 @@ KEPT_DECODED = 6  # splits held decoded at once (train, validation, test, and a 
 
 
 def decoded(split, image_size):
-    """`(n, S, S, 3)` uint8 pixels of every image of `split`, in order: each file is
+    """`(n, S, S, 3)` uint8 pixels (a tensor) of every image of `split`, in order: each file is
     read and decoded once per process and size (in parallel), then shared by every
     dataset, view, phase and seed (the 3,152 MHIST images at 224 px take 474 MB)."""
     key = (split.paths, int(image_size))
@@ -232,7 +232,8 @@ def decoded(split, image_size):
         files = tf.data.Dataset.from_tensor_slices(list(split.paths))
         images = files.map(lambda path: decode(path, image_size), num_parallel_calls=tf.data.AUTOTUNE)
         batches = [batch.numpy() for batch in images.batch(256)]
-        _DECODED[key] = np.concatenate(batches) if batches else np.zeros((0, image_size, image_size, 3), np.uint8)
+        pixels = np.concatenate(batches) if batches else np.zeros((0, image_size, image_size, 3), np.uint8)
+        _DECODED[key] = tf.constant(pixels)  # one tensor every dataset reads, never copied again
         while len(_DECODED) > KEPT_DECODED:
             _DECODED.popitem(last=False)
     _DECODED.move_to_end(key)
@@ -248,9 +249,9 @@ def per_view(name):
 def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed=0, extra=None, view=None,
             features=None):
     """Batches of `{"x", "y", "index", "view", **extra}`; `"x"` is uint8 pixels `(S, S, 3)`
-    as stored (`decoded`), and `show` puts them in their `"view"` (models take
-    uint8 and cast it themselves), so images travel as bytes and are turned on the
-    device.
+    as stored (`decoded`), and `show` puts them in their `"view"` as float32 on the
+    device (view-0 batches can go to a model as they are: models take uint8 and
+    cast it themselves), so images travel as bytes.
 
     With `augment`, each example is shown in a random dihedral view (flips and
     90° rotations; tissue has no up or down). `view` forces one view for every
@@ -278,7 +279,7 @@ def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed
         base = tf.data.Dataset.zip((base, randoms)).map(lambda e, r: {**e, "view": tf.cast(r % NUM_VIEWS, tf.int32)})
     else:
         base = base.map(lambda e: {**e, "view": tf.constant(view or 0, tf.int32)})
-    tables = {k: tf.constant(v) for k, v in extra.items()}
+    tables = {k: tf.convert_to_tensor(v) for k, v in extra.items()}  # the decoded images: no copy
 
     def gather(batch):  # whole batches at once: one copy of each array's rows
         out = dict(batch)

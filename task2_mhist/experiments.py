@@ -156,7 +156,7 @@ class Task2(Recipes):
 
     def images(self, split, count=None):
         """`(float32 pixels (n, S, S, 3), labels (n,))` of the first `count` images of `split`."""
-        pixels = mhist.decoded(self.splits[split], self.config.image_size)[:count]
+        pixels = mhist.decoded(self.splits[split], self.config.image_size)[:count].numpy()
         return pixels.astype(np.float32), self.splits[split].labels[:count].astype(int)
 
     def base_features(self, model):
