@@ -29,6 +29,17 @@ def exact_float32():
     tf.config.experimental.enable_tensor_float_32_execution(True)
 
 
+@pytest.fixture
+def repeatable_gpu(exact_float32):
+    """On a GPU, op determinism for a test that compares two runs number for number
+    (GPU kernels are not deterministic by default; a CPU already is). It stays on for
+    the rest of the process: TensorFlow cannot turn it off again."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.enable_op_determinism()
+
+
 def synthetic_mnist_arrays():
     """Small MNIST-shaped uint8 arrays whose class is the position of a bright square."""
     rng = np.random.default_rng(0)

@@ -31,7 +31,7 @@ def train(strategy):
     return model.get_weights(), history
 
 
-single_weights, single_history = train(tf.distribute.get_strategy())
+single_weights, single_history = train(tf.distribute.OneDeviceStrategy("/cpu:0"))  # not a GPU: same arithmetic
 mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 mirrored_weights, mirrored_history = train(mirrored)
 json.dump({

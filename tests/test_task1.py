@@ -293,7 +293,7 @@ def test_export_measures_each_tflite_file_against_its_keras_model(tmp_path, synt
     assert not any("measuring" in m or "converting" in m for m in messages)
 
 
-def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist):
+def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist, repeatable_gpu):
     records = []
     for folder in ("a", "b"):
         config = small_config(tmp_path / folder, only=("kd",))
@@ -302,7 +302,7 @@ def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist):
     assert records[0]["test_accuracy"] == records[1]["test_accuracy"]
 
 
-def test_mirrored_strategy_recipe_matches_default(tmp_path, synthetic_mnist):
+def test_mirrored_strategy_recipe_matches_default(tmp_path, synthetic_mnist, repeatable_gpu):
     records = []
     for strategy in ("none", "mirrored"):
         config = small_config(tmp_path / strategy, only=("kd",), distribute=strategy)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Timed steps on a GPU machine, each with the GPU's utilisation sampled every 0.5 s.
+#
+#   OUT=DIR bash bench/gpu_round.sh STEP [STEP ...]
+#
+# Steps: tests, t1 (Task 1 core, float32), t1bf16, kd (bench_kd), ft32, ftbf32, ftbf128
+# (bench_finetune at float32 batch 32 / bfloat16 + XLA batch 32 / 128), t2 (Task 2's whole
+# course table on a synthetic 3,152-image 224-px folder; resumes, so it can span calls;
+# extra flags in $T2_FLAGS). Appends one line per step to $OUT/summary.txt (exit status,
+# wall seconds, mean GPU utilisation = busy share, peak GPU memory), the programs' output
+# to $OUT/log.txt, and packs the runs' JSON records into $OUT/runs.tar.gz.
+# Inputs: $MNIST_DIR (default .gpu/cz/mnist), $ANNOTATIONS (an MHIST annotations.csv,
+# default .gpu/cz/annotations.csv), scratch in $WORK (default /tmp/gpuw).
+set -uo pipefail
+OUT=${OUT:?set OUT}
+WORK=${WORK:-/tmp/gpuw}
+MNIST=${MNIST_DIR:-.gpu/cz/mnist}
+ANNOTATIONS=${ANNOTATIONS:-.gpu/cz/annotations.csv}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 \
+    >"$WORK/gpu-$name.csv" 2>/dev/null &
+  local sampler=$! start
+  start=$(date +%s%N)
+  echo "== $name: $*" >>"$OUT/log.txt"
+  timeout "$limit" "$@" >>"$OUT/log.txt" 2>&1
+  local rc=$? ms=$((($(date +%s%N) - start) / 1000000))
+  kill "$sampler" 2>/dev/null
+  awk -F', ' -v n="$name" -v rc=$rc -v ms=$ms '{u += $1; if ($2 > m) m = $2; c++}
+    END {printf "%-8s rc=%-3s wall=%7.1f s  gpu busy %5.1f%% (%d samples)  gpu memory max %d MiB\n",
+         n, rc, ms / 1000, c ? u / c : 0, c, m}' "$WORK/gpu-$name.csv" | tee -a "$OUT/summary.txt"
+}
+
+mhist() {
+  [ -f "$WORK/mhist/annotations.csv" ] ||
+    python3 -m task2_mhist.synthetic --out "$WORK/mhist" --annotations "$ANNOTATIONS" >>"$OUT/log.txt" 2>&1
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$OUT/summary.txt"
+for s in "$@"; do
+  case $s in
+  tests) step tests 420 python3 -m pytest -q -p no:cacheprovider $(python3 -c "import xdist" 2>/dev/null && echo -n 6) ;;
+  t1) step t1 300 python3 task1_mnist/run.py --data-dir "$MNIST" --out "$WORK/t1" -q \
+        --only flops,teacher,kd,scratch,grid ;;
+  t1bf16) step t1bf16 300 python3 task1_mnist/run.py --data-dir "$MNIST" --out "$WORK/t1bf16" -q \
+            --only flops,teacher,kd,scratch,grid --precision mixed_bfloat16 ;;
+  kd) step kd 300 python3 bench/bench_kd.py --data-dir "$MNIST" --epochs 4 --grid-cells 6 --out "$OUT/kd_mnist.json" ;;
+  ft32) mhist && step ft32 200 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
+          --out "$OUT/ft_fp32_b32.json" ;;
+  ftbf32) mhist && step ftbf32 200 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
+            --precision mixed_bfloat16 --jit on --out "$OUT/ft_bf16_b32.json" ;;
+  ftbf128) mhist && step ftbf128 200 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
+             --precision mixed_bfloat16 --jit on --batch-size 128 --out "$OUT/ft_bf16_b128.json" ;;
+  t2) mhist && step t2 "${T2_LIMIT:-560}" python3 task2_mhist/run.py --data-dir "$WORK/mhist" --weights none \
+        --out "$WORK/t2" -q ${T2_FLAGS:-} ;;
+  *) echo "unknown step $s" | tee -a "$OUT/summary.txt" ;;
+  esac
+done
+(cd "$WORK" && find . -path ./mhist -prune -o \( -name '*.json' -o -name '*.csv' \) -print |
+  tar czf "$OUT/runs.tar.gz" -T -)
+cat "$OUT/summary.txt"
