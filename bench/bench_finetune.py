@@ -48,6 +48,9 @@ from task2_mhist.config import Task2Config  # noqa: E402
 from task2_mhist.experiments import Task2, inference_batch  # noqa: E402
 
 
+PARTS = ("anchor", "toolkit", "keras_fit", "inference", "kd")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="MHIST-layout folder")
@@ -60,6 +63,8 @@ def parse_args(argv=None):
                         help="none, or a folder of Keras no-top weight files (the default pretrained path)")
     parser.add_argument("--architectures", type=cli.name_list, default=(models.STUDENT, models.TEACHER))
     parser.add_argument("--anchor-steps", type=int, default=10, help="timed steps of the anchor")
+    parser.add_argument("--parts", type=cli.name_list, default=PARTS,
+                        help=f"what to time, comma list of {','.join(PARTS)} (default: all)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/finetune.json"))
     return parser.parse_args(argv)
 
@@ -88,6 +93,7 @@ def main(argv=None):
         def toolkit(method, arrays):
             history = training.fit(method, task.train_dataset(arrays), epochs=2, jit=jit, prepare=mhist.show,
                                    optimizer=device.optimizer(keras.optimizers.Adam(1e-4)))
+            first_epochs.append(history[0]["seconds"])
             return n / steady(history)
 
         def keras_fit(model_or_distiller, loss=None):
@@ -99,25 +105,19 @@ def main(argv=None):
             return n / steady(times.history)
 
         rows = []
+        timed = {"anchor": lambda a: anchor(build(a), args, jit),
+                 "toolkit": lambda a: toolkit(methods.CrossEntropy(build(a)), extra),
+                 "keras_fit": lambda a: keras_fit(build(a)),
+                 "inference": lambda a: inference(build(a), args)}
         for architecture in args.architectures:
-            print(f"{architecture}: anchor, toolkit, Keras fit, inference ...", flush=True)
-            row = {"architecture": architecture, "anchor": anchor(build(architecture), args, jit),
-                   "toolkit": toolkit(methods.CrossEntropy(build(architecture)), extra),
-                   "keras_fit": keras_fit(build(architecture)),
-                   "inference": inference(build(architecture), args)}
+            first_epochs = []
+            print(f"{architecture}: {', '.join(p for p in args.parts if p in timed)} ...", flush=True)
+            row = {"architecture": architecture}
+            row.update({part: timed[part](architecture) for part in timed if part in args.parts})
+            row["toolkit_first_epoch_s"] = first_epochs[0] if first_epochs else None  # trace + compile + 1 epoch
+            print(row, flush=True)
             rows.append(row)
-
-        print("KD student: cached teacher logits vs Distiller.fit with a live teacher ...", flush=True)
-        teacher = build(models.TEACHER)
-        logits = task.per_view_outputs(teacher, "[teacher] logits")
-        kd = {"toolkit_cached_logits": toolkit(methods.Distillation(build(models.STUDENT), 4.0, 0.5),
-                                               {**extra, "teacher_logits": logits})}
-        teacher.trainable = False
-        distiller = keras.distillation.Distiller(
-            teacher=teacher, student=build(models.STUDENT), student_loss_weight=0.5,
-            distillation_losses=keras.distillation.LogitsDistillation(temperature=4.0, loss=keras.losses.KLDivergence()))
-        kd["distiller_fit"] = keras_fit(distiller)
-        kd["speedup"] = kd["toolkit_cached_logits"] / kd["distiller_fit"]
+        kd = kd_student(args, task, build, extra, toolkit, keras_fit) if "kd" in args.parts else None
 
     result = {
         "benchmark": "Task 2 fine-tuning images/s: hardware anchor, toolkit, Keras fit; KD student vs Distiller.fit",
@@ -134,6 +134,23 @@ def main(argv=None):
     print(format_table(result))
     print(f"written to {args.out}")
     return 0
+
+
+def kd_student(args, task, build, extra, toolkit, keras_fit):
+    """KD student images/s: the toolkit on cached per-view teacher logits against
+    `keras.distillation.Distiller.fit` with the teacher running on every step."""
+    print("KD student: cached teacher logits vs Distiller.fit with a live teacher ...", flush=True)
+    teacher = build(models.TEACHER)
+    logits = task.per_view_outputs(teacher, "[teacher] logits")
+    kd = {"toolkit_cached_logits": toolkit(methods.Distillation(build(models.STUDENT), 4.0, 0.5),
+                                           {**extra, "teacher_logits": logits})}
+    teacher.trainable = False
+    distiller = keras.distillation.Distiller(
+        teacher=teacher, student=build(models.STUDENT), student_loss_weight=0.5,
+        distillation_losses=keras.distillation.LogitsDistillation(temperature=4.0, loss=keras.losses.KLDivergence()))
+    kd["distiller_fit"] = keras_fit(distiller)
+    kd["speedup"] = kd["toolkit_cached_logits"] / kd["distiller_fit"]
+    return kd
 
 
 class EpochTimes(keras.callbacks.Callback):
@@ -189,15 +206,20 @@ def inference(model, args):
 
 
 def format_table(result):
-    lines = ["| architecture | anchor | toolkit | Keras fit | inference |", "|---|---:|---:|---:|---:|"]
+    def cell(value, digits=0):
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    lines = ["| architecture | anchor | toolkit | Keras fit | inference | toolkit first epoch s |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in result["fine_tuning_images_per_s"]:
-        lines.append(f"| {r['architecture']} | {r['anchor']:,.0f} | {r['toolkit']:,.0f} | {r['keras_fit']:,.0f} | "
-                     f"{r['inference']:,.0f} |")
+        lines.append(f"| {r['architecture']} | {cell(r.get('anchor'))} | {cell(r.get('toolkit'))} | "
+                     f"{cell(r.get('keras_fit'))} | {cell(r.get('inference'))} | {cell(r['toolkit_first_epoch_s'], 1)} |")
     kd = result["kd_student_images_per_s"]
     s = result["settings"]
-    lines += ["", f"images/s at {s['image_size']} px, batch {s['batch_size']}, {s['precision']}, XLA {s['jit']}",
-              f"KD student: toolkit {kd['toolkit_cached_logits']:,.0f} images/s, Distiller.fit "
-              f"{kd['distiller_fit']:,.0f}: {kd['speedup']:.2f}x"]
+    lines += ["", f"images/s at {s['image_size']} px, batch {s['batch_size']}, {s['precision']}, XLA {s['jit']}"]
+    if kd:
+        lines.append(f"KD student: toolkit {kd['toolkit_cached_logits']:,.0f} images/s, Distiller.fit "
+                     f"{kd['distiller_fit']:,.0f}: {kd['speedup']:.2f}x")
     return "\n".join(lines)
 
 

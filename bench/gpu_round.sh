@@ -3,8 +3,10 @@
 #
 #   OUT=DIR bash bench/gpu_round.sh STEP [STEP ...]
 #
-# Steps: tests, t1 (Task 1 core, float32), t1bf16, kd (bench_kd), ft32, ftbf32, ftbf128
-# (bench_finetune at float32 batch 32 / bfloat16 + XLA batch 32 / 128), t2 (Task 2's whole
+# Steps: tests, gputests (the GPU-sensitive ones), t1 (Task 1 core, float32), t1bf16, t1jitoff, t1tune0
+# (XLA autotuning off), kd (bench_kd), ft32, ftbf32, ftbf128
+# (bench_finetune at float32 batch 32 / bfloat16 + XLA batch 32 / 128), ftoff32, ftoffbf128 (no XLA,
+# anchor and toolkit rows only), t2 (Task 2's whole
 # course table on a synthetic 3,152-image 224-px folder; resumes, so it can span calls;
 # extra flags in $T2_FLAGS). Appends one line per step to $OUT/summary.txt (exit status,
 # wall seconds, mean GPU utilisation = busy share, peak GPU memory), the programs' output
@@ -48,6 +50,18 @@ for s in "$@"; do
         --only flops,teacher,kd,scratch,grid ;;
   t1bf16) step t1bf16 300 python3 task1_mnist/run.py --data-dir "$MNIST" --out "$WORK/t1bf16" -q \
             --only flops,teacher,kd,scratch,grid --precision mixed_bfloat16 ;;
+  t1jitoff) step t1jitoff 130 python3 task1_mnist/run.py --data-dir "$MNIST" --out "$WORK/t1jitoff" -q \
+              --only flops,teacher,kd,scratch,grid --jit off ;;
+  t1tune0) XLA_FLAGS=--xla_gpu_autotune_level=0 step t1tune0 130 python3 task1_mnist/run.py --data-dir "$MNIST" \
+             --out "$WORK/t1tune0" -q --only flops,teacher,kd,scratch,grid ;;
+  ftoff32) mhist && step ftoff32 90 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
+             --jit off --parts anchor,toolkit --out "$OUT/ft_off_fp32_b32.json" ;;
+  ftoffbf128) mhist && step ftoffbf128 90 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
+                --jit off --parts anchor,toolkit --precision mixed_bfloat16 --batch-size 128 \
+                --out "$OUT/ft_off_bf16_b128.json" ;;
+  gputests) step gputests 80 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_distribute.py \
+              tests/test_losses.py tests/test_task1.py::test_same_seed_repeats_a_run_exactly \
+              tests/test_task1.py::test_mirrored_strategy_recipe_matches_default ;;
   kd) step kd 300 python3 bench/bench_kd.py --data-dir "$MNIST" --epochs 4 --grid-cells 6 --out "$OUT/kd_mnist.json" ;;
   ft32) mhist && step ft32 200 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
           --out "$OUT/ft_fp32_b32.json" ;;
