@@ -138,4 +138,7 @@ def validate_shared(config, experiments, strategies, image_size):
 
     choices("precision", (config.precision,), device.PRECISIONS, "--precision")
     choices("jit", (config.jit,), device.JIT, "--jit")
+    if config.deterministic and config.jit == "on":
+        raise ConfigError("--deterministic cannot go with --jit on: XLA has no deterministic GPU MaxPool gradient; "
+                          "use --jit auto (off under --deterministic) or --jit off")
     positive_int("steps_per_call", config.steps_per_call, "--steps-per-call")

@@ -13,7 +13,9 @@
   and softmax are computed in float32 in `common.losses`, and float16 training
   scales its loss, see `optimizer`). Models built afterwards use it.
 - `jit` (`use_jit`): XLA compilation of the training step: `on`, `off`, or `auto`
-  = on where a GPU is used (on this project's CPUs XLA slowed convolutions).
+  = on where a GPU is used (on this project's CPUs XLA slowed convolutions), except
+  under op determinism (XLA has no deterministic GPU MaxPool gradient: a
+  deterministic XLA step fails on an H100).
 """
 
 import keras
@@ -42,10 +44,13 @@ def configure(deterministic=False, tf32=True, precision="float32"):
 
 
 def use_jit(jit):
-    """`--jit` resolved to a bool: `auto` is on exactly when a GPU is visible."""
+    """`--jit` resolved to a bool: `auto` is on exactly when a GPU is visible and op
+    determinism is off."""
     if jit not in JIT:
         raise ValueError(f"jit must be one of {', '.join(JIT)}, got {jit!r}")
-    return jit == "on" or (jit == "auto" and bool(tf.config.list_physical_devices("GPU")))
+    if jit == "auto":
+        return bool(tf.config.list_physical_devices("GPU")) and not _state["deterministic"]
+    return jit == "on"
 
 
 def optimizer(optimizer):

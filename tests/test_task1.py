@@ -343,6 +343,7 @@ def test_load_real_mnist_shapes(real_mnist_dir):
         (["--aux-temperature", "0"], "temperature"),
         (["--only", "teacher,nonsense"], "--only"),
         (["--data-dir", "/no/such/folder"], "--data-dir"),
+        (["--deterministic", "--jit", "on"], "--jit off"),
     ],
 )
 def test_cli_bad_input_is_one_line_error(argv, message, tmp_path, capsys):

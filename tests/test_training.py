@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from common import data as common_data
 from common import losses, methods, training
@@ -283,3 +284,17 @@ def test_mixed_precision_trains_and_resumes(precision, tmp_path):
             np.testing.assert_array_equal(a, b)
     finally:
         device.configure()  # float32 again for the tests that follow
+
+
+def test_auto_jit_is_on_with_a_gpu_unless_deterministic(monkeypatch):
+    # Seen on an H100: a deterministic XLA step fails (no deterministic MaxPool gradient).
+    from common import device
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    monkeypatch.setitem(device._state, "deterministic", False)
+    assert device.use_jit("auto") and device.use_jit("on") and not device.use_jit("off")
+    monkeypatch.setitem(device._state, "deterministic", True)
+    assert not device.use_jit("auto") and device.use_jit("on")
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setitem(device._state, "deterministic", False)
+    assert not device.use_jit("auto")
