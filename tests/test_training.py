@@ -238,7 +238,7 @@ def test_several_steps_per_call_give_the_same_updates(steps_per_call):
 
 
 def test_an_xla_compiled_step_trains_like_the_plain_one():
-    arrays = blobs(128)
+    arrays = blobs(120)  # 3 full batches and a partial one, which takes the step without XLA
 
     def train(jit):
         model = tiny_model()
@@ -284,6 +284,14 @@ def test_mixed_precision_trains_and_resumes(precision, tmp_path):
             np.testing.assert_array_equal(a, b)
     finally:
         device.configure()  # float32 again for the tests that follow
+
+
+def test_only_full_batches_take_the_xla_step():
+    calls = []
+    step = training.FullBatchesCompiled(lambda b: calls.append("xla"), lambda b: calls.append("plain"))
+    for size in (32, 32, 24, 32, 24):
+        step({"y": tf.zeros((size,))})
+    assert calls == ["xla", "xla", "plain", "xla", "plain"]
 
 
 def test_auto_jit_is_on_with_a_gpu_unless_deterministic(monkeypatch):
