@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from common import data as common_data  # noqa: E402
-from common import losses, methods, runs, training  # noqa: E402
+from common import device, losses, methods, runs, training  # noqa: E402
 from common.fused import Fused  # noqa: E402
 from common.results import write_json_atomic  # noqa: E402
 from task1_mnist import data as mnist  # noqa: E402
@@ -60,6 +60,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    device.configure()  # memory growth, as the task commands set it
     tf.get_logger().setLevel("ERROR")  # Keras' predict retracing notices
     arrays = mnist.load_mnist(args.data_dir, args.limit)
     x_train = arrays["x_train"].astype(np.float32) / 255.0
