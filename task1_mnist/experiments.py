@@ -139,10 +139,26 @@ class Task1(Recipes):
         )
         return record
 
+    def kd(self, temperature=None, alpha=None):
+        """The KD student at (T, alpha), default the course's; its record. When the
+        fused grid runs in this invocation too and holds the course's cell, the
+        whole grid trains first, together, and this run is its cell: one compiled
+        step less to build (on an H100 a first, compiling epoch took 17 s against
+        0.5 s for the next ones)."""
+        if temperature is None and alpha is None and "grid" in self.config.only and self.fuses_grid():
+            cells = self.grid_cells()
+            if (self.config.temperature, self.config.alpha) in cells:
+                self.fuse_grid(cells)
+        return super().kd(temperature, alpha)
+
+    def grid_cells(self):
+        """The grid's (T, alpha) pairs, T-major."""
+        return [(t, a) for t in self.config.temperatures for a in self.config.alphas]
+
     def grid(self):
         """Every (T, alpha) cell; writes `grid-s<seed>.csv` and `.json` with the best cell,
         chosen on the validation split (on the test set only with `--validation 0`)."""
-        cells = [(t, a) for t in self.config.temperatures for a in self.config.alphas]
+        cells = self.grid_cells()
         if self.fuses_grid():
             self.fuse_grid(cells)
         rows = []

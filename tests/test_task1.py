@@ -185,6 +185,16 @@ def test_a_fused_grid_trains_each_cell_as_it_would_alone(tmp_path, synthetic_mni
     assert "kd-T4-a0.2-s0" in next(m for m in messages if "] training:" in m)
 
 
+def test_the_course_kd_run_trains_as_a_cell_of_the_fused_grid(tmp_path, synthetic_mnist):
+    messages = []
+    config = small_config(tmp_path, fuse_grid="on", temperatures=(1.0, 4.0), alphas=(0.2, 0.5), only=("kd", "grid"))
+    outcome = Task1(config, arrays=synthetic_mnist, log=messages.append).run()
+    assert sum("training 4 runs in one step" in m for m in messages) == 1
+    assert not any("] training:" in m and "kd-" in m for m in messages)  # no student alone, kd included
+    assert outcome["kd"]["run"] == "kd-T4-a0.5-s0" and outcome["kd"]["fused"]["runs"] == 4
+    assert "kd-T4-a0.5-s0" in [c["run"] for c in outcome["grid"]["cells"]]
+
+
 def test_a_fused_grid_killed_mid_training_resumes(tmp_path, synthetic_mnist):
     def killed_after_epoch_2(message):
         if "[fused-" in message and "] epoch 2/3" in message:
