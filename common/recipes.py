@@ -139,8 +139,9 @@ class Recipes:
                 metrics.update({prefix + k: v for k, v in self.split_metrics(split, logits, labels, False).items()})
         return metrics
 
-    def final_metrics(self, name, predictor, teacher=None):
-        """A run's recorded metrics: each split's `split_metrics` with the summary, and
+    def final_metrics(self, name, outputs, teacher=None):
+        """A run's recorded metrics from `outputs`, its `{split: (logits, labels)}` on the
+        held-out splits (`held_out`): each split's `split_metrics` with the summary, and
         its expected calibration error (`val_ece`, `test_ece`); the test logits and
         labels are saved as `<run>/test_outputs.npz`, so reports compute fidelity
         between models and reliability diagrams without running any model again.
@@ -148,7 +149,7 @@ class Recipes:
         outputs, `test_fidelity` is the fraction of test images where the two
         predict the same class (and `distilled_from` names it)."""
         metrics = {}
-        for split, (logits, labels) in self.held_out(predictor).items():
+        for split, (logits, labels) in outputs.items():
             metrics.update(self.split_metrics(split, logits, labels, summary=True))
             metrics[f"{split}_ece"] = expected_calibration_error(logits, labels)
             if split == "test":
@@ -219,8 +220,9 @@ class Recipes:
             data=train_data,
             train=lambda model, data: self.fit_model(name, model, make_method, data,
                                                      resume_dir=self.store.resume_dir(name, identity), **fit_options),
-            evaluate=lambda model: self.final_metrics(name, training.compiled_predictor(make_method(model).class_logits),
-                                                      getattr(make_method, "parent_name", None)),
+            evaluate=lambda model: self.final_metrics(
+                name, self.held_out(training.compiled_predictor(make_method(model).class_logits)),
+                getattr(make_method, "parent_name", None)),
             log=self.log,
             about={"data": self.data_info()},
         )
@@ -369,10 +371,14 @@ class Recipes:
             shutil.rmtree(self.store.run_dir(group), ignore_errors=True)
             raise
         share = (time.perf_counter() - start) / len(pending)
+        evaluated = time.perf_counter()
+        outputs = self.held_out(training.compiled_predictor(method.class_logits))  # every member in one pass
+        evaluation_share = (time.perf_counter() - evaluated) / len(pending)
         for index, (name, identity, build, factory) in enumerate(pending):
-            evaluated = time.perf_counter()
-            member = method.members[index]
-            metrics = self.final_metrics(name, training.compiled_predictor(member.class_logits), factory.parent_name)
+            evaluated = time.perf_counter() - evaluation_share
+            prefix = method.prefixes[index]
+            member_outputs = {split: (logits[prefix], labels) for split, (logits, labels) in outputs.items()}
+            metrics = self.final_metrics(name, member_outputs, factory.parent_name)
             runs.finish(self.store, name, identity=identity, config=self.config.as_dict(), model=models[index],
                         history=method.member_history(history, index), metrics=metrics, started=started,
                         train_seconds=share, wall_seconds=share + time.perf_counter() - evaluated,
