@@ -32,12 +32,13 @@ def exact_float32():
 @pytest.fixture
 def repeatable_gpu(exact_float32):
     """On a GPU, op determinism for a test that compares two runs number for number
-    (GPU kernels are not deterministic by default; a CPU already is). It stays on for
+    (GPU kernels are not deterministic by default; a CPU already is), as
+    `--deterministic` sets it, so `--jit auto` leaves XLA off too. It stays on for
     the rest of the process: TensorFlow cannot turn it off again."""
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.enable_op_determinism()
+        device.configure(deterministic=True, tf32=False)
 
 
 def synthetic_mnist_arrays():
