@@ -371,17 +371,18 @@ class Recipes:
             shutil.rmtree(self.store.run_dir(group), ignore_errors=True)
             raise
         share = (time.perf_counter() - start) / len(pending)
-        evaluated = time.perf_counter()
+        evaluation_start = time.perf_counter()
         outputs = self.held_out(training.compiled_predictor(method.class_logits))  # every member in one pass
-        evaluation_share = (time.perf_counter() - evaluated) / len(pending)
+        evaluation_share = (time.perf_counter() - evaluation_start) / len(pending)
         for index, (name, identity, build, factory) in enumerate(pending):
-            evaluated = time.perf_counter() - evaluation_share
+            recording_start = time.perf_counter()
             prefix = method.prefixes[index]
             member_outputs = {split: (logits[prefix], labels) for split, (logits, labels) in outputs.items()}
             metrics = self.final_metrics(name, member_outputs, factory.parent_name)
             runs.finish(self.store, name, identity=identity, config=self.config.as_dict(), model=models[index],
                         history=method.member_history(history, index), metrics=metrics, started=started,
-                        train_seconds=share, wall_seconds=share + time.perf_counter() - evaluated,
+                        train_seconds=share,
+                        wall_seconds=share + evaluation_share + time.perf_counter() - recording_start,
                         about={"data": self.data_info(), "fused": {"runs": len(pending), "group": group}})
             self._builders[name] = build
             self.keep(name, models[index])
