@@ -4,11 +4,15 @@
 #   OUT=DIR bash bench/gpu_round.sh STEP [STEP ...]
 #
 # Steps: tests, gputests (the GPU-sensitive ones), t1 (Task 1 core, float32), t1bf16, t1jitoff, t1tune0
-# (XLA autotuning off), kd (bench_kd), ft32, ftbf32, ftbf128
+# (XLA autotuning off), kd (bench_kd), ftmnv (MobileNetV2 anchor and toolkit with XLA, flags in $FT_FLAGS), ft32, ftbf32, ftbf128
 # (bench_finetune at float32 batch 32 / bfloat16 + XLA batch 32 / 128), ftoff32, ftoffbf128 (no XLA,
 # anchor and toolkit rows only), t2 (Task 2's whole
 # course table on a synthetic 3,152-image 224-px folder; resumes, so it can span calls;
-# extra flags in $T2_FLAGS). Appends one line per step to $OUT/summary.txt (exit status,
+# extra flags in $T2_FLAGS), startup (seconds to import TensorFlow, run a first GPU op, a first
+# convolution and a first XLA compilation), t1short (Task 1 teacher, kd, scratch, 2 epochs: the
+# compile cost is the first epoch less the second).
+# $TAG is appended to step names, so a step can run under several environments
+# (e.g. XLA_FLAGS) in one round. Appends one line per step to $OUT/summary.txt (exit status,
 # wall seconds, mean GPU utilisation = busy share, peak GPU memory), the programs' output
 # to $OUT/log.txt, and packs the runs' JSON records into $OUT/runs.tar.gz.
 # Inputs: $MNIST_DIR (default .gpu/cz/mnist), $ANNOTATIONS (an MHIST annotations.csv,
@@ -22,7 +26,7 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2
+  local name=$1${TAG:-} limit=$2
   shift 2
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 \
     >"$WORK/gpu-$name.csv" 2>/dev/null &
@@ -71,6 +75,13 @@ for s in "$@"; do
              --precision mixed_bfloat16 --jit on --batch-size 128 --out "$OUT/ft_bf16_b128.json" ;;
   t2) mhist && step t2 "${T2_LIMIT:-560}" python3 task2_mhist/run.py --data-dir "$WORK/mhist" --weights none \
         --out "$WORK/t2" -q ${T2_FLAGS:-} ;;
+  startup) TF_CPP_MIN_LOG_LEVEL=0 step startup 120 python3 bench/gpu_startup.py
+           grep -aE "^startup seconds|ptxas|PTX|nvlink|JitLink|[Ff]alling back" "$OUT/log.txt" | sort | uniq -c | head -20 |
+             sed "s/^/  startup${TAG:-}: /" | tee -a "$OUT/summary.txt" ;;
+  ftmnv) mhist && step ftmnv 300 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 --jit on \
+           --architectures mobilenetv2 --parts anchor,toolkit ${FT_FLAGS:-} --out "$OUT/ftmnv${TAG:-}.json" ;;
+  t1short) step t1short 200 python3 task1_mnist/run.py --data-dir "$MNIST" --out "$WORK/t1short${TAG:-}" -q \
+             --only teacher,kd,scratch --epochs 2 && python3 bench/run_times.py "$WORK/t1short${TAG:-}" | tee -a "$OUT/summary.txt" ;;
   *) echo "unknown step $s" | tee -a "$OUT/summary.txt" ;;
   esac
 done

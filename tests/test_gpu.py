@@ -28,6 +28,7 @@ def test_deterministic_runs_repeat_exactly_on_a_gpu():
 
 def test_gpu_defaults_let_processes_share_the_gpu():
     assert device.settings()["memory_growth"] is True  # set by conftest before the GPU started
+    assert device.TRITON_GEMM_OFF in device.settings()["xla_flags"]
     device.reset_peak_memory()
     tf.matmul(tf.ones((512, 512)), tf.ones((512, 512))).numpy()
     assert device.peak_memory_mib() >= 1.0  # two 1 MiB inputs and a 1 MiB product

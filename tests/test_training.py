@@ -1,5 +1,7 @@
 """The one training loop and the method classes."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -306,3 +308,17 @@ def test_auto_jit_is_on_with_a_gpu_unless_deterministic(monkeypatch):
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     monkeypatch.setitem(device._state, "deterministic", False)
     assert not device.use_jit("auto")
+
+
+def test_xla_flag_is_added_unless_the_user_set_it(monkeypatch):
+    from common import device
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    device.use_xla_flag(device.TRITON_GEMM_OFF)
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2 --xla_gpu_enable_triton_gemm=true")
+    device.use_xla_flag(device.TRITON_GEMM_OFF)
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=2 --xla_gpu_enable_triton_gemm=true"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2")
+    device.use_xla_flag(device.TRITON_GEMM_OFF)
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=2 --xla_gpu_enable_triton_gemm=false"
