@@ -55,9 +55,11 @@ def distillation_loss(teacher_logits, student_logits, temperature):
     which does not depend on the student, so both give the same gradients; KL is
     used because it is 0 when the student matches the teacher. The T² factor keeps
     the soft-target gradients on the scale of the hard-label ones (they shrink as
-    1/T²), so `alpha` means the same thing at every temperature.
+    1/T²), so `alpha` means the same thing at every temperature. `temperature`: a
+    number, or a float32 variable (a shared step's runtime setting, checked when set).
     """
-    temperature = validate_temperature(temperature)
+    if not tf.is_tensor(temperature):
+        temperature = validate_temperature(temperature)
     teacher_log_probs = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / temperature)
     student_log_probs = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / temperature)
     kl = tf.reduce_sum(

@@ -24,6 +24,7 @@ from common.explanations import explain_and_save
 from common.fused import Fused
 from common.metrics import expected_calibration_error, top1_agreement
 from common.results import ResultsStore, identity_hash, write_arrays_atomic, write_csv_atomic, write_json_atomic
+from common.workspaces import Workspaces
 
 
 class Recipes:
@@ -40,6 +41,7 @@ class Recipes:
         self._models = collections.OrderedDict()  # the last `kept_models` models, most recent last
         self._builders = {}  # run name -> how to build it, to reload an evicted model from its weights
         self._targets = {}
+        self.workspaces = Workspaces()  # compiled steps shared by runs of one structure; `run_all` shares it by seeds
 
     kept_models = 3  # trained models held in memory at once (Task 2's take hundreds of MB each)
 
@@ -59,10 +61,12 @@ class Recipes:
         data = data if data is not None else cls.load_data(config)
         ResultsStore(config.out).prepare()
         outcomes = {}
+        workspaces = Workspaces()
         for index, seed in enumerate(config.seeds, 1):
             if len(config.seeds) > 1:
                 log(f"== seed {seed} ({index}/{len(config.seeds)})")
             task = cls(config, data, seed=seed, log=log)
+            task.workspaces = workspaces
             outcomes[seed] = task.run()
         task.store.write_summary()
         task.store.write_seed_summary()
@@ -268,8 +272,10 @@ class Recipes:
             return device.optimizer(keras.optimizers.Adam(learning_rate))
 
     def step_options(self):
-        """`fit` options from the config: XLA (`--jit`) and `--steps-per-call`."""
-        return {"jit": device.use_jit(self.config.jit), "steps_per_call": self.config.steps_per_call}
+        """`fit` options from the config: XLA (`--jit`), `--steps-per-call`, and the
+        shared compiled steps (`common.workspaces`)."""
+        return {"jit": device.use_jit(self.config.jit), "steps_per_call": self.config.steps_per_call,
+                "workspaces": self.workspaces}
 
     def targets_of(self, name, model, method_cls):
         """`{"teacher_<target>": array}`: what `method_cls` reads of frozen model `name`

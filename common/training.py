@@ -183,6 +183,7 @@ def fit(
     jit=False,
     steps_per_call=1,
     prepare=None,
+    workspaces=None,
 ):
     """Trains `method.model` for `epochs` passes over `train_data`.
 
@@ -209,6 +210,10 @@ def fit(
       jit, steps_per_call: see `make_train_step`; neither changes the updates.
       prepare: see `make_train_step` (the same function must be given to
         `evaluate`'s predictions if its batches need it).
+      workspaces: optional `common.workspaces.Workspaces`: the run trains in the
+        workspace of its structure, whose compiled step earlier runs of the same
+        structure traced (and XLA compiled); `method.model` gets the weights after
+        every epoch and `optimizer` the final state. The updates are the same.
 
     Returns:
       The history: one dict per epoch with `epoch` (1-based), each loss term,
@@ -223,9 +228,24 @@ def fit(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     strategy = strategy or tf.distribute.get_strategy()
     batches = strategy.experimental_distribute_dataset(train_data)
-    step, trackers = make_train_step(method, optimizer, strategy, element_spec=batches.element_spec, jit=jit,
-                                     steps_per_call=steps_per_call, prepare=prepare)
-    predictor = compiled_predictor(method.class_logits) if evaluate is not None else None
+
+    def make_step(method, optimizer):
+        return make_train_step(method, optimizer, strategy, element_spec=batches.element_spec, jit=jit,
+                               steps_per_call=steps_per_call, prepare=prepare)
+
+    run_method, run_optimizer = method, optimizer
+    workspace = None
+    if workspaces is not None:
+        step_key = (str(batches.element_spec), jit, steps_per_call, prepare)
+        workspace = workspaces.get(method, optimizer, make_step, strategy, step_key)
+    if workspace is None:
+        step, trackers = make_step(method, optimizer)
+        predictor = compiled_predictor(method.class_logits) if evaluate is not None else None
+    else:
+        workspace.load(method, optimizer)
+        method, optimizer = workspace.method, workspace.optimizer
+        step, trackers = workspace.step, workspace.trackers
+        predictor = workspace.predictor if evaluate is not None else None
     checkpoint = None
     history = []
     if resume_dir is not None:
@@ -261,6 +281,8 @@ def fit(
                 record.update(evaluate(predictor))
                 record["eval_seconds"] = time.perf_counter() - start
             history.append(record)
+            if workspace is not None:
+                workspace.store(run_method, run_optimizer if epoch == int(epochs) else None)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
             if checkpoint is not None and epoch < int(epochs):

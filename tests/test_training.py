@@ -322,3 +322,63 @@ def test_xla_flag_is_added_unless_the_user_set_it(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2")
     device.use_xla_flag(device.TRITON_GEMM_OFF)
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=2 --xla_gpu_enable_triton_gemm=false"
+
+
+def test_runs_sharing_a_workspace_train_as_alone():
+    # Three KD students (different seeds, T and alpha; a Dropout layer's RNG state and
+    # an odd last batch included) trained one after another in one workspace get the
+    # weights, histories and optimizer states they get alone, from one traced step.
+    from common import workspaces as ws
+
+    arrays = blobs(100)
+    arrays["teacher_logits"] = np.random.default_rng(3).normal(size=(100, 2)).astype(np.float32)
+
+    def student(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((2,)), keras.layers.Dense(8, activation="relu"),
+                                 keras.layers.Dropout(0.3), keras.layers.Dense(2)])
+
+    def train(seed, temperature, alpha, spaces):
+        model = student(seed)
+        optimizer = keras.optimizers.Adam(0.01 * (seed + 1))
+        data = common_data.batched(arrays, 32, shuffle=True, seed=seed)
+        history = training.fit(methods.Distillation(model, temperature, alpha), data, epochs=2, optimizer=optimizer,
+                               evaluate=training.accuracy_on(common_data.batched(blobs(64, seed=1), 64)),
+                               workspaces=spaces)
+        return model, optimizer, history
+
+    settings = [(0, 4.0, 0.5), (1, 1.0, 0.2), (2, 8.0, 0.9)]
+    spaces = ws.Workspaces()
+    shared = [train(*s, spaces) for s in settings]
+    assert len(spaces) == 1
+    (space,) = spaces._spaces.values()
+    assert space.step.experimental_get_tracing_count() == 1
+    for (model, optimizer, history), s in zip(shared, settings):
+        alone_model, alone_optimizer, alone_history = train(*s, None)
+        for a, b in zip(model.variables, alone_model.variables):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+        for a, b in zip(optimizer.variables, alone_optimizer.variables):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+        for a, b in zip(history, alone_history):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["test_accuracy"] == b["test_accuracy"]
+    assert shared[0][0].variables[0] is not shared[1][0].variables[0]  # each run keeps its own model
+
+
+def test_workspace_is_not_shared_across_structures_or_unsigned_methods():
+    from common import workspaces as ws
+
+    class Unsigned(methods.CrossEntropy):
+        def signature(self):
+            return None
+
+    spaces = ws.Workspaces()
+    data = common_data.batched(blobs(64), 32)
+    wide = keras.Sequential([keras.Input((2,)), keras.layers.Dense(16), keras.layers.Dense(2)])
+    for method in (methods.CrossEntropy(tiny_model()), methods.CrossEntropy(wide), Unsigned(tiny_model()),
+                   methods.Distillation(tiny_model(), 4.0, 0.5, teacher=tiny_model(1)),
+                   methods.CrossEntropy(tiny_model(2))):
+        training.fit(method, data, epochs=1, optimizer=keras.optimizers.Adam(0.01), workspaces=spaces)
+    assert len(spaces) == 3  # the narrow and wide cross-entropy models, KD with a live teacher
+    assert ws.structure(tiny_model(0)) == ws.structure(tiny_model(1))  # names and values do not matter
+    assert ws.structure(tiny_model(0)) != ws.structure(wide)

@@ -8,6 +8,7 @@ a frozen teacher's outputs for exactly these inputs, computed once per example
 (and view) before training, so the teacher never runs per step.
 """
 
+import copy
 import dataclasses
 
 import tensorflow as tf
@@ -26,9 +27,29 @@ class Method:
     term_names = ()
     extra_layers = ()
     prefixes = ("",)  # keys of `class_logits` when it returns a dict (several models, `common.fused`)
+    runtime_settings = ()  # float attributes a shared step reads as variables (`rebind`)
 
     def __init__(self, model):
         self.model = model
+
+    def signature(self):
+        """What the loss graph depends on beyond the model, its class and
+        `runtime_settings`, as a hashable value: runs of equal signatures and models
+        share one compiled step (`common.workspaces`). None (the default): this
+        method's step is not shared."""
+        return None
+
+    def rebind(self, model):
+        """This method on `model` (of the same structure), each of `runtime_settings`
+        a variable that a workspace assigns per run. Only for methods whose
+        `signature` is not None: those keep no other reference to their model."""
+        from common.workspaces import runtime_variable
+
+        method = copy.copy(self)
+        method.model = model
+        for name in self.runtime_settings:
+            setattr(method, name, runtime_variable(getattr(self, name)))
+        return method
 
     @property
     def trainable_variables(self):
@@ -59,6 +80,9 @@ class CrossEntropy(Method):
     """Supervised training on hard labels: a teacher, or a student from scratch."""
 
     term_names = ("ce",)
+
+    def signature(self):
+        return ()
 
     def loss_terms(self, batch, training=True):
         from common import losses

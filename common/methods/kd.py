@@ -19,6 +19,7 @@ class Distillation(Distiller):
     summary = "Hinton KD: alpha CE + (1 - alpha) T^2 KL of softened logits (--temperature, --alpha)"
     term_names = ("ce", "kd")
     uses = ("temperature", "alpha")
+    runtime_settings = ("temperature", "alpha")
 
     def __init__(self, student, temperature, alpha, teacher=None, context=None):
         super().__init__(student, context=context, teacher=teacher)
@@ -28,6 +29,10 @@ class Distillation(Distiller):
     @classmethod
     def create(cls, student, options, context):
         return cls(student, context.temperature, context.alpha, context=context)
+
+    def signature(self):
+        # T and alpha are runtime settings; a teacher that runs per step is part of the step.
+        return (id(self.teacher),)
 
     def teacher_logits(self, batch):
         return self.targets(batch)["logits"]

@@ -18,6 +18,9 @@ class SubclassMethod(Method):
         super().__init__(model)
         self.num_classes = int(num_classes)
 
+    def signature(self):
+        return (self.num_classes,)
+
     def forward(self, x, training=False):
         subclass_logits = self.model(x, training=training)
         return subclass_logits, losses.class_logits_from_subclass_logits(subclass_logits, self.num_classes)
@@ -35,6 +38,9 @@ class SubclassTeacher(SubclassMethod):
         super().__init__(model, num_classes)
         self.aux_weight = float(aux_weight)
         self.aux_temperature = losses.validate_temperature(aux_temperature)
+
+    def signature(self):
+        return (self.num_classes, self.aux_weight, self.aux_temperature)
 
     def loss_terms(self, batch, training=True):
         subclass_logits, logits = self.forward(batch["x"], training=training)
@@ -54,6 +60,9 @@ class SubclassDistillation(SubclassMethod, Distillation):
     def __init__(self, student, num_classes, temperature, alpha, teacher=None):
         Distillation.__init__(self, student, temperature, alpha, teacher=teacher)
         self.num_classes = int(num_classes)
+
+    def signature(self):
+        return (self.num_classes, id(self.teacher))
 
     # loss_terms is Distillation's: `forward` (SubclassMethod's) yields the subclass
     # logits to distil and the logsumexp class logits for the labels.
