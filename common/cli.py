@@ -78,6 +78,9 @@ def add_shared_arguments(parser, defaults, experiments):
         help="XLA-compile the training step (auto: on with a GPU)")
     add("--steps-per-call", type=int, default=defaults.steps_per_call,
         help="training steps per compiled call (fewer Python round trips; the same updates)")
+    add("--no-share-steps", dest="share_steps", action="store_false",
+        help="trace and compile every run's training step anew instead of sharing it between runs of one "
+             "structure (the same updates; for checking)")
     add("--only", type=name_list, default=defaults.only, help=f"experiments, comma list of {','.join(experiments)}")
     add_method_arguments(parser, defaults)
     add("--limit", type=int, help="use only the first N train and test images (quick runs)")

@@ -57,6 +57,7 @@ class SharedConfig(BaseConfig):
     precision: str = "float32"
     jit: str = "auto"
     steps_per_call: int = 1
+    share_steps: bool = True
     only: tuple = ()
     limit: Optional[int] = None
     quiet: bool = False

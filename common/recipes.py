@@ -275,7 +275,7 @@ class Recipes:
         """`fit` options from the config: XLA (`--jit`), `--steps-per-call`, and the
         shared compiled steps (`common.workspaces`)."""
         return {"jit": device.use_jit(self.config.jit), "steps_per_call": self.config.steps_per_call,
-                "workspaces": self.workspaces}
+                "workspaces": self.workspaces if self.config.share_steps else None}
 
     def targets_of(self, name, model, method_cls):
         """`{"teacher_<target>": array}`: what `method_cls` reads of frozen model `name`

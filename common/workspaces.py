@@ -40,10 +40,15 @@ def structure(model):
 
 
 def optimizer_structure(optimizer):
-    """The optimizer's class and config, less its name and learning rate (a variable
-    that `Workspace.load` copies)."""
-    config = {k: v for k, v in optimizer.get_config().items() if k not in ("name", "learning_rate")}
-    return json.dumps([type(optimizer).__name__, config], sort_keys=True, default=str)
+    """The optimizer's class and config, less its names (Keras numbers them per process)
+    and learning rates (variables that `Workspace.load` copies), a wrapped optimizer's
+    (loss scaling) included."""
+    def strip(config):
+        if isinstance(config, dict):
+            return {k: strip(v) for k, v in config.items() if k not in ("name", "learning_rate")}
+        return config
+
+    return json.dumps([type(optimizer).__name__, strip(optimizer.get_config())], sort_keys=True, default=str)
 
 
 def copy_variables(sources, targets):
@@ -98,7 +103,7 @@ class Workspaces:
     """The workspaces of a process, by structure; the `capacity` most recently used
     are kept (each holds a model and its optimizer state)."""
 
-    def __init__(self, capacity=4):
+    def __init__(self, capacity=16):
         self.capacity = capacity
         self._spaces = collections.OrderedDict()
 

@@ -40,3 +40,17 @@ def test_bench_finetune_smoke(tmp_path, mhist_dir):
     assert all(r[k] > 0 for r in rows for k in ("anchor", "toolkit", "keras_fit", "inference", "toolkit_first_epoch_s"))
     kd = result["kd_student_images_per_s"]
     assert kd["toolkit_cached_logits"] > 0 and kd["distiller_fit"] > 0 and "devices" in result["environment"]
+
+
+def test_bench_shared_steps_smoke(tmp_path, mhist_dir):
+    import bench_shared_steps
+
+    out = tmp_path / "shared_steps.json"
+    argv = ["--data-dir", str(mhist_dir), "--image-size", "32", "--limit", "16", "--fe-epochs", "1",
+            "--ft-epochs", "1", "--only", "kd,tcurve", "--temperatures", "1,4", "--out", str(out)]
+    assert bench_shared_steps.main(argv) == 0
+    result = json.loads(out.read_text())
+    runs = {"teacher-ft-s0", "kd-T4-a0.5-ft-s0", "kd-T1-a0.5-ft-s0"}
+    assert runs <= set(result["shared"]["runs"]) and set(result["shared"]["runs"]) == set(result["not_shared"]["runs"])
+    assert all(result["same_test_auc"].values())  # sharing the compiled step changes no result
+    assert result["shared"]["wall_s"] > 0 and "--no-share-steps" in result["not_shared"]["command"]

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from common import data as common_data
 from common import losses, methods, training
+from common.workspaces import Workspaces
 
 
 def blobs(n=256, seed=0):
@@ -262,12 +263,12 @@ def test_mixed_precision_trains_and_resumes(precision, tmp_path):
     try:
         arrays = blobs(128)
 
-        def train(resume_dir, log=None):
+        def train(resume_dir, log=None, spaces=None):
             model = tiny_model()
             optimizer = device.optimizer(keras.optimizers.Adam(0.01))
             history = training.fit(methods.CrossEntropy(model), common_data.batched(arrays, 32, shuffle=True, seed=1),
                                    epochs=3, optimizer=optimizer, resume_dir=resume_dir, log=log,
-                                   evaluate=training.accuracy_on(common_data.batched(arrays, 64)))
+                                   evaluate=training.accuracy_on(common_data.batched(arrays, 64)), workspaces=spaces)
             return model, optimizer, history
 
         def killed_after_epoch_2(line):
@@ -278,12 +279,17 @@ def test_mixed_precision_trains_and_resumes(precision, tmp_path):
         assert model.layers[0].compute_dtype == precision.split("_")[1] and model.layers[0].kernel.dtype == "float32"
         assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
         assert history[-1]["test_accuracy"] > 0.95 and np.isfinite(history[-1]["loss"])
+        # Killed and resumed in one shared workspace (common.workspaces), whose loss
+        # scale state is copied like Adam's: the weights of the run without either.
+        spaces = Workspaces()
         with pytest.raises(KeyboardInterrupt):
-            train(tmp_path / "resume", killed_after_epoch_2)
-        resumed_model, _, resumed = train(tmp_path / "resume")
-        assert [h.get("resumed", False) for h in resumed] == [True, True, False]
+            train(tmp_path / "resume", killed_after_epoch_2, spaces)
+        resumed_model, resumed_optimizer, resumed = train(tmp_path / "resume", spaces=spaces)
+        assert [h.get("resumed", False) for h in resumed] == [True, True, False] and len(spaces) == 1
         for a, b in zip(model.get_weights(), resumed_model.get_weights()):
             np.testing.assert_array_equal(a, b)
+        for a, b in zip(optimizer.variables, resumed_optimizer.variables):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
     finally:
         device.configure()  # float32 again for the tests that follow
 
@@ -328,8 +334,6 @@ def test_runs_sharing_a_workspace_train_as_alone():
     # Three KD students (different seeds, T and alpha; a Dropout layer's RNG state and
     # an odd last batch included) trained one after another in one workspace get the
     # weights, histories and optimizer states they get alone, from one traced step.
-    from common import workspaces as ws
-
     arrays = blobs(100)
     arrays["teacher_logits"] = np.random.default_rng(3).normal(size=(100, 2)).astype(np.float32)
 
@@ -348,7 +352,7 @@ def test_runs_sharing_a_workspace_train_as_alone():
         return model, optimizer, history
 
     settings = [(0, 4.0, 0.5), (1, 1.0, 0.2), (2, 8.0, 0.9)]
-    spaces = ws.Workspaces()
+    spaces = Workspaces()
     shared = [train(*s, spaces) for s in settings]
     assert len(spaces) == 1
     (space,) = spaces._spaces.values()
@@ -366,13 +370,13 @@ def test_runs_sharing_a_workspace_train_as_alone():
 
 
 def test_workspace_is_not_shared_across_structures_or_unsigned_methods():
-    from common import workspaces as ws
+    from common.workspaces import structure
 
     class Unsigned(methods.CrossEntropy):
         def signature(self):
             return None
 
-    spaces = ws.Workspaces()
+    spaces = Workspaces()
     data = common_data.batched(blobs(64), 32)
     wide = keras.Sequential([keras.Input((2,)), keras.layers.Dense(16), keras.layers.Dense(2)])
     for method in (methods.CrossEntropy(tiny_model()), methods.CrossEntropy(wide), Unsigned(tiny_model()),
@@ -380,5 +384,5 @@ def test_workspace_is_not_shared_across_structures_or_unsigned_methods():
                    methods.CrossEntropy(tiny_model(2))):
         training.fit(method, data, epochs=1, optimizer=keras.optimizers.Adam(0.01), workspaces=spaces)
     assert len(spaces) == 3  # the narrow and wide cross-entropy models, KD with a live teacher
-    assert ws.structure(tiny_model(0)) == ws.structure(tiny_model(1))  # names and values do not matter
-    assert ws.structure(tiny_model(0)) != ws.structure(wide)
+    assert structure(tiny_model(0)) == structure(tiny_model(1))  # names and values do not matter
+    assert structure(tiny_model(0)) != structure(wide)
