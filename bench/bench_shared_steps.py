@@ -35,6 +35,7 @@ def parse_args(argv=None):
     parser.add_argument("--ft-epochs", type=int, default=2)
     parser.add_argument("--only", default="teacher,kd,tcurve,scratch,pretrained")
     parser.add_argument("--temperatures", default="1,4,16")
+    parser.add_argument("--seeds", default="0")
     parser.add_argument("--jit", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--out", default=str(ROOT / "bench/results/shared_steps.json"))
     return parser.parse_args(argv)
@@ -45,7 +46,7 @@ def invoke(args, out, share):
     command = [sys.executable, str(ROOT / "task2_mhist/run.py"), "--data-dir", args.data_dir, "--out", out,
                "--weights", "none", "--image-size", str(args.image_size), "--limit", str(args.limit),
                "--fe-epochs", str(args.fe_epochs), "--ft-epochs", str(args.ft_epochs), "--only", args.only,
-               "--temperatures", args.temperatures, "--jit", args.jit, "-q"]
+               "--temperatures", args.temperatures, "--seeds", args.seeds, "--jit", args.jit, "-q"]
     if not share:
         command.append("--no-share-steps")
     start = time.perf_counter()
