@@ -386,3 +386,28 @@ def test_workspace_is_not_shared_across_structures_or_unsigned_methods():
     assert len(spaces) == 3  # the narrow and wide cross-entropy models, KD with a live teacher
     assert structure(tiny_model(0)) == structure(tiny_model(1))  # names and values do not matter
     assert structure(tiny_model(0)) != structure(wide)
+
+
+def test_a_run_killed_in_a_workspace_resumes_without_one(tmp_path):
+    # The resume state is keyed by each variable's place in the model, so a run begun
+    # with shared steps continues under --no-share-steps (and the other way round).
+    arrays = blobs(128)
+
+    def train(resume_dir, spaces=None, log=None):
+        model = tiny_model()
+        training.fit(methods.Distillation(model, 2.0, 0.5), common_data.batched(
+            {**arrays, "teacher_logits": np.asarray(tiny_model(1)(arrays["x"]))}, 32, shuffle=True, seed=1),
+            epochs=3, optimizer=keras.optimizers.Adam(0.01), resume_dir=resume_dir, log=log, workspaces=spaces)
+        return model
+
+    def killed_after_epoch_2(line):
+        if line.startswith("epoch 2/3"):
+            raise KeyboardInterrupt
+
+    expected = train(None)
+    for first, second in ((Workspaces(), None), (None, Workspaces())):
+        folder = tmp_path / ("shared-first" if first is not None else "shared-second")
+        with pytest.raises(KeyboardInterrupt):
+            train(folder, first, killed_after_epoch_2)
+        for a, b in zip(expected.get_weights(), train(folder, second).get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
