@@ -18,7 +18,8 @@ import collections
 import json
 
 import keras
-import tensorflow as tf
+
+from common.training import compiled_predictor
 
 
 def structure(model):
@@ -75,8 +76,6 @@ class Workspace:
     def predictor(self):
         """The compiled `x -> class logits` of the workspace's method (traced once)."""
         if self._predictor is None:
-            from common.training import compiled_predictor
-
             self._predictor = compiled_predictor(self.method.class_logits)
         return self._predictor
 
@@ -126,8 +125,3 @@ class Workspaces:
                 self._spaces.popitem(last=False)
         self._spaces.move_to_end(key)
         return self._spaces[key]
-
-
-def runtime_variable(value):
-    """A setting that a workspace assigns per run (`Method.runtime_settings`)."""
-    return tf.Variable(float(value), dtype=tf.float32, trainable=False)

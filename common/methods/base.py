@@ -43,12 +43,10 @@ class Method:
         """This method on `model` (of the same structure), each of `runtime_settings`
         a variable that a workspace assigns per run. Only for methods whose
         `signature` is not None: those keep no other reference to their model."""
-        from common.workspaces import runtime_variable
-
         method = copy.copy(self)
         method.model = model
         for name in self.runtime_settings:
-            setattr(method, name, runtime_variable(getattr(self, name)))
+            setattr(method, name, tf.Variable(float(getattr(self, name)), dtype=tf.float32, trainable=False))
         return method
 
     @property
