@@ -23,21 +23,27 @@ from common.training import compiled_predictor
 
 
 def structure(model):
-    """A text that equal models share: every layer's class and config (its own name
-    left out: Keras numbers unnamed layers per process) and every variable's shape,
-    dtype and trainability; None when a layer cannot describe its config."""
-    def leaves(layer):
-        if isinstance(layer, keras.Model):
-            return [leaf for child in layer.layers for leaf in leaves(child)]
-        return [layer]
+    """A text that equal models share: the model's config, with every layer's name
+    (Keras numbers unnamed layers per process, nested bases' included) replaced by
+    its place in the layer tree, and every variable's shape, dtype and trainability;
+    None when the model cannot describe its config."""
+    places = {}
+    for index, layer in enumerate(model._flatten_layers(include_self=True, recursive=True)):
+        places.setdefault(layer.name, f"<layer {index}>")
+
+    def canonical(value):
+        if isinstance(value, dict):
+            return {k: canonical(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [canonical(v) for v in value]
+        return places.get(value, value) if isinstance(value, str) else value
 
     try:
-        layers = [(type(layer).__name__, {k: v for k, v in layer.get_config().items() if k != "name"})
-                  for layer in leaves(model)]
+        config = canonical(model.get_config())
     except NotImplementedError:
         return None
     variables = [(tuple(v.shape), str(v.dtype), bool(v.trainable)) for v in model.variables]
-    return json.dumps([type(model).__name__, layers, variables], sort_keys=True, default=str)
+    return json.dumps([type(model).__name__, config, variables], sort_keys=True, default=str)
 
 
 def optimizer_structure(optimizer):

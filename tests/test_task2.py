@@ -195,3 +195,20 @@ def test_only_the_last_few_trained_models_stay_in_memory(tmp_path, mhist_dir, ti
     saved.load_weights(tmp_path / "out" / "teacher-fe-s0" / "model.weights.h5")
     for a, b in zip(reloaded.get_weights(), saved.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_two_builds_of_a_model_share_compiled_steps(tmp_path, tiny_architectures, pretrained):
+    # The default path wraps a pretrained base (InferenceMode), whose config embeds the
+    # base's own with Keras' per-process layer names: those must not tell builds apart.
+    from tests.conftest import write_keras_weights
+
+    from common.workspaces import structure
+
+    weights = "none"
+    if pretrained:
+        weights = str(tmp_path / "weights")
+        write_keras_weights(tmp_path / "weights", [models.STUDENT], 32)
+    first, second = (models.build(models.STUDENT, weights, 32) for _ in range(2))
+    assert structure(first) == structure(second)
+    assert structure(first) != structure(models.build(models.STUDENT, weights, 32, num_outputs=4))
