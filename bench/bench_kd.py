@@ -13,7 +13,10 @@ data, in one process, at the same T, alpha, batch size, optimizer and epochs:
 The toolkit also runs with several steps per compiled call and with an XLA-compiled
 step (`--steps-per-call`, `--jit on` of the task commands). Then the T x alpha
 grid (scaled down: `--grid-cells` cells of `--epochs` epochs): the toolkit cell by
-cell, the toolkit with the cells fused in one step (`--fuse-grid on`), and Distiller. Writes `bench/results/kd_mnist.json` and prints a table.
+cell, the toolkit with the cells fused in one step in both forms of `common.fused`
+(looped: one model per cell; stacked: the cells' weights stacked, what `--fuse-grid
+on` uses for the MLP student), and Distiller. Writes `bench/results/kd_mnist.json`
+and prints a table.
 
     python bench/bench_kd.py --data-dir ../shared/data/mnist
 """
@@ -36,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 
 from common import data as common_data  # noqa: E402
 from common import device, losses, methods, runs, training  # noqa: E402
-from common.fused import Fused  # noqa: E402
+from common.fused import Fused, Stacked  # noqa: E402
 from common.results import write_json_atomic  # noqa: E402
 from task1_mnist import data as mnist  # noqa: E402
 from task1_mnist.models import build_student, build_teacher  # noqa: E402
@@ -88,17 +91,20 @@ def main(argv=None):
                      optimizer=keras.optimizers.Adam(lr), **step_options)
         return time.perf_counter() - start, student
 
-    def toolkit_fused(cells, epochs, logits):
-        """The cells' students in one compiled step (`common.fused`, `--fuse-grid on`)."""
+    def toolkit_fused(cells, epochs, logits, form):
+        """The cells' students in one compiled step (`common.fused`; `form` is `Fused`
+        or `Stacked`); returns (students, seconds of the first epoch, which traces the
+        step, and of the last)."""
         students = []
         for _ in cells:
             runs.set_seed(0)
             with keras.name_scope(f"fused{len(students)}"):
                 students.append(build_student())
-        fused = Fused([methods.Distillation(s, tc, ac) for s, (tc, ac) in zip(students, cells)])
+        fused = form([methods.Distillation(s, tc, ac) for s, (tc, ac) in zip(students, cells)])
         data = common_data.batched({"x": x_train, "y": y_train, "teacher_logits": logits}, batch, shuffle=True, seed=0)
-        training.fit(fused, data, epochs=epochs, optimizer=keras.optimizers.Adam(lr))
-        return students
+        history = training.fit(fused, data, epochs=epochs, optimizer=keras.optimizers.Adam(lr))
+        fused.sync_members()
+        return students, history[0]["seconds"], history[-1]["seconds"]
 
     def keras_distiller(temperature, alpha, epochs):
         runs.set_seed(0)
@@ -153,10 +159,14 @@ def main(argv=None):
     logits = common_data.teacher_outputs(teacher, {"x": x_train, "y": y_train}, 1024)["logits"]
     grid_ours = [test_accuracy(toolkit(tc, ac, epochs, logits)[1]) for tc, ac in cells]
     grid_ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    logits = common_data.teacher_outputs(teacher, {"x": x_train, "y": y_train}, 1024)["logits"]
-    grid_fused = [test_accuracy(student) for student in toolkit_fused(cells, epochs, logits)]
-    grid_fused_s = time.perf_counter() - start
+    fused = {}
+    for form in (Fused, Stacked):
+        start = time.perf_counter()
+        logits = common_data.teacher_outputs(teacher, {"x": x_train, "y": y_train}, 1024)["logits"]
+        students, first_epoch_s, last_epoch_s = toolkit_fused(cells, epochs, logits, form)
+        fused[form.form] = {"seconds": time.perf_counter() - start, "first_epoch_seconds": first_epoch_s,
+                            "last_epoch_seconds": last_epoch_s,
+                            "accuracies": [test_accuracy(student) for student in students]}
     start = time.perf_counter()
     grid_keras = [test_accuracy(keras_distiller(tc, ac, epochs)[1]) for tc, ac in cells]
     grid_keras_s = time.perf_counter() - start
@@ -173,9 +183,10 @@ def main(argv=None):
         "speedup_vs_distiller": by["toolkit"]["images_per_s"] / by["keras.distillation.Distiller.fit"]["images_per_s"],
         "speedup_vs_eager": by["toolkit"]["images_per_s"] / by["plain"]["images_per_s"],
         "grid": {
-            "toolkit_seconds": grid_ours_s, "fused_seconds": grid_fused_s, "distiller_seconds": grid_keras_s,
-            "speedup": grid_keras_s / grid_ours_s, "fused_speedup": grid_keras_s / grid_fused_s,
-            "toolkit_accuracies": grid_ours, "fused_accuracies": grid_fused, "distiller_accuracies": grid_keras,
+            "toolkit_seconds": grid_ours_s, "distiller_seconds": grid_keras_s, "speedup": grid_keras_s / grid_ours_s,
+            "toolkit_accuracies": grid_ours, "distiller_accuracies": grid_keras,
+            **{f"{form}_{key}": value for form, figures in fused.items() for key, value in figures.items()},
+            **{f"{form}_speedup": grid_keras_s / figures["seconds"] for form, figures in fused.items()},
         },
         "peak_rss_mib": runs.peak_rss_mib(),
     }
@@ -215,10 +226,14 @@ def format_table(result):
         f"KD student speed-up: {result['speedup_vs_distiller']:.2f}x vs Distiller.fit, "
         f"{result['speedup_vs_eager']:.2f}x vs eager loop",
         f"Grid ({len(result['settings']['grid_cells'])} cells x {result['settings']['epochs']} epochs): "
-        f"toolkit {g['toolkit_seconds']:.1f}s, fused {g['fused_seconds']:.1f}s, "
-        f"Distiller.fit {g['distiller_seconds']:.1f}s, speed-up {g['speedup']:.2f}x (fused {g['fused_speedup']:.2f}x)",
+        f"toolkit {g['toolkit_seconds']:.1f}s, fused looped {g['looped_seconds']:.1f}s "
+        f"(first epoch {g['looped_first_epoch_seconds']:.1f}s, last {g['looped_last_epoch_seconds']:.1f}s), "
+        f"fused stacked {g['stacked_seconds']:.1f}s (first epoch {g['stacked_first_epoch_seconds']:.1f}s, "
+        f"last {g['stacked_last_epoch_seconds']:.1f}s), Distiller.fit {g['distiller_seconds']:.1f}s; "
+        f"speed-up {g['speedup']:.2f}x (looped {g['looped_speedup']:.2f}x, stacked {g['stacked_speedup']:.2f}x)",
         "grid accuracies toolkit:   " + ", ".join(f"{a:.4f}" for a in g["toolkit_accuracies"]),
-        "grid accuracies fused:     " + ", ".join(f"{a:.4f}" for a in g["fused_accuracies"]),
+        "grid accuracies looped:    " + ", ".join(f"{a:.4f}" for a in g["looped_accuracies"]),
+        "grid accuracies stacked:   " + ", ".join(f"{a:.4f}" for a in g["stacked_accuracies"]),
         "grid accuracies Distiller: " + ", ".join(f"{a:.4f}" for a in g["distiller_accuracies"]),
     ]
     return "\n".join(lines)

@@ -9,11 +9,22 @@ optimizer that updates every variable on its own (Adam, SGD; no global-norm
 clipping, no shared loss scale) gives each member the update it would get
 alone. The members train in one compiled step per batch: one input pipeline,
 one dispatch, one evaluation pass for all.
+
+`fuse` picks the form: `Stacked` when the members are models of one Dense-only
+architecture (Task 1's MLP student) whose losses read only their logits, `Fused`
+otherwise. `Stacked` keeps the members' weights stacked along a leading axis, so
+a step runs each layer once for all members (one batched matmul) instead of once
+per member: the same arithmetic, a graph the size of one member's.
 """
 
-import keras
+import copy
+import math
 
-from common.methods.base import Method
+import keras
+import tensorflow as tf
+
+from common.methods.base import Distiller, Method
+from common.workspaces import structure
 
 
 class Members(keras.layers.Layer):
@@ -33,6 +44,8 @@ class Fused(Method):
     member's terms and training accuracy apart; `member_history` recovers a
     member's history as if it had trained alone.
     """
+
+    form = "looped"  # recorded with each member: how the group trained
 
     def __init__(self, members):
         self.members = list(members)
@@ -56,6 +69,9 @@ class Fused(Method):
             member_terms, logits[prefix] = member.loss_terms(batch, training=training)
             terms.update({prefix + name: value for name, value in member_terms.items()})
         return terms, logits
+
+    def sync_members(self):
+        """Leaves each member's model with its trained weights (here they train in place)."""
 
     def member_history(self, history, index):
         """Member `index`'s per-epoch records from the fused ones: its terms, `loss`
@@ -89,3 +105,146 @@ class Fused(Method):
             parts.append(f"{name.replace('accuracy', 'acc')} {min(values):.4f}-{max(values):.4f}")
         parts.append(f"{record['seconds']:.1f}s")
         return " ".join(parts)
+
+
+def fuse(members):
+    """`members` trained together: `Stacked` when `can_stack(members)`, else `Fused`."""
+    return Stacked(members) if can_stack(members) else Fused(members)
+
+
+STACKABLE_LAYERS = (keras.layers.InputLayer, keras.layers.Flatten, keras.layers.Dense, keras.layers.Activation)
+
+
+def can_stack(members):
+    """Whether `Stacked` can train `members`: Sequential models of one structure made
+    of Flatten (first only), Dense and Activation layers, and methods whose loss reads
+    only the model's logits (no overridden forward, features or extra layers)."""
+    models = [m.model for m in members]
+    if not all(isinstance(model, keras.Sequential) for model in models):
+        return False
+    layers = [layer for layer in models[0].layers if not isinstance(layer, keras.layers.InputLayer)]
+    if (not layers or not all(isinstance(layer, STACKABLE_LAYERS) for layer in layers)
+            or any(isinstance(layer, keras.layers.Flatten) for layer in layers[1:])
+            or not any(isinstance(layer, keras.layers.Dense) for layer in layers)):
+        return False
+    if len({structure(model) for model in models}) != 1 or structure(models[0]) is None:
+        return False
+    for member in members:
+        if type(member).forward is not Method.forward or type(member).class_logits is not Method.class_logits:
+            return False
+        if member.extra_layers or (isinstance(member, Distiller) and set(member.student_outputs) != {"logits"}):
+            return False
+    return True
+
+
+class StackedDense(keras.layers.Layer):
+    """The weights of several models of one Dense-only architecture (`can_stack`),
+    stacked: Dense layer j's kernels as one `(members, in, out)` variable
+    `dense<j>_kernel`, its biases as `(members, out)`. `call(x)` maps a `(batch, ...)`
+    input to every member's output, `(members, batch, out)`."""
+
+    def __init__(self, models, **kwargs):
+        template = [layer for layer in models[0].layers if not isinstance(layer, keras.layers.InputLayer)]
+        dense = [layer for layer in template if isinstance(layer, keras.layers.Dense)]
+        super().__init__(dtype=dense[0].dtype_policy, **kwargs)
+        self.count = len(models)
+        self.plan = []  # ("flatten",), ("activation", fn) or ("dense", kernel, bias or None, fn)
+        for layer in template:
+            if isinstance(layer, keras.layers.Flatten):
+                self.plan.append(("flatten",))
+            elif isinstance(layer, keras.layers.Activation):
+                self.plan.append(("activation", layer.activation))
+            else:
+                j = sum(step[0] == "dense" for step in self.plan)
+                kernel = self.add_weight(shape=(self.count, *layer.kernel.shape), name=f"dense{j}_kernel")
+                bias = self.add_weight(shape=(self.count, *layer.bias.shape), name=f"dense{j}_bias") \
+                    if layer.use_bias else None
+                self.plan.append(("dense", kernel, bias, layer.activation))
+        self.load(models)
+
+    def _pairs(self, models):
+        """`(stacked variable, [each member's variable])` for every stacked variable."""
+        dense = [[layer for layer in model.layers if isinstance(layer, keras.layers.Dense)] for model in models]
+        steps = [step for step in self.plan if step[0] == "dense"]
+        for j, (_, kernel, bias, _) in enumerate(steps):
+            yield kernel, [layers[j].kernel for layers in dense]
+            if bias is not None:
+                yield bias, [layers[j].bias for layers in dense]
+
+    def load(self, models):
+        """Copies each member model's weights into its slice."""
+        for stacked, members in self._pairs(models):
+            stacked.assign(tf.stack([tf.convert_to_tensor(v) for v in members]))
+
+    def store(self, models):
+        """Copies each slice back into its member model."""
+        for stacked, members in self._pairs(models):
+            for index, variable in enumerate(members):
+                variable.assign(stacked[index])
+
+    def call(self, x):
+        h, stacked = x, False
+        for step in self.plan:
+            if step[0] == "flatten":
+                h = tf.reshape(h, (-1, math.prod(h.shape[1:])))
+            elif step[0] == "activation":
+                h = step[1](h)
+            else:
+                _, kernel, bias, activation = step
+                kernel = tf.cast(kernel, self.compute_dtype)
+                if not stacked:  # one input for all: broadcast (faster than an einsum on CPUs)
+                    h = tf.broadcast_to(h[None], (self.count, tf.shape(h)[0], h.shape[-1]))
+                    stacked = True
+                h = tf.matmul(h, kernel)
+                if bias is not None:
+                    h = h + tf.cast(bias, self.compute_dtype)[:, None, :]
+                if activation is not None:
+                    h = activation(h)
+        return h
+
+
+class _Output:
+    """Stands in for a member's model inside its loss: returns that member's slice
+    of the stacked output, whatever the input."""
+
+    def __init__(self, output):
+        self.output = output
+
+    def __call__(self, x, training=False):
+        return self.output
+
+
+class Stacked(Fused):
+    """`Fused` members (`can_stack`) whose weights live in one `StackedDense`: the
+    method's `model`, what is trained and saved in epoch states. Each member's loss
+    terms are its own method's, on its slice of the stacked logits; `sync_members`
+    copies the trained weights into the members' models."""
+
+    form = "stacked"
+
+    def __init__(self, members):
+        super().__init__(members)
+        if not can_stack(self.members):
+            raise ValueError("these members cannot be stacked (see common.fused.can_stack); use Fused")
+        self.model = StackedDense([m.model for m in self.members])
+
+    @property
+    def trainable_variables(self):
+        return self.model.trainable_variables
+
+    def class_logits(self, x, training=False):
+        outputs = self.model(x, training=training)
+        return {prefix: outputs[index] for index, prefix in enumerate(self.prefixes)}
+
+    def loss_terms(self, batch, training=True):
+        outputs = self.model(batch["x"], training=training)
+        terms, logits = {}, {}
+        for index, (prefix, member) in enumerate(zip(self.prefixes, self.members)):
+            view = copy.copy(member)
+            view.model = _Output(outputs[index])
+            member_terms, logits[prefix] = view.loss_terms(batch, training=training)
+            terms.update({prefix + name: value for name, value in member_terms.items()})
+        return terms, logits
+
+    def sync_members(self):
+        self.model.store([m.model for m in self.members])

@@ -21,7 +21,7 @@ from common import device, methods, runs, training
 from common.distribute import make_strategy, results_root
 from common.errors import ConfigError, DataError
 from common.explanations import explain_and_save
-from common.fused import Fused
+from common.fused import fuse
 from common.metrics import expected_calibration_error, top1_agreement
 from common.results import ResultsStore, identity_hash, write_arrays_atomic, write_csv_atomic, write_json_atomic
 from common.workspaces import Workspaces
@@ -342,7 +342,8 @@ class Recipes:
     def distil_fused(self, students, parent, **fit_options):
         """Distils the unfinished of `students`, `[(stem, identity, build, factory)]` as
         `distil` takes them, all from `parent()`, together: one compiled step per
-        batch trains them all (`common.fused.Fused`). Each starts from the weights
+        batch trains them all (`common.fused.fuse`: stacked weights when the
+        architecture allows). Each starts from the weights
         and sees the batches it would alone (its seed is set before it is built, the
         shuffle is the seed's), so each is recorded as the run `distil` would
         record: same name, identity and weights (within float tolerance); its
@@ -363,10 +364,11 @@ class Recipes:
             runs.set_seed(identity["seed"])  # as `runs.run` does before building a model
             with keras.name_scope(f"fused{index}"):  # distinct variable paths for the one optimizer
                 models.append(self.build_in_scope(build))
-        method = Fused([factory(model) for model, (*_, factory) in zip(models, pending)])
+        with self.strategy.scope():  # `fuse` may create variables (stacked weights)
+            method = fuse([factory(model) for model, (*_, factory) in zip(models, pending)])
         group_identity = {"fused": [identity for _, identity, _, _ in pending]}
         group = f"fused-{identity_hash(group_identity)[:8]}-s{self.seed}"
-        self.log(f"[{group}] training {len(pending)} runs in one step: {', '.join(names)}")
+        self.log(f"[{group}] training {len(pending)} runs in one {method.form} step: {', '.join(names)}")
         device.reset_peak_memory()
         started = datetime.datetime.now(datetime.timezone.utc)
         start = time.perf_counter()
@@ -376,6 +378,7 @@ class Recipes:
         except training.TrainingDiverged:
             shutil.rmtree(self.store.run_dir(group), ignore_errors=True)
             raise
+        method.sync_members()
         share = (time.perf_counter() - start) / len(pending)
         evaluation_start = time.perf_counter()
         outputs = self.held_out(training.compiled_predictor(method.class_logits))  # every member in one pass
@@ -389,7 +392,8 @@ class Recipes:
                         history=method.member_history(history, index), metrics=metrics, started=started,
                         train_seconds=share,
                         wall_seconds=share + evaluation_share + time.perf_counter() - recording_start,
-                        about={"data": self.data_info(), "fused": {"runs": len(pending), "group": group}})
+                        about={"data": self.data_info(),
+                               "fused": {"runs": len(pending), "group": group, "form": method.form}})
             self._builders[name] = build
             self.keep(name, models[index])
         shutil.rmtree(self.store.run_dir(group), ignore_errors=True)

@@ -1,0 +1,114 @@
+"""Several runs trained as one (`common.fused`): the looped and the stacked forms."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from common import data as common_data
+from common import methods, training
+from common.fused import Fused, Stacked, StackedDense, can_stack, fuse
+from common.methods.fitnets import FitNets
+
+CELLS = [(1.0, 0.2), (4.0, 0.5), (16.0, 0.9)]
+
+
+def mlp(seed, flatten=True):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((3, 2))] + ([keras.layers.Flatten()] if flatten else []) + [
+        keras.layers.Dense(8, activation="relu"), keras.layers.Activation("tanh"),
+        keras.layers.Dense(5, use_bias=False), keras.layers.Dense(4)]
+    return keras.Sequential(layers)
+
+
+def batches(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {"x": rng.normal(size=(n, 3, 2)).astype(np.float32), "y": rng.integers(0, 4, n).astype(np.int32),
+              "teacher_logits": (3 * rng.normal(size=(n, 4))).astype(np.float32)}
+    return common_data.batched(arrays, 32, shuffle=True, seed=1)  # the last batch is full: 3 steps
+
+
+def kd_members(seeds=(0, 0, 0)):
+    return [methods.Distillation(mlp(seed), t, a) for seed, (t, a) in zip(seeds, CELLS)]
+
+
+def train(method, epochs=3, jit=False):
+    return training.fit(method, batches(), epochs=epochs, optimizer=keras.optimizers.Adam(0.01), jit=jit)
+
+
+def test_stacked_dense_maps_each_member_as_its_model_and_round_trips_weights():
+    models = [mlp(seed) for seed in (0, 1, 2)]
+    stacked = StackedDense(models)
+    x = np.random.default_rng(5).normal(size=(7, 3, 2)).astype(np.float32)
+    outputs = stacked(x).numpy()
+    assert outputs.shape == (3, 7, 4)
+    for index, model in enumerate(models):
+        np.testing.assert_allclose(outputs[index], model(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert [v.name for v in stacked.trainable_variables] == [
+        "dense0_kernel", "dense0_bias", "dense1_kernel", "dense2_kernel", "dense2_bias"]
+    before = [model.get_weights() for model in models]
+    for variable in stacked.trainable_variables:
+        variable.assign(variable + 1.0)
+    stacked.store(models)  # every slice back into its own member
+    for model, weights in zip(models, before):
+        for a, b in zip(model.get_weights(), weights):
+            np.testing.assert_allclose(a, b + 1.0, rtol=1e-6)
+
+
+def test_stacked_and_looped_members_train_as_each_would_alone():
+    alone = []
+    for member in kd_members():
+        history = train(member)
+        alone.append((member.model.get_weights(), history[-1]["loss"]))
+    looped, stacked = Fused(kd_members()), Stacked(kd_members())
+    histories = {"looped": train(looped), "stacked": train(stacked)}
+    stacked.sync_members()
+    for name, method in (("looped", looped), ("stacked", stacked)):
+        for index, (weights, loss) in enumerate(alone):
+            member = method.member_history(histories[name], index)
+            assert member[-1]["loss"] == pytest.approx(loss, rel=1e-5), name
+            for a, b in zip(method.members[index].model.get_weights(), weights):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    # The cells differ (T and alpha reach each member's loss), so the test can fail.
+    assert not np.allclose(alone[0][0][0], alone[2][0][0], atol=1e-3)
+
+
+def test_a_stacked_xla_step_trains_like_the_plain_one():
+    plain, compiled = Stacked(kd_members()), Stacked(kd_members())
+    train(plain), train(compiled, jit=True)
+    for a, b in zip(plain.trainable_variables, compiled.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_only_logit_methods_on_one_dense_architecture_are_stacked():
+    assert can_stack(kd_members()) and isinstance(fuse(kd_members()), Stacked)
+    assert can_stack([methods.CrossEntropy(mlp(0)), methods.Distillation(mlp(1), 4.0, 0.5)])
+    assert can_stack([methods.CrossEntropy(mlp(0, flatten=False)) for _ in range(2)])
+    wider = keras.Sequential([keras.Input((3, 2)), keras.layers.Flatten(), keras.layers.Dense(9),
+                              keras.layers.Dense(4)])
+    conv = keras.Sequential([keras.Input((3, 2)), keras.layers.Conv1D(4, 1), keras.layers.Flatten(),
+                             keras.layers.Dense(4)])
+    late_flatten = keras.Sequential([keras.Input((3, 2)), keras.layers.Dense(4), keras.layers.Flatten(),
+                                     keras.layers.Dense(4)])
+    refused = [
+        [methods.CrossEntropy(mlp(0)), methods.CrossEntropy(wider)],  # two architectures
+        [methods.CrossEntropy(conv), methods.CrossEntropy(conv)],
+        [methods.CrossEntropy(late_flatten), methods.CrossEntropy(late_flatten)],
+        [methods.CrossEntropy(mlp(0)), FitNets(mlp(1), context=methods.Context(4))],
+    ]
+    for members in refused:
+        assert not can_stack(members) and type(fuse(members)) is Fused
+    with pytest.raises(ValueError, match="cannot be stacked"):
+        Stacked(refused[0])
+
+
+def test_stacked_weights_follow_the_mixed_precision_policy():
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        models = [mlp(0), mlp(1)]
+        stacked = StackedDense(models)
+        x = tf.ones((2, 3, 2))
+        assert stacked(x).dtype == models[0](x).dtype == tf.bfloat16
+        assert all(v.dtype == "float32" for v in stacked.variables)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
