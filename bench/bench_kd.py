@@ -14,8 +14,8 @@ The toolkit also runs with several steps per compiled call and with an XLA-compi
 step (`--steps-per-call`, `--jit on` of the task commands). Then the T x alpha
 grid (scaled down: `--grid-cells` cells of `--epochs` epochs): the toolkit cell by
 cell, the toolkit with the cells fused in one step in both forms of `common.fused`
-(looped: one model per cell; stacked: the cells' weights stacked, what `--fuse-grid
-on` uses for the MLP student), and Distiller. Writes `bench/results/kd_mnist.json`
+(looped: one model per cell, `--fuse-grid on`; stacked: the cells' weights stacked,
+`--fuse-grid stacked`), and Distiller. Writes `bench/results/kd_mnist.json`
 and prints a table.
 
     python bench/bench_kd.py --data-dir ../shared/data/mnist

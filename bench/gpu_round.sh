@@ -10,7 +10,8 @@
 # course table on a synthetic 3,152-image 224-px folder; resumes, so it can span calls;
 # extra flags in $T2_FLAGS), startup (seconds to import TensorFlow, run a first GPU op, a first
 # convolution and a first XLA compilation), t1short (Task 1 teacher, kd, scratch, 2 epochs: the
-# compile cost is the first epoch less the second).
+# compile cost is the first epoch less the second), fusedforms (bench_fused_forms: the looped and
+# stacked fused grid's first and later steps, 18 cells), t1stacked (Task 1 core with --fuse-grid stacked).
 # $TAG is appended to step names, so a step can run under several environments
 # (e.g. XLA_FLAGS) in one round. Appends one line per step to $OUT/summary.txt (exit status,
 # wall seconds, mean GPU utilisation = busy share, peak GPU memory), the programs' output
@@ -52,6 +53,9 @@ for s in "$@"; do
   tests) step tests 420 python3 -m pytest -q -p no:cacheprovider $(python3 -c "import xdist" 2>/dev/null && echo -n 6) ;;
   t1) step t1 300 python3 task1_mnist/run.py --data-dir "$MNIST" --out "$WORK/t1" -q \
         --only flops,teacher,kd,scratch,grid ;;
+  t1stacked) step t1stacked 300 python3 task1_mnist/run.py --data-dir "$MNIST" --out "$WORK/t1stacked" -q \
+               --only flops,teacher,kd,scratch,grid --fuse-grid stacked ;;
+  fusedforms) step fusedforms 200 python3 bench/bench_fused_forms.py --out "$OUT/fused_forms.json" ;;
   t1bf16) step t1bf16 300 python3 task1_mnist/run.py --data-dir "$MNIST" --out "$WORK/t1bf16" -q \
             --only flops,teacher,kd,scratch,grid --precision mixed_bfloat16 ;;
   t1jitoff) step t1jitoff 130 python3 task1_mnist/run.py --data-dir "$MNIST" --out "$WORK/t1jitoff" -q \

@@ -10,11 +10,12 @@ clipping, no shared loss scale) gives each member the update it would get
 alone. The members train in one compiled step per batch: one input pipeline,
 one dispatch, one evaluation pass for all.
 
-`fuse` picks the form: `Stacked` when the members are models of one Dense-only
-architecture (Task 1's MLP student) whose losses read only their logits, `Fused`
-otherwise. `Stacked` keeps the members' weights stacked along a leading axis, so
-a step runs each layer once for all members (one batched matmul) instead of once
-per member: the same arithmetic, a graph the size of one member's.
+`Stacked`, the other form, is for members that are models of one Dense-only
+architecture (Task 1's MLP student) whose losses read only their logits: it keeps
+their weights stacked along a leading axis, so a step runs each layer once for all
+members (one batched matmul) instead of once per member: the same arithmetic in
+another summation order (updates equal within float tolerance, not bit for bit),
+a graph the size of one member's.
 """
 
 import copy
@@ -107,9 +108,9 @@ class Fused(Method):
         return " ".join(parts)
 
 
-def fuse(members):
-    """`members` trained together: `Stacked` when `can_stack(members)`, else `Fused`."""
-    return Stacked(members) if can_stack(members) else Fused(members)
+def fuse(members, stack=False):
+    """`members` trained together: `Stacked` when `stack` and `can_stack(members)`, else `Fused`."""
+    return Stacked(members) if stack and can_stack(members) else Fused(members)
 
 
 STACKABLE_LAYERS = (keras.layers.InputLayer, keras.layers.Flatten, keras.layers.Dense, keras.layers.Activation)
@@ -117,15 +118,18 @@ STACKABLE_LAYERS = (keras.layers.InputLayer, keras.layers.Flatten, keras.layers.
 
 def can_stack(members):
     """Whether `Stacked` can train `members`: Sequential models of one structure made
-    of Flatten (first only), Dense and Activation layers, and methods whose loss reads
-    only the model's logits (no overridden forward, features or extra layers)."""
+    of Flatten (first only), Dense (plain: no LoRA, not quantized) and Activation
+    layers, and methods whose loss reads only the model's logits (no overridden
+    forward, features or extra layers)."""
     models = [m.model for m in members]
     if not all(isinstance(model, keras.Sequential) for model in models):
         return False
     layers = [layer for layer in models[0].layers if not isinstance(layer, keras.layers.InputLayer)]
     if (not layers or not all(isinstance(layer, STACKABLE_LAYERS) for layer in layers)
             or any(isinstance(layer, keras.layers.Flatten) for layer in layers[1:])
-            or not any(isinstance(layer, keras.layers.Dense) for layer in layers)):
+            or not any(isinstance(layer, keras.layers.Dense) for layer in layers)
+            or any(getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None)
+                   for layer in layers)):
         return False
     if len({structure(model) for model in models}) != 1 or structure(models[0]) is None:
         return False
@@ -156,9 +160,10 @@ class StackedDense(keras.layers.Layer):
                 self.plan.append(("activation", layer.activation))
             else:
                 j = sum(step[0] == "dense" for step in self.plan)
-                kernel = self.add_weight(shape=(self.count, *layer.kernel.shape), name=f"dense{j}_kernel")
-                bias = self.add_weight(shape=(self.count, *layer.bias.shape), name=f"dense{j}_bias") \
-                    if layer.use_bias else None
+                kernel = self.add_weight(shape=(self.count, *layer.kernel.shape), name=f"dense{j}_kernel",
+                                         trainable=layer.trainable)
+                bias = self.add_weight(shape=(self.count, *layer.bias.shape), name=f"dense{j}_bias",
+                                       trainable=layer.trainable) if layer.use_bias else None
                 self.plan.append(("dense", kernel, bias, layer.activation))
         self.load(models)
 

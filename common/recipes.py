@@ -225,8 +225,7 @@ class Recipes:
             train=lambda model, data: self.fit_model(name, model, make_method, data,
                                                      resume_dir=self.store.resume_dir(name, identity), **fit_options),
             evaluate=lambda model: self.final_metrics(
-                name, self.held_out(training.compiled_predictor(make_method(model).class_logits)),
-                getattr(make_method, "parent_name", None)),
+                name, self.held_out(self.predictor(make_method(model))), getattr(make_method, "parent_name", None)),
             log=self.log,
             about={"data": self.data_info()},
         )
@@ -237,6 +236,13 @@ class Recipes:
         self._builders[name] = build
         self.keep(name, model)
         return record, model
+
+    def predictor(self, method):
+        """The compiled `x -> class logits` of `method` for its final evaluation: traced
+        once per structure with shared steps (`Workspaces.predictor`)."""
+        if self.config.share_steps:
+            return self.workspaces.predictor(method, self.strategy)
+        return training.compiled_predictor(method.class_logits)
 
     def keep(self, name, model):
         """Holds `model` in memory as the most recent; the oldest beyond `kept_models` is dropped."""
@@ -339,11 +345,11 @@ class Recipes:
 
         return data
 
-    def distil_fused(self, students, parent, **fit_options):
+    def distil_fused(self, students, parent, stack=False, **fit_options):
         """Distils the unfinished of `students`, `[(stem, identity, build, factory)]` as
         `distil` takes them, all from `parent()`, together: one compiled step per
-        batch trains them all (`common.fused.fuse`: stacked weights when the
-        architecture allows). Each starts from the weights
+        batch trains them all (`common.fused.fuse`; with `stack`, their weights
+        stacked when the architecture allows). Each starts from the weights
         and sees the batches it would alone (its seed is set before it is built, the
         shuffle is the seed's), so each is recorded as the run `distil` would
         record: same name, identity and weights (within float tolerance); its
@@ -365,7 +371,7 @@ class Recipes:
             with keras.name_scope(f"fused{index}"):  # distinct variable paths for the one optimizer
                 models.append(self.build_in_scope(build))
         with self.strategy.scope():  # `fuse` may create variables (stacked weights)
-            method = fuse([factory(model) for model, (*_, factory) in zip(models, pending)])
+            method = fuse([factory(model) for model, (*_, factory) in zip(models, pending)], stack)
         group_identity = {"fused": [identity for _, identity, _, _ in pending]}
         group = f"fused-{identity_hash(group_identity)[:8]}-s{self.seed}"
         self.log(f"[{group}] training {len(pending)} runs in one {method.form} step: {', '.join(names)}")

@@ -12,6 +12,7 @@ method rebound to the clone: `Method.rebind`) with its own optimizer and compile
 step. A run copies its initial weights, its optimizer's initial state and its
 runtime settings (KD's T and alpha) in (`load`), trains there, and copies the
 weights back out (`store`); it trains exactly as it would alone (tested).
+`Workspaces.predictor` does the same for a run's final evaluation.
 """
 
 import collections
@@ -105,8 +106,8 @@ class Workspace:
 
 
 class Workspaces:
-    """The workspaces of a process, by structure; the `capacity` most recently used
-    are kept (each holds a model and its optimizer state)."""
+    """The workspaces and predictors of a process, by structure; the `capacity` most
+    recently used are kept (each holds a model, a workspace also its optimizer state)."""
 
     def __init__(self, capacity=16):
         self.capacity = capacity
@@ -114,6 +115,29 @@ class Workspaces:
 
     def __len__(self):
         return len(self._spaces)
+
+    def predictor(self, method, strategy):
+        """A compiled `x -> class logits` of `method` at its model's current weights:
+        the predictor of a structural copy (traced once per structure), into which
+        the weights are copied now, or a new one when `method` cannot share one. Use
+        it before the next call: that call may copy other weights in."""
+        signature = method.signature()
+        model = structure(method.model) if signature is not None else None
+        if model is None:
+            return compiled_predictor(method.class_logits)
+        key = ("predictor", type(method), signature, model, id(strategy))
+        if key not in self._spaces:
+            with strategy.scope():
+                twin = method.rebind(keras.models.clone_model(method.model, recursive=True))
+            self._spaces[key] = (twin, compiled_predictor(twin.class_logits))
+            while len(self._spaces) > self.capacity:
+                self._spaces.popitem(last=False)
+        self._spaces.move_to_end(key)
+        twin, predictor = self._spaces[key]
+        copy_variables(method.model.variables, twin.model.variables)
+        for name in method.runtime_settings:
+            getattr(twin, name).assign(getattr(method, name))
+        return predictor
 
     def get(self, method, optimizer, make_step, strategy, step_key):
         """The workspace for `method` and `optimizer`, made on first use with

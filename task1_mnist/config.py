@@ -11,7 +11,7 @@ EXPERIMENTS = (
 )
 
 
-FUSE_GRID = ("auto", "on", "off")
+FUSE_GRID = ("auto", "on", "stacked", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +19,8 @@ class Task1Config(cfg.SharedConfig):
     """Settings of a Task 1 invocation (shared ones in `SharedConfig`); validated on construction.
 
     `fuse_grid`: whether the grid's students train together in one compiled step
-    (`Task1.fuses_grid`): `on`, `off`, or `auto` (see there).
+    (`Task1.fuses_grid`): `on`, `stacked` (their weights stacked: `common.fused`),
+    `off`, or `auto` (see there).
     """
 
     experiments = EXPERIMENTS
@@ -48,9 +49,9 @@ class Task1Config(cfg.SharedConfig):
         super().__post_init__()
         cfg.positive_int("subclasses", self.subclasses, "--subclasses")
         cfg.choices("fuse_grid", (self.fuse_grid,), FUSE_GRID, "--fuse-grid")
-        if self.fuse_grid == "on" and self.precision == "mixed_float16":
-            raise cfg.ConfigError("--fuse-grid on cannot train under --precision mixed_float16: the cells would "
-                                  "share one loss scale; use --fuse-grid off or another precision")
+        if self.fuse_grid in ("on", "stacked") and self.precision == "mixed_float16":
+            raise cfg.ConfigError(f"--fuse-grid {self.fuse_grid} cannot train under --precision mixed_float16: the "
+                                  "cells would share one loss scale; use --fuse-grid off or another precision")
         if not self.aux_weight >= 0:
             raise cfg.ConfigError(f"--aux-weight must be >= 0, got {self.aux_weight!r}")
         if not self.alphas:

@@ -170,11 +170,13 @@ class Task1(Recipes):
         return self.save_sweep("grid", rows, "accuracy", ("temperature", "alpha"))
 
     def fuses_grid(self):
-        """`--fuse-grid`: `on`, `off`, or `auto`: on unless under mixed_float16, whose
-        loss scale the cells would share. Fused cells train exactly as alone, and
-        faster on a CPU too (1.35x for 6 cells on 2 cores; README, Benchmark)."""
+        """`--fuse-grid`: `on`, `stacked`, `off`, or `auto`: on unless under
+        mixed_float16, whose loss scale the cells would share. Fused cells train
+        exactly as alone, and faster on a CPU too (1.50x for 6 cells on 2 cores;
+        README, Benchmark); stacked ones within float tolerance, slower than `on`
+        on that CPU."""
         if self.config.fuse_grid != "auto":
-            return self.config.fuse_grid == "on"
+            return self.config.fuse_grid != "off"
         return self.config.precision != "mixed_float16"
 
     def fuse_grid(self, cells):
@@ -187,7 +189,8 @@ class Task1(Recipes):
             students.append((self.method_stem("kd", settings=settings), self.identity("kd", **settings),
                              build_student, self.factory(methods.Distillation, settings)))
         try:
-            self.distil_fused(students, self.teacher_model, **self.student_fit_options())
+            self.distil_fused(students, self.teacher_model, stack=self.config.fuse_grid == "stacked",
+                              **self.student_fit_options())
         except training.TrainingDiverged as err:
             self.log(f"[grid] fused training stopped ({err}); training the cells one at a time")
 

@@ -29,6 +29,16 @@ def test_bench_kd_smoke(tmp_path, real_mnist_dir):
         assert grid[f"{form}_first_epoch_seconds"] > 0 and grid[f"{form}_speedup"] > 0
 
 
+def test_bench_fused_forms_smoke(tmp_path):
+    import bench_fused_forms
+
+    out = tmp_path / "forms.json"
+    assert bench_fused_forms.main(["--cells", "2", "--steps", "2", "--jit", "off", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["forms"]) == {"looped", "stacked"} and result["settings"]["cells"] == 2
+    assert all(f["first_step_s"] > 0 and f["step_ms"] > 0 for f in result["forms"].values())
+
+
 def test_bench_finetune_smoke(tmp_path, mhist_dir):
     import bench_finetune
 

@@ -53,6 +53,10 @@ def test_stacked_dense_maps_each_member_as_its_model_and_round_trips_weights():
     for model, weights in zip(models, before):
         for a, b in zip(model.get_weights(), weights):
             np.testing.assert_allclose(a, b + 1.0, rtol=1e-6)
+    for model in models:  # a frozen layer stays frozen
+        model.layers[1].trainable = False
+    assert [v.name for v in StackedDense(models).trainable_variables] == ["dense1_kernel", "dense2_kernel",
+                                                                           "dense2_bias"]
 
 
 def test_stacked_and_looped_members_train_as_each_would_alone():
@@ -81,7 +85,8 @@ def test_a_stacked_xla_step_trains_like_the_plain_one():
 
 
 def test_only_logit_methods_on_one_dense_architecture_are_stacked():
-    assert can_stack(kd_members()) and isinstance(fuse(kd_members()), Stacked)
+    assert can_stack(kd_members()) and isinstance(fuse(kd_members(), stack=True), Stacked)
+    assert type(fuse(kd_members())) is Fused  # stacking is asked for
     assert can_stack([methods.CrossEntropy(mlp(0)), methods.Distillation(mlp(1), 4.0, 0.5)])
     assert can_stack([methods.CrossEntropy(mlp(0, flatten=False)) for _ in range(2)])
     wider = keras.Sequential([keras.Input((3, 2)), keras.layers.Flatten(), keras.layers.Dense(9),
@@ -97,7 +102,7 @@ def test_only_logit_methods_on_one_dense_architecture_are_stacked():
         [methods.CrossEntropy(mlp(0)), FitNets(mlp(1), context=methods.Context(4))],
     ]
     for members in refused:
-        assert not can_stack(members) and type(fuse(members)) is Fused
+        assert not can_stack(members) and type(fuse(members, stack=True)) is Fused
     with pytest.raises(ValueError, match="cannot be stacked"):
         Stacked(refused[0])
 

@@ -155,23 +155,25 @@ def weights_of(path):
     return model.get_weights()
 
 
-def test_a_fused_grid_trains_each_cell_as_it_would_alone(tmp_path, synthetic_mnist):
+@pytest.mark.parametrize("fuse_grid, form, tolerance", [("on", "looped", 1e-6), ("stacked", "stacked", 1e-5)])
+def test_a_fused_grid_trains_each_cell_as_it_would_alone(tmp_path, synthetic_mnist, fuse_grid, form, tolerance):
+    # Looped cells run alone's very ops; stacked ones sum their matmuls in another order.
     grid = dict(temperatures=(1.0, 4.0), alphas=(0.2, 0.5), only=("grid",))
     messages = []
-    fused = Task1(small_config(tmp_path / "fused", fuse_grid="on", **grid), arrays=synthetic_mnist,
+    fused = Task1(small_config(tmp_path / "fused", fuse_grid=fuse_grid, **grid), arrays=synthetic_mnist,
                   log=messages.append).run()["grid"]
     alone = Task1(small_config(tmp_path / "alone", fuse_grid="off", **grid), arrays=synthetic_mnist).run()["grid"]
-    assert sum("training 4 runs in one stacked step" in m for m in messages) == 1  # MLP students stack
+    assert sum(f"training 4 runs in one {form} step" in m for m in messages) == 1
     assert not any("] training:" in m and "kd-" in m for m in messages)  # no cell trained on its own
     assert [c["run"] for c in fused["cells"]] == [c["run"] for c in alone["cells"]]
     for cell in fused["cells"]:
         name = cell["run"]
         records = [json.loads((tmp_path / d / "out" / name / "metrics.json").read_text()) for d in ("fused", "alone")]
         assert records[0]["identity"] == records[1]["identity"]
-        assert records[0]["fused"]["runs"] == 4 and records[0]["fused"]["form"] == "stacked"
+        assert records[0]["fused"]["runs"] == 4 and records[0]["fused"]["form"] == form
         assert "fused" not in records[1]
         for a, b in zip(*(weights_of(tmp_path / d / "out" / name / "model.weights.h5") for d in ("fused", "alone"))):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # stacked matmuls sum in another order
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=tolerance)
         for key in ("loss", "ce", "kd", "train_accuracy", "val_accuracy", "test_accuracy"):
             assert [h[key] for h in records[0]["history"]] == pytest.approx([h[key] for h in records[1]["history"]],
                                                                             rel=1e-5, abs=1e-6), key
@@ -180,7 +182,7 @@ def test_a_fused_grid_trains_each_cell_as_it_would_alone(tmp_path, synthetic_mni
     # Finished cells are not trained again; one missing cell trains alone.
     (tmp_path / "fused" / "out" / "kd-T4-a0.2-s0" / "metrics.json").unlink()
     messages = []
-    Task1(small_config(tmp_path / "fused", fuse_grid="on", **grid), arrays=synthetic_mnist,
+    Task1(small_config(tmp_path / "fused", fuse_grid=fuse_grid, **grid), arrays=synthetic_mnist,
           log=messages.append).run()
     assert [m for m in messages if "] training" in m] == [next(m for m in messages if "] training:" in m)]
     assert "kd-T4-a0.2-s0" in next(m for m in messages if "] training:" in m)
@@ -190,18 +192,19 @@ def test_the_course_kd_run_trains_as_a_cell_of_the_fused_grid(tmp_path, syntheti
     messages = []
     config = small_config(tmp_path, fuse_grid="on", temperatures=(1.0, 4.0), alphas=(0.2, 0.5), only=("kd", "grid"))
     outcome = Task1(config, arrays=synthetic_mnist, log=messages.append).run()
-    assert sum("training 4 runs in one stacked step" in m for m in messages) == 1
+    assert sum("training 4 runs in one looped step" in m for m in messages) == 1
     assert not any("] training:" in m and "kd-" in m for m in messages)  # no student alone, kd included
     assert outcome["kd"]["run"] == "kd-T4-a0.5-s0" and outcome["kd"]["fused"]["runs"] == 4
     assert "kd-T4-a0.5-s0" in [c["run"] for c in outcome["grid"]["cells"]]
 
 
-def test_a_fused_grid_killed_mid_training_resumes(tmp_path, synthetic_mnist):
+@pytest.mark.parametrize("fuse_grid", ["on", "stacked"])
+def test_a_fused_grid_killed_mid_training_resumes(tmp_path, synthetic_mnist, fuse_grid):
     def killed_after_epoch_2(message):
         if "[fused-" in message and "] epoch 2/3" in message:
             raise KeyboardInterrupt
 
-    grid = dict(temperatures=(1.0, 4.0), alphas=(0.5,), only=("grid",), epochs=3, fuse_grid="on")
+    grid = dict(temperatures=(1.0, 4.0), alphas=(0.5,), only=("grid",), epochs=3, fuse_grid=fuse_grid)
     with pytest.raises(KeyboardInterrupt):
         Task1(small_config(tmp_path / "killed", **grid), arrays=synthetic_mnist, log=killed_after_epoch_2).run()
     messages = []
@@ -355,6 +358,7 @@ def test_load_real_mnist_shapes(real_mnist_dir):
         (["--only", "teacher,nonsense"], "--only"),
         (["--data-dir", "/no/such/folder"], "--data-dir"),
         (["--deterministic", "--jit", "on"], "--jit off"),
+        (["--fuse-grid", "stacked", "--precision", "mixed_float16"], "one loss scale"),
     ],
 )
 def test_cli_bad_input_is_one_line_error(argv, message, tmp_path, capsys):

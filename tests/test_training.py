@@ -411,3 +411,24 @@ def test_a_run_killed_in_a_workspace_resumes_without_one(tmp_path):
             train(folder, first, killed_after_epoch_2)
         for a, b in zip(expected.get_weights(), train(folder, second).get_weights()):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_shared_predictor_gives_each_model_its_own_logits():
+    # Final evaluations of runs of one structure use one traced predictor, fed each
+    # run's weights; a method that cannot share gets a predictor of its own.
+    spaces, strategy = Workspaces(), tf.distribute.get_strategy()
+    x = blobs(16)["x"]
+    models = [tiny_model(seed) for seed in (0, 1, 2)]
+    predictors = []
+    for model in models:
+        predictor = spaces.predictor(methods.CrossEntropy(model), strategy)
+        np.testing.assert_allclose(predictor(x).numpy(), model(x).numpy(), rtol=1e-6)
+        predictors.append(predictor)
+    assert predictors[0] is predictors[1] is predictors[2] and len(spaces) == 1
+    assert predictors[0].experimental_get_tracing_count() == 1
+
+    class Unsigned(methods.CrossEntropy):
+        def signature(self):
+            return None
+
+    assert spaces.predictor(Unsigned(models[0]), strategy) is not predictors[0] and len(spaces) == 1

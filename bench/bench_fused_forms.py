@@ -1,0 +1,96 @@
+"""Benchmark: the two forms of a fused grid (`common.fused`), first step and steady steps.
+
+Builds `--cells` Task 1 MLP students (KD at the default grid's T and alpha, one
+seed), fuses them looped (`Fused`, `--fuse-grid on`) and stacked (`Stacked`,
+`--fuse-grid stacked`), and times each form's first training step (trace and,
+with XLA, compilation) and its steady steps on random MNIST-shaped batches of 256
+with random teacher logits. Each form runs in this one process after the other,
+the looped one first. Writes `bench/results/fused_forms.json` with the device.
+
+    python bench/bench_fused_forms.py [--cells 18 --steps 30 --jit auto|on|off]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import cli  # noqa: E402
+
+cli.import_tensorflow_quietly()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import data as common_data  # noqa: E402
+from common import device, methods, runs, training  # noqa: E402
+from common.fused import Fused, Stacked  # noqa: E402
+from common.results import write_json_atomic  # noqa: E402
+from task1_mnist.models import build_student  # noqa: E402
+
+TEMPERATURES, ALPHAS = (1.0, 2.0, 4.0, 16.0, 32.0, 64.0), (0.2, 0.5, 0.8)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=18, help="fused students (default 18, the course's grid)")
+    parser.add_argument("--steps", type=int, default=30, help="steps timed after the first (default 30)")
+    parser.add_argument("--jit", default="auto", choices=device.JIT, help="XLA as the task commands resolve it")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/fused_forms.json"))
+    return parser.parse_args(argv)
+
+
+def time_form(form, cells, batches, jit):
+    """`{"first_step_s", "step_ms"}` of `cells` ((T, alpha) pairs) fused in `form`."""
+    students = []
+    for index in range(len(cells)):
+        runs.set_seed(0)
+        with keras.name_scope(f"{form.form}{index}"):
+            students.append(build_student())
+    method = form([methods.Distillation(s, t, a) for s, (t, a) in zip(students, cells)])
+    step, trackers = training.make_train_step(method, keras.optimizers.Adam(1e-3),
+                                              element_spec=batches.element_spec, jit=jit)
+    iterator = iter(batches)
+    start = time.perf_counter()
+    step(next(iterator))
+    float(trackers["loss"].result())
+    first = time.perf_counter() - start
+    start, count = time.perf_counter(), 0
+    for batch in iterator:
+        step(batch)
+        count += 1
+    float(trackers["loss"].result())  # waits for the device
+    return {"first_step_s": first, "step_ms": (time.perf_counter() - start) / count * 1000}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not 2 <= args.cells <= len(TEMPERATURES) * len(ALPHAS) or args.steps < 1:
+        raise SystemExit(f"--cells must be 2 to {len(TEMPERATURES) * len(ALPHAS)} and --steps >= 1")
+    device.configure()
+    jit = device.use_jit(args.jit)
+    cells = [(t, a) for t in TEMPERATURES for a in ALPHAS][: args.cells]
+    rng = np.random.default_rng(0)
+    n = 256 * (args.steps + 1)
+    batches = common_data.batched({"x": rng.random((n, 28, 28, 1), dtype=np.float32),
+                                   "y": rng.integers(0, 10, n).astype(np.int32),
+                                   "teacher_logits": rng.normal(size=(n, 10)).astype(np.float32)}, 256)
+    forms = {}
+    for form in (Fused, Stacked):
+        forms[form.form] = time_form(form, cells, batches, jit)
+        print(f"{form.form}: first step {forms[form.form]['first_step_s']:.2f} s, "
+              f"then {forms[form.form]['step_ms']:.1f} ms per step", flush=True)
+    result = {"benchmark": "fused grid forms: first step and steady steps",
+              "command": "python bench/bench_fused_forms.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "settings": {"cells": args.cells, "steps": args.steps, "jit": jit, "batch_size": 256},
+              "environment": runs.environment(), "forms": forms}
+    write_json_atomic(args.out, result)
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
