@@ -167,6 +167,24 @@ def main(body):
         return 130
 
 
+def run_task(settings, config_class, title, experiments):
+    """A task command's body: the parsed `settings` (a dict of its flags) as a
+    validated `config_class`, printed, then `run_all` of module `experiments`
+    (imported only now: heavy imports after the argument checks) and the table of
+    finished runs. Returns the exit status."""
+    import importlib
+
+    settings["method_options"] = pop_method_options(settings)
+    config = config_class(**settings)
+    log = logger(config.quiet)
+    log(f"{title} config:\n" + config.describe())
+    from common.results import ResultsStore
+
+    importlib.import_module(experiments).run_all(config, log=log)
+    print(summary_table(ResultsStore(config.out)))
+    return 0
+
+
 def summary_table(store):
     """The store's finished runs as an aligned text table."""
     records = store.records()

@@ -44,19 +44,10 @@ def main(argv=None):
 
 def _run(args):
     settings = vars(args)
-    settings["method_options"] = cli.pop_method_options(settings)
     single_seed = settings.pop("single_seed")
     if single_seed is not None:
         settings["seeds"] = (single_seed,)
-    config = Task1Config(**settings)
-    log = cli.logger(config.quiet)
-    log("Task 1 (MNIST) config:\n" + config.describe())
-    from common.results import ResultsStore  # heavy imports after argument checks
-    from task1_mnist.experiments import run_all
-
-    run_all(config, log=log)
-    print(cli.summary_table(ResultsStore(config.out)))
-    return 0
+    return cli.run_task(settings, Task1Config, "Task 1 (MNIST)", "task1_mnist.experiments")
 
 
 if __name__ == "__main__":

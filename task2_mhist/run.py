@@ -45,17 +45,7 @@ def main(argv=None):
 
 
 def _run(args):
-    settings = vars(args)
-    settings["method_options"] = cli.pop_method_options(settings)
-    config = Task2Config(**settings)
-    log = cli.logger(config.quiet)
-    log("Task 2 (MHIST) config:\n" + config.describe())
-    from common.results import ResultsStore
-    from task2_mhist.experiments import run_all
-
-    run_all(config, log=log)
-    print(cli.summary_table(ResultsStore(config.out)))
-    return 0
+    return cli.run_task(vars(args), Task2Config, "Task 2 (MHIST)", "task2_mhist.experiments")
 
 
 if __name__ == "__main__":
