@@ -65,8 +65,13 @@ class Fused(Method):
         return {p: m.class_logits(x, training=training) for p, m in zip(self.prefixes, self.members)}
 
     def loss_terms(self, batch, training=True):
+        return self.gather_terms(self.members, batch, training)
+
+    def gather_terms(self, members, batch, training):
+        """Each of `members`' (methods, in member order) loss terms and class logits,
+        keyed by its member's prefix."""
         terms, logits = {}, {}
-        for prefix, member in zip(self.prefixes, self.members):
+        for prefix, member in zip(self.prefixes, members):
             member_terms, logits[prefix] = member.loss_terms(batch, training=training)
             terms.update({prefix + name: value for name, value in member_terms.items()})
         return terms, logits
@@ -243,13 +248,11 @@ class Stacked(Fused):
 
     def loss_terms(self, batch, training=True):
         outputs = self.model(batch["x"], training=training)
-        terms, logits = {}, {}
-        for index, (prefix, member) in enumerate(zip(self.prefixes, self.members)):
-            view = copy.copy(member)
-            view.model = _Output(outputs[index])
-            member_terms, logits[prefix] = view.loss_terms(batch, training=training)
-            terms.update({prefix + name: value for name, value in member_terms.items()})
-        return terms, logits
+        views = []
+        for index, member in enumerate(self.members):
+            views.append(copy.copy(member))
+            views[-1].model = _Output(outputs[index])
+        return self.gather_terms(views, batch, training)
 
     def sync_members(self):
         self.model.store([m.model for m in self.members])

@@ -118,22 +118,29 @@ class Workspaces:
 
     def predictor(self, method, strategy):
         """A compiled `x -> class logits` of `method` at its model's current weights:
-        the predictor of a structural copy (traced once per structure), into which
-        the weights are copied now, or a new one when `method` cannot share one. Use
-        it before the next call: that call may copy other weights in."""
+        the predictor of a structural copy (a workspace's of that structure, or one of
+        its own; traced once), into which the weights are copied now, or a new one
+        when `method` cannot share one. Use it before the next call: that call, or
+        the next run trained in that workspace, may copy other weights in."""
         signature = method.signature()
         model = structure(method.model) if signature is not None else None
         if model is None:
             return compiled_predictor(method.class_logits)
-        key = ("predictor", type(method), signature, model, id(strategy))
-        if key not in self._spaces:
-            with strategy.scope():
-                twin = method.rebind(keras.models.clone_model(method.model, recursive=True))
-            self._spaces[key] = (twin, compiled_predictor(twin.class_logits))
-            while len(self._spaces) > self.capacity:
-                self._spaces.popitem(last=False)
-        self._spaces.move_to_end(key)
-        twin, predictor = self._spaces[key]
+        kind = (type(method), signature, model)
+        space = next((space for key, space in reversed(self._spaces.items())
+                      if isinstance(space, Workspace) and key[:3] == kind and key[4] == id(strategy)), None)
+        if space is not None:
+            twin, predictor = space.method, space.predictor
+        else:
+            key = ("predictor", *kind, id(strategy))
+            if key not in self._spaces:
+                with strategy.scope():
+                    twin = method.rebind(keras.models.clone_model(method.model, recursive=True))
+                self._spaces[key] = (twin, compiled_predictor(twin.class_logits))
+                while len(self._spaces) > self.capacity:
+                    self._spaces.popitem(last=False)
+            self._spaces.move_to_end(key)
+            twin, predictor = self._spaces[key]
         copy_variables(method.model.variables, twin.model.variables)
         for name in method.runtime_settings:
             getattr(twin, name).assign(getattr(method, name))

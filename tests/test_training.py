@@ -432,3 +432,13 @@ def test_a_shared_predictor_gives_each_model_its_own_logits():
             return None
 
     assert spaces.predictor(Unsigned(models[0]), strategy) is not predictors[0] and len(spaces) == 1
+    # After a run of that structure trained in a workspace, its predictor serves instead.
+    trained = tiny_model(3)
+    training.fit(methods.CrossEntropy(trained), common_data.batched(blobs(64), 32), epochs=1,
+                 optimizer=keras.optimizers.Adam(0.01), workspaces=spaces)
+    assert len(spaces) == 2
+    (space,) = [s for s in spaces._spaces.values() if not isinstance(s, tuple)]
+    for model in (trained, models[1]):
+        predictor = spaces.predictor(methods.CrossEntropy(model), strategy)
+        assert predictor is space.predictor and len(spaces) == 2
+        np.testing.assert_allclose(predictor(x).numpy(), model(x).numpy(), rtol=1e-6)
