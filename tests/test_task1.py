@@ -325,6 +325,19 @@ def test_mirrored_strategy_recipe_matches_default(tmp_path, synthetic_mnist, rep
     assert records[1]["history"][-1]["loss"] == pytest.approx(records[0]["history"][-1]["loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("fuse_grid", ["on", "stacked"])
+def test_a_fused_grid_under_a_mirrored_strategy_matches_default(tmp_path, synthetic_mnist, repeatable_gpu, fuse_grid):
+    for strategy in ("none", "mirrored"):
+        config = small_config(tmp_path / strategy, only=("grid",), temperatures=(1.0, 4.0), alphas=(0.5,),
+                              fuse_grid=fuse_grid, distribute=strategy)
+        cells = Task1(config, arrays=synthetic_mnist).grid()["cells"]
+    for cell in cells:
+        records = [json.loads((tmp_path / d / "out" / cell["run"] / "metrics.json").read_text())
+                   for d in ("none", "mirrored")]
+        assert records[1]["config"]["distribute"] == "mirrored" and records[1]["fused"]["runs"] == 2
+        assert records[1]["history"][-1]["loss"] == pytest.approx(records[0]["history"][-1]["loss"], rel=1e-4)
+
+
 def test_real_mnist_slice_end_to_end(tmp_path, real_mnist_dir, capsys):
     status = cli.main(
         ["--data-dir", str(real_mnist_dir), "--out", str(tmp_path / "r"), "--limit", "1024", "--validation", "100",
