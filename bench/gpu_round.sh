@@ -69,7 +69,8 @@ for s in "$@"; do
                 --out "$OUT/ft_off_bf16_b128.json" ;;
   gputests) step gputests 80 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_distribute.py \
               tests/test_losses.py tests/test_task1.py::test_same_seed_repeats_a_run_exactly \
-              tests/test_task1.py::test_mirrored_strategy_recipe_matches_default ;;
+              tests/test_task1.py::test_mirrored_strategy_recipe_matches_default tests/test_fused.py \
+              tests/test_task1.py::test_a_fused_grid_under_a_mirrored_strategy_matches_default ;;
   kd) step kd 300 python3 bench/bench_kd.py --data-dir "$MNIST" --epochs 4 --grid-cells 6 --out "$OUT/kd_mnist.json" ;;
   ft32) mhist && step ft32 200 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
           --out "$OUT/ft_fp32_b32.json" ;;
