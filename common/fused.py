@@ -15,7 +15,7 @@ architecture (Task 1's MLP student) whose losses read only their logits: it keep
 their weights stacked along a leading axis, so a step runs each layer once for all
 members (one batched matmul) instead of once per member: the same arithmetic in
 another summation order (updates equal within float tolerance, not bit for bit),
-a graph the size of one member's.
+with a model graph the size of one member's (each member's loss stays its own).
 """
 
 import copy
@@ -136,7 +136,8 @@ def can_stack(members):
             or any(getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None)
                    for layer in layers)):
         return False
-    if len({structure(model) for model in models}) != 1 or structure(models[0]) is None:
+    structures = {structure(model) for model in models}
+    if len(structures) != 1 or None in structures:
         return False
     for member in members:
         if type(member).forward is not Method.forward or type(member).class_logits is not Method.class_logits:
