@@ -4,8 +4,9 @@ Builds `--cells` Task 1 MLP students (KD at the default grid's T and alpha, one
 seed), fuses them looped (`Fused`, `--fuse-grid on`) and stacked (`Stacked`,
 `--fuse-grid stacked`), and times each form's first training step (trace and,
 with XLA, compilation) and its steady steps on random MNIST-shaped batches of 256
-with random teacher logits. Each form runs in this one process after the other,
-the looped one first. Writes `bench/results/fused_forms.json` with the device.
+with random teacher logits, beside one student trained alone (the first cell) for
+reference. All run in this one process, one after the other: alone, looped,
+stacked. Writes `bench/results/fused_forms.json` with the device.
 
     python bench/bench_fused_forms.py [--cells 18 --steps 30 --jit auto|on|off]
 """
@@ -43,14 +44,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def time_form(form, cells, batches, jit):
-    """`{"first_step_s", "step_ms"}` of `cells` ((T, alpha) pairs) fused in `form`."""
+def time_form(name, form, cells, batches, jit):
+    """`{"first_step_s", "step_ms"}` of `cells` ((T, alpha) pairs) fused in `form`, or
+    of the first cell's student alone when `form` is None."""
     students = []
     for index in range(len(cells)):
         runs.set_seed(0)
-        with keras.name_scope(f"{form.form}{index}"):
+        with keras.name_scope(f"{name}{index}"):
             students.append(build_student())
-    method = form([methods.Distillation(s, t, a) for s, (t, a) in zip(students, cells)])
+    members = [methods.Distillation(s, t, a) for s, (t, a) in zip(students, cells)]
+    method = form(members) if form is not None else members[0]
     step, trackers = training.make_train_step(method, keras.optimizers.Adam(1e-3),
                                               element_spec=batches.element_spec, jit=jit)
     iterator = iter(batches)
@@ -79,10 +82,10 @@ def main(argv=None):
                                    "y": rng.integers(0, 10, n).astype(np.int32),
                                    "teacher_logits": rng.normal(size=(n, 10)).astype(np.float32)}, 256)
     forms = {}
-    for form in (Fused, Stacked):
-        forms[form.form] = time_form(form, cells, batches, jit)
-        print(f"{form.form}: first step {forms[form.form]['first_step_s']:.2f} s, "
-              f"then {forms[form.form]['step_ms']:.1f} ms per step", flush=True)
+    for name, form, members in (("alone", None, cells[:1]), ("looped", Fused, cells), ("stacked", Stacked, cells)):
+        forms[name] = time_form(name, form, members, batches, jit)
+        print(f"{name}: first step {forms[name]['first_step_s']:.2f} s, "
+              f"then {forms[name]['step_ms']:.1f} ms per step", flush=True)
     result = {"benchmark": "fused grid forms: first step and steady steps",
               "command": "python bench/bench_fused_forms.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "settings": {"cells": args.cells, "steps": args.steps, "jit": jit, "batch_size": 256},

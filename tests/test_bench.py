@@ -35,7 +35,7 @@ def test_bench_fused_forms_smoke(tmp_path):
     out = tmp_path / "forms.json"
     assert bench_fused_forms.main(["--cells", "2", "--steps", "2", "--jit", "off", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["forms"]) == {"looped", "stacked"} and result["settings"]["cells"] == 2
+    assert set(result["forms"]) == {"alone", "looped", "stacked"} and result["settings"]["cells"] == 2
     assert all(f["first_step_s"] > 0 and f["step_ms"] > 0 for f in result["forms"].values())
 
 
