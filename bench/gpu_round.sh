@@ -11,7 +11,8 @@
 # extra flags in $T2_FLAGS), startup (seconds to import TensorFlow, run a first GPU op, a first
 # convolution and a first XLA compilation), t1short (Task 1 teacher, kd, scratch, 2 epochs: the
 # compile cost is the first epoch less the second), fusedforms (bench_fused_forms: the looped and
-# stacked fused grid's first and later steps, 18 cells), t1stacked (Task 1 core with --fuse-grid stacked).
+# stacked fused grid's first and later steps, 18 cells), t1stacked (Task 1 core with --fuse-grid stacked),
+# t1times (per-run times of the t1 folder; t2 prints its own).
 # $TAG is appended to step names, so a step can run under several environments
 # (e.g. XLA_FLAGS) in one round. Appends one line per step to $OUT/summary.txt (exit status,
 # wall seconds, mean GPU utilisation = busy share, peak GPU memory), the programs' output
@@ -79,7 +80,9 @@ for s in "$@"; do
   ftbf128) mhist && step ftbf128 200 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
              --precision mixed_bfloat16 --jit on --batch-size 128 --out "$OUT/ft_bf16_b128.json" ;;
   t2) mhist && step t2 "${T2_LIMIT:-560}" python3 task2_mhist/run.py --data-dir "$WORK/mhist" --weights none \
-        --out "$WORK/t2" -q ${T2_FLAGS:-} ;;
+        --out "$WORK/t2" -q ${T2_FLAGS:-}
+      python3 bench/run_times.py "$WORK/t2" | tee -a "$OUT/summary.txt" ;;
+  t1times) python3 bench/run_times.py "$WORK/t1${TAG:-}" | tee -a "$OUT/summary.txt" ;;
   startup) TF_CPP_MIN_LOG_LEVEL=0 step startup 120 python3 bench/gpu_startup.py
            grep -aE "^startup seconds|ptxas|PTX|nvlink|JitLink|[Ff]alling back" "$OUT/log.txt" | sort | uniq -c | head -20 |
              sed "s/^/  startup${TAG:-}: /" | tee -a "$OUT/summary.txt" ;;
