@@ -122,25 +122,20 @@ class Workspaces:
         its own; traced once), into which the weights are copied now, or a new one
         when `method` cannot share one. Use it before the next call: that call, or
         the next run trained in that workspace, may copy other weights in."""
-        signature = method.signature()
-        model = structure(method.model) if signature is not None else None
-        if model is None:
+        kind = _kind(method, strategy)
+        if kind is None:
             return compiled_predictor(method.class_logits)
-        kind = (type(method), signature, model)
         space = next((space for key, space in reversed(self._spaces.items())
-                      if isinstance(space, Workspace) and key[:3] == kind and key[4] == id(strategy)), None)
+                      if isinstance(space, Workspace) and key[0] == kind), None)
         if space is not None:
             twin, predictor = space.method, space.predictor
         else:
-            key = ("predictor", *kind, id(strategy))
-            if key not in self._spaces:
+            def make():
                 with strategy.scope():
                     twin = method.rebind(keras.models.clone_model(method.model, recursive=True))
-                self._spaces[key] = (twin, compiled_predictor(twin.class_logits))
-                while len(self._spaces) > self.capacity:
-                    self._spaces.popitem(last=False)
-            self._spaces.move_to_end(key)
-            twin, predictor = self._spaces[key]
+                return twin, compiled_predictor(twin.class_logits)
+
+            twin, predictor = self._remember(("predictor", kind), make)
         copy_variables(method.model.variables, twin.model.variables)
         for name in method.runtime_settings:
             getattr(twin, name).assign(getattr(method, name))
@@ -151,14 +146,26 @@ class Workspaces:
         `make_step(method, optimizer) -> (step, trackers)`; None when `method` cannot
         share one (`Method.signature` is None, or its model cannot describe itself).
         `step_key`: whatever else the step depends on (data spec, XLA, ...)."""
-        signature = method.signature()
-        model = structure(method.model) if signature is not None else None
-        if model is None:
+        kind = _kind(method, strategy)
+        if kind is None:
             return None
-        key = (type(method), signature, model, optimizer_structure(optimizer), id(strategy), step_key)
+        return self._remember((kind, optimizer_structure(optimizer), step_key),
+                              lambda: Workspace(method, optimizer, make_step, strategy))
+
+    def _remember(self, key, make):
+        """The entry under `key`, made by `make()` on first use; the most recently
+        used `capacity` entries are kept."""
         if key not in self._spaces:
-            self._spaces[key] = Workspace(method, optimizer, make_step, strategy)
+            self._spaces[key] = make()
             while len(self._spaces) > self.capacity:
                 self._spaces.popitem(last=False)
         self._spaces.move_to_end(key)
         return self._spaces[key]
+
+
+def _kind(method, strategy):
+    """What runs must share to share a step or a predictor: the method's class and
+    signature, its model's structure and the strategy; None when `method` cannot share."""
+    signature = method.signature()
+    model = structure(method.model) if signature is not None else None
+    return None if model is None else (type(method), signature, model, id(strategy))
