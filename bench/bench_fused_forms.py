@@ -5,7 +5,7 @@ seed), fuses them looped (`Fused`, `--fuse-grid on`) and stacked (`Stacked`,
 `--fuse-grid stacked`), and times each form's first training step (trace and,
 with XLA, compilation) and its steady steps on random MNIST-shaped batches of 256
 with random teacher logits, beside one student trained alone (the first cell) for
-reference. All run in this one process, one after the other: alone, looped,
+reference, and counts the operations in each step's graph. All run in this one process, one after the other: alone, looped,
 stacked. Writes `bench/results/fused_forms.json` with the device.
 
     python bench/bench_fused_forms.py [--cells 18 --steps 30 --jit auto|on|off]
@@ -54,19 +54,27 @@ def time_form(name, form, cells, batches, jit):
             students.append(build_student())
     members = [methods.Distillation(s, t, a) for s, (t, a) in zip(students, cells)]
     method = form(members) if form is not None else members[0]
-    step, trackers = training.make_train_step(method, keras.optimizers.Adam(1e-3),
+    step, means = training.make_train_step(method, keras.optimizers.Adam(1e-3),
                                               element_spec=batches.element_spec, jit=jit)
     iterator = iter(batches)
     start = time.perf_counter()
     step(next(iterator))
-    float(trackers["loss"].result())
+    float(means.result()["loss"])
     first = time.perf_counter() - start
     start, count = time.perf_counter(), 0
     for batch in iterator:
         step(batch)
         count += 1
-    float(trackers["loss"].result())  # waits for the device
-    return {"first_step_s": first, "step_ms": (time.perf_counter() - start) / count * 1000}
+    float(means.result()["loss"])  # waits for the device
+    return {"first_step_s": first, "step_ms": (time.perf_counter() - start) / count * 1000,
+            "graph_ops": graph_ops(step)}
+
+
+def graph_ops(step):
+    """Operations in a traced step's graph, its nested functions' included: what is
+    traced, optimised and (with XLA) compiled."""
+    graph = getattr(step, "xla", step).get_concrete_function().graph.as_graph_def()
+    return len(graph.node) + sum(len(function.node_def) for function in graph.library.function)
 
 
 def main(argv=None):
@@ -85,7 +93,7 @@ def main(argv=None):
     for name, form, members in (("alone", None, cells[:1]), ("looped", Fused, cells), ("stacked", Stacked, cells)):
         forms[name] = time_form(name, form, members, batches, jit)
         print(f"{name}: first step {forms[name]['first_step_s']:.2f} s, "
-              f"then {forms[name]['step_ms']:.1f} ms per step", flush=True)
+              f"then {forms[name]['step_ms']:.1f} ms per step; {forms[name]['graph_ops']} graph ops", flush=True)
     result = {"benchmark": "fused grid forms: first step and steady steps",
               "command": "python bench/bench_fused_forms.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "settings": {"cells": args.cells, "steps": args.steps, "jit": jit, "batch_size": 256},

@@ -65,13 +65,9 @@ class Fused(Method):
         return {p: m.class_logits(x, training=training) for p, m in zip(self.prefixes, self.members)}
 
     def loss_terms(self, batch, training=True):
-        return self.gather_terms(self.members, batch, training)
-
-    def gather_terms(self, members, batch, training):
-        """Each of `members`' (methods, in member order) loss terms and class logits,
-        keyed by its member's prefix."""
+        """Each member's loss terms and class logits, keyed by its prefix."""
         terms, logits = {}, {}
-        for prefix, member in zip(self.prefixes, members):
+        for prefix, member in zip(self.prefixes, self.members):
             member_terms, logits[prefix] = member.loss_terms(batch, training=training)
             terms.update({prefix + name: value for name, value in member_terms.items()})
         return terms, logits
@@ -225,11 +221,25 @@ class _Output:
         return self.output
 
 
+def loss_groups(members):
+    """Lists of member indices whose loss terms one call computes for all (`Stacked`):
+    members of one `stackable` method class, signature and options (e.g. KD cells
+    that differ in T and alpha), in member order; every other member alone."""
+    groups = {}
+    for index, member in enumerate(members):
+        shared = member.stackable and member.signature() is not None
+        key = (type(member), member.signature(), getattr(member, "options", None)) if shared else index
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
 class Stacked(Fused):
     """`Fused` members (`can_stack`) whose weights live in one `StackedDense`: the
     method's `model`, what is trained and saved in epoch states. Each member's loss
-    terms are its own method's, on its slice of the stacked logits; `sync_members`
-    copies the trained weights into the members' models."""
+    terms are its own method's, on its slice of the stacked logits: for a group of
+    `loss_groups` one call of the method's `loss_terms` on the group's slices and
+    settings, whose `(members,)` terms are split per member (a graph the size of
+    one member's). `sync_members` copies the trained weights into the members' models."""
 
     form = "stacked"
 
@@ -238,6 +248,7 @@ class Stacked(Fused):
         if not can_stack(self.members):
             raise ValueError("these members cannot be stacked (see common.fused.can_stack); use Fused")
         self.model = StackedDense([m.model for m in self.members])
+        self.groups = loss_groups(self.members)
 
     @property
     def trainable_variables(self):
@@ -249,11 +260,27 @@ class Stacked(Fused):
 
     def loss_terms(self, batch, training=True):
         outputs = self.model(batch["x"], training=training)
-        views = []
-        for index, member in enumerate(self.members):
-            views.append(copy.copy(member))
-            views[-1].model = _Output(outputs[index])
-        return self.gather_terms(views, batch, training)
+        by_member = {}
+        for indices in self.groups:
+            member = self.members[indices[0]]
+            view = copy.copy(member)
+            if not member.stackable:  # a group of one
+                view.model = _Output(outputs[indices[0]])
+                by_member[indices[0]] = view.loss_terms(batch, training=training)
+                continue
+            contiguous = indices == list(range(indices[0], indices[-1] + 1))
+            view.model = _Output(outputs[indices[0]:indices[-1] + 1] if contiguous else tf.gather(outputs, indices))
+            for name in member.runtime_settings:
+                setattr(view, name, tf.stack([tf.cast(getattr(self.members[i], name), tf.float32) for i in indices]))
+            group_terms, group_logits = view.loss_terms(batch, training=training)
+            for position, index in enumerate(indices):
+                by_member[index] = ({name: value[position] for name, value in group_terms.items()},
+                                    group_logits[position])
+        terms, logits = {}, {}
+        for index, prefix in enumerate(self.prefixes):
+            member_terms, logits[prefix] = by_member[index]
+            terms.update({prefix + name: value for name, value in member_terms.items()})
+        return terms, logits
 
     def sync_members(self):
         self.model.store([m.model for m in self.members])

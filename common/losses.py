@@ -2,7 +2,10 @@
 
 Shapes: `labels` is `(batch,)` integer class ids; every `*_logits` argument is
 `(batch, classes)` unnormalised scores. Each loss returns the batch mean as a
-scalar `float32` tensor.
+scalar `float32` tensor. `teacher_loss` and `distillation_loss` also take the
+student logits of several models at once, `(members, batch, classes)` (stacked
+runs, `common.fused.Stacked`), and then return each member's batch mean,
+`(members,)`; `distillation_loss`'s temperature may then be `(members,)` too.
 
 Convention (Hinton et al. 2015; the course and keras.io use it too): in
 `student_loss`, `alpha` weights the HARD-label cross-entropy and `1 - alpha` the
@@ -40,12 +43,14 @@ def validate_alpha(alpha):
 
 
 def teacher_loss(labels, logits):
-    """Softmax cross-entropy with integer labels, batch mean (nats)."""
+    """Softmax cross-entropy with integer labels, batch mean (nats): a scalar, or
+    `(members,)` for `(members, batch, classes)` logits."""
+    logits = tf.cast(logits, tf.float32)
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=labels, logits=tf.cast(logits, tf.float32)
-    )
-    return tf.reduce_mean(per_example)
+    if logits.shape.rank > 2:  # each member's logits against the same labels
+        labels = tf.broadcast_to(labels, tf.shape(logits)[:-1])
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    return tf.reduce_mean(per_example, axis=-1)
 
 
 def distillation_loss(teacher_logits, student_logits, temperature):
@@ -56,16 +61,20 @@ def distillation_loss(teacher_logits, student_logits, temperature):
     used because it is 0 when the student matches the teacher. The T² factor keeps
     the soft-target gradients on the scale of the hard-label ones (they shrink as
     1/T²), so `alpha` means the same thing at every temperature. `temperature`: a
-    number, or a float32 variable (a shared step's runtime setting, checked when set).
+    number, or a float32 tensor (a shared step's runtime setting, checked when set):
+    a scalar, or `(members,)` for `(members, batch, classes)` student logits.
     """
-    if not tf.is_tensor(temperature):
-        temperature = validate_temperature(temperature)
-    teacher_log_probs = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / temperature)
-    student_log_probs = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / temperature)
+    if tf.is_tensor(temperature):
+        temperature = tf.cast(temperature, tf.float32)
+        scale = temperature[:, None, None] if temperature.shape.rank else temperature  # per member
+    else:
+        temperature = scale = validate_temperature(temperature)
+    teacher_log_probs = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / scale)
+    student_log_probs = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / scale)
     kl = tf.reduce_sum(
         tf.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1
     )
-    return tf.reduce_mean(kl) * (temperature**2)
+    return tf.reduce_mean(kl, axis=-1) * (temperature**2)
 
 
 def student_loss(labels, student_logits, teacher_logits, temperature, alpha):

@@ -65,8 +65,31 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the run is not recorded as finished."""
 
 
+class StepMeans(keras.metrics.Metric):
+    """Running means of a training step's named batch means (each loss term, `loss`,
+    each model's `train_accuracy`), weighted by the examples each batch holds: one
+    `(n,)` total and one example count, so a step updates all of them with two ops
+    however many there are (a fused grid has hundreds). `result()` is the
+    `{name: mean}` dict since the last `reset_state()`."""
+
+    def __init__(self, names, name="step_means"):
+        super().__init__(name=name)
+        self.names = tuple(names)
+        self.total = self.add_variable(shape=(len(self.names),), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, values, examples):
+        """`values`: `(n,)` float32 batch means in `names` order; `examples`: the
+        float32 number of examples they average (0: a replica's empty share, adds nothing)."""
+        self.total.assign_add(tf.where(examples > 0, values, 0.0) * examples)
+        self.count.assign_add(examples)
+
+    def result(self):
+        return dict(zip(self.names, tf.unstack(tf.math.divide_no_nan(self.total, self.count))))
+
+
 def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=False, steps_per_call=1, prepare=None):
-    """Returns `(step, trackers)`: a compiled step and the metrics it updates.
+    """Returns `(step, means)`: a compiled step and the `StepMeans` it updates.
 
     With `element_spec` (the batches' `tf.data` spec, batch dimension unknown), the
     step is traced once for every batch size; without it, a last partial batch
@@ -80,10 +103,9 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
     Python is visited once per call) and returns how many it ran; fewer means the
     iterator is exhausted. The updates are those of one step per call.
 
-    `trackers` maps each loss term, `"loss"` (their sum) and `"train_accuracy"` (one
+    `means` tracks each loss term, `"loss"` (their sum) and `"train_accuracy"` (one
     per model, `"<prefix>train_accuracy"`, when the method trains several: see
-    `Method.prefixes`) to a `keras.metrics` object, averaged over the examples seen
-    since the last reset.
+    `Method.prefixes`), averaged over the examples seen since the last reset.
     Under a `tf.distribute` strategy each replica computes the mean loss of its
     share of the (global) batch and weights it by `local size / global size` (as
     `tf.nn.compute_average_loss` does); the optimizer sums the replicas' gradients,
@@ -94,10 +116,7 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
     strategy = strategy or tf.distribute.get_strategy()
     variables = method.trainable_variables
     with strategy.scope():
-        trackers = {name: keras.metrics.Mean(name=name) for name in method.term_names}
-        trackers["loss"] = keras.metrics.Mean(name="loss")
-        for prefix in method.prefixes:
-            trackers[f"{prefix}train_accuracy"] = keras.metrics.SparseCategoricalAccuracy()
+        means = StepMeans([*method.term_names, "loss", *(f"{p}train_accuracy" for p in method.prefixes)])
         optimizer.build(variables)
 
     def replica_step(batch):
@@ -112,10 +131,12 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
             scaled_loss = optimizer.scale_loss(tf.math.multiply_no_nan(loss, local_size / global_size))
         gradients = tape.gradient(scaled_loss, variables)
         optimizer.apply_gradients(zip(gradients, variables))
-        for name, value in [*terms.items(), ("loss", loss)]:
-            trackers[name].update_state(tf.where(local_size > 0, value, 0.0), sample_weight=local_size)
-        for prefix, member_logits in (logits.items() if isinstance(logits, dict) else [("", logits)]):
-            trackers[f"{prefix}train_accuracy"].update_state(batch["y"], member_logits)
+        logits = logits if isinstance(logits, dict) else {"": logits}
+        labels = tf.cast(tf.reshape(batch["y"], [-1]), tf.int32)
+        predicted = tf.stack([tf.argmax(logits[p], axis=-1, output_type=tf.int32) for p in method.prefixes])
+        accuracies = tf.reduce_mean(tf.cast(tf.equal(predicted, labels), tf.float32), axis=-1)
+        batch_means = tf.stack([tf.cast(terms[name], tf.float32) for name in method.term_names] + [loss])
+        means.update_state(tf.concat([batch_means, accuracies], axis=0), local_size)
 
     run_replica = tf.function(replica_step, jit_compile=True) if jit else replica_step
 
@@ -127,7 +148,7 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
             return tf.function(step, input_signature=None if element_spec is None else [element_spec])
 
         step = compile_step(run_replica)
-        return (FullBatchesCompiled(step, compile_step(replica_step)) if jit else step), trackers
+        return (FullBatchesCompiled(step, compile_step(replica_step)) if jit else step), means
 
     def steps(iterator):
         done = tf.constant(0)
@@ -139,7 +160,7 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
             done += 1
         return done
 
-    return tf.function(steps), trackers
+    return tf.function(steps), means
 
 
 class FullBatchesCompiled:
@@ -239,12 +260,12 @@ def fit(
         step_key = (str(batches.element_spec), jit, steps_per_call, prepare)
         workspace = workspaces.get(method, optimizer, make_step, strategy, step_key)
     if workspace is None:
-        step, trackers = make_step(method, optimizer)
+        step, means = make_step(method, optimizer)
         predictor = compiled_predictor(method.class_logits) if evaluate is not None else None
     else:
         workspace.load(method, optimizer)
         method, optimizer = workspace.method, workspace.optimizer
-        step, trackers = workspace.step, workspace.trackers
+        step, means = workspace.step, workspace.means
         predictor = workspace.predictor if evaluate is not None else None
     checkpoint = None
     history = []
@@ -258,8 +279,7 @@ def fit(
         iter(batches)  # draws that pass's shuffle and views without reading it
     try:
         for epoch in range(len(history) + 1, int(epochs) + 1):
-            for tracker in trackers.values():
-                tracker.reset_state()
+            means.reset_state()
             start = time.perf_counter()
             if steps_per_call == 1:
                 for batch in batches:
@@ -269,7 +289,7 @@ def fit(
                 while int(step(iterator)) == steps_per_call:
                     pass
             record = {"epoch": epoch}
-            record.update({name: float(t.result()) for name, t in trackers.items()})
+            record.update({name: float(value) for name, value in means.result().items()})
             record["seconds"] = time.perf_counter() - start
             if not math.isfinite(record["loss"]):
                 raise TrainingDiverged(

@@ -76,7 +76,7 @@ class Workspace:
             self.method = method.rebind(keras.models.clone_model(method.model, recursive=True))
             self.optimizer = type(optimizer).from_config(optimizer.get_config())
         self.strategy = strategy
-        self.step, self.trackers = make_step(self.method, self.optimizer)
+        self.step, self.means = make_step(self.method, self.optimizer)
         self._predictor = None
 
     @property
@@ -143,7 +143,7 @@ class Workspaces:
 
     def get(self, method, optimizer, make_step, strategy, step_key):
         """The workspace for `method` and `optimizer`, made on first use with
-        `make_step(method, optimizer) -> (step, trackers)`; None when `method` cannot
+        `make_step(method, optimizer) -> (step, means)`; None when `method` cannot
         share one (`Method.signature` is None, or its model cannot describe itself).
         `step_key`: whatever else the step depends on (data spec, XLA, ...)."""
         kind = _kind(method, strategy)

@@ -36,7 +36,10 @@ def test_bench_fused_forms_smoke(tmp_path):
     assert bench_fused_forms.main(["--cells", "2", "--steps", "2", "--jit", "off", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["forms"]) == {"alone", "looped", "stacked"} and result["settings"]["cells"] == 2
-    assert all(f["first_step_s"] > 0 and f["step_ms"] > 0 for f in result["forms"].values())
+    forms = result["forms"]
+    assert all(f["first_step_s"] > 0 and f["step_ms"] > 0 for f in forms.values())
+    # The stacked step holds one student's graph and one loss for both cells.
+    assert forms["alone"]["graph_ops"] < forms["stacked"]["graph_ops"] < forms["looped"]["graph_ops"]
 
 
 def test_bench_finetune_smoke(tmp_path, mhist_dir):

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from common import data as common_data
-from common import methods, training
-from common.fused import Fused, Stacked, StackedDense, can_stack, fuse
+from common import losses, methods, training
+from common.fused import Fused, Stacked, StackedDense, can_stack, fuse, loss_groups
 from common.methods.fitnets import FitNets
 
 CELLS = [(1.0, 0.2), (4.0, 0.5), (16.0, 0.9)]
@@ -21,19 +21,23 @@ def mlp(seed, flatten=True):
     return keras.Sequential(layers)
 
 
-def batches(n=96, seed=0):
+def examples(n=96, seed=0):
     rng = np.random.default_rng(seed)
-    arrays = {"x": rng.normal(size=(n, 3, 2)).astype(np.float32), "y": rng.integers(0, 4, n).astype(np.int32),
-              "teacher_logits": (3 * rng.normal(size=(n, 4))).astype(np.float32)}
-    return common_data.batched(arrays, 32, shuffle=True, seed=1)  # the last batch is full: 3 steps
+    return {"x": rng.normal(size=(n, 3, 2)).astype(np.float32), "y": rng.integers(0, 4, n).astype(np.int32),
+            "teacher_logits": (3 * rng.normal(size=(n, 4))).astype(np.float32)}
+
+
+def batches(n=96, seed=0):
+    return common_data.batched(examples(n, seed), 32, shuffle=True, seed=1)  # the last batch is full: 3 steps
 
 
 def kd_members(seeds=(0, 0, 0)):
     return [methods.Distillation(mlp(seed), t, a) for seed, (t, a) in zip(seeds, CELLS)]
 
 
-def train(method, epochs=3, jit=False):
-    return training.fit(method, batches(), epochs=epochs, optimizer=keras.optimizers.Adam(0.01), jit=jit)
+def train(method, epochs=3, jit=False, optimizer=None):
+    return training.fit(method, batches(), epochs=epochs, optimizer=optimizer or keras.optimizers.Adam(0.01),
+                        jit=jit)
 
 
 def test_stacked_dense_maps_each_member_as_its_model_and_round_trips_weights():
@@ -75,6 +79,47 @@ def test_stacked_and_looped_members_train_as_each_would_alone():
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
     # The cells differ (T and alpha reach each member's loss), so the test can fail.
     assert not np.allclose(alone[0][0][0], alone[2][0][0], atol=1e-3)
+
+
+def test_stacked_members_of_several_methods_train_as_each_would_alone():
+    def members():  # KD cells in one loss group (not adjacent: gathered), a CE run in its own
+        return [methods.Distillation(mlp(0), 1.0, 0.2), methods.CrossEntropy(mlp(1)),
+                methods.Distillation(mlp(2), 16.0, 0.9)]
+
+    alone = [member.model.get_weights() for member in members() if train(member)]
+    stacked = Stacked(members())
+    assert stacked.groups == [[0, 2], [1]]
+    train(stacked)
+    stacked.sync_members()
+    for member, weights in zip(stacked.members, alone):
+        for a, b in zip(member.model.get_weights(), weights):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_each_members_record_is_its_own_loss_and_accuracy_over_the_examples():
+    # With lr=0 nothing changes, so every logged number is the exact mean over the 96 examples.
+    arrays = examples()
+    stacked = Stacked(kd_members(seeds=(0, 1, 2)))
+    history = train(stacked, epochs=1, optimizer=keras.optimizers.SGD(0.0))
+    for index, (member, (temperature, alpha)) in enumerate(zip(stacked.members, CELLS)):
+        record = stacked.member_history(history, index)[0]
+        logits = member.model(arrays["x"]).numpy()
+        ce = alpha * float(losses.teacher_loss(arrays["y"], logits))
+        kd = (1 - alpha) * float(losses.distillation_loss(arrays["teacher_logits"], logits, temperature))
+        assert record["ce"] == pytest.approx(ce, rel=1e-5) and record["kd"] == pytest.approx(kd, rel=1e-5)
+        assert record["loss"] == pytest.approx(ce + kd, rel=1e-5)
+        correct = np.mean(np.argmax(logits, axis=-1) == arrays["y"])
+        assert record["train_accuracy"] == pytest.approx(correct, abs=1e-6)
+
+
+def test_loss_groups_join_runs_of_one_stackable_method_and_signature():
+    teacher = mlp(9)
+    members = [methods.Distillation(mlp(0), 1.0, 0.2), methods.CrossEntropy(mlp(1)),
+               methods.Distillation(mlp(2), 4.0, 0.5), methods.Distillation(mlp(3), 4.0, 0.5, teacher=teacher),
+               FitNets(mlp(4), context=methods.Context(4)), FitNets(mlp(5), context=methods.Context(4)),
+               methods.CrossEntropy(mlp(6))]
+    # A live teacher is part of KD's signature; FitNets' loss does not broadcast over members.
+    assert loss_groups(members) == [[0, 2], [1, 6], [3], [4], [5]]
 
 
 def test_a_stacked_xla_step_trains_like_the_plain_one():

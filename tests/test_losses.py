@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from common import losses
 
@@ -141,3 +142,19 @@ def test_matches_keras_logits_distillation_given_a_kl_instance():
     reference = keras.distillation.LogitsDistillation(temperature=t, loss=keras.losses.KLDivergence())
     value = float(reference.compute_loss(np.array(TEACHER) * 5, np.array(STUDENT)))
     assert float(losses.distillation_loss(np.array(TEACHER) * 5, STUDENT, t)) == pytest.approx(value, rel=1e-4)
+
+
+def test_losses_of_stacked_members_are_each_members_loss():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 6)
+    teacher = rng.normal(size=(6, 5)).astype(np.float32)
+    students = (2 * rng.normal(size=(3, 6, 5))).astype(np.float32)  # (members, batch, classes)
+    temperatures = np.array([1.0, 4.0, 16.0], np.float32)
+    ce = losses.teacher_loss(labels, students).numpy()
+    kd = losses.distillation_loss(teacher, students, tf.constant(temperatures)).numpy()
+    assert ce.shape == kd.shape == (3,)
+    for k, temperature in enumerate(temperatures):
+        assert ce[k] == pytest.approx(float(losses.teacher_loss(labels, students[k])), rel=1e-6)
+        assert kd[k] == pytest.approx(float(losses.distillation_loss(teacher, students[k], float(temperature))),
+                                      rel=1e-5)
+    assert len(set(kd.round(4))) == 3  # the members' temperatures differ, so can their losses

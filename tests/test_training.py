@@ -47,13 +47,19 @@ def test_fit_learns_and_records_history():
 def test_history_loss_is_the_mean_over_examples():
     # With lr=0 the model does not change, so the logged loss is the exact data mean.
     arrays = blobs(100)
-    model = tiny_model()
+    model = tiny_model(1)  # right on about half the examples
     history = training.fit(
         methods.CrossEntropy(model), common_data.batched(arrays, 32), epochs=1,
         optimizer=keras.optimizers.SGD(0.0),
     )
-    expected = float(losses.teacher_loss(arrays["y"], model(arrays["x"])))
-    assert history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    logits = model(arrays["x"]).numpy()
+    expected = float(losses.teacher_loss(arrays["y"], logits))
+    assert history[0]["loss"] == history[0]["ce"] == pytest.approx(expected, rel=1e-5)
+    # Batches of 32, 32, 32 and 4: the mean is over examples, not over batches.
+    correct = np.argmax(logits, axis=-1) == arrays["y"]
+    assert history[0]["train_accuracy"] == pytest.approx(correct.mean(), abs=1e-6)
+    batch_means = [correct[i:i + 32].mean() for i in range(0, 100, 32)]
+    assert abs(np.mean(batch_means) - correct.mean()) > 0.05  # a mean over batches would be wrong
 
 
 def test_distillation_terms_sum_to_student_loss():

@@ -28,6 +28,11 @@ class Method:
     extra_layers = ()
     prefixes = ("",)  # keys of `class_logits` when it returns a dict (several models, `common.fused`)
     runtime_settings = ()  # float attributes a shared step reads as variables (`rebind`)
+    # Whether `loss_terms` broadcasts over stacked members (`common.fused.Stacked`):
+    # given a model that returns `(members, batch, classes)` logits and each of
+    # `runtime_settings` as a `(members,)` tensor, every term comes back `(members,)`.
+    # A subclass that changes the loss must declare it again.
+    stackable = False
 
     def __init__(self, model):
         self.model = model
@@ -78,6 +83,7 @@ class CrossEntropy(Method):
     """Supervised training on hard labels: a teacher, or a student from scratch."""
 
     term_names = ("ce",)
+    stackable = True
 
     def signature(self):
         return ()

@@ -20,6 +20,7 @@ class Distillation(Distiller):
     term_names = ("ce", "kd")
     uses = ("temperature", "alpha")
     runtime_settings = ("temperature", "alpha")
+    stackable = True
 
     def __init__(self, student, temperature, alpha, teacher=None, context=None):
         super().__init__(student, context=context, teacher=teacher)

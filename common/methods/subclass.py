@@ -14,6 +14,8 @@ from common.methods.kd import Distillation
 class SubclassMethod(Method):
     """Base for models with `C·S` class-major subclass logits; predicts via logsumexp."""
 
+    stackable = False
+
     def __init__(self, model, num_classes):
         super().__init__(model)
         self.num_classes = int(num_classes)
