@@ -7,10 +7,12 @@ import tensorflow as tf
 
 from common import data as common_data
 from common import losses, methods, training
-from common.fused import Fused, Stacked, StackedDense, can_stack, fuse, loss_groups
+from common.fused import Fused, Stacked, StackedDense, batched_products, can_stack, fuse, loss_groups
 from common.methods.fitnets import FitNets
 
 CELLS = [(1.0, 0.2), (4.0, 0.5), (16.0, 0.9)]
+# StackedDense's two ways: one batched matrix product per layer (GPUs), one per member (CPUs).
+PRODUCTS = pytest.mark.parametrize("batched", [False, True], ids=["per-member", "batched"])
 
 
 def mlp(seed, flatten=True):
@@ -40,9 +42,10 @@ def train(method, epochs=3, jit=False, optimizer=None):
                         jit=jit)
 
 
-def test_stacked_dense_maps_each_member_as_its_model_and_round_trips_weights():
+@PRODUCTS
+def test_stacked_dense_maps_each_member_as_its_model_and_round_trips_weights(batched):
     models = [mlp(seed) for seed in (0, 1, 2)]
-    stacked = StackedDense(models)
+    stacked = StackedDense(models, batched=batched)
     x = np.random.default_rng(5).normal(size=(7, 3, 2)).astype(np.float32)
     outputs = stacked(x).numpy()
     assert outputs.shape == (3, 7, 4)
@@ -63,12 +66,13 @@ def test_stacked_dense_maps_each_member_as_its_model_and_round_trips_weights():
                                                                            "dense2_bias"]
 
 
-def test_stacked_and_looped_members_train_as_each_would_alone():
+@PRODUCTS
+def test_stacked_and_looped_members_train_as_each_would_alone(batched):
     alone = []
     for member in kd_members():
         history = train(member)
         alone.append((member.model.get_weights(), history[-1]["loss"]))
-    looped, stacked = Fused(kd_members()), Stacked(kd_members())
+    looped, stacked = Fused(kd_members()), Stacked(kd_members(), batched=batched)
     histories = {"looped": train(looped), "stacked": train(stacked)}
     stacked.sync_members()
     for name, method in (("looped", looped), ("stacked", stacked)):
@@ -81,13 +85,14 @@ def test_stacked_and_looped_members_train_as_each_would_alone():
     assert not np.allclose(alone[0][0][0], alone[2][0][0], atol=1e-3)
 
 
-def test_stacked_members_of_several_methods_train_as_each_would_alone():
+@PRODUCTS
+def test_stacked_members_of_several_methods_train_as_each_would_alone(batched):
     def members():  # KD cells in one loss group (not adjacent: gathered), a CE run in its own
         return [methods.Distillation(mlp(0), 1.0, 0.2), methods.CrossEntropy(mlp(1)),
                 methods.Distillation(mlp(2), 16.0, 0.9)]
 
     alone = [member.model.get_weights() for member in members() if train(member)]
-    stacked = Stacked(members())
+    stacked = Stacked(members(), batched=batched)
     assert stacked.groups == [[0, 2], [1]]
     train(stacked)
     stacked.sync_members()
@@ -122,8 +127,9 @@ def test_loss_groups_join_runs_of_one_stackable_method_and_signature():
     assert loss_groups(members) == [[0, 2], [1, 6], [3], [4], [5]]
 
 
-def test_a_stacked_xla_step_trains_like_the_plain_one():
-    plain, compiled = Stacked(kd_members()), Stacked(kd_members())
+@PRODUCTS
+def test_a_stacked_xla_step_trains_like_the_plain_one(batched):
+    plain, compiled = Stacked(kd_members(), batched=batched), Stacked(kd_members(), batched=batched)
     train(plain), train(compiled, jit=True)
     for a, b in zip(plain.trainable_variables, compiled.trainable_variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
@@ -133,7 +139,8 @@ def test_only_logit_methods_on_one_dense_architecture_are_stacked():
     assert can_stack(kd_members()) and isinstance(fuse(kd_members(), stack=True), Stacked)
     assert type(fuse(kd_members())) is Fused  # stacking is asked for
     assert can_stack([methods.CrossEntropy(mlp(0)), methods.Distillation(mlp(1), 4.0, 0.5)])
-    assert can_stack([methods.CrossEntropy(mlp(0, flatten=False)) for _ in range(2)])
+    flat = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    assert can_stack([methods.CrossEntropy(flat), methods.CrossEntropy(keras.models.clone_model(flat))])
     wider = keras.Sequential([keras.Input((3, 2)), keras.layers.Flatten(), keras.layers.Dense(9),
                               keras.layers.Dense(4)])
     conv = keras.Sequential([keras.Input((3, 2)), keras.layers.Conv1D(4, 1), keras.layers.Flatten(),
@@ -144,6 +151,7 @@ def test_only_logit_methods_on_one_dense_architecture_are_stacked():
         [methods.CrossEntropy(mlp(0)), methods.CrossEntropy(wider)],  # two architectures
         [methods.CrossEntropy(conv), methods.CrossEntropy(conv)],
         [methods.CrossEntropy(late_flatten), methods.CrossEntropy(late_flatten)],
+        [methods.CrossEntropy(mlp(0, flatten=False)) for _ in range(2)],  # Dense on (batch, 3, 2)
         [methods.CrossEntropy(mlp(0)), FitNets(mlp(1), context=methods.Context(4))],
     ]
     for members in refused:
@@ -152,13 +160,19 @@ def test_only_logit_methods_on_one_dense_architecture_are_stacked():
         Stacked(refused[0])
 
 
-def test_stacked_weights_follow_the_mixed_precision_policy():
+@PRODUCTS
+def test_stacked_weights_follow_the_mixed_precision_policy(batched):
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     try:
         models = [mlp(0), mlp(1)]
-        stacked = StackedDense(models)
+        stacked = StackedDense(models, batched=batched)
         x = tf.ones((2, 3, 2))
         assert stacked(x).dtype == models[0](x).dtype == tf.bfloat16
         assert all(v.dtype == "float32" for v in stacked.variables)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_stacked_products_are_batched_exactly_when_a_gpu_is_visible():
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert batched_products() is gpu and StackedDense([mlp(0), mlp(1)]).batched is gpu

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from common import methods, training
+from common.fused import batched_products
 from common.metrics import expected_calibration_error
 from task1_mnist import data as mnist
 from task1_mnist import run as cli
@@ -155,9 +156,14 @@ def weights_of(path):
     return model.get_weights()
 
 
-@pytest.mark.parametrize("fuse_grid, form, tolerance", [("on", "looped", 1e-6), ("stacked", "stacked", 1e-5)])
-def test_a_fused_grid_trains_each_cell_as_it_would_alone(tmp_path, synthetic_mnist, fuse_grid, form, tolerance):
-    # Looped cells run alone's very ops; stacked ones sum their matmuls in another order.
+@pytest.mark.parametrize("fuse_grid, form", [("on", "looped"), ("stacked", "stacked")])
+def test_a_fused_grid_trains_each_cell_as_it_would_alone(tmp_path, synthetic_mnist, fuse_grid, form):
+    # Looped cells run alone's very ops; stacked ones on a CPU run alone's matrix products
+    # (one per cell) with the cells' losses computed together. On a GPU they take one batched
+    # product and sum their bias gradients in another order; Adam divides each update by the
+    # gradient's running size, so where gradients are near 0 a few weights move by a fraction
+    # of one step (lr 1e-3): with batched products on a CPU, 2e-5 at most, on 3 of 614,656.
+    tolerance = 1e-4 if form == "stacked" and batched_products() else 1e-6
     grid = dict(temperatures=(1.0, 4.0), alphas=(0.2, 0.5), only=("grid",))
     messages = []
     fused = Task1(small_config(tmp_path / "fused", fuse_grid=fuse_grid, **grid), arrays=synthetic_mnist,
