@@ -8,14 +8,18 @@ respect to a member's variables is exactly the member's own gradient, and an
 optimizer that updates every variable on its own (Adam, SGD; no global-norm
 clipping, no shared loss scale) gives each member the update it would get
 alone. The members train in one compiled step per batch: one input pipeline,
-one dispatch, one evaluation pass for all.
+one dispatch, one evaluation pass for all. Members whose method is the same but
+for its runtime settings (KD cells: T and alpha) compute their loss in one call
+on their stacked logits (`loss_groups`), so the step's loss graph is one
+member's, not one per member; its gradients are those of the separate losses.
 
 `Stacked`, the other form, is for members that are models of one Dense-only
 architecture (Task 1's MLP student) whose losses read only their logits: it keeps
 their weights stacked along a leading axis, so a step runs each layer once for all
 members (one batched matmul) instead of once per member: the same arithmetic in
 another summation order (updates equal within float tolerance, not bit for bit),
-with a model graph the size of one member's (each member's loss stays its own).
+with a model graph the size of one member's. On a CPU each layer stays one
+product per member (`batched_products`).
 """
 
 import copy
@@ -37,6 +41,42 @@ class Members(keras.layers.Layer):
         self.models = list(models)
 
 
+def shares_loss(member):
+    """Whether `member`'s loss can be computed with others' in one call: its method
+    is `stackable`, its step is shareable (a signature) and it reads its model's
+    output as `Method.forward` does."""
+    return (member.stackable and member.signature() is not None
+            and type(member).forward is Method.forward and type(member).class_logits is Method.class_logits)
+
+
+def loss_groups(members):
+    """Lists of member indices whose loss terms one call computes for all: members
+    that `shares_loss` of one method class, signature and options (e.g. KD cells
+    that differ in T and alpha), in member order; every other member alone."""
+    groups = {}
+    for index, member in enumerate(members):
+        key = (type(member), member.signature(), getattr(member, "options", None)) if shares_loss(member) else index
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+class _Output:
+    """Stands in for a model inside a method's loss: returns given outputs, whatever the input."""
+
+    def __init__(self, output):
+        self.output = output
+
+    def __call__(self, x, training=False):
+        return self.output
+
+
+def _on_output(method, output):
+    """A copy of `method` whose model returns `output`."""
+    view = copy.copy(method)
+    view.model = _Output(output)
+    return view
+
+
 class Fused(Method):
     """`members` (methods on distinct models) trained together.
 
@@ -56,6 +96,7 @@ class Fused(Method):
         self.prefixes = tuple(f"{i}/" for i in range(len(self.members)))
         self.term_names = tuple(p + t for p, m in zip(self.prefixes, self.members) for t in m.term_names)
         self.extra_layers = tuple(layer for m in self.members for layer in m.extra_layers)
+        self.groups = loss_groups(self.members)
 
     @property
     def trainable_variables(self):
@@ -66,9 +107,37 @@ class Fused(Method):
 
     def loss_terms(self, batch, training=True):
         """Each member's loss terms and class logits, keyed by its prefix."""
+        return self.grouped_terms(batch, training)
+
+    def grouped_terms(self, batch, training, outputs=None):
+        """`loss_terms` from each of `groups`: a group of members that share a loss
+        computes it once, on their `(members, batch, classes)` outputs and `(members,)`
+        runtime settings (`Method.stackable`), and splits the `(members,)` terms; any
+        other member computes its own. `outputs`: every member's stacked outputs
+        (`Stacked`); None: each member's model runs on `batch["x"]`."""
+        by_member = {}
+        for indices in self.groups:
+            first = self.members[indices[0]]
+            if not shares_loss(first):  # alone in its group
+                method = first if outputs is None else _on_output(first, outputs[indices[0]])
+                by_member[indices[0]] = method.loss_terms(batch, training=training)
+                continue
+            if outputs is None:
+                group_outputs = tf.stack([self.members[i].model(batch["x"], training=training) for i in indices])
+            elif indices == list(range(indices[0], indices[-1] + 1)):
+                group_outputs = outputs[indices[0]:indices[-1] + 1]
+            else:
+                group_outputs = tf.gather(outputs, indices)
+            group = _on_output(first, group_outputs)
+            for name in first.runtime_settings:
+                setattr(group, name, tf.stack([tf.cast(getattr(self.members[i], name), tf.float32) for i in indices]))
+            group_terms, group_logits = group.loss_terms(batch, training=training)
+            for position, index in enumerate(indices):
+                by_member[index] = ({name: value[position] for name, value in group_terms.items()},
+                                    group_logits[position])
         terms, logits = {}, {}
-        for prefix, member in zip(self.prefixes, self.members):
-            member_terms, logits[prefix] = member.loss_terms(batch, training=training)
+        for index, prefix in enumerate(self.prefixes):
+            member_terms, logits[prefix] = by_member[index]
             terms.update({prefix + name: value for name, value in member_terms.items()})
         return terms, logits
 
@@ -246,36 +315,11 @@ def _each(fn, h):
     return [fn(member) for member in h] if isinstance(h, list) else fn(h)
 
 
-class _Output:
-    """Stands in for a member's model inside its loss: returns that member's slice
-    of the stacked output, whatever the input."""
-
-    def __init__(self, output):
-        self.output = output
-
-    def __call__(self, x, training=False):
-        return self.output
-
-
-def loss_groups(members):
-    """Lists of member indices whose loss terms one call computes for all (`Stacked`):
-    members of one `stackable` method class, signature and options (e.g. KD cells
-    that differ in T and alpha), in member order; every other member alone."""
-    groups = {}
-    for index, member in enumerate(members):
-        shared = member.stackable and member.signature() is not None
-        key = (type(member), member.signature(), getattr(member, "options", None)) if shared else index
-        groups.setdefault(key, []).append(index)
-    return list(groups.values())
-
-
 class Stacked(Fused):
     """`Fused` members (`can_stack`) whose weights live in one `StackedDense`: the
     method's `model`, what is trained and saved in epoch states. Each member's loss
-    terms are its own method's, on its slice of the stacked logits: for a group of
-    `loss_groups` one call of the method's `loss_terms` on the group's slices and
-    settings, whose `(members,)` terms are split per member (a graph the size of
-    one member's). `sync_members` copies the trained weights into the members' models."""
+    terms are its own method's, on its slice of the stacked logits (`grouped_terms`).
+    `sync_members` copies the trained weights into the members' models."""
 
     form = "stacked"
 
@@ -284,7 +328,6 @@ class Stacked(Fused):
         if not can_stack(self.members):
             raise ValueError("these members cannot be stacked (see common.fused.can_stack); use Fused")
         self.model = StackedDense([m.model for m in self.members], batched=batched)
-        self.groups = loss_groups(self.members)
 
     @property
     def trainable_variables(self):
@@ -295,28 +338,7 @@ class Stacked(Fused):
         return {prefix: outputs[index] for index, prefix in enumerate(self.prefixes)}
 
     def loss_terms(self, batch, training=True):
-        outputs = self.model(batch["x"], training=training)
-        by_member = {}
-        for indices in self.groups:
-            member = self.members[indices[0]]
-            view = copy.copy(member)
-            if not member.stackable:  # a group of one
-                view.model = _Output(outputs[indices[0]])
-                by_member[indices[0]] = view.loss_terms(batch, training=training)
-                continue
-            contiguous = indices == list(range(indices[0], indices[-1] + 1))
-            view.model = _Output(outputs[indices[0]:indices[-1] + 1] if contiguous else tf.gather(outputs, indices))
-            for name in member.runtime_settings:
-                setattr(view, name, tf.stack([tf.cast(getattr(self.members[i], name), tf.float32) for i in indices]))
-            group_terms, group_logits = view.loss_terms(batch, training=training)
-            for position, index in enumerate(indices):
-                by_member[index] = ({name: value[position] for name, value in group_terms.items()},
-                                    group_logits[position])
-        terms, logits = {}, {}
-        for index, prefix in enumerate(self.prefixes):
-            member_terms, logits[prefix] = by_member[index]
-            terms.update({prefix + name: value for name, value in member_terms.items()})
-        return terms, logits
+        return self.grouped_terms(batch, training, self.model(batch["x"], training=training))
 
     def sync_members(self):
         self.model.store([m.model for m in self.members])
