@@ -11,7 +11,7 @@ alone. The members train in one compiled step per batch: one input pipeline,
 one dispatch, one evaluation pass for all. Members whose method is the same but
 for its runtime settings (KD cells: T and alpha) compute their loss in one call
 on their stacked logits (`loss_groups`), so the step's loss graph is one
-member's, not one per member; its gradients are those of the separate losses.
+member's, not one per member; its gradients are the separate losses' (up to float rounding).
 
 `Stacked`, the other form, is for members that are models of one Dense-only
 architecture (Task 1's MLP student) whose losses read only their logits: it keeps

@@ -172,9 +172,9 @@ class Task1(Recipes):
     def fuses_grid(self):
         """`--fuse-grid`: `on`, `stacked`, `off`, or `auto`: on unless under
         mixed_float16, whose loss scale the cells would share. Fused cells train
-        exactly as alone, and faster on a CPU too (1.50x for 6 cells on 2 cores;
-        README, Benchmark); stacked ones within float tolerance, slower than `on`
-        on that CPU."""
+        as alone (their gradients up to float rounding), and faster on a CPU too
+        (1.50x for 6 cells on 2 cores; README, Benchmark); stacked ones within
+        float tolerance, slower than `on` on a CPU."""
         if self.config.fuse_grid != "auto":
             return self.config.fuse_grid != "off"
         return self.config.precision != "mixed_float16"

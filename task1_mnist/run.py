@@ -27,9 +27,10 @@ def build_parser():
     parser.add_argument("--temperatures", type=cli.float_list, default=defaults.temperatures, help="grid temperatures, comma list")
     parser.add_argument("--alphas", type=cli.float_list, default=defaults.alphas, help="grid alphas, comma list")
     parser.add_argument("--fuse-grid", default=defaults.fuse_grid, choices=FUSE_GRID,
-                        help="train the grid's students together in one compiled step, each exactly as alone "
+                        help="train the grid's students together in one compiled step, each as alone "
                              "(auto: on, except under --precision mixed_float16); stacked: with their weights "
-                             "stacked, one batched matmul per layer for all (same updates within float tolerance)")
+                             "stacked, on a GPU one batched matmul per layer for all (same updates within float "
+                             "tolerance)")
     parser.add_argument("--subclasses", type=int, default=defaults.subclasses, help="subclasses per class for subclass KD")
     parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight, help="weight beta of the subclass auxiliary loss")
     parser.add_argument("--aux-temperature", type=float, default=defaults.aux_temperature, help="temperature tau of the subclass auxiliary loss")

@@ -158,3 +158,16 @@ def test_losses_of_stacked_members_are_each_members_loss():
         assert kd[k] == pytest.approx(float(losses.distillation_loss(teacher, students[k], float(temperature))),
                                       rel=1e-5)
     assert len(set(kd.round(4))) == 3  # the members' temperatures differ, so can their losses
+    # The gradients are each member's own, up to float rounding (vectorised over other shapes).
+    alphas = tf.constant([0.2, 0.5, 0.9])
+    logits = tf.Variable(students)
+    with tf.GradientTape() as tape:
+        together = tf.reduce_sum(alphas * losses.teacher_loss(labels, logits)
+                                 + (1 - alphas) * losses.distillation_loss(teacher, logits, tf.constant(temperatures)))
+    gradients = tape.gradient(together, logits).numpy()
+    for k, temperature in enumerate(temperatures):
+        member = tf.Variable(students[k])
+        with tf.GradientTape() as tape:
+            alone = alphas[k] * losses.teacher_loss(labels, member) + (1 - alphas[k]) * losses.distillation_loss(
+                teacher, member, tf.constant(temperature))
+        np.testing.assert_allclose(gradients[k], tape.gradient(alone, member).numpy(), rtol=1e-6, atol=1e-8)
