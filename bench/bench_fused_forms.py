@@ -2,11 +2,13 @@
 
 Builds `--cells` Task 1 MLP students (KD at the default grid's T and alpha, one
 seed), fuses them looped (`Fused`, `--fuse-grid on`) and stacked (`Stacked`,
-`--fuse-grid stacked`), and times each form's first training step (trace and,
-with XLA, compilation) and its steady steps on random MNIST-shaped batches of 256
-with random teacher logits, beside one student trained alone (the first cell) for
-reference, and counts the operations in each step's graph. All run in this one process, one after the other: alone, looped,
-stacked. Writes `bench/results/fused_forms.json` with the device.
+`--fuse-grid stacked`) with each kind of matrix product (`stacked_per_member`,
+the CPU default; `stacked_batched`, the GPU default), and times each form's first
+training step (trace and, with XLA, compilation) and its steady steps on random
+MNIST-shaped batches of 256 with random teacher logits, beside one student trained
+alone (the first cell) for reference, and counts the operations in each step's
+graph. All run in this one process, one after the other. Writes
+`bench/results/fused_forms.json` with the device.
 
     python bench/bench_fused_forms.py [--cells 18 --steps 30 --jit auto|on|off]
 """
@@ -14,6 +16,7 @@ stacked. Writes `bench/results/fused_forms.json` with the device.
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +36,7 @@ from common.results import write_json_atomic  # noqa: E402
 from task1_mnist.models import build_student  # noqa: E402
 
 TEMPERATURES, ALPHAS = (1.0, 2.0, 4.0, 16.0, 32.0, 64.0), (0.2, 0.5, 0.8)
+OPTIMIZERS = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
 
 
 def parse_args(argv=None):
@@ -40,13 +44,16 @@ def parse_args(argv=None):
     parser.add_argument("--cells", type=int, default=18, help="fused students (default 18, the course's grid)")
     parser.add_argument("--steps", type=int, default=30, help="steps timed after the first (default 30)")
     parser.add_argument("--jit", default="auto", choices=device.JIT, help="XLA as the task commands resolve it")
+    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                        help="adam (the tasks'; default) or sgd, to time the steps without Adam's update")
     parser.add_argument("--out", default=str(ROOT / "bench/results/fused_forms.json"))
     return parser.parse_args(argv)
 
 
-def time_form(name, form, cells, batches, jit):
-    """`{"first_step_s", "step_ms"}` of `cells` ((T, alpha) pairs) fused in `form`, or
-    of the first cell's student alone when `form` is None."""
+def time_form(name, form, cells, batches, jit, optimizer="adam"):
+    """`{"first_step_s", "step_ms", "graph_ops"}` of `cells` ((T, alpha) pairs) fused
+    by `form` (members -> method), or of the first cell's student alone when `form`
+    is None."""
     students = []
     for index in range(len(cells)):
         runs.set_seed(0)
@@ -54,8 +61,8 @@ def time_form(name, form, cells, batches, jit):
             students.append(build_student())
     members = [methods.Distillation(s, t, a) for s, (t, a) in zip(students, cells)]
     method = form(members) if form is not None else members[0]
-    step, means = training.make_train_step(method, keras.optimizers.Adam(1e-3),
-                                              element_spec=batches.element_spec, jit=jit)
+    step, means = training.make_train_step(method, OPTIMIZERS[optimizer](1e-3),
+                                           element_spec=batches.element_spec, jit=jit)
     iterator = iter(batches)
     start = time.perf_counter()
     step(next(iterator))
@@ -90,13 +97,16 @@ def main(argv=None):
                                    "y": rng.integers(0, 10, n).astype(np.int32),
                                    "teacher_logits": rng.normal(size=(n, 10)).astype(np.float32)}, 256)
     forms = {}
-    for name, form, members in (("alone", None, cells[:1]), ("looped", Fused, cells), ("stacked", Stacked, cells)):
-        forms[name] = time_form(name, form, members, batches, jit)
+    for name, form, members in (("alone", None, cells[:1]), ("looped", Fused, cells),
+                                ("stacked_per_member", partial(Stacked, batched=False), cells),
+                                ("stacked_batched", partial(Stacked, batched=True), cells)):
+        forms[name] = time_form(name, form, members, batches, jit, args.optimizer)
         print(f"{name}: first step {forms[name]['first_step_s']:.2f} s, "
               f"then {forms[name]['step_ms']:.1f} ms per step; {forms[name]['graph_ops']} graph ops", flush=True)
     result = {"benchmark": "fused grid forms: first step and steady steps",
               "command": "python bench/bench_fused_forms.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "settings": {"cells": args.cells, "steps": args.steps, "jit": jit, "batch_size": 256},
+              "settings": {"cells": args.cells, "steps": args.steps, "jit": jit, "batch_size": 256,
+                           "optimizer": args.optimizer},
               "environment": runs.environment(), "forms": forms}
     write_json_atomic(args.out, result)
     print(f"written to {args.out}")

@@ -189,8 +189,8 @@ STACKABLE_LAYERS = (keras.layers.InputLayer, keras.layers.Flatten, keras.layers.
 def can_stack(members):
     """Whether `Stacked` can train `members`: Sequential models of one structure made
     of Flatten (first only; without it the input must be `(batch, features)`), Dense
-    (plain: no LoRA, not quantized) and Activation layers, and methods whose loss reads only the model's logits (no overridden
-    forward, features or extra layers)."""
+    (plain: no LoRA, not quantized) and Activation layers, and methods whose loss
+    reads only the model's logits (no overridden forward, features or extra layers)."""
     models = [m.model for m in members]
     if not all(isinstance(model, keras.Sequential) for model in models):
         return False
@@ -217,8 +217,7 @@ def can_stack(members):
 def batched_products():
     """Whether `StackedDense` runs a layer as one batched matrix product for all members
     (one kernel: GPUs) rather than one product per member (CPUs, where TensorFlow's
-    batched product is slower: 340 against 260-280 ms for an 18-student MLP step
-    on 2 cores)."""
+    batched product is the slower: `bench/bench_fused_forms.py`)."""
     return bool(tf.config.list_physical_devices("GPU"))
 
 

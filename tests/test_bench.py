@@ -35,11 +35,12 @@ def test_bench_fused_forms_smoke(tmp_path):
     out = tmp_path / "forms.json"
     assert bench_fused_forms.main(["--cells", "2", "--steps", "2", "--jit", "off", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["forms"]) == {"alone", "looped", "stacked"} and result["settings"]["cells"] == 2
     forms = result["forms"]
-    assert all(f["first_step_s"] > 0 and f["step_ms"] > 0 for f in forms.values())
-    # The stacked step holds one student's graph and one loss for both cells.
-    assert forms["alone"]["graph_ops"] < forms["stacked"]["graph_ops"] < forms["looped"]["graph_ops"]
+    assert set(forms) == {"alone", "looped", "stacked_per_member", "stacked_batched"}
+    assert result["settings"]["cells"] == 2 and all(f["first_step_s"] > 0 and f["step_ms"] > 0 for f in forms.values())
+    # A stacked step holds one student's graph and one loss for both cells.
+    for stacked in ("stacked_per_member", "stacked_batched"):
+        assert forms["alone"]["graph_ops"] < forms[stacked]["graph_ops"] < forms["looped"]["graph_ops"]
 
 
 def test_bench_finetune_smoke(tmp_path, mhist_dir):

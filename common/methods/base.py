@@ -28,7 +28,7 @@ class Method:
     extra_layers = ()
     prefixes = ("",)  # keys of `class_logits` when it returns a dict (several models, `common.fused`)
     runtime_settings = ()  # float attributes a shared step reads as variables (`rebind`)
-    # Whether `loss_terms` broadcasts over stacked members (`common.fused.Stacked`):
+    # Whether `loss_terms` broadcasts over fused members (`common.fused.loss_groups`):
     # given a model that returns `(members, batch, classes)` logits and each of
     # `runtime_settings` as a `(members,)` tensor, every term comes back `(members,)`.
     # A subclass that changes the loss must declare it again.
