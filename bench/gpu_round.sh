@@ -11,7 +11,7 @@
 # extra flags in $T2_FLAGS), startup (seconds to import TensorFlow, run a first GPU op, a first
 # convolution and a first XLA compilation), t1short (Task 1 teacher, kd, scratch, 2 epochs: the
 # compile cost is the first epoch less the second), fusedforms (bench_fused_forms: the looped and
-# stacked fused grid's first and later steps, 18 cells), t1stacked (Task 1 core with --fuse-grid stacked),
+# stacked fused grid's first and later steps and graph sizes, 18 cells, both kinds of stacked products), t1stacked (Task 1 core with --fuse-grid stacked),
 # t1times (per-run times of the t1 folder; t2 prints its own).
 # $TAG is appended to step names, so a step can run under several environments
 # (e.g. XLA_FLAGS) in one round. Appends one line per step to $OUT/summary.txt (exit status,
