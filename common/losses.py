@@ -64,11 +64,10 @@ def distillation_loss(teacher_logits, student_logits, temperature):
     number, or a float32 tensor (a shared step's runtime setting, checked when set):
     a scalar, or `(members,)` for `(members, batch, classes)` student logits.
     """
-    if tf.is_tensor(temperature):
-        temperature = tf.cast(temperature, tf.float32)
-        scale = temperature[:, None, None] if temperature.shape.rank else temperature  # per member
-    else:
-        temperature = scale = validate_temperature(temperature)
+    if not tf.is_tensor(temperature):
+        temperature = validate_temperature(temperature)
+    temperature = tf.cast(temperature, tf.float32)  # T and T² in float32 however T is given
+    scale = temperature[:, None, None] if temperature.shape.rank else temperature  # per member
     teacher_log_probs = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / scale)
     student_log_probs = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / scale)
     kl = tf.reduce_sum(

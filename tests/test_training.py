@@ -448,3 +448,16 @@ def test_a_shared_predictor_gives_each_model_its_own_logits():
         predictor = spaces.predictor(methods.CrossEntropy(model), strategy)
         assert predictor is space.predictor and len(spaces) == 2
         np.testing.assert_allclose(predictor(x).numpy(), model(x).numpy(), rtol=1e-6)
+
+
+def test_kd_weights_are_the_same_for_a_number_a_variable_and_a_vector_of_cells():
+    # 1 - 0.8 is 0.2 rounded once from a float64 number, but 0.19999999 from a float32 0.8:
+    # every path takes the float32 one, so a lone run, a shared step and a fused cell agree.
+    arrays = blobs(16)
+    batch = {**arrays, "teacher_logits": np.asarray(tiny_model(1)(arrays["x"]))}
+    student = tiny_model(0)
+    number = methods.Distillation(student, temperature=3.0, alpha=0.8)
+    variable = number.rebind(student)  # T and alpha as float32 variables (common.workspaces)
+    terms = [method.loss_terms(batch, training=False)[0] for method in (number, variable)]
+    for name in ("ce", "kd"):
+        assert float(terms[0][name]) == float(terms[1][name]), name

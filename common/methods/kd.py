@@ -6,6 +6,8 @@ z_s, z_t: student and teacher logits; T: `--temperature`; α: `--alpha`. The los
 functions are `common.losses.teacher_loss` and `common.losses.distillation_loss`.
 """
 
+import tensorflow as tf
+
 from common import losses
 from common.methods.base import Distiller
 
@@ -40,9 +42,11 @@ class Distillation(Distiller):
 
     def loss_terms(self, batch, training=True):
         outputs, logits = self.forward(batch["x"], training=training)
+        # In float32 whether alpha is a number, a variable or fused cells' vector: the same weights each way.
+        alpha = tf.cast(self.alpha, tf.float32)
         return {
-            "ce": self.alpha * losses.teacher_loss(batch["y"], logits),
-            "kd": (1.0 - self.alpha) * losses.distillation_loss(self.teacher_logits(batch), outputs, self.temperature),
+            "ce": alpha * losses.teacher_loss(batch["y"], logits),
+            "kd": (1.0 - alpha) * losses.distillation_loss(self.teacher_logits(batch), outputs, self.temperature),
         }, logits
 
 
