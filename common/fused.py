@@ -41,12 +41,16 @@ class Members(keras.layers.Layer):
         self.models = list(models)
 
 
+def reads_model_output(member):
+    """Whether `member`'s class logits are its model's output (`Method.forward` and
+    `Method.class_logits` not overridden)."""
+    return type(member).forward is Method.forward and type(member).class_logits is Method.class_logits
+
+
 def shares_loss(member):
     """Whether `member`'s loss can be computed with others' in one call: its method
-    is `stackable`, its step is shareable (a signature) and it reads its model's
-    output as `Method.forward` does."""
-    return (member.stackable and member.signature() is not None
-            and type(member).forward is Method.forward and type(member).class_logits is Method.class_logits)
+    is `stackable`, its step is shareable (a signature) and `reads_model_output`."""
+    return member.stackable and member.signature() is not None and reads_model_output(member)
 
 
 def loss_groups(members):
@@ -207,7 +211,7 @@ def can_stack(members):
     if len(structures) != 1 or None in structures:
         return False
     for member in members:
-        if type(member).forward is not Method.forward or type(member).class_logits is not Method.class_logits:
+        if not reads_model_output(member):
             return False
         if member.extra_layers or (isinstance(member, Distiller) and set(member.student_outputs) != {"logits"}):
             return False
