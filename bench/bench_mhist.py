@@ -12,7 +12,9 @@ one process, at one image size:
   live teacher on every step (what `keras.distillation.Distiller` does).
 
 Epoch seconds are steady-state (the first epoch, which traces the step, is left
-out) and exclude evaluation. Writes `bench/results/mhist.json`.
+out) and exclude evaluation; each figure also has its cores busy (process CPU
+seconds / wall seconds), since an epoch that ran on fewer cores is not comparable.
+Writes `bench/results/mhist.json`.
 
     python -m task2_mhist.synthetic --out /tmp/mhist --annotations ../shared/data/mhist/annotations.csv
     python bench/bench_mhist.py --data-dir /tmp/mhist --image-size 224 --limit 512
@@ -52,9 +54,11 @@ def parse_args(argv=None):
 
 
 def timed(function):
-    start = time.perf_counter()
+    """`(wall seconds, cores busy, value)` of `function()`."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     value = function()
-    return time.perf_counter() - start, value
+    seconds = time.perf_counter() - start
+    return seconds, (time.process_time() - cpu_start) / seconds, value
 
 
 def main(argv=None):
@@ -74,29 +78,32 @@ def main(argv=None):
             models.set_base_trainable(model, False)
             return model
 
-        def steady_epoch_seconds(method, data):
+        def steady_epochs(method, data):
+            """Mean seconds of the epochs after the first, and their cores busy."""
             history = training.fit(method, data, epochs=args.epochs, optimizer=keras.optimizers.Adam(1e-4),
-                                   prepare=mhist.show)
-            return sum(h["seconds"] for h in history[1:]) / (args.epochs - 1)
+                                   prepare=mhist.show)[1:]
+            seconds = sum(h["seconds"] for h in history)
+            return seconds / len(history), sum(h["cpu_seconds"] for h in history) / seconds
 
         print(f"feature extraction, {args.epochs} epochs of {n} images at {args.image_size} px ...", flush=True)
-        images_epoch = steady_epoch_seconds(methods.CrossEntropy(frozen_teacher()), task.train_dataset(extra))
+        images_epoch, images_cores = steady_epochs(methods.CrossEntropy(frozen_teacher()), task.train_dataset(extra))
         teacher = frozen_teacher()
-        features_seconds, features = timed(lambda: task.base_features(teacher))
+        features_seconds, features_cores, features = timed(lambda: task.base_features(teacher))
         head = models.split_at_base(teacher)[1]
-        features_epoch = steady_epoch_seconds(methods.CrossEntropy(head), task.train_dataset(extra, features=features["train"]))
+        features_epoch, features_epoch_cores = steady_epochs(methods.CrossEntropy(head),
+                                                             task.train_dataset(extra, features=features["train"]))
 
         print(f"KD student, {args.epochs} fine-tuning epochs each way ...", flush=True)
-        logits_seconds, logits = timed(lambda: task.per_view_outputs(teacher, "[teacher] logits"))
+        logits_seconds, logits_cores, logits = timed(lambda: task.per_view_outputs(teacher, "[teacher] logits"))
 
         def kd_epoch(live_teacher):
             runs.set_seed(0)
             student = models.build(models.STUDENT, "none", args.image_size)
             method = methods.Distillation(student, 4.0, 0.5, teacher=teacher if live_teacher else None)
             arrays = extra if live_teacher else {**extra, "teacher_logits": logits}
-            return steady_epoch_seconds(method, task.train_dataset(arrays))
+            return steady_epochs(method, task.train_dataset(arrays))
 
-        cached_kd, live_kd = kd_epoch(False), kd_epoch(True)
+        (cached_kd, cached_cores), (live_kd, live_cores) = kd_epoch(False), kd_epoch(True)
 
     saved_per_epoch = images_epoch - features_epoch
     result = {
@@ -110,6 +117,8 @@ def main(argv=None):
             "seconds_to_cache_features": features_seconds,
             "seconds_per_epoch_on_features": features_epoch,
             "break_even_epochs": features_seconds / saved_per_epoch if saved_per_epoch > 0 else None,
+            "cores_busy": {"epoch_on_images": images_cores, "caching_features": features_cores,
+                           "epoch_on_features": features_epoch_cores},
         },
         "kd_student_finetune": {
             "seconds_to_cache_teacher_logits": logits_seconds,
@@ -117,6 +126,8 @@ def main(argv=None):
             "seconds_per_epoch_live_teacher": live_kd,
             "speedup_per_epoch": live_kd / cached_kd,
             "break_even_epochs": logits_seconds / (live_kd - cached_kd) if live_kd > cached_kd else None,
+            "cores_busy": {"caching_teacher_logits": logits_cores, "epoch_cached_logits": cached_cores,
+                           "epoch_live_teacher": live_cores},
         },
         "peak_rss_mib": runs.peak_rss_mib(),
     }
@@ -128,20 +139,27 @@ def main(argv=None):
 
 def format_table(result):
     fe, kd = result["feature_extraction"], result["kd_student_finetune"]
+    fe_cores, kd_cores = fe["cores_busy"], kd["cores_busy"]
+    views = result["settings"]["views"]
+    rows = [
+        ("teacher FE epoch on images", fe["seconds_per_epoch_on_images"], fe_cores["epoch_on_images"]),
+        (f"teacher base features, once ({views} views + test)", fe["seconds_to_cache_features"],
+         fe_cores["caching_features"]),
+        ("teacher FE epoch on cached features", fe["seconds_per_epoch_on_features"], fe_cores["epoch_on_features"]),
+        (f"teacher logits, once ({views} views)", kd["seconds_to_cache_teacher_logits"],
+         kd_cores["caching_teacher_logits"]),
+        ("student KD fine-tuning epoch, cached logits", kd["seconds_per_epoch_cached_logits"],
+         kd_cores["epoch_cached_logits"]),
+        ("student KD fine-tuning epoch, live teacher", kd["seconds_per_epoch_live_teacher"],
+         kd_cores["epoch_live_teacher"]),
+    ]
     return "\n".join([
-        "| | seconds |", "|---|---:|",
-        f"| teacher FE epoch on images | {fe['seconds_per_epoch_on_images']:.1f} |",
-        f"| teacher base features, once ({result['settings']['views']} views + test) | "
-        f"{fe['seconds_to_cache_features']:.1f} |",
-        f"| teacher FE epoch on cached features | {fe['seconds_per_epoch_on_features']:.2f} |",
-        f"| teacher logits, once ({result['settings']['views']} views) | {kd['seconds_to_cache_teacher_logits']:.1f} |",
-        f"| student KD fine-tuning epoch, cached logits | {kd['seconds_per_epoch_cached_logits']:.1f} |",
-        f"| student KD fine-tuning epoch, live teacher | {kd['seconds_per_epoch_live_teacher']:.1f} |",
+        "| | seconds | cores busy |", "|---|---:|---:|",
+        *(f"| {name} | {seconds:.2f} | {cores:.2f} |" for name, seconds, cores in rows),
         "",
         f"FE break-even: {fe['break_even_epochs'] or float('nan'):.1f} epochs; KD per-epoch speed-up "
         f"{kd['speedup_per_epoch']:.2f}x, break-even {kd['break_even_epochs'] or float('nan'):.1f} epochs",
     ])
-
 
 if __name__ == "__main__":
     sys.exit(main())

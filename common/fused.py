@@ -151,7 +151,7 @@ class Fused(Method):
     def member_history(self, history, index):
         """Member `index`'s per-epoch records from the fused ones: its terms, `loss`
         (their sum), `train_accuracy` and held-out metrics under their plain names;
-        `seconds` and `eval_seconds` are its equal share of the fused epoch's."""
+        `seconds`, `cpu_seconds` and `eval_seconds` are its equal share of the fused epoch's."""
         prefix, member = self.prefixes[index], self.members[index]
         records = []
         for fused in history:
@@ -160,7 +160,7 @@ class Fused(Method):
             record["loss"] = float(sum(record[name] for name in member.term_names))
             record.update({k[len(prefix):]: v for k, v in fused.items()
                            if k.startswith(prefix) and k[len(prefix):] not in record})
-            for key in ("seconds", "eval_seconds"):
+            for key in ("seconds", "cpu_seconds", "eval_seconds"):
                 if key in fused:
                     record[key] = fused[key] / len(self.members)
             if fused.get("resumed"):

@@ -238,8 +238,9 @@ def fit(
 
     Returns:
       The history: one dict per epoch with `epoch` (1-based), each loss term,
-      `loss`, `train_accuracy`, `seconds` (train time) and, with `evaluate`, its
-      metrics and `eval_seconds`.
+      `loss`, `train_accuracy`, `seconds` (train time), `cpu_seconds` (the
+      process's CPU time over it, every thread: `cpu_seconds / seconds` is how
+      many cores were busy) and, with `evaluate`, its metrics and `eval_seconds`.
 
     Raises:
       TrainingDiverged: an epoch's mean loss is NaN or infinite; that epoch is
@@ -280,7 +281,7 @@ def fit(
     try:
         for epoch in range(len(history) + 1, int(epochs) + 1):
             means.reset_state()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if steps_per_call == 1:
                 for batch in batches:
                     step(batch)
@@ -291,6 +292,7 @@ def fit(
             record = {"epoch": epoch}
             record.update({name: float(value) for name, value in means.result().items()})
             record["seconds"] = time.perf_counter() - start
+            record["cpu_seconds"] = time.process_time() - cpu_start
             if not math.isfinite(record["loss"]):
                 raise TrainingDiverged(
                     f"training diverged: the loss is {record['loss']} in epoch {epoch}/{epochs}; "

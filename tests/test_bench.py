@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (tiny settings) and write their figures."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,3 +71,17 @@ def test_bench_shared_steps_smoke(tmp_path, mhist_dir):
     assert runs <= set(result["shared"]["runs"]) and set(result["shared"]["runs"]) == set(result["not_shared"]["runs"])
     assert all(result["same_test_auc"].values())  # sharing the compiled step changes no result
     assert result["shared"]["wall_s"] > 0 and "--no-share-steps" in result["not_shared"]["command"]
+
+
+def test_bench_mhist_smoke(tmp_path, mhist_dir, tiny_architectures):
+    import bench_mhist
+
+    out = tmp_path / "mhist.json"
+    argv = ["--data-dir", str(mhist_dir), "--image-size", "32", "--limit", "16", "--epochs", "2", "--out", str(out)]
+    assert bench_mhist.main(argv) == 0
+    result = json.loads(out.read_text())
+    for part in ("feature_extraction", "kd_student_finetune"):
+        assert all(seconds > 0 for name, seconds in result[part].items() if name.startswith("seconds"))
+        # process CPU seconds per wall second: more than none, at most every core
+        assert all(0 < cores <= os.cpu_count() + 0.5 for cores in result[part]["cores_busy"].values())
+    assert "cores busy" in bench_mhist.format_table(result)

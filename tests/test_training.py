@@ -38,7 +38,9 @@ def test_fit_learns_and_records_history():
         log=lines.append,
     )
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert set(history[0]) >= {"loss", "ce", "train_accuracy", "test_accuracy", "seconds"}
+    assert set(history[0]) >= {"loss", "ce", "train_accuracy", "test_accuracy", "seconds", "cpu_seconds"}
+    # The process's CPU time over each epoch's training: at most every core busy for its wall time.
+    assert all(0 < h["cpu_seconds"] <= h["seconds"] * os.cpu_count() + 0.01 for h in history)
     assert history[-1]["test_accuracy"] > 0.95
     assert history[-1]["loss"] < history[0]["loss"]
     assert len(lines) == 3 and lines[0].startswith("epoch 1/3")
