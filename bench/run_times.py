@@ -1,5 +1,7 @@
 """Per-run times of a results folder: wall seconds, first epoch (trace, compile, one
-epoch) and the mean of the later epochs, from each run's `metrics.json`.
+epoch), the mean of the later epochs and how many cores they kept busy (process CPU
+seconds over wall seconds; on a GPU machine a high figure means a host-bound step),
+from each run's `metrics.json`.
 
     python bench/run_times.py results/task1
 """
@@ -10,20 +12,27 @@ from pathlib import Path
 
 
 def run_times(folder):
-    """`[(run, wall_s, first_epoch_s, later_epoch_s or None)]`, by run name."""
+    """`[(run, wall_s, first_epoch_s, later_epoch_s, later_cores_busy)]` by run name; the
+    last three are None where there is no such epoch (or, for cores, no `cpu_seconds`:
+    records written before it was kept)."""
     rows = []
     for path in sorted(Path(folder).glob("*/metrics.json")):
         record = json.loads(path.read_text())
-        seconds = [epoch["seconds"] for epoch in record.get("history", [])]
-        later = sum(seconds[1:]) / (len(seconds) - 1) if len(seconds) > 1 else None
-        rows.append((record["run"], record["wall_seconds"], seconds[0] if seconds else None, later))
+        history = record.get("history", [])
+        later = history[1:]
+        later_s = sum(epoch["seconds"] for epoch in later)
+        cores = (sum(epoch["cpu_seconds"] for epoch in later) / later_s
+                 if later and later_s > 0 and all("cpu_seconds" in epoch for epoch in later) else None)
+        rows.append((record["run"], record["wall_seconds"], history[0]["seconds"] if history else None,
+                     later_s / len(later) if later else None, cores))
     return rows
 
 
 def main(folder):
-    for run, wall, first, later in run_times(folder):
+    for run, wall, first, later, cores in run_times(folder):
         text = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"  {run:<28} wall {wall:7.2f} s  first epoch {text(first)} s  later epochs {text(later)} s")
+        print(f"  {run:<28} wall {wall:7.2f} s  first epoch {text(first)} s  later epochs {text(later)} s"
+              f"  cores busy {text(cores)}")
 
 
 if __name__ == "__main__":

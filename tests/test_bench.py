@@ -85,3 +85,19 @@ def test_bench_mhist_smoke(tmp_path, mhist_dir, tiny_architectures):
         # process CPU seconds per wall second: more than none, at most every core
         assert all(0 < cores <= os.cpu_count() + 0.5 for cores in result[part]["cores_busy"].values())
     assert "cores busy" in bench_mhist.format_table(result)
+
+
+def test_run_times_of_a_results_folder(tmp_path):
+    import run_times
+
+    def write(run, history):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.json").write_text(json.dumps({"run": run, "wall_seconds": 9.5, "history": history}))
+
+    write("b-three-epochs", [{"seconds": 5.0, "cpu_seconds": 6.0}, {"seconds": 1.0, "cpu_seconds": 1.5},
+                             {"seconds": 3.0, "cpu_seconds": 4.5}])
+    write("a-one-epoch", [{"seconds": 2.0}])
+    assert run_times.run_times(tmp_path) == [
+        ("a-one-epoch", 9.5, 2.0, None, None),
+        ("b-three-epochs", 9.5, 5.0, 2.0, 1.5),  # later epochs: (1 + 3) / 2 s, (1.5 + 4.5) / (1 + 3) cores
+    ]
