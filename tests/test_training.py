@@ -452,9 +452,10 @@ def test_a_shared_predictor_gives_each_model_its_own_logits():
         np.testing.assert_allclose(predictor(x).numpy(), model(x).numpy(), rtol=1e-6)
 
 
-def test_kd_weights_are_the_same_for_a_number_a_variable_and_a_vector_of_cells():
+def test_kd_weights_are_the_same_for_a_number_and_a_variable():
     # 1 - 0.8 is 0.2 rounded once from a float64 number, but 0.19999999 from a float32 0.8:
-    # every path takes the float32 one, so a lone run, a shared step and a fused cell agree.
+    # every path takes the float32 one, so a lone run and a shared step agree (fused cells'
+    # vector: test_fused.py::test_fused_task1_students_match_their_lone_runs).
     arrays = blobs(16)
     batch = {**arrays, "teacher_logits": np.asarray(tiny_model(1)(arrays["x"]))}
     student = tiny_model(0)
