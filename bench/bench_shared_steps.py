@@ -53,10 +53,11 @@ def invoke(args, out, share):
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     runs = {}
-    for run, run_wall, first, later in run_times(out):
-        record = json.loads((Path(out) / run / "metrics.json").read_text())
-        runs[run] = {"wall_s": run_wall, "first_epoch_s": first, "later_epoch_s": later,
-                     "test_auc": record.get("test_auc")}
+    for times in run_times(out):
+        record = json.loads((Path(out) / times.run / "metrics.json").read_text())
+        runs[times.run] = {"wall_s": times.wall_s, "first_epoch_s": times.first_epoch_s,
+                           "later_epoch_s": times.later_epoch_s, "later_cores_busy": times.later_cores_busy,
+                           "test_auc": record.get("test_auc")}
     environment = record["environment"] if runs else {}
     return {"command": " ".join(command[1:]), "wall_s": wall, "runs": runs}, environment
 

@@ -9,12 +9,22 @@ from each run's `metrics.json`.
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple, Optional
+
+
+class RunTime(NamedTuple):
+    """One run's times in seconds; the last three are None where there is no such epoch
+    (or, for cores, no `cpu_seconds`: records written before it was kept)."""
+
+    run: str
+    wall_s: float
+    first_epoch_s: Optional[float]
+    later_epoch_s: Optional[float]
+    later_cores_busy: Optional[float]
 
 
 def run_times(folder):
-    """`[(run, wall_s, first_epoch_s, later_epoch_s, later_cores_busy)]` by run name; the
-    last three are None where there is no such epoch (or, for cores, no `cpu_seconds`:
-    records written before it was kept)."""
+    """`[RunTime]` of every run under `folder`, by run name."""
     rows = []
     for path in sorted(Path(folder).glob("*/metrics.json")):
         record = json.loads(path.read_text())
@@ -23,8 +33,8 @@ def run_times(folder):
         later_s = sum(epoch["seconds"] for epoch in later)
         cores = (sum(epoch["cpu_seconds"] for epoch in later) / later_s
                  if later and later_s > 0 and all("cpu_seconds" in epoch for epoch in later) else None)
-        rows.append((record["run"], record["wall_seconds"], history[0]["seconds"] if history else None,
-                     later_s / len(later) if later else None, cores))
+        rows.append(RunTime(record["run"], record["wall_seconds"], history[0]["seconds"] if history else None,
+                            later_s / len(later) if later else None, cores))
     return rows
 
 

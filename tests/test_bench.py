@@ -71,6 +71,7 @@ def test_bench_shared_steps_smoke(tmp_path, mhist_dir):
     assert runs <= set(result["shared"]["runs"]) and set(result["shared"]["runs"]) == set(result["not_shared"]["runs"])
     assert all(result["same_test_auc"].values())  # sharing the compiled step changes no result
     assert result["shared"]["wall_s"] > 0 and "--no-share-steps" in result["not_shared"]["command"]
+    assert all(run["later_cores_busy"] is None for run in result["shared"]["runs"].values())  # 1-epoch runs
 
 
 def test_bench_mhist_smoke(tmp_path, mhist_dir, tiny_architectures):
