@@ -44,7 +44,7 @@ def test_bench_fused_forms_smoke(tmp_path):
         assert forms["alone"]["graph_ops"] < forms[stacked]["graph_ops"] < forms["looped"]["graph_ops"]
 
 
-def test_bench_finetune_smoke(tmp_path, mhist_dir):
+def test_bench_finetune_smoke(tmp_path, mhist_dir, tiny_architectures):  # the wiring; real bases: test_task2
     import bench_finetune
 
     out = tmp_path / "finetune.json"
