@@ -36,6 +36,7 @@ cli.import_tensorflow_quietly()
 import keras  # noqa: E402
 
 from common import methods, runs, training  # noqa: E402
+from bench.run_times import later_epochs  # noqa: E402
 from common.results import write_json_atomic  # noqa: E402
 from task2_mhist import models  # noqa: E402
 from task2_mhist import data as mhist  # noqa: E402
@@ -80,10 +81,8 @@ def main(argv=None):
 
         def steady_epochs(method, data):
             """Mean seconds of the epochs after the first, and their cores busy."""
-            history = training.fit(method, data, epochs=args.epochs, optimizer=keras.optimizers.Adam(1e-4),
-                                   prepare=mhist.show)[1:]
-            seconds = sum(h["seconds"] for h in history)
-            return seconds / len(history), sum(h["cpu_seconds"] for h in history) / seconds
+            return later_epochs(training.fit(method, data, epochs=args.epochs, optimizer=keras.optimizers.Adam(1e-4),
+                                             prepare=mhist.show))
 
         print(f"feature extraction, {args.epochs} epochs of {n} images at {args.image_size} px ...", flush=True)
         images_epoch, images_cores = steady_epochs(methods.CrossEntropy(frozen_teacher()), task.train_dataset(extra))
@@ -160,6 +159,7 @@ def format_table(result):
         f"FE break-even: {fe['break_even_epochs'] or float('nan'):.1f} epochs; KD per-epoch speed-up "
         f"{kd['speedup_per_epoch']:.2f}x, break-even {kd['break_even_epochs'] or float('nan'):.1f} epochs",
     ])
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,18 +23,24 @@ class RunTime(NamedTuple):
     later_cores_busy: Optional[float]
 
 
+def later_epochs(history):
+    """`(mean seconds, cores busy)` of a `training.fit` history's epochs after the first
+    (which traces and compiles the step); each None where it cannot be told."""
+    later = history[1:]
+    seconds = sum(epoch["seconds"] for epoch in later)
+    cores = (sum(epoch["cpu_seconds"] for epoch in later) / seconds
+             if later and seconds > 0 and all("cpu_seconds" in epoch for epoch in later) else None)
+    return (seconds / len(later) if later else None), cores
+
+
 def run_times(folder):
     """`[RunTime]` of every run under `folder`, by run name."""
     rows = []
     for path in sorted(Path(folder).glob("*/metrics.json")):
         record = json.loads(path.read_text())
         history = record.get("history", [])
-        later = history[1:]
-        later_s = sum(epoch["seconds"] for epoch in later)
-        cores = (sum(epoch["cpu_seconds"] for epoch in later) / later_s
-                 if later and later_s > 0 and all("cpu_seconds" in epoch for epoch in later) else None)
         rows.append(RunTime(record["run"], record["wall_seconds"], history[0]["seconds"] if history else None,
-                            later_s / len(later) if later else None, cores))
+                            *later_epochs(history)))
     return rows
 
 
