@@ -109,6 +109,10 @@ class Fused(Method):
     def class_logits(self, x, training=False):
         return {p: m.class_logits(x, training=training) for p, m in zip(self.prefixes, self.members)}
 
+    def begin_epoch(self, epoch, epochs):
+        for member in self.members:
+            member.begin_epoch(epoch, epochs)
+
     def loss_terms(self, batch, training=True):
         """Each member's loss terms and class logits, keyed by its prefix."""
         return self.grouped_terms(batch, training)

@@ -103,6 +103,10 @@ class Recipes:
         run's final record keeps (e.g. a confusion matrix)."""
         raise NotImplementedError
 
+    def train_labels(self):
+        """`(n_train,)` integer class labels of the training examples, by example index."""
+        raise NotImplementedError
+
     def compute_targets(self, outputs_fn, name, tag):
         """`{target: array}` of `outputs_fn` (`x -> {target: tensor}`, a frozen model `name`
         and what a method caches of it, `tag` naming those targets) on every training
@@ -112,7 +116,7 @@ class Recipes:
     per_view = False  # whether cached teacher outputs have a views axis (Task 2's dihedral views)
 
     def feature_model(self, model):
-        """`x -> {"logits", "embedding", "spatial"}` sharing `model`'s layers (the task's models)."""
+        """`x -> {"logits", "embedding", "spatial", "hint"}` sharing `model`'s layers (the task's models)."""
         raise NotImplementedError
 
     def student_builder(self):
@@ -612,7 +616,7 @@ class MethodFactory:
     def __call__(self, model):
         r, s = self.recipes, self.settings
         context = methods.Context(
-            num_classes=r.num_classes, num_examples=r.num_train_examples(),
+            num_classes=r.num_classes, num_examples=r.num_train_examples(), labels=r.train_labels(),
             temperature=s.get("temperature", r.config.temperature), alpha=s.get("alpha", r.config.alpha),
             features=r.feature_model(model) if self.reads_features else None)
         if self.make is not None:

@@ -281,6 +281,7 @@ def fit(
     try:
         for epoch in range(len(history) + 1, int(epochs) + 1):
             means.reset_state()
+            method.begin_epoch(epoch, int(epochs))
             start, cpu_start = time.perf_counter(), time.process_time()
             if steps_per_call == 1:
                 for batch in batches:

@@ -65,6 +65,9 @@ class Task1(Recipes):
     def num_train_examples(self):
         return int(len(self.arrays["y_train"]))
 
+    def train_labels(self):
+        return self.arrays["y_train"]
+
     def feature_model(self, model):
         return models.feature_model(model)
 

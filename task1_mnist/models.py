@@ -3,7 +3,9 @@
 Feature layers, read by feature distillation methods (`feature_model`): the CNNs'
 `"spatial"` (last pooled feature map, 11x11x64 in the teacher) and `"embedding"`
 (the 128-unit hidden layer); the MLP's `"embedding"` (its second hidden layer)
-and `"hidden"` (its first, one unit per input pixel, read as a 28x28x1 map).
+and `"hidden"` (its first, one unit per input pixel, read as a 28x28x1 map:
+the MLP's `"spatial"`). FitNets' `"hint"` is each model's `"spatial"`: the
+middle of the CNN's four weight layers and of the MLP's three.
 """
 
 import keras
@@ -69,8 +71,9 @@ def build_student(num_outputs=NUM_CLASSES, name="student"):
 
 
 def feature_model(model):
-    """`x -> {"logits", "embedding", "spatial"}` sharing `model`'s layers (see above)."""
+    """`x -> {"logits", "embedding", "spatial", "hint"}` sharing `model`'s layers (see above)."""
     spatial = model.get_layer("spatial").output if any(l.name == "spatial" for l in model.layers) else \
         layers.Reshape(INPUT_SHAPE)(model.get_layer("hidden").output)
-    outputs = {"logits": model.outputs[0], "embedding": model.get_layer("embedding").output, "spatial": spatial}
+    outputs = {"logits": model.outputs[0], "embedding": model.get_layer("embedding").output, "spatial": spatial,
+               "hint": spatial}
     return keras.Model(model.inputs[0], outputs, name=f"{model.name}_features")

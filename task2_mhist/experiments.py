@@ -131,6 +131,9 @@ class Task2(Recipes):
     def num_train_examples(self):
         return len(self.splits["train"])
 
+    def train_labels(self):
+        return self.splits["train"].labels
+
     def feature_model(self, model):
         return models.feature_model(model)
 

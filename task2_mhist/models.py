@@ -159,14 +159,16 @@ def _layer_chain(model):
 
 def feature_model(model):
     """`x -> {"logits", "embedding": pooled features (batch, C), "spatial": the base's
-    last feature map (batch, h, w, C)}`, sharing `model`'s layers. (The chain is
-    called anew: a nested base's own `output` is that of its inner graph.)"""
+    last feature map (batch, h, w, C), "hint": FitNets' hint, the pooled features}`,
+    sharing `model`'s layers. (The chain is called anew: a nested base's own
+    `output` is that of its inner graph.)"""
     x = pixels = keras.Input(model.input_shape[1:])
     outputs = {}
     for layer in _layer_chain(model):
         x = layer(x)
         if layer.name in (BASE_NAME, POOLED):
             outputs["spatial" if layer.name == BASE_NAME else "embedding"] = x
+    outputs["hint"] = outputs["embedding"]
     return keras.Model(pixels, {"logits": x, **outputs}, name=f"{model.name}_features")
 
 

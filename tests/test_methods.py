@@ -75,14 +75,23 @@ def test_attention_map_and_loss_match_hand_values():
     teacher_map = np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32)
     q_s = np.array([5.0, 2.0, 0.0, 1.0]) / math.sqrt(25 + 4 + 0 + 1)
     q_t = np.array([1.0, 0.0, 0.0, 1.0]) / math.sqrt(2)
-    loss = at.attention_loss(tf.constant(teacher_map), at.attention_map(tf.constant(features)))
+    loss = at.attention_loss(tf.constant(teacher_map), tf.constant(features))
     assert float(loss) == pytest.approx(float(np.mean((q_s - q_t) ** 2)), rel=1e-5)
 
 
-def test_attention_loss_resizes_the_teacher_map():
-    student = tf.ones((2, 4, 4))
-    teacher = tf.ones((2, 2, 2))  # uniform either way: the same normalised map
-    assert float(at.attention_loss(teacher, student)) == pytest.approx(0.0, abs=1e-7)
+def test_adaptive_average_pool_takes_pytorch_windows():
+    # 5 -> 2 along an axis: PyTorch's windows are [0, 3) and [2, 5) (they overlap at 2)
+    np.testing.assert_allclose(at.adaptive_pool_matrix(5, 2), [[1 / 3, 1 / 3, 1 / 3, 0, 0], [0, 0, 1 / 3, 1 / 3, 1 / 3]],
+                               rtol=1e-6)
+    features = np.arange(2 * 5 * 4 * 3, dtype=np.float32).reshape(2, 5, 4, 3)
+    pooled = at.adaptive_average_pool(tf.constant(features), (2, 2)).numpy()
+    np.testing.assert_allclose(pooled[1, 1, 0], features[1, 2:5, 0:2].mean(axis=(0, 1)), rtol=1e-6)
+    assert at.adaptive_average_pool(tf.constant(features), (5, 4)) is not None
+
+
+def test_attention_refuses_a_teacher_map_larger_than_the_students():
+    with pytest.raises(ValueError, match="larger than the student's"):
+        at.check_sizes((14, 14), (7, 7))
 
 
 def hand_rkd(teacher, student):
@@ -152,7 +161,7 @@ def test_nce_loss_matches_hand_value():
 
 
 def test_crd_memory_moves_towards_the_batch_and_fixes_z_once():
-    memory = crd.ContrastMemory(num_examples=20, dim=4, temperature=0.5, negatives=6)
+    memory = crd.ContrastMemory(labels=np.arange(20) % 4, dim=4, temperature=0.5, negatives=6)
     memory.build_for(student_dim=5, teacher_dim=3)
     before = memory.student_memory.numpy().copy()
     student = tf.random.normal((3, 5), seed=1)

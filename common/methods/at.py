@@ -2,25 +2,59 @@
 
 For a feature map A ∈ R^{H×W×C} the spatial attention map is
 
-    F(A) = (1/C) Σ_c |A_c|^p          (p = 2),      Q = vec(F(A)) / ‖vec(F(A))‖₂
+    F(A) = (1/C) Σ_c A_c^p          (p = 2),      Q = vec(F(A)) / ‖vec(F(A))‖₂
 
 and, with the student's and teacher's last feature maps (`"spatial"`),
 
-    L = CE(y, softmax(z_s)) + (β / 2) · mean over examples and positions of (Q_S − Q_T)²
+    L = CE(y, softmax(z_s)) + β · mean over examples and positions of (Q_S − Q_T)²
 
-as in the authors' code (the paper writes the p-norm of Q_S − Q_T; β = 1000 there
-and here, `--at-weight`). When the maps differ in size, the teacher's attention is
-resized bilinearly to the student's before normalising. Task 1's MLP student has
-no feature map: its first hidden layer (one unit per input pixel) is read as a
-28×28 one-channel map, so AT teaches it where the teacher attends.
+β = 1000 (`--at-weight`). This is the objective of the reference code:
+mdistiller `mdistiller/distillers/AT.py` (`FEAT_WEIGHT` 1000 times
+`single_stage_at_loss`), RepDistiller `distiller_zoo/AT.py` (`-b 1000`) and the
+authors' `szagoruyko/attention-transfer` `cifar.py` (`opt.beta * at_loss`). The
+paper writes β/2 on the p-norm of Q_S − Q_T; the codes weight the mean by β.
+
+When the two maps differ in size, the larger feature map is average-pooled to
+the smaller one (PyTorch's `adaptive_avg_pool2d`, as mdistiller and RepDistiller
+do) before its attention map is taken. The teacher's attention maps are what is
+cached per example, so the teacher's map must be the smaller (or equal) one: the
+course's pairs are (Task 1: teacher 11×11, student 28×28; Task 2: both 7×7 at
+224 px); a larger teacher map is a one-line error.
+
+Task 1's MLP student has no feature map: its first hidden layer (one unit per
+input pixel) is read as a 28×28 one-channel map (pooled to the teacher's 11×11),
+so AT teaches it where the teacher attends.
 """
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 
 from common import losses
 from common.methods.base import Distiller
+
+
+def adaptive_pool_matrix(size_in, size_out):
+    """`(size_out, size_in)` float32 averaging weights of PyTorch's adaptive average
+    pooling along one axis: output i averages inputs floor(i·n/m) .. ceil((i+1)·n/m) − 1."""
+    matrix = np.zeros((size_out, size_in), np.float32)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_average_pool(features, size):
+    """`(batch, H, W, C)` -> `(batch, h, w, C)`, `size = (h, w)`: each output cell the
+    mean of its window (`adaptive_pool_matrix` on each axis); the input unchanged at
+    its own size."""
+    height, width = int(features.shape[1]), int(features.shape[2])
+    if (height, width) == tuple(size):
+        return features
+    rows = tf.constant(adaptive_pool_matrix(height, size[0]))
+    columns = tf.constant(adaptive_pool_matrix(width, size[1]))
+    return tf.einsum("ih,bhwc,jw->bijc", rows, tf.cast(features, tf.float32), columns)
 
 
 def attention_map(features, p=2.0):
@@ -28,33 +62,42 @@ def attention_map(features, p=2.0):
     return tf.reduce_mean(tf.pow(tf.abs(tf.cast(features, tf.float32)), p), axis=-1)
 
 
-def attention_loss(teacher_map, student_map):
-    """Mean squared difference of the L2-normalised, flattened maps; the teacher's
-    `(batch, H_t, W_t)` map is first resized to the student's `(batch, H_s, W_s)`."""
-    student_map = tf.cast(student_map, tf.float32)
-    teacher_map = tf.cast(teacher_map, tf.float32)
-    same = teacher_map.shape[1:].is_fully_defined() and teacher_map.shape[1:] == student_map.shape[1:]
-    if not same:  # (resizing to the same size would leave the map as it is)
-        resized = tf.image.resize(teacher_map[..., None], tf.shape(student_map)[1:3], method="bilinear")
-        teacher_map = resized[..., 0]
+def attention_distance(teacher_map, student_map):
+    """Mean squared difference of the L2-normalised, flattened `(batch, H, W)` maps
+    (of one size)."""
     batch = tf.shape(student_map)[0]
-    student_q = tf.math.l2_normalize(tf.reshape(student_map, (batch, -1)), axis=-1)
-    teacher_q = tf.math.l2_normalize(tf.reshape(teacher_map, (batch, -1)), axis=-1)
+    student_q = tf.math.l2_normalize(tf.reshape(tf.cast(student_map, tf.float32), (batch, -1)), axis=-1)
+    teacher_q = tf.math.l2_normalize(tf.reshape(tf.cast(teacher_map, tf.float32), (batch, -1)), axis=-1)
     return tf.reduce_mean(tf.square(student_q - teacher_q))
+
+
+def attention_loss(teacher_map, student_features):
+    """The unweighted AT distance of the teacher's `(batch, h, w)` attention map and
+    the student's `(batch, H, W, C)` feature map, pooled to h×w first (H, W >= h, w)."""
+    size = tuple(int(d) for d in teacher_map.shape[1:3])
+    return attention_distance(teacher_map, attention_map(adaptive_average_pool(student_features, size)))
+
+
+def check_sizes(teacher_size, student_size):
+    """Raises `ValueError` unless the teacher's cached map is no larger than the student's."""
+    if teacher_size[0] > student_size[0] or teacher_size[1] > student_size[1]:
+        raise ValueError(
+            f"at: the teacher's feature map ({teacher_size[0]}x{teacher_size[1]}) is larger than the "
+            f"student's ({student_size[0]}x{student_size[1]}); the reference pools the larger map, and only "
+            "the teacher's attention is cached: give the student a feature layer at least as large")
 
 
 @dataclasses.dataclass(frozen=True)
 class ATOptions:
-    weight: float = dataclasses.field(default=1000.0, metadata={"help": "beta; the loss is beta/2 times the map MSE"})
-
+    weight: float = dataclasses.field(default=1000.0, metadata={"help": "beta; the loss is beta times the map MSE"})
 
 
 class AttentionTransfer(Distiller):
-    """Logged terms: `ce` and `at` (already multiplied by β/2). The teacher's
+    """Logged terms: `ce` and `at` (already multiplied by β). The teacher's
     attention maps, not its feature maps, are what is cached per example."""
 
     name = "at"
-    summary = "attention transfer (Zagoruyko & Komodakis 2017): CE + beta/2 MSE of normalised attention maps"
+    summary = "attention transfer (Zagoruyko & Komodakis 2017): CE + beta MSE of normalised attention maps"
     Options = ATOptions
     term_names = ("ce", "at")
     teacher_outputs = ("spatial",)
@@ -68,11 +111,17 @@ class AttentionTransfer(Distiller):
     def target_names(cls):
         return ("attention",)
 
+    def build_extras(self, teacher_shapes):
+        if "attention" in teacher_shapes:
+            check_sizes(teacher_shapes["attention"][1:3], self.student_shapes()["spatial"][1:3])
+
     def loss_terms(self, batch, training=True):
         outputs = self.student(batch["x"], training)
-        at = attention_loss(self.targets(batch)["attention"], attention_map(outputs["spatial"]))
+        teacher_map = self.targets(batch)["attention"]
+        check_sizes(teacher_map.shape[1:3], outputs["spatial"].shape[1:3])
+        at = attention_loss(teacher_map, outputs["spatial"])
         return {"ce": losses.teacher_loss(batch["y"], outputs["logits"]),
-                "at": self.options.weight / 2.0 * at}, outputs["logits"]
+                "at": self.options.weight * at}, outputs["logits"]
 
 
 METHOD = AttentionTransfer

@@ -79,6 +79,12 @@ class Method:
         return format_epoch(record, epochs, self.term_names)
 
 
+    def begin_epoch(self, epoch, epochs):
+        """Called by `common.training.fit` before each epoch (1-based) of `epochs`,
+        resumed ones included: a method with a schedule (DKD's warm-up) sets its
+        variables here. Nothing by default."""
+
+
 class CrossEntropy(Method):
     """Supervised training on hard labels: a teacher, or a student from scratch."""
 
@@ -120,13 +126,16 @@ class Context:
     """What a method may need to know about its task and data.
 
     `num_classes`: classes of the labels; `num_examples`: training set size (for
-    memory banks indexed by `"index"`); `temperature`, `alpha`: the task's
+    memory banks indexed by `"index"`); `labels`: the `(num_examples,)` integer
+    class labels of the training set by `"index"` (CRD's negatives come from
+    other classes); `temperature`, `alpha`: the task's
     `--temperature` and `--alpha` (the KD settings every logit method shares);
     `features`: `x -> {output name: tensor}` of the student (see `Distiller`).
     """
 
     num_classes: int
     num_examples: int = 0
+    labels: object = None
     temperature: float = 4.0
     alpha: float = 0.5
     features: object = None
@@ -141,8 +150,9 @@ class Distiller(Method):
       Options: a frozen dataclass of the method's own hyperparameters (CLI flags
         `--<name>-<field>`), checked by `check_options` from each field's metadata.
       teacher_outputs / student_outputs: names of model outputs it reads, from
-        `"logits"`, `"embedding"` (the penultimate vector, `(batch, D)`) and
-        `"spatial"` (the last feature map, `(batch, H, W, C)`); a task model
+        `"logits"`, `"embedding"` (the penultimate vector, `(batch, D)`),
+        `"spatial"` (the last feature map, `(batch, H, W, C)`) and `"hint"`
+        (FitNets' hint / guided layer, a map or a vector); a task model
         exposes them through its feature model.
       uses: which shared settings it reads (`"temperature"`, `"alpha"`), part of
         its run identity.

@@ -13,8 +13,13 @@ DKD drops the coupling weight (1 − p^T_t) and weights the parts freely:
     L = CE(y, softmax(z_s)) + T² · (α · TCKD + β · NCKD)
 
 α = `--dkd-tckd-weight` (paper: 1), β = `--dkd-nckd-weight` (paper: 8), T =
-`--temperature` (paper: 4). The paper's linear warm-up of the KD part over the
-first 20 of 240 epochs is not used (the course trains 12 epochs).
+`--temperature` (paper: 4). As in the reference code (mdistiller
+`mdistiller/distillers/DKD.py`, `configs/cifar100/dkd/*.yaml`), the KD part is
+warmed up: in epoch e (1-based) it is scaled by min(e / W, 1), W = 20 epochs of a
+240-epoch schedule. Here W = `--dkd-warmup` × the epochs of the schedule being
+trained (default 20/240: the reference's share), so the warm-up keeps its place
+in a shorter schedule; 0 turns it off. In the course's 12 epochs W = 1 epoch,
+and the scale is 1 from the first epoch: the same objective as without warm-up.
 """
 
 import dataclasses
@@ -51,11 +56,20 @@ def dkd_parts(labels, student_logits, teacher_logits, temperature):
 class DKDOptions:
     tckd_weight: float = dataclasses.field(default=1.0, metadata={"help": "alpha, weight of target-class KD"})
     nckd_weight: float = dataclasses.field(default=8.0, metadata={"help": "beta, weight of non-target-class KD"})
+    warmup: float = dataclasses.field(default=20.0 / 240.0, metadata={
+        "help": "warm-up of the KD part, as a share of the schedule's epochs (the reference's 20 of 240); 0: none"})
+
+
+def warmup_scale(epoch, epochs, warmup):
+    """min(epoch / W, 1) with W = `warmup` × `epochs` (1 when W is 0)."""
+    length = warmup * epochs
+    return 1.0 if length <= 0 else min(epoch / length, 1.0)
 
 
 
 class DKD(Distiller):
-    """Logged terms: `ce`, `tckd` and `nckd` (each already weighted and scaled by T²)."""
+    """Logged terms: `ce`, `tckd` and `nckd` (each already weighted, warmed up and
+    scaled by T²)."""
 
     name = "dkd"
     summary = "decoupled KD (Zhao et al. 2022): CE + T^2 (a TCKD + b NCKD)"
@@ -63,11 +77,18 @@ class DKD(Distiller):
     term_names = ("ce", "tckd", "nckd")
     uses = ("temperature",)
 
+    def __init__(self, student, options=None, context=None, teacher=None):
+        super().__init__(student, options, context, teacher)
+        self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="dkd_warmup_scale")
+
+    def begin_epoch(self, epoch, epochs):
+        self.scale.assign(warmup_scale(epoch, epochs, self.options.warmup))
+
     def loss_terms(self, batch, training=True):
         logits = self.student(batch["x"], training)["logits"]
         temperature = self.context.temperature
         tckd, nckd = dkd_parts(batch["y"], logits, self.targets(batch)["logits"], temperature)
-        scale = temperature**2
+        scale = temperature**2 * self.scale
         return {"ce": losses.teacher_loss(batch["y"], logits),
                 "tckd": self.options.tckd_weight * scale * tckd,
                 "nckd": self.options.nckd_weight * scale * nckd}, logits
