@@ -11,7 +11,7 @@ skipped with a note in the summary, never a crash.
 import argparse
 import csv
 import json
-import re
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import methods  # noqa: E402
 from common.metrics import reliability, top1_agreement  # noqa: E402
 from common.results import ResultsStore, mean_std, seed_group  # noqa: E402
 
@@ -85,13 +86,60 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
-def grouped(records, metric):
-    """`{group: (mean, std, n, record)}` over seeds for records that have `metric`."""
+def grouped(records, metric, key=None):
+    """`{group: (mean, std, n, record)}` over seeds for records that have `metric`;
+    `key(record)` names a record's group (default: its run name without the seed);
+    records whose key is None are left out."""
+    key = key or (lambda record: seed_group(record["run"]))
     groups = {}
     for record in records:
-        if record.get(metric) is not None:
-            groups.setdefault(seed_group(record["run"]), []).append(record)
+        if record.get(metric) is not None and key(record) is not None:
+            groups.setdefault(key(record), []).append(record)
     return {g: (*mean_std([r[metric] for r in rs]), len(rs), rs[0]) for g, rs in groups.items()}
+
+
+def configured(record):
+    """Whether a run was its invocation's configured run of its experiment, from its
+    recorded identity and config: each KD setting (T, alpha), weights choice and
+    registered method's option that its identity holds has the config's value (a
+    grid cell or a T-curve point at other settings is not)."""
+    ident, config = record.get("identity", {}), record.get("config", {})
+    expected = {k: config.get(k) for k in ("temperature", "alpha")}
+    method = ident.get("method", ident.get("experiment"))
+    if method in methods.REGISTRY:
+        cls = methods.REGISTRY[method]
+        given = (config.get("method_options") or {}).get(method, {})
+        expected.update({f.name: given.get(f.name, f.default) for f in dataclasses.fields(cls.Options)})
+    if ident.get("weights") is not None and ident.get("experiment") == "scratch":
+        expected["weights"] = str(config.get("weights"))
+    return all(ident[k] == v for k, v in expected.items() if k in ident and v is not None)
+
+
+def headline_key(record):
+    """The headline row of a run, from its identity: its experiment (`teacher`, `kd`,
+    `scratch`, `skd-teacher`, `skd`, `ta`, `takd`), with `-init_none` for Task 2 runs
+    from random weights; None for a run at other settings than its invocation's."""
+    ident = record.get("identity", {})
+    experiment = ident.get("experiment")
+    if experiment is None or not configured(record):
+        return None
+    return f"{experiment}-init_none" if str(ident.get("weights")) == "none" and \
+        str(record.get("config", {}).get("weights")) != "none" else experiment
+
+
+def phase_key(phase):
+    """`headline_key` of Task 2 runs of one phase (`"finetune"`): the other phases' runs get None."""
+    return lambda record: headline_key(record) if record.get("identity", {}).get("phase") == phase else None
+
+
+def headline_label(label, record):
+    """`label` with the record's identity filled in (`"KD student (T={temperature:g})"`)."""
+    return label.format(**{k: v for k, v in record.get("identity", {}).items() if isinstance(v, (int, float))})
+
+
+def method_title(name):
+    """The registered method's title for tables: its summary up to the colon."""
+    return methods.REGISTRY[name].summary.split(":")[0]
 
 
 SETTINGS = (  # identity key -> how a settings line names it
@@ -127,10 +175,17 @@ def settings_line(records):
     else:
         first = data[0]
         synthetic = "SYNTHETIC images, " if any(d.get("synthetic") for d in data) else ""
-        parts.append(f"data: {synthetic}{_values(d['source'] for d in data)} (fingerprint "
+        parts.append(f"data: {synthetic}{_values(source_name(d['source']) for d in data)} (fingerprint "
                      f"{_values(d['fingerprint'] for d in data)}), {first['train']:,} train / "
                      f"{first['validation']:,} validation / {first['test']:,} test")
     return "*Settings: " + "; ".join(parts) + ".*\n"
+
+
+def source_name(source):
+    """A recorded data source without the machine's folders: `"/x/y/mnist.npz (first 2000 ...)"`
+    -> `"mnist.npz (first 2000 ...)"`."""
+    path, _, rest = str(source).partition(" (")
+    return Path(path).name + (f" ({rest}" if rest else "")
 
 
 def test_count(records):
@@ -145,14 +200,14 @@ def is_synthetic(records):
 
 # -- Task 1 -------------------------------------------------------------------------
 
-HEADLINE = [
+HEADLINE = [  # headline_key -> label (filled from the first run's identity)
     ("teacher", "teacher"),
-    ("kd-T4-a0.5", "KD student (T=4, alpha=0.5)"),
+    ("kd", "KD student (T={temperature:g}, alpha={alpha:g})"),
     ("scratch", "student from scratch"),
-    ("skd-teacher-S4", "subclass teacher (4 subclasses/class)"),
-    ("skd-S4-T4-a0.5", "subclass KD student"),
-    ("ta-T4-a0.5", "teacher assistant"),
-    ("ta-takd-T4-a0.5", "TAKD student (via assistant)"),
+    ("skd-teacher", "subclass teacher ({subclasses:g} subclasses/class)"),
+    ("skd", "subclass KD student"),
+    ("ta", "teacher assistant"),
+    ("takd", "TAKD student (via assistant)"),
 ]
 
 
@@ -163,13 +218,12 @@ def task1(report, root, metric="test_accuracy"):
         report.skip("Task 1", f"no finished runs in {root}")
         return
     report.text("## Task 1: MNIST" + (" (SYNTHETIC data)" if is_synthetic(records) else "") + "\n")
-    stats = grouped(records, metric)
-    headline_table(report, stats, records)
-    quality(report, root, records, HEADLINE, "teacher", "task1")
+    headline_table(report, grouped(records, metric, headline_key), records)
+    quality(report, root, records, HEADLINE, headline_key, "task1")
     grid_figures(report, records, metric, root)
-    bars(report, stats)
+    bars(report, grouped(records, metric))
     learning_curves(report, records)
-    methods_table(report, root, records, metric, "teacher", "task1")
+    methods_table(report, root, records, metric, headline_key, "task1")
     deployment_table(report, root, metric)
     eskd_table(report, root, records)
     entropy_figure(report, root)
@@ -184,9 +238,10 @@ def headline_table(report, stats, records):
     for group, label in HEADLINE:
         if group in stats:
             mean, std, n, record = stats[group]
-            rows.append(f"| {label} | {fmt(mean, std, n)} | {record['params']:,} | {record['flops']:,} |")
+            rows.append(f"| {headline_label(label, record)} | {fmt(mean, std, n)} | {record['params']:,} "
+                        f"| {record['flops']:,} |")
     if len(rows) > 2:
-        shown = [r for r in records if seed_group(r["run"]) in dict(HEADLINE)]
+        shown = [r for r in records if headline_key(r) in dict(HEADLINE)]
         report.text(f"Test accuracy on the {test_count(shown)}test images (mean ± sample std over seeds).\n\n"
                     + "\n".join(rows) + "\n\n" + settings_line(shown))
     else:
@@ -202,23 +257,38 @@ def outputs_of(root, run):
         return saved["logits"], saved["labels"]
 
 
-def quality(report, root, records, headline, teacher_group, task):
-    """Student quality beyond accuracy: fidelity (top-1 agreement with the same seed's
-    teacher on the test set) and expected calibration error, mean ± std over seeds,
-    and reliability diagrams of teacher, KD student and scratch student."""
+def seed_teacher(records, key):
+    """`{seed: run name}` of each seed's teacher (`key(record) == "teacher"`)."""
+    return {r.get("seed", 0): r["run"] for r in records if key(r) == "teacher"}
+
+
+def fidelity_to_teacher(root, record, teachers):
+    """Top-1 agreement on the test set of a run with the model it was distilled from
+    (`distilled_from`, recorded), else with its seed's teacher; None for a teacher or
+    when either saved no test outputs."""
+    source = record.get("distilled_from") or teachers.get(record.get("seed", 0))
+    mine, theirs = outputs_of(root, record["run"]), outputs_of(root, source) if source else None
+    if source == record["run"] or mine is None or theirs is None:
+        return None
+    return top1_agreement(mine[0], theirs[0])
+
+
+def quality(report, root, records, headline, key, task):
+    """Student quality beyond accuracy: fidelity (top-1 agreement with the model it
+    was distilled from, or its seed's teacher, on the test set) and expected
+    calibration error, mean ± std over seeds, and reliability diagrams of teacher,
+    KD student and scratch student. `key`: a record's headline row."""
     rows = ["| model | fidelity to the teacher (%) | test ECE (%) |", "|---|---:|---:|"]
     shown = []
+    teachers = seed_teacher(records, key)
     for group, label in headline:
-        runs = [r for r in records if seed_group(r["run"]) == group and r.get("test_ece") is not None]
+        runs = [r for r in records if key(r) == group and r.get("test_ece") is not None]
         if not runs:
             continue
         shown += runs
-        fidelity = []
-        for r in runs:
-            mine, teacher = outputs_of(root, r["run"]), outputs_of(root, f"{teacher_group}-s{r.get('seed', 0)}")
-            if group != teacher_group and mine is not None and teacher is not None:
-                fidelity.append(top1_agreement(mine[0], teacher[0]))
+        fidelity = [f for f in (fidelity_to_teacher(root, r, teachers) for r in runs) if f is not None]
         ece = [r["test_ece"] for r in runs]
+        label = headline_label(label, runs[0])
         rows.append(f"| {label} | {fmt(*mean_std(fidelity), len(fidelity)) if fidelity else '—'} "
                     f"| {fmt(*mean_std(ece), len(ece))} |")
     if not shown:
@@ -229,10 +299,10 @@ def quality(report, root, records, headline, teacher_group, task):
                 "matches accuracy).\n\n" + "\n".join(rows) + "\n\n" + settings_line(shown))
     panels = []
     for group, label in headline[:3]:
-        runs = sorted((r for r in shown if seed_group(r["run"]) == group), key=lambda r: r.get("seed", 0))
+        runs = sorted((r for r in shown if key(r) == group), key=lambda r: r.get("seed", 0))
         found = outputs_of(root, runs[0]["run"]) if runs else None
         if found is not None:
-            panels.append((label, runs[0], found))
+            panels.append((headline_label(label, runs[0]), runs[0], found))
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2), squeeze=False)
@@ -251,27 +321,25 @@ def quality(report, root, records, headline, teacher_group, task):
                   "confidence bin; bars below the diagonal are over-confident.")
 
 
-METHOD_NAMES = {"kd": "KD (Hinton et al. 2015)", "dkd": "DKD (Zhao et al. 2022)", "fitnets": "FitNets (Romero et al. 2015)",
-                "at": "AT (Zagoruyko & Komodakis 2017)", "rkd": "RKD (Park et al. 2019)",
-                "crd": "CRD (Tian et al. 2020)", "scratch": "no teacher (scratch)"}
+def method_names():
+    """`{method: title}` of every registered method (registry order), then the scratch student."""
+    return {**{name: method_title(name) for name in methods.REGISTRY}, "scratch": "no teacher (scratch)"}
 
 
 def method_runs(records):
-    """A DataFrame of the final runs of each student method at the configured settings,
-    one row per seed: `method`, `seed`, `run`, the metrics, `fidelity` filled later.
-    (KD cells of the grid or T curve at other settings are left out; so is Task 2's
-    feature-extraction phase when fine-tuning ran.)"""
+    """A DataFrame of the final runs of each student method at its invocation's
+    configured settings (`configured`), one row per seed: `method`, `seed`, `run`, the
+    metrics. Runs are found by their recorded identity: the student distilled straight
+    from the teacher by a registered method (its experiment), and the scratch student;
+    Task 2's feature-extraction phase is left out when fine-tuning ran."""
     rows = []
+    names = method_names()
     for r in records:
         ident, config = r.get("identity", {}), r.get("config", {})
         method = ident.get("experiment")
-        if method not in METHOD_NAMES or ident.get("phase") == "feature-extraction" and config.get("phase") != \
-                "feature-extraction":
+        if method not in names or not configured(r):
             continue
-        if method == "kd" and (ident.get("temperature") != config.get("temperature")
-                               or ident.get("alpha") != config.get("alpha")):
-            continue
-        if method == "scratch" and str(ident.get("weights", config.get("weights"))) != str(config.get("weights")):
+        if ident.get("phase") == "feature-extraction" and config.get("phase") != "feature-extraction":
             continue
         rows.append({"method": method, "seed": r.get("seed", 0), "run": r["run"], "record": r,
                      **{k: v for k, v in r.items() if k.startswith("test_") and isinstance(v, (int, float))}})
@@ -291,7 +359,7 @@ def noise_call(values, reference):
     return "above KD" if difference > 0 else "below KD"
 
 
-def methods_table(report, root, records, metric, teacher_group, task):
+def methods_table(report, root, records, metric, key, task):
     """Every distillation method of the registry against KD and scratch: the test metric,
     fidelity to the seed's teacher and ECE (mean ± std over seeds), and whether the
     difference to KD is beyond seed noise."""
@@ -299,21 +367,21 @@ def methods_table(report, root, records, metric, teacher_group, task):
     if frame.empty or frame["method"].nunique() < 3:
         report.skip(f"distillation methods table ({task})", "fewer than three of the registry's methods ran")
         return
-    def fidelity(row):
-        mine, teacher = outputs_of(root, row["run"]), outputs_of(root, f"{teacher_group}-s{row['seed']}")
-        return np.nan if mine is None or teacher is None else top1_agreement(mine[0], teacher[0])
-    frame["fidelity"] = frame.apply(fidelity, axis=1)
+    teachers = seed_teacher(records, key)
+    frame["fidelity"] = [fidelity_to_teacher(root, r, teachers) for r in frame["record"]]
+    frame["fidelity"] = frame["fidelity"].astype(float)
     kd = frame.loc[frame["method"] == "kd", metric].to_numpy()
     lines = [f"| method | {metric.replace('_', ' ')} (%) | fidelity (%) | test ECE (%) | vs KD | train s/seed |",
              "|---|---:|---:|---:|---|---:|"]
-    for method in [m for m in METHOD_NAMES if m in set(frame["method"])]:
+    names = method_names()
+    for method in [m for m in names if m in set(frame["method"])]:
         rows = frame[frame["method"] == method]
         n = len(rows)
         cells = [fmt(rows[c].mean(), rows[c].std(ddof=1) if n > 1 else 0.0, n) if rows[c].notna().all() else "—"
                  for c in (metric, "fidelity", "test_ece")]
         call = "—" if method == "kd" or not len(kd) else noise_call(rows[metric], kd)
         seconds = np.mean([r["train_seconds"] for r in rows["record"]])
-        lines.append(f"| {METHOD_NAMES[method]} | {' | '.join(cells)} | {call} | {seconds:.0f} |")
+        lines.append(f"| {names[method]} | {' | '.join(cells)} | {call} | {seconds:.0f} |")
     shown = list(frame["record"])
     report.text("### Distillation methods\n\nEach registered method distils the same teacher into the same student "
                 "(one run per seed; defaults of `--help`). \"vs KD\": the difference of means against KD is "
@@ -622,16 +690,16 @@ def pixel_map(data, kind, model, index, shape, settings):
 
 # -- Task 2 -------------------------------------------------------------------------
 
-HEADLINE_TASK2 = [
-    ("teacher-ft", "teacher ResNet50V2"),
-    ("kd-T4-a0.5-ft", "KD student MobileNetV2 (T=4, alpha=0.5)"),
-    ("scratch-ft", "student from scratch"),
-    ("teacher-init_none-ft", "teacher, random init"),
-    ("scratch-init_none-ft", "student, random init"),
-    ("skd-teacher-S2-ft", "subclass teacher (4 known subclasses)"),
-    ("skd-S2-T4-a0.5-ft", "subclass KD student"),
-    ("ta-T4-a0.5-ft", "assistant DenseNet121"),
-    ("ta-takd-T4-a0.5-ft", "TAKD student (via assistant)"),
+HEADLINE_TASK2 = [  # headline_key of fine-tuned runs -> label
+    ("teacher", "teacher ResNet50V2"),
+    ("kd", "KD student MobileNetV2 (T={temperature:g}, alpha={alpha:g})"),
+    ("scratch", "student from scratch"),
+    ("teacher-init_none", "teacher, random init"),
+    ("scratch-init_none", "student, random init"),
+    ("skd-teacher", "subclass teacher (known subclasses)"),
+    ("skd", "subclass KD student"),
+    ("ta", "assistant DenseNet121"),
+    ("takd", "TAKD student (via assistant)"),
 ]
 
 
@@ -643,21 +711,25 @@ def task2(report, root):
     synthetic = is_synthetic(records)
     report.text("## Task 2: MHIST" + (" — SYNTHETIC images (noise, not tissue: numbers test the pipeline, "
                                       "not the method)" if synthetic else "") + "\n")
-    auc, acc, f1 = (grouped(records, m) for m in ("test_auc", "test_accuracy", "test_f1"))
+    finetuned = phase_key("finetune")
+    auc, acc, f1 = (grouped(records, m, finetuned) for m in ("test_auc", "test_accuracy", "test_f1"))
     rows = ["| model | AUC (%) | accuracy (%) | F1 (%) | params | FLOPs |", "|---|---:|---:|---:|---:|---:|"]
     for group, label in HEADLINE_TASK2:
         if group in auc:
             record = auc[group][3]
-            rows.append(f"| {label} | {fmt(*auc[group][:3])} | {fmt(*acc[group][:3])} | {fmt(*f1[group][:3])} "
+            rows.append(f"| {headline_label(label, record)} | {fmt(*auc[group][:3])} | {fmt(*acc[group][:3])} "
+                        f"| {fmt(*f1[group][:3])} "
                         f"| {record['params']:,} | {record['flops']:,} |")
     if len(rows) > 2:
         # Each fine-tuned row started from its feature-extraction run: both phases' settings are named.
-        shown = [r for r in records if re.sub(r"-fe$", "-ft", seed_group(r["run"])) in dict(HEADLINE_TASK2)]
+        shown = [r for r in records if headline_key(r) in dict(HEADLINE_TASK2)]
         where = f"the whole {'SYNTHETIC ' if synthetic else ''}MHIST test set ({test_count(shown)}images)"
         report.text(f"Test metrics over {where} after fine-tuning (SSA is the positive class; "
                     "mean ± std over seeds).\n\n" + "\n".join(rows) + "\n\n" + settings_line(shown))
-    by_run = {seed_group(r["run"]): r for r in records if r.get("seed") == min(x.get("seed", 0) for x in records)}
-    shown = [(label, by_run[g]) for g, label in HEADLINE_TASK2[:3] if g in by_run and "roc_curve" in by_run[g]]
+    first_seed = min(x.get("seed", 0) for x in records)
+    by_key = {finetuned(r): r for r in records if r.get("seed", 0) == first_seed and finetuned(r) is not None}
+    shown = [(headline_label(label, by_key[g]), by_key[g]) for g, label in HEADLINE_TASK2[:3]
+             if g in by_key and "roc_curve" in by_key[g]]
     if shown:
         fig, ax = plt.subplots(figsize=(4.6, 4.2))
         for label, record in shown:
@@ -705,8 +777,8 @@ def task2(report, root):
         report.text(settings_line(kd_runs))
     else:
         report.skip("Task 2 T curve", "fewer than two temperatures among the fine-tuned KD runs")
-    quality(report, root, records, HEADLINE_TASK2, "teacher-ft", "task2")
-    methods_table(report, root, records, "test_auc", "teacher-ft", "task2")
+    quality(report, root, records, HEADLINE_TASK2, finetuned, "task2")
+    methods_table(report, root, records, "test_auc", finetuned, "task2")
     deployment_table(report, root, "test_auc")
     flops_table(report, root / "flops.csv")
     for kind in ("lime", "occlusion"):

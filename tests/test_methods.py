@@ -200,7 +200,8 @@ def test_registry_lists_each_method_with_validated_options():
 
 def test_the_readme_walk_through_adds_a_method(tmp_path, synthetic_mnist):
     """README's "Adding a method": its file plus one word in MODULES, in a fresh copy of
-    the project, gives a method that `--help` lists and `--only` trains and records."""
+    the project, gives a method that `--help` lists, `--only` trains and records, and
+    the report's methods table shows (found by its recorded identity, at any option)."""
     import json
     import os
     import shutil
@@ -213,7 +214,7 @@ def test_the_readme_walk_through_adds_a_method(tmp_path, synthetic_mnist):
     start = readme.index("```python", readme.index("`common/methods/logitmse.py`")) + len("```python")
     code = readme[start:readme.index("```", start)]
     project = tmp_path / "project"
-    for package in ("common", "task1_mnist"):
+    for package in ("common", "task1_mnist", "reports"):
         shutil.copytree(root / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     (project / "common" / "methods" / "logitmse.py").write_text(code)
     registry = project / "common" / "methods" / "__init__.py"
@@ -226,8 +227,18 @@ def test_the_readme_walk_through_adds_a_method(tmp_path, synthetic_mnist):
     shown = subprocess.run([*command, "--help"], cwd=project, env=env, capture_output=True, text=True)
     assert "--logitmse-weight" in shown.stdout and "logit matching" in shown.stdout
     done = subprocess.run([*command, "--data-dir", str(tmp_path / "mnist.npz"), "--out", str(tmp_path / "out"),
-                           "--only", "logitmse", "--logitmse-weight", "2", "--epochs", "1", "--batch-size", "64",
+                           "--only", "teacher,kd,scratch,logitmse", "--logitmse-weight", "2", "--temperature", "3",
+                           "--epochs", "1", "--batch-size", "64",
                            "--validation", "64", "-q"], cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "out" / "logitmse-w2-s0" / "metrics.json").read_text())
     assert record["identity"]["weight"] == 2.0 and {"ce", "mse"} <= set(record["history"][0])
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
+    made = subprocess.run([sys.executable, "reports/make_report.py", "--results", str(tmp_path / "results"),
+                           "--out", str(tmp_path / "report")], cwd=project, env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-2000:]
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    table = text[text.index("### Distillation methods"):]
+    assert "| logit matching (Ba & Caruana 2014) |" in table and "| KD (Hinton et al. 2015) |" in table
+    assert "| KD student (T=3, alpha=0.5) |" in text  # the headline row at the T that ran

@@ -21,6 +21,7 @@ def fabricate(root):
             "run": f"{name}-s{seed}", "experiment": experiment, "seed": seed, "test_accuracy": accuracy,
             "val_accuracy": accuracy - 0.001, "test_ece": 0.02, "params": 10, "flops": 20, "history": history,
             "identity": {"experiment": experiment, "seed": seed, "epochs": 2, **identity}, "data": DATA,
+            "config": {"temperature": 4.0, "alpha": 0.5},
         })
         accuracies.setdefault(name, []).append(accuracy)
         return {"temperature": identity.get("temperature"), "alpha": identity.get("alpha"),
@@ -88,7 +89,7 @@ def test_report_writes_every_figure_and_matching_numbers(tmp_path):
                                      "only reports: seed 0: T=4, alpha=0.5 by val accuracy (99.30%), test accuracy 99.40%") in text
     # The seed-2 run of that cell has no grid: the grid averages the two grid seeds only.
     assert "| 4 | 99.20 ± 0.14 (n=2) | 99.50 ± 0.14 (n=2) |" in text
-    assert "*Settings: epochs 2; seeds 0, 1 (n=2); data: fake/mnist.npz (fingerprint 0123abcd), 55,000 train / " \
+    assert "*Settings: epochs 2; seeds 0, 1 (n=2); data: mnist.npz (fingerprint 0123abcd), 55,000 train / " \
            "5,000 validation / 10,000 test.*" in text
     assert "Test accuracy on the 10,000 test images" in text and "SYNTHETIC" not in text
     # Fidelity from the saved outputs (2 and 4 of 20 predictions differ from the teacher's), ECE from the records.
@@ -128,7 +129,7 @@ def fabricate_task2(root, synthetic=False):
                 "confusion_matrix": [[50, 10], [5, 35]],
                 "roc_curve": {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.8, 1.0], "thresholds": [1.0, 0.5, 0.0]},
                 "identity": {"experiment": experiment, "seed": seed, "phase": "finetune", "epochs": 2, **extra},
-                "history": [], "data": data,
+                "history": [], "data": data, "config": {"temperature": 4.0, "alpha": 0.5},
             })
             store.save(f"{stem[:-3]}-fe-s{seed}", {
                 "run": f"{stem[:-3]}-fe-s{seed}", "experiment": experiment, "seed": seed, "test_auc": auc - 0.05,
@@ -166,7 +167,7 @@ def test_synthetic_data_and_degenerate_explanations_are_said(tmp_path):
     text = (tmp_path / "report" / "REPORT.md").read_text()
     assert text.startswith("# Knowledge distillation: results (includes SYNTHETIC data)")
     assert "## Task 2: MHIST — SYNTHETIC images" in text and "the whole SYNTHETIC MHIST test set (100 images)" in text
-    assert "epochs feature-extraction 1, finetune 2" in text and "data: SYNTHETIC images, fake/mhist" in text
+    assert "epochs feature-extraction 1, finetune 2" in text and "data: SYNTHETIC images, mhist" in text
     assert "lime-s0.npz: the segmentation found one superpixel per image" in text
     assert not any("lime_panel" in f for f in report.figures) and "nan" not in text
 
@@ -204,7 +205,7 @@ def test_methods_and_deployment_tables(tmp_path):
     text = make_report(tmp_path, tmp_path / "report").path.read_text()
     methods = text[text.index("### Distillation methods"):text.index("### Deployment")]
     assert "| KD (Hinton et al. 2015) | 98.10 ± 0.10 (n=3)" in methods  # T=1 grid cells left out
-    assert "| DKD (Zhao et al. 2022) | 99.10 ± 0.10 (n=3)" in methods and "above KD" in methods
+    assert "| DKD, decoupled KD (Zhao et al. 2022) | 99.10 ± 0.10 (n=3)" in methods and "above KD" in methods
     assert "| no teacher (scratch) | 97.10 ± 0.10 (n=3)" in methods and "below KD" in methods
     deployment = text[text.index("### Deployment"):]
     assert "| kd | int8 | 10 | 20 | 1 | 0.100 | 98.00 | 97.90 | +0.10 ± 0.10 |" in deployment

@@ -97,7 +97,7 @@ class AttentionTransfer(Distiller):
     attention maps, not its feature maps, are what is cached per example."""
 
     name = "at"
-    summary = "attention transfer (Zagoruyko & Komodakis 2017): CE + beta MSE of normalised attention maps"
+    summary = "AT, attention transfer (Zagoruyko & Komodakis 2017): CE + beta MSE of normalised attention maps"
     Options = ATOptions
     term_names = ("ce", "at")
     teacher_outputs = ("spatial",)

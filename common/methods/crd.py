@@ -172,7 +172,7 @@ class CRD(Distiller):
     """Logged terms: `ce` and `crd` (already multiplied by β)."""
 
     name = "crd"
-    summary = "contrastive representation distillation (Tian et al. 2020): CE + beta NCE with memory banks"
+    summary = "CRD, contrastive representation distillation (Tian et al. 2020): CE + beta NCE with memory banks"
     Options = CRDOptions
     term_names = ("ce", "crd")
     teacher_outputs = ("embedding",)

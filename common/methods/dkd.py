@@ -72,7 +72,7 @@ class DKD(Distiller):
     scaled by T²)."""
 
     name = "dkd"
-    summary = "decoupled KD (Zhao et al. 2022): CE + T^2 (a TCKD + b NCKD)"
+    summary = "DKD, decoupled KD (Zhao et al. 2022): CE + T^2 (a TCKD + b NCKD)"
     Options = DKDOptions
     term_names = ("ce", "tckd", "nckd")
     uses = ("temperature",)

@@ -18,7 +18,7 @@ class Distillation(Distiller):
     `"teacher_logits"`; it is never trained here."""
 
     name = "kd"
-    summary = "Hinton KD: alpha CE + (1 - alpha) T^2 KL of softened logits (--temperature, --alpha)"
+    summary = "KD (Hinton et al. 2015): alpha CE + (1 - alpha) T^2 KL of softened logits (--temperature, --alpha)"
     term_names = ("ce", "kd")
     uses = ("temperature", "alpha")
     runtime_settings = ("temperature", "alpha")

@@ -94,7 +94,7 @@ class RKD(Distiller):
     """Logged terms: `ce`, `distance` and `angle` (each already weighted)."""
 
     name = "rkd"
-    summary = "relational KD (Park et al. 2019): CE + distance- and angle-wise relations of embeddings"
+    summary = "RKD, relational KD (Park et al. 2019): CE + distance- and angle-wise relations of embeddings"
     Options = RKDOptions
     term_names = ("ce", "distance", "angle")
     teacher_outputs = ("embedding",)
