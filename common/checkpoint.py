@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.results import write_arrays_atomic
+from common.results import ensure_space, write_arrays_atomic
 
 
 def _sublayers(layer):
@@ -121,6 +121,7 @@ class EpochCheckpoint:
         arrays = {f"var:{key}": np.array(v) for key, v in self.variables.items()}  # copies: training goes on
         arrays["history"] = np.array(json.dumps(history))
         self.wait()
+        ensure_space(self.path, sum(a.nbytes for a in arrays.values()))  # a full disk: one line, now
         self._pending = _writer().submit(write_arrays_atomic, self.path, arrays)
 
     def wait(self):

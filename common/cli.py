@@ -1,6 +1,7 @@
 """Helpers shared by the task command lines (argument types, errors, output)."""
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -151,7 +152,8 @@ def logger(quiet):
 
 
 def main(body):
-    """Runs `body()`; a `UserError` becomes one `error: ...` line and exit status 2."""
+    """Runs `body()`; a `UserError`, or a write refused by the disk (full, read-only,
+    no permission), becomes one `error: ...` line and exit status 2."""
     import logging
 
     import tensorflow as tf
@@ -161,6 +163,13 @@ def main(body):
         return body()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a write that failed outside the results store's checks
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot write{where}: {err.strerror}; free some space or choose a writable --out, then run "
+              "the same command: finished runs and epochs are kept and it resumes", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved; run the same command to resume", file=sys.stderr)

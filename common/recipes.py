@@ -17,7 +17,7 @@ import time
 import keras
 import numpy as np
 
-from common import device, methods, runs, training
+from common import device, locks, methods, runs, training
 from common.distribute import make_strategy, results_root
 from common.errors import ConfigError, DataError
 from common.explanations import explain_and_save
@@ -55,19 +55,34 @@ class Recipes:
         """Every selected experiment for every seed, then `summary.csv` (one row per
         run) and `summary_by_experiment.csv` (mean ± std over seeds). The data are
         read and checked first (nothing is written for bad data), then `--out`,
-        before any model trains. Returns per-seed outcomes."""
+        before any model trains. Several processes may share `--out` (see
+        `common.locks`): each run is trained once. Returns per-seed outcomes."""
         log = log or (lambda _msg: None)
         device.configure(config.deterministic, config.tf32, config.precision)
         data = data if data is not None else cls.load_data(config)
         ResultsStore(config.out).prepare()
         outcomes = {}
         workspaces = Workspaces()
-        for index, seed in enumerate(config.seeds, 1):
+
+        def run_seed(seed, note=""):
             if len(config.seeds) > 1:
-                log(f"== seed {seed} ({index}/{len(config.seeds)})")
+                log(f"== seed {seed} ({len(outcomes) + 1}/{len(config.seeds)}){note}")
             task = cls(config, data, seed=seed, log=log)
             task.workspaces = workspaces
             outcomes[seed] = task.run()
+            return task
+
+        # Processes sharing --out split the seeds: each takes the next seed no other holds,
+        # then finishes the others' (waiting on each run another process is training).
+        while (claimed := claim_next_seed(config.out, [s for s in config.seeds if s not in outcomes])) is not None:
+            seed, handle = claimed
+            try:
+                task = run_seed(seed)
+            finally:
+                locks.release(handle)
+        for seed in config.seeds:
+            if seed not in outcomes:
+                task = run_seed(seed, ": another process has it; its finished runs are reused")
         task.store.write_summary()
         task.store.write_seed_summary()
         return outcomes
@@ -367,6 +382,14 @@ class Recipes:
                    if self.store.finished(self.run_name(stem), identity) is None]
         if len(pending) < 2:
             return
+        group_identity = {"fused": [identity for _, identity, _, _ in pending]}
+        group = f"fused-{identity_hash(group_identity)[:8]}-s{self.seed}"
+        with locks.hold(self.store.root, group, self.log):  # another process may be training this group
+            if all(self.store.finished(name, identity) is None for name, identity, *_ in pending):
+                self._train_fused(pending, group, group_identity, parent, stack, fit_options)
+
+    def _train_fused(self, pending, group, group_identity, parent, stack, fit_options):
+        """`distil_fused`'s training of the group `group` of runs `pending` (under its lock)."""
         names = [name for name, *_ in pending]
         arrays = self.distil_data(parent, [factory for *_, factory in pending])()
         models = []
@@ -376,8 +399,6 @@ class Recipes:
                 models.append(self.build_in_scope(build))
         with self.strategy.scope():  # `fuse` may create variables (stacked weights)
             method = fuse([factory(model) for model, (*_, factory) in zip(models, pending)], stack)
-        group_identity = {"fused": [identity for _, identity, _, _ in pending]}
-        group = f"fused-{identity_hash(group_identity)[:8]}-s{self.seed}"
         self.log(f"[{group}] training {len(pending)} runs in one {method.form} step: {', '.join(names)}")
         device.reset_peak_memory()
         started = datetime.datetime.now(datetime.timezone.utc)
@@ -588,6 +609,15 @@ class Recipes:
                       for name, r in records.items()}
         return explain_and_save(self.store.root / "explain", f"{kind}-s{self.seed}", kind, predictors,
                                 images, labels, {"seed": self.seed, "top_k": c.top_k, **settings}, self.log)
+
+
+def claim_next_seed(out, seeds):
+    """`(seed, lock handle)` of the first of `seeds` that no other process holds, or None."""
+    for seed in seeds:
+        handle = locks.claim(out, f"seed-{seed}")
+        if handle is not None:
+            return seed, handle
+    return None
 
 
 def run_tag(settings):

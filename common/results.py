@@ -8,6 +8,7 @@ differs.
 """
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -48,12 +49,44 @@ class ResultsConflict(UserError):
     """A finished run on disk was made with different settings."""
 
 
+class DiskFull(UserError):
+    """A results file cannot be written: no space (or quota) left where it goes."""
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+MARGIN = 16 * 2**20  # bytes kept free beyond a file's own size
+
+
+def disk_full(path, needed=None):
+    """The one-line `DiskFull` for a file `path` that does not fit (`needed` bytes, if known)."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    need = f"; it needs {(needed + MARGIN) / 2**20:.1f} MiB" if needed is not None else ""
+    return DiskFull(f"cannot write {path}: {free / 2**20:.1f} MiB free on its disk{need}. Free some space (or use "
+                    "another --out) and run the same command: finished runs and epochs are kept and it resumes")
+
+
+def ensure_space(path, needed):
+    """Raises `DiskFull` before writing `needed` bytes to `path` if its disk has less
+    than that (plus `MARGIN`) free, so a large file is never left half written."""
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(folder).free < needed + MARGIN:
+        raise disk_full(path, needed)
+
+
 def write_atomic(path, write, mode="w"):
     """Calls `write(handle)` on a temporary file beside `path`, then renames it to
-    `path` (`os.replace`), so `path` is either absent, the old file or complete."""
+    `path` (`os.replace`), so `path` is either absent, the old file or complete.
+    A full disk raises `DiskFull` (one line) and leaves `path` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise (disk_full(path) if err.errno in FULL else err) from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
         with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {})) as handle:
@@ -61,8 +94,24 @@ def write_atomic(path, write, mode="w"):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in FULL:
+            raise disk_full(path) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model, path):
+    """`model.save_weights(path)` after checking that the weights fit on its disk."""
+    ensure_space(path, 4 * sum(int(np.prod(v.shape)) for v in model.weights) + 2**20)  # float32 and h5 headers
+    try:
+        model.save_weights(path)
+    except OSError as err:
+        if err.errno in FULL or "No space left" in str(err):
+            raise disk_full(path) from None
         raise
 
 
@@ -82,7 +131,8 @@ def write_array_atomic(path, array):
 
 
 def write_arrays_atomic(path, arrays, compressed=False):
-    """A dict of numpy arrays as `.npz`."""
+    """A dict of numpy arrays as `.npz` (its space checked first: `ensure_space`)."""
+    ensure_space(path, sum(np.asarray(a).nbytes for a in arrays.values()))
     save = np.savez_compressed if compressed else np.savez
     write_atomic(path, lambda handle: save(handle, **arrays), mode="wb")
 

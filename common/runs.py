@@ -10,9 +10,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import device
+from common import device, locks
 from common.flops import count_flops
-from common.results import identity_hash
+from common.results import identity_hash, save_weights
 from common.training import TrainingDiverged
 
 
@@ -89,21 +89,31 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
       `(record, model)`: the saved record and the trained model (weights loaded
       from disk when the run was already finished).
 
+    Several processes may share `store`: the run is trained under its lock
+    (`common.locks.hold`), so a second process waits for it and then loads it.
+
     Raises:
       TrainingDiverged: the loss became non-finite; nothing is saved as finished.
     """
     say = log or (lambda _msg: None)
     record = store.finished(name, identity)
+    if record is None:
+        with locks.hold(store.root, name, say):
+            record = store.finished(name, identity)  # another process may have finished it meanwhile
+            if record is None:
+                return _train(store, name, identity, config, build, data, train, evaluate, say, about)
+    say(f"[{name}] finished earlier, skipping (results in {store.run_dir(name)})")
     model = None
-    if record is not None:
-        say(f"[{name}] finished earlier, skipping (results in {store.run_dir(name)})")
-        weights = store.weights_path(name)
-        if weights.exists():
-            set_seed(identity.get("seed", 0))
-            model = build()
-            model.load_weights(weights)
-        return record, model
+    weights = store.weights_path(name)
+    if weights.exists():
+        set_seed(identity.get("seed", 0))
+        model = build()
+        model.load_weights(weights)
+    return record, model
 
+
+def _train(store, name, identity, config, build, data, train, evaluate, say, about):
+    """`run`'s training of an unfinished run (under its lock)."""
     train_input = data()
     set_seed(identity.get("seed", 0))
     model = build()
@@ -134,7 +144,7 @@ def finish(store, name, *, identity, config, model, history, metrics, started, t
     (`"resumed"` in `history`) are added to both.
     """
     store.run_dir(name).mkdir(parents=True, exist_ok=True)
-    model.save_weights(store.weights_path(name))
+    save_weights(model, store.weights_path(name))
     earlier = sum(h["seconds"] + h.get("eval_seconds", 0.0) for h in history if h.get("resumed"))
     peak_gpu = device.peak_memory_mib()
     record = {

@@ -14,7 +14,7 @@ from common import data as common_data
 from common import explain, losses, methods, runs, training
 from common.errors import DataError
 from common.recipes import Recipes
-from common.results import write_csv_atomic
+from common.results import save_weights, write_csv_atomic
 from task1_mnist import data as mnist
 from task1_mnist import models
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
@@ -101,7 +101,7 @@ class Task1(Recipes):
         after every epoch are kept as `<run>/checkpoints/epoch-NN.weights.h5`."""
 
         def checkpoint(epoch, _record):
-            model.save_weights(self.checkpoint_path(name, epoch))
+            save_weights(model, self.checkpoint_path(name, epoch))
 
         self.checkpoint_path(name, 1).parent.mkdir(parents=True, exist_ok=True)
         return training.fit(

@@ -1,0 +1,94 @@
+"""A results folder shared by two processes, and a disk that fills up mid-run."""
+
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common import locks
+from task1_mnist import run as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mnist_file(tmp_path, synthetic_mnist):
+    path = tmp_path / "mnist.npz"
+    np.savez(path, **{k: v[..., 0] if k.startswith("x") else v for k, v in synthetic_mnist.items()})
+    return path
+
+
+def test_locks_wait_for_the_holder_and_die_with_it(tmp_path):
+    held = locks.claim(tmp_path, "run")
+    assert held is not None and locks.claim(tmp_path, "run") is None
+    assert "pid" in locks.lock_path(tmp_path, "run").read_text()
+    locks.release(held)
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                              "from common import locks; h = locks.claim(sys.argv[2], 'run'); print(h is not None, "
+                              "flush=True); time.sleep(60)", str(ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "True"
+    assert locks.claim(tmp_path, "run") is None
+    child.kill()  # a killed holder leaves no lock behind
+    child.wait()
+    assert locks.claim(tmp_path, "run") is not None
+
+
+def test_two_processes_on_one_out_train_each_run_once(tmp_path, synthetic_mnist):
+    command = [sys.executable, "task1_mnist/run.py", "--data-dir", str(mnist_file(tmp_path, synthetic_mnist)),
+               "--out", str(tmp_path / "out"), "--only", "teacher,kd,scratch,dkd", "--seeds", "0,1",
+               "--epochs", "2", "--batch-size", "64", "--validation", "64"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    jobs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    outputs = [job.communicate(timeout=600)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    trained = collections.Counter(re.findall(r"\[([\w.-]+)\] training:", "".join(outputs)))
+    runs = {p.parent.name for p in (tmp_path / "out").glob("*/metrics.json")}
+    assert len(runs) == 8 and set(trained) == runs and set(trained.values()) == {1}, trained
+    assert all("seed 0 (1/2)" in out or "seed 1 (1/2)" in out for out in outputs)
+    firsts = {re.search(r"== seed (\d) \(1/2\)", out).group(1) for out in outputs}
+    assert firsts == {"0", "1"}  # each process took a seed of its own first
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, synthetic_mnist, monkeypatch, capsys):
+    """The disk 'fills up' once the first epoch's state is on disk: the second epoch's
+    saves (its kept weights, then its state) fail with one line naming the file and
+    the space, and the run resumes."""
+    out = tmp_path / "out"
+    state = out / "teacher-s0" / "resume" / "state.npz"
+    real = shutil.disk_usage
+    Usage = collections.namedtuple("Usage", "total used free")
+
+    def usage(path):
+        found = real(path)
+        return Usage(found.total, found.used, 2**20) if state.exists() else found
+
+    monkeypatch.setattr("common.results.shutil.disk_usage", usage)
+    argv = ["--data-dir", str(mnist_file(tmp_path, synthetic_mnist)), "--out", str(out), "--only", "teacher",
+            "--epochs", "3", "--batch-size", "64", "--validation", "64", "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.match(rf"error: cannot write {out / 'teacher-s0'}/\S+: 1.0 MiB free on its disk; it needs", err), err
+    assert "\n" not in err
+    assert "resumes" in err
+    with np.load(state) as saved:
+        assert len(json.loads(str(saved["history"]))) == 1  # epoch 1 kept
+    monkeypatch.setattr("common.results.shutil.disk_usage", real)
+    assert cli.main(argv[:-1]) == 0
+    assert "resuming after epoch 1/3" in capsys.readouterr().out
+    assert (out / "teacher-s0" / "metrics.json").exists()
+
+
+def test_an_unwritable_file_is_one_line(tmp_path, monkeypatch, capsys):
+    def refuse(*_args, **_kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "x.npz"))
+
+    monkeypatch.setattr(cli, "_run", refuse)
+    assert cli.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot write {tmp_path / 'x.npz'}: No space left on device") and "\n" not in err
