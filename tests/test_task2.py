@@ -23,7 +23,7 @@ def test_in_model_preprocessing_matches_keras_applications(mode, reference):
     np.testing.assert_allclose(np.asarray(x), reference(pixels.copy()), rtol=1e-5, atol=1e-5)
 
 
-METHOD_STEMS = ["dkd-T4-tw1-nw8", "fitnets-w1", "at-w1000", "rkd-dw25-aw50", "crd-w0.8-t0.07-d128-n4096"]
+METHOD_STEMS = ["dkd-T4-tw1-nw8-w0.0833333", "fitnets-w100", "at-w1000", "rkd-dw25-aw50", "crd-w0.8-t0.07-d128-n4096"]
 
 
 def tiny_config(tmp_path, data_dir, **overrides):

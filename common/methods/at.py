@@ -13,6 +13,9 @@ mdistiller `mdistiller/distillers/AT.py` (`FEAT_WEIGHT` 1000 times
 `single_stage_at_loss`), RepDistiller `distiller_zoo/AT.py` (`-b 1000`) and the
 authors' `szagoruyko/attention-transfer` `cifar.py` (`opt.beta * at_loss`). The
 paper writes β/2 on the p-norm of Q_S − Q_T; the codes weight the mean by β.
+The references sum this term over every stage's pair of maps; here one pair, the
+last feature maps, is transferred (stated deviation: the course's models expose
+one comparable map each).
 
 When the two maps differ in size, the larger feature map is average-pooled to
 the smaller one (PyTorch's `adaptive_avg_pool2d`, as mdistiller and RepDistiller
