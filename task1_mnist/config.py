@@ -26,7 +26,7 @@ class Task1Config(cfg.SharedConfig):
     experiments = EXPERIMENTS
 
     out: str = "results/task1"
-    validation: float = 5000
+    validation: float = 5000 / 60000  # 5,000 of MNIST's 60,000; a share, so --limit runs hold out as many in proportion
     explain_images: int = 50
     only: tuple = EXPERIMENTS
     epochs: int = 12

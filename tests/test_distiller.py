@@ -146,3 +146,23 @@ def test_bad_input_is_one_clear_error():
         MethodLoss("dkd")
     with pytest.raises(ConfigError, match="one label per example"):
         Distiller(teacher, student).fit(*data(8)[:1], np.zeros(3))
+
+
+def test_the_package_installs_and_imports_from_any_folder(tmp_path):
+    """`pip install .` builds the library (pyproject.toml) and it imports elsewhere."""
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "results", "build", "*.egg-info", "__pycache__"))
+    target = tmp_path / "site"
+    built = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                            "--target", str(target), str(source)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert (target / "common" / "methods" / "crd.py").exists()
+    probe = subprocess.run([sys.executable, "-c", "import common.distiller, common.methods, task1_mnist.experiments; "
+                            "print(sorted(common.methods.REGISTRY))"], cwd=tmp_path,
+                           env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert "'crd'" in probe.stdout

@@ -92,3 +92,4 @@ def test_an_unwritable_file_is_one_line(tmp_path, monkeypatch, capsys):
     assert cli.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write {tmp_path / 'x.npz'}: No space left on device") and "\n" not in err
+

@@ -493,3 +493,11 @@ def test_help_shows_defaults_as_typed(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0)" in text and "(default: 0.2,0.5,0.8)" in text and "(default: 1,2,4,16,32,64)" in text
     assert "(0," not in text and "(default: False)" not in text and "(default: None)" not in text
+
+
+def test_the_default_validation_split_scales_with_limit():
+    from common.data import validation_count
+    from task1_mnist.config import Task1Config
+
+    share = Task1Config().validation
+    assert validation_count(share, 60000) == 5000 and validation_count(share, 3000) == 250
