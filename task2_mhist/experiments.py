@@ -17,9 +17,11 @@ features per training image and view and per test image, shared by every run tha
 starts from that base, so the phase trains only the head.
 """
 
+import math
+
 import numpy as np
 
-from common import explain, methods, runs, training
+from common import batchnorm, explain, methods, runs, training
 from common.metrics import binary_metrics
 from common.recipes import Recipes
 from common.results import write_arrays_atomic, write_csv_atomic
@@ -208,10 +210,11 @@ class Task2(Recipes):
                          for split in self.eval_sets}
         else:
             method, data, eval_sets = make_method(model), self.train_dataset(extra), self.eval_sets
-        return training.fit(
+        epochs = c.fe_epochs if feature_extraction else c.ft_epochs
+        history = training.fit(
             method,
             data,
-            epochs=c.fe_epochs if feature_extraction else c.ft_epochs,
+            epochs=epochs,
             optimizer=self.adam(learning_rate if feature_extraction else learning_rate / 10),
             evaluate=lambda predictor: self.evaluate(predictor, eval_sets),
             log=self.progress(name),
@@ -220,6 +223,13 @@ class Task2(Recipes):
             prepare=mhist.show,
             **self.step_options(),
         )
+        steps = epochs * math.ceil(len(self.splits["train"]) / c.batch_size)
+        if not feature_extraction and batchnorm.needs_recalibration(model, steps):
+            moved = batchnorm.recalibrate(model, self.train_dataset(extra), prepare=mhist.show)
+            self.log(f"[{name}] BatchNorm statistics of {moved} layers re-estimated over the training set: after "
+                     f"{steps} steps their moving averages still weighed their start by "
+                     f"{batchnorm.start_weight(steps):.0%} (common.batchnorm)")
+        return history
 
     def train_model(self, stem, identity, build, make_method, train_data, learning_rate):
         """Feature extraction, then (unless `--phase feature-extraction`) fine-tuning
