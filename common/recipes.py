@@ -32,6 +32,15 @@ class Recipes:
 
     experiments = ()  # every experiment method of the task, in the order `run` calls them
 
+    def __init_subclass__(cls, **kwargs):
+        """A registered method may not share its name with a task's experiment or
+        attribute (`run` would run the method, `--only NAME` mean two things)."""
+        super().__init_subclass__(**kwargs)
+        clashes = sorted(name for name in methods.REGISTRY if name != "kd" and hasattr(cls, name))
+        if clashes:
+            raise ValueError(f"registered method {', '.join(map(repr, clashes))} has the name of a {cls.__name__} "
+                             "experiment or attribute; give the method another name")
+
     def __init__(self, config, seed, log=None):
         self.config = config
         self.seed = seed
@@ -495,7 +504,9 @@ class Recipes:
             start = time.perf_counter()
             finished = False
             try:
-                outcomes[name] = getattr(self, name)() if hasattr(self, name) else self.distil_method(name)
+                # A registered method runs as one, except `kd`: the course's experiment of that name.
+                direct = name in methods.REGISTRY and name != "kd"
+                outcomes[name] = self.distil_method(name) if direct else getattr(self, name)()
                 finished = True
             finally:
                 timing = {"experiment": name, "seed": self.seed, "started_at": started, "finished": finished,

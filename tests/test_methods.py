@@ -242,3 +242,14 @@ def test_the_readme_walk_through_adds_a_method(tmp_path, synthetic_mnist):
     table = text[text.index("### Distillation methods"):]
     assert "| logit matching (Ba & Caruana 2014) |" in table and "| KD (Hinton et al. 2015) |" in table
     assert "| KD student (T=3, alpha=0.5) |" in text  # the headline row at the T that ran
+
+
+def test_a_method_named_like_an_experiment_is_refused():
+    from common.recipes import Recipes
+
+    methods.REGISTRY["export"] = methods.REGISTRY["dkd"]
+    try:
+        with pytest.raises(ValueError, match="'export' has the name of a Clash experiment"):
+            type("Clash", (Recipes,), {})
+    finally:
+        del methods.REGISTRY["export"]

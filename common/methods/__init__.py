@@ -21,6 +21,9 @@ MODULES = ("kd", "dkd", "fitnets", "at", "rkd", "crd")
 REGISTRY = {}
 for _module in MODULES:
     _cls = importlib.import_module(f"common.methods.{_module}").METHOD
+    if _cls.name in REGISTRY:
+        raise ValueError(f"two methods are named {_cls.name!r} ({REGISTRY[_cls.name].__module__} and {_module}); "
+                         "rename one")
     REGISTRY[_cls.name] = _cls
 OTHER_METHODS = tuple(name for name in REGISTRY if name != "kd")  # experiments beside the course's `kd`
 
