@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import losses, methods
+from common import losses, methods, training
 from common.errors import ConfigError
 from common.methods import at as at_method
 from common.methods import rkd as rkd_method
@@ -220,11 +220,8 @@ class Distiller(keras.Model):
         return [*self.term_trackers, self.loss_tracker, *(m for m in super().metrics if m.name != "loss")]
 
     def train_step(self, batch):
-        with tf.GradientTape() as tape:
-            terms, logits = self.method.loss_terms(batch, training=True)
-            loss = tf.add_n([tf.cast(t, tf.float32) for t in terms.values()])
-        variables = self.method.trainable_variables
-        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        """The toolkit's training step (`common.training.descend`), under Keras' `fit`."""
+        terms, loss, logits, _ = training.descend(self.method, self.optimizer, batch, self.method.trainable_variables)
         for tracker, value in zip(self.term_trackers, terms.values()):
             tracker.update_state(value)
         self.loss_tracker.update_state(loss)

@@ -88,6 +88,28 @@ class StepMeans(keras.metrics.Metric):
         return dict(zip(self.names, tf.unstack(tf.math.divide_no_nan(self.total, self.count))))
 
 
+def descend(method, optimizer, batch, variables):
+    """One gradient step of `method` on `batch`: the step both training loops run
+    (`make_train_step` here, `common.distiller.Distiller.train_step` under Keras'
+    `fit`). Returns `(terms, loss, class logits, local batch size)`.
+
+    Under a `tf.distribute` strategy each replica computes the mean loss of its
+    share of the (global) batch and weights it by `local size / global size` (as
+    `tf.nn.compute_average_loss` does); the optimizer sums the replicas'
+    gradients, so the update is that of the global batch's mean loss even when
+    the replicas get unequal shares (a last partial batch)."""
+    local_size = tf.cast(tf.shape(batch["y"])[0], tf.float32)
+    global_size = tf.distribute.get_replica_context().all_reduce("sum", local_size)
+    with tf.GradientTape() as tape:
+        terms, logits = method.loss_terms(batch, training=True)
+        loss = tf.add_n([tf.cast(t, tf.float32) for t in terms.values()])
+        # A replica can get no examples of a last partial batch: its mean is NaN, its weight 0.
+        scaled_loss = optimizer.scale_loss(tf.math.multiply_no_nan(loss, local_size / global_size))
+    gradients = tape.gradient(scaled_loss, variables)
+    optimizer.apply_gradients(zip(gradients, variables))
+    return terms, loss, logits, local_size
+
+
 def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=False, steps_per_call=1, prepare=None):
     """Returns `(step, means)`: a compiled step and the `StepMeans` it updates.
 
@@ -106,12 +128,8 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
     `means` tracks each loss term, `"loss"` (their sum) and `"train_accuracy"` (one
     per model, `"<prefix>train_accuracy"`, when the method trains several: see
     `Method.prefixes`), averaged over the examples seen since the last reset.
-    Under a `tf.distribute` strategy each replica computes the mean loss of its
-    share of the (global) batch and weights it by `local size / global size` (as
-    `tf.nn.compute_average_loss` does); the optimizer sums the replicas' gradients,
-    so the update is that of the global batch's mean loss even when the replicas
-    get unequal shares (a last partial batch). The model must have been built
-    under `strategy.scope()`.
+    Each step is `descend` (see there for `tf.distribute`). The model must have
+    been built under `strategy.scope()`.
     """
     strategy = strategy or tf.distribute.get_strategy()
     variables = method.trainable_variables
@@ -122,15 +140,7 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
     def replica_step(batch):
         if prepare is not None:
             batch = prepare(batch)
-        local_size = tf.cast(tf.shape(batch["y"])[0], tf.float32)
-        global_size = tf.distribute.get_replica_context().all_reduce("sum", local_size)
-        with tf.GradientTape() as tape:
-            terms, logits = method.loss_terms(batch, training=True)
-            loss = tf.add_n([tf.cast(t, tf.float32) for t in terms.values()])
-            # A replica can get no examples of a last partial batch: its mean is NaN, its weight 0.
-            scaled_loss = optimizer.scale_loss(tf.math.multiply_no_nan(loss, local_size / global_size))
-        gradients = tape.gradient(scaled_loss, variables)
-        optimizer.apply_gradients(zip(gradients, variables))
+        terms, loss, logits, local_size = descend(method, optimizer, batch, variables)
         logits = logits if isinstance(logits, dict) else {"": logits}
         labels = tf.cast(tf.reshape(batch["y"], [-1]), tf.int32)
         predicted = tf.stack([tf.argmax(logits[p], axis=-1, output_type=tf.int32) for p in method.prefixes])
