@@ -12,8 +12,8 @@ import json
 
 import numpy as np
 
-from common import explain
-from common.results import write_arrays_atomic, write_json_atomic
+from common import explain, training
+from common.results import identity_hash, write_arrays_atomic, write_json_atomic
 
 
 def explain_and_save(out_dir, tag, kind, predictors, images, labels, settings, log=None):
@@ -74,3 +74,23 @@ def _pad(maps):
         return np.stack(maps)
     width = max(len(m) for m in maps)
     return np.stack([np.pad(np.asarray(m, float), (0, width - len(m)), constant_values=np.nan) for m in maps])
+
+
+def explain_seed(task, kind):
+    """LIME or occlusion maps (`kind`) of a task's teacher, KD student and scratch
+    student for one seed (`task`: a `common.recipes.Recipes`; each model trained or
+    loaded first), saved under `explain/<kind>-s<seed>` with the agreement numbers
+    of every pair (`explain_and_save`)."""
+    c = task.config
+    records = {"teacher": task.teacher(), "kd_student": task.kd(), "scratch_student": task.scratch()}
+    if kind == "lime":
+        settings = {"num_samples": c.lime_samples, **task.lime_settings()}
+    else:
+        settings = {"patch": c.occlusion_patch, "stride": c.occlusion_stride, "fill": task.occlusion_fill}
+    # The maps belong to these exact runs: another student (say, of another T) is explained anew.
+    settings["runs"] = {name: f"{r['run']}@{identity_hash(r['identity'])}" for name, r in records.items()}
+    images, labels = task.explanation_images()
+    predictors = {name: training.probabilities_fn(task.model_of(r["run"]), task.explain_batch)
+                  for name, r in records.items()}
+    return explain_and_save(task.store.root / "explain", f"{kind}-s{task.seed}", kind, predictors,
+                            images, labels, {"seed": task.seed, "top_k": c.top_k, **settings}, task.log)

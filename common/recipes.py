@@ -11,7 +11,6 @@ import collections
 import dataclasses
 import datetime
 import json
-import shutil
 import time
 
 import keras
@@ -20,10 +19,9 @@ import numpy as np
 from common import device, locks, methods, runs, training
 from common.distribute import make_strategy, results_root
 from common.errors import ConfigError, DataError
-from common.explanations import explain_and_save
-from common.fused import fuse
+from common.explanations import explain_seed
 from common.metrics import expected_calibration_error, top1_agreement
-from common.results import ResultsStore, identity_hash, write_arrays_atomic, write_csv_atomic, write_json_atomic
+from common.results import ResultsStore, write_arrays_atomic, write_csv_atomic, write_json_atomic
 from common.workspaces import Workspaces
 
 
@@ -261,8 +259,7 @@ class Recipes:
             raise DataError(
                 f"{self.store.weights_path(name)} is missing; delete {self.store.run_dir(name)} to train it again"
             )
-        self._builders[name] = build
-        self.keep(name, model)
+        self.keep(name, model, build)
         return record, model
 
     def predictor(self, method):
@@ -272,8 +269,12 @@ class Recipes:
             return self.workspaces.predictor(method, self.strategy)
         return training.compiled_predictor(method.class_logits)
 
-    def keep(self, name, model):
-        """Holds `model` in memory as the most recent; the oldest beyond `kept_models` is dropped."""
+    def keep(self, name, model, build=None):
+        """Holds `model` in memory as the most recent; the oldest beyond `kept_models` is
+        dropped. `build`: how to build run `name`'s model again, to reload it from its
+        weights once dropped (a run trained or loaded by this object)."""
+        if build is not None:
+            self._builders[name] = build
         self._models[name] = model
         self._models.move_to_end(name)
         while len(self._models) > self.kept_models:
@@ -373,72 +374,6 @@ class Recipes:
 
         return data
 
-    def distil_fused(self, students, parent, stack=False, **fit_options):
-        """Distils the unfinished of `students`, `[(stem, identity, build, factory)]` as
-        `distil` takes them, all from `parent()`, together: one compiled step per
-        batch trains them all (`common.fused.fuse`; with `stack`, their weights
-        stacked when the architecture allows). Each starts from the weights
-        and sees the batches it would alone (its seed is set before it is built, the
-        shuffle is the seed's), so each is recorded as the run `distil` would
-        record: same name, identity and weights (within float tolerance); its
-        record says `"fused"` with whom, and its times are its equal share.
-
-        Fewer than two unfinished: nothing is done (train them one by one). For a
-        task whose `train_model` is one run (Task 1). A resumable group: its epoch
-        state lives in `<out>/fused-<hash>-s<seed>/` until every member is recorded.
-        """
-        pending = [(self.run_name(stem), identity, build, factory) for stem, identity, build, factory in students
-                   if self.store.finished(self.run_name(stem), identity) is None]
-        if len(pending) < 2:
-            return
-        group_identity = {"fused": [identity for _, identity, _, _ in pending]}
-        group = f"fused-{identity_hash(group_identity)[:8]}-s{self.seed}"
-        with locks.hold(self.store.root, group, self.log):  # another process may be training this group
-            if all(self.store.finished(name, identity) is None for name, identity, *_ in pending):
-                self._train_fused(pending, group, group_identity, parent, stack, fit_options)
-
-    def _train_fused(self, pending, group, group_identity, parent, stack, fit_options):
-        """`distil_fused`'s training of the group `group` of runs `pending` (under its lock)."""
-        names = [name for name, *_ in pending]
-        arrays = self.distil_data(parent, [factory for *_, factory in pending])()
-        models = []
-        for index, (_, identity, build, _) in enumerate(pending):
-            runs.set_seed(identity["seed"])  # as `runs.run` does before building a model
-            with keras.name_scope(f"fused{index}"):  # distinct variable paths for the one optimizer
-                models.append(self.build_in_scope(build))
-        with self.strategy.scope():  # `fuse` may create variables (stacked weights)
-            method = fuse([factory(model) for model, (*_, factory) in zip(models, pending)], stack)
-        self.log(f"[{group}] training {len(pending)} runs in one {method.form} step: {', '.join(names)}")
-        device.reset_peak_memory()
-        started = datetime.datetime.now(datetime.timezone.utc)
-        start = time.perf_counter()
-        try:
-            history = self.fit_model(group, method.model, lambda _: method, arrays,
-                                     resume_dir=self.store.resume_dir(group, group_identity), **fit_options)
-        except training.TrainingDiverged:
-            shutil.rmtree(self.store.run_dir(group), ignore_errors=True)
-            raise
-        method.sync_members()
-        share = (time.perf_counter() - start) / len(pending)
-        evaluation_start = time.perf_counter()
-        outputs = self.held_out(training.compiled_predictor(method.class_logits))  # every member in one pass
-        evaluation_share = (time.perf_counter() - evaluation_start) / len(pending)
-        for index, (name, identity, build, factory) in enumerate(pending):
-            recording_start = time.perf_counter()
-            prefix = method.prefixes[index]
-            member_outputs = {split: (logits[prefix], labels) for split, (logits, labels) in outputs.items()}
-            metrics = self.final_metrics(name, member_outputs, factory.parent_name)
-            runs.finish(self.store, name, identity=identity, config=self.config.as_dict(), model=models[index],
-                        history=method.member_history(history, index), metrics=metrics, started=started,
-                        train_seconds=share,
-                        wall_seconds=share + evaluation_share + time.perf_counter() - recording_start,
-                        about={"data": self.data_info(),
-                               "fused": {"runs": len(pending), "group": group, "form": method.form}})
-            self._builders[name] = build
-            self.keep(name, models[index])
-        shutil.rmtree(self.store.run_dir(group), ignore_errors=True)
-        self.log(f"[{group}] recorded {len(pending)} runs in {time.perf_counter() - start:.1f}s")
-
     def factory(self, cls, settings=None, make=None):
         """A `MethodFactory` for method class `cls` with `settings` (`method_settings`)."""
         if getattr(cls, "single_replica", False) and self.strategy.num_replicas_in_sync > 1:
@@ -536,48 +471,17 @@ class Recipes:
         raise NotImplementedError
 
     def export(self):
-        """TFLite files of the teacher and of every finished student of this seed (KD,
-        scratch and each registered method at the configured settings), as float32,
-        dynamic-range int8 and full int8 (`common.export`), measured on the whole
-        test set: test metric against the Keras model's, size, CPU latency per image.
-        Writes `export/<run>/<variant>.tflite` (+ `.json` with its measurement, reused
-        when the file is unchanged) and `export-s<seed>.csv`; returns the rows."""
-        from common import export
+        """TFLite files of the teacher and every finished student of this seed,
+        measured (`common.deployment.export_seed`); returns the rows."""
+        from common.deployment import export_seed
 
-        images, labels = self.test_arrays()
-        representative = self.representative_inputs()
-        _, runtime = export.runtime()
-        metric = f"test_{self.primary_metric}"
-        teacher_name, _ = self.teacher_model()
-        self.kd()
-        self.scratch()
-        candidates = [("teacher", teacher_name), ("scratch", self.final_run_name("scratch"))]
-        candidates += [(m, self.final_run_name(self.method_stem(m))) for m in methods.REGISTRY]
-        score = lambda logits: self.split_metrics("test", logits, labels, summary=False)[metric]  # noqa: E731
-        rows = []
-        for label, name in candidates:
-            record = self.store.load(name)
-            if record is None:
-                self.log(f"[export] {label}: no finished run {name} for this seed; skipped")
-                continue
-            model = self.model_of(name) if name in self._builders else self.load_trained(label, name)
-            measured = export.export_model(self.store.root / "export" / name, model, images, representative, score,
-                                           self.progress(f"export {name}"))
-            for variant, found in measured.items():
-                rows.append({"model": label, "run": name, "variant": variant, "params": record["params"],
-                             "flops": record["flops"], "size_bytes": found["size_bytes"],
-                             "latency_ms_median": found["latency_ms_median"], f"keras_{metric}": record[metric],
-                             f"tflite_{metric}": found["score"], "drop": record[metric] - found["score"],
-                             "runtime": runtime})
-        columns = ("model", "variant", "params", "flops", "size_bytes", "latency_ms_median", f"keras_{metric}",
-                   f"tflite_{metric}", "drop", "run", "runtime")
-        write_csv_atomic(self.store.root / f"export-s{self.seed}.csv", rows, columns)
-        write_json_atomic(self.store.root / f"export-s{self.seed}.json",
-                          {"rows": rows, "environment": runs.environment(), "threads": 1})
-        return rows
+        return export_seed(self)
 
-    def load_trained(self, label, name):
-        """The trained model of finished run `name` (`label`: "teacher" or a student)."""
+    def trained_model(self, label, name):
+        """The trained model of finished run `name` (`label`: "teacher" or a student):
+        the one this object trained or loaded, else built and loaded from its weights."""
+        if name in self._builders:
+            return self.model_of(name)
         build = self.teacher_builder() if label == "teacher" else self.student_builder()
         model = self.build_in_scope(build)
         model.load_weights(self.store.weights_path(name))
@@ -605,21 +509,9 @@ class Recipes:
         return self.explain("occlusion")
 
     def explain(self, kind):
-        """LIME or occlusion maps of teacher, KD student and scratch student, saved under
-        `explain/<kind>-s<seed>` with the agreement numbers of every pair."""
-        c = self.config
-        records = {"teacher": self.teacher(), "kd_student": self.kd(), "scratch_student": self.scratch()}
-        if kind == "lime":
-            settings = {"num_samples": c.lime_samples, **self.lime_settings()}
-        else:
-            settings = {"patch": c.occlusion_patch, "stride": c.occlusion_stride, "fill": self.occlusion_fill}
-        # The maps belong to these exact runs: another student (say, of another T) is explained anew.
-        settings["runs"] = {name: f"{r['run']}@{identity_hash(r['identity'])}" for name, r in records.items()}
-        images, labels = self.explanation_images()
-        predictors = {name: training.probabilities_fn(self.model_of(r["run"]), self.explain_batch)
-                      for name, r in records.items()}
-        return explain_and_save(self.store.root / "explain", f"{kind}-s{self.seed}", kind, predictors,
-                                images, labels, {"seed": self.seed, "top_k": c.top_k, **settings}, self.log)
+        """LIME or occlusion maps of teacher, KD student and scratch student
+        (`common.explanations.explain_seed`)."""
+        return explain_seed(self, kind)
 
 
 def claim_next_seed(out, seeds):

@@ -13,6 +13,7 @@ import numpy as np
 from common import data as common_data
 from common import explain, losses, methods, runs, training
 from common.errors import DataError
+from common.fused_runs import distil_fused
 from common.recipes import Recipes
 from common.results import save_weights, write_csv_atomic
 from task1_mnist import data as mnist
@@ -192,7 +193,7 @@ class Task1(Recipes):
             students.append((self.method_stem("kd", settings=settings), self.identity("kd", **settings),
                              build_student, self.factory(methods.Distillation, settings)))
         try:
-            self.distil_fused(students, self.teacher_model, stack=self.config.fuse_grid == "stacked",
+            distil_fused(self, students, self.teacher_model, stack=self.config.fuse_grid == "stacked",
                               **self.student_fit_options())
         except training.TrainingDiverged as err:
             self.log(f"[grid] fused training stopped ({err}); training the cells one at a time")
