@@ -26,12 +26,14 @@ CPU; a smaller K gives a noisier estimate of the same contrastive objective).
 
 Sampling (`ContrastMemory.negatives_in_pool`): each anchor gets exactly K negatives of
 other classes, never itself, distinct unless its class leaves fewer than K
-others (then drawn with replacement, as the reference does). The anchors of a
-batch choose them from one shared pool of min(N, K + largest class) examples
-drawn without replacement per step, so every anchor's K-set is still a uniform
-draw from its other-class examples (the pool always holds at least K of them),
-while the scores are one `(batch, pool)` matrix product instead of a
-`(batch, K, d)` gather per bank.
+others (then drawn with replacement, as the reference does). Each step draws one
+pool of min(N, K + largest class) examples in random order (without
+replacement), which always holds at least K of any class's others; an anchor
+takes K of them that follow one another in that order (cyclically) from a random
+start. Every anchor's K-set is thus a uniform draw from its other-class
+examples, as in the reference; the anchors of a batch share the pool (their
+sets overlap more than independent draws would), and the scores are one
+`(batch, pool)` matrix product instead of a `(batch, K, d)` gather per bank.
 
 Heads, banks, the constants Z and the negatives' random state are the method's
 extra variables: trained or updated with the student and saved in epoch
@@ -112,10 +114,15 @@ class ContrastMemory(keras.layers.Layer):
             pool = keras.random.shuffle(tf.range(self.num_examples), seed=self.seed_generator)[: self.pool_size]
             pool_labels = tf.gather(self.labels, pool)
         positions = None
-        if not self.replace.all():  # distinct: the K highest random keys among other-class examples
-            keys = keras.random.uniform((batch, self.pool_size), seed=self.seed_generator)
-            keys = tf.where(pool_labels[None, :] == anchor_labels[:, None], -1.0, keys)
-            positions = tf.math.top_k(keys, k, sorted=False).indices
+        if not self.replace.all():  # distinct: K cyclically consecutive other-class entries of the pool
+            classes = tf.range(tf.shape(self.class_counts)[0])
+            other = tf.cast(pool_labels[None, :] != classes[:, None], tf.int32)  # (classes, P)
+            in_order = tf.argsort(1 - other, axis=1, stable=True)  # each class's other-class positions first
+            available = tf.gather(tf.reduce_sum(other, axis=1), anchor_labels)[:, None]  # >= K (the pool's size)
+            start = tf.cast(keras.random.uniform((batch, 1), seed=self.seed_generator)
+                            * tf.cast(available, tf.float32), tf.int32)
+            ranks = (start + tf.range(k)[None, :]) % available
+            positions = tf.gather(tf.gather(in_order, anchor_labels), ranks, batch_dims=1)
         if self.replace.any():  # with replacement, uniform over the other classes (pool = all, by class)
             count = tf.gather(self.class_counts, anchor_labels)[:, None]
             start = tf.gather(self.class_starts, anchor_labels)[:, None]
