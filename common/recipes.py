@@ -7,7 +7,6 @@ Everything else (resumable recorded runs, cached logits of frozen models,
 distillation chains, explanation artefacts) is written once here.
 """
 
-import collections
 import dataclasses
 import datetime
 import json
@@ -21,6 +20,7 @@ from common.distribute import make_strategy, results_root
 from common.errors import ConfigError, DataError
 from common.explanations import explain_seed
 from common.metrics import expected_calibration_error, top1_agreement
+from common.model_cache import ModelCache
 from common.results import ResultsStore, write_arrays_atomic, write_csv_atomic, write_json_atomic
 from common.workspaces import Workspaces
 
@@ -45,8 +45,7 @@ class Recipes:
         self.log = log or (lambda _msg: None)
         self.strategy = make_strategy(config.distribute)
         self.store = ResultsStore(results_root(config.out, self.strategy))
-        self._models = collections.OrderedDict()  # the last `kept_models` models, most recent last
-        self._builders = {}  # run name -> how to build it, to reload an evicted model from its weights
+        self.models = ModelCache(self.kept_models, self.build_in_scope, self.store.weights_path)
         self._targets = {}
         self.workspaces = Workspaces()  # compiled steps shared by runs of one structure; `run_all` shares it by seeds
 
@@ -237,7 +236,7 @@ class Recipes:
         Returns `(record, model)`; the model is kept for later links of a chain
         (`model_of`).
         """
-        if name in self._builders:  # done earlier in this object: no rebuild
+        if self.models.knows(name):  # done earlier in this object: no rebuild
             record = self.store.finished(name, identity)
             if record is not None:
                 return record, self.model_of(name)
@@ -270,25 +269,12 @@ class Recipes:
         return training.compiled_predictor(method.class_logits)
 
     def keep(self, name, model, build=None):
-        """Holds `model` in memory as the most recent; the oldest beyond `kept_models` is
-        dropped. `build`: how to build run `name`'s model again, to reload it from its
-        weights once dropped (a run trained or loaded by this object)."""
-        if build is not None:
-            self._builders[name] = build
-        self._models[name] = model
-        self._models.move_to_end(name)
-        while len(self._models) > self.kept_models:
-            self._models.popitem(last=False)
+        """Holds run `name`'s model for later links of a chain (`ModelCache.keep`)."""
+        self.models.keep(name, model, build)
 
     def model_of(self, name):
-        """The trained model of run `name`, trained or loaded by this object: from memory,
-        or rebuilt from its saved weights if it was dropped."""
-        if name not in self._models:
-            model = self.build_in_scope(self._builders[name])
-            model.load_weights(self.store.weights_path(name))
-            self.keep(name, model)
-        self._models.move_to_end(name)
-        return self._models[name]
+        """The trained model of run `name`, trained or loaded by this object (`ModelCache.get`)."""
+        return self.models.get(name)
 
     def train_model(self, stem, identity, build, make_method, train_data, **fit_options):
         """Trains one model through the task's schedule; returns `(record, model)` of its
@@ -480,7 +466,7 @@ class Recipes:
     def trained_model(self, label, name):
         """The trained model of finished run `name` (`label`: "teacher" or a student):
         the one this object trained or loaded, else built and loaded from its weights."""
-        if name in self._builders:
+        if self.models.knows(name):
             return self.model_of(name)
         build = self.teacher_builder() if label == "teacher" else self.student_builder()
         model = self.build_in_scope(build)

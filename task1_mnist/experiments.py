@@ -132,7 +132,7 @@ class Task1(Recipes):
         return record
 
     def teacher_model(self):
-        if self.teacher_name() not in self._builders:
+        if not self.models.knows(self.teacher_name()):
             self.teacher()
         return self.teacher_name(), self.model_of(self.teacher_name())
 

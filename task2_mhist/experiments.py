@@ -271,7 +271,7 @@ class Task2(Recipes):
 
     def teacher_model(self):
         name = self.final_run_name("teacher")
-        if name not in self._builders:
+        if not self.models.knows(name):
             self.teacher()
         return name, self.model_of(name)
 

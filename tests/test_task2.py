@@ -188,8 +188,8 @@ def test_cli_with_a_real_mobilenetv2_weights_folder(tmp_path, mhist_dir, capsys)
 def test_only_the_last_few_trained_models_stay_in_memory(tmp_path, mhist_dir, tiny_architectures):
     task = Task2(tiny_config(tmp_path, mhist_dir, only=("teacher", "kd", "scratch", "lime")))
     task.run()
-    assert len(task._models) <= task.kept_models
-    assert "teacher-fe-s0" not in task._models
+    assert len(task.models.in_memory()) <= task.kept_models
+    assert "teacher-fe-s0" not in task.models.in_memory()
     reloaded = task.model_of("teacher-fe-s0")  # dropped, then rebuilt from its saved weights
     saved = models.build(models.TEACHER, "none", 32)
     saved.load_weights(tmp_path / "out" / "teacher-fe-s0" / "model.weights.h5")
