@@ -44,7 +44,7 @@ def needs_recalibration(model, steps):
     return any(start_weight(steps, layer.momentum) > THRESHOLD for layer in batch_norm_layers(model))
 
 
-def recalibrate(model, dataset, prepare=None, max_batches=None):
+def recalibrate(model, dataset, prepare=None):
     """Sets the moving mean and variance of each BatchNorm layer of `model` that
     trains (one in inference mode, e.g. a frozen base, keeps its own) to the mean of
     its batch statistics over `dataset` (batch dicts with `"x"`, each first passed
@@ -66,8 +66,6 @@ def recalibrate(model, dataset, prepare=None, max_batches=None):
                 total[0] += layer.moving_mean.numpy()
                 total[1] += layer.moving_variance.numpy()
             batches += 1
-            if max_batches is not None and batches >= max_batches:
-                break
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum

@@ -140,7 +140,6 @@ class Distiller(keras.Model):
     def __init__(self, teacher, student, method="kd", *, teacher_features=None, student_features=None,
                  cache_teacher=True, **options):
         super().__init__(name=f"{method}_distiller")
-        self.method_name = method
         self.cls = methods.get(method)
         self.shared, self.options = split_options(method, options)
         self.teacher, self.student = teacher, student
@@ -250,9 +249,7 @@ class MethodLoss(keras.distillation.DistillationLoss):
 
     TERMS = {
         "kd": lambda o, t, s: losses.distillation_loss(t, s, o["temperature"]),
-        "at": lambda o, t, s: o["weight"] * at_method.attention_loss(
-            at_method.attention_map(at_method.adaptive_average_pool(t, tuple(s.shape[1:3]))
-                                    if t.shape[1] > s.shape[1] else t), s),
+        "at": lambda o, t, s: o["weight"] * at_method.feature_map_loss(t, s),
         "rkd": lambda o, t, s: sum(w * part for w, part in zip(
             (o["distance_weight"], o["angle_weight"]), rkd_method.rkd_losses(t, s))),
     }

@@ -39,19 +39,17 @@ def _holder(handle):
 def hold(root, name, log=None):
     """Holds the lock of run `name` under `root` for the `with` block; when another
     process holds it, says so through `log` and waits until it is released."""
-    handle = _open(lock_path(root, name))
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if log is not None:
-                log(f"[{name}] being trained by {_holder(handle)}; waiting for it")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    handle = claim(root, name)
+    if handle is None:
+        handle = _open(lock_path(root, name))
+        if log is not None:
+            log(f"[{name}] being trained by {_holder(handle)}; waiting for it")
+        fcntl.flock(handle, fcntl.LOCK_EX)
         _mark(handle)
+    try:
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        release(handle)
 
 
 def claim(root, name):

@@ -93,8 +93,9 @@ def grouped(records, metric, key=None):
     key = key or (lambda record: seed_group(record["run"]))
     groups = {}
     for record in records:
-        if record.get(metric) is not None and key(record) is not None:
-            groups.setdefault(key(record), []).append(record)
+        group = key(record) if record.get(metric) is not None else None
+        if group is not None:
+            groups.setdefault(group, []).append(record)
     return {g: (*mean_std([r[metric] for r in rs]), len(rs), rs[0]) for g, rs in groups.items()}
 
 

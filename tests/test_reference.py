@@ -328,3 +328,12 @@ def test_crd_pool_is_drawn_when_the_set_is_large():
     drawn = memory.negative_indices(tf.constant(np.arange(32), tf.int32)).numpy()
     for anchor, row in zip(range(32), drawn):
         assert len(np.unique(row)) == 100 and not np.any(labels[row] == labels[anchor])
+
+
+@pytest.mark.parametrize("teacher_side, student_side", [(8, 4), (4, 6), (5, 5)])
+def test_at_feature_map_loss_pools_the_larger_map_either_way(teacher_side, student_side):
+    rng = np.random.default_rng(5)
+    teacher = rng.normal(size=(3, teacher_side, teacher_side, 4)).astype(np.float32)
+    student = rng.normal(size=(3, student_side, student_side, 2)).astype(np.float32)
+    value = float(at.feature_map_loss(tf.constant(teacher), tf.constant(student)))
+    np.testing.assert_allclose(value, np_at_loss(student.astype(np.float64), teacher.astype(np.float64)), rtol=RTOL)

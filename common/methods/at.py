@@ -81,6 +81,15 @@ def attention_loss(teacher_map, student_features):
     return attention_distance(teacher_map, attention_map(adaptive_average_pool(student_features, size)))
 
 
+def feature_map_loss(teacher_features, student_features):
+    """The unweighted AT distance of two `(batch, H, W, C)` feature maps, the larger
+    average-pooled to the smaller first (mdistiller's `single_stage_at_loss`)."""
+    teacher_size, student_size = tuple(teacher_features.shape[1:3]), tuple(student_features.shape[1:3])
+    if teacher_size[0] > student_size[0]:
+        teacher_features = adaptive_average_pool(teacher_features, student_size)
+    return attention_loss(attention_map(teacher_features), student_features)
+
+
 def check_sizes(teacher_size, student_size):
     """Raises `ValueError` unless the teacher's cached map is no larger than the student's."""
     if teacher_size[0] > student_size[0] or teacher_size[1] > student_size[1]:

@@ -78,7 +78,6 @@ class Method:
 
         return format_epoch(record, epochs, self.term_names)
 
-
     def begin_epoch(self, epoch, epochs):
         """Called by `common.training.fit` before each epoch (1-based) of `epochs`,
         resumed ones included: a method with a schedule (DKD's warm-up) sets its
