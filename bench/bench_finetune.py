@@ -45,7 +45,8 @@ from common.results import write_json_atomic  # noqa: E402
 from task2_mhist import data as mhist  # noqa: E402
 from task2_mhist import models  # noqa: E402
 from task2_mhist.config import Task2Config  # noqa: E402
-from task2_mhist.experiments import Task2, inference_batch  # noqa: E402
+from task2_mhist.experiments import Task2  # noqa: E402
+from task2_mhist.frozen import inference_batch  # noqa: E402
 
 
 PARTS = ("anchor", "toolkit", "keras_fit", "inference", "kd")
@@ -141,9 +142,9 @@ def kd_student(args, task, build, extra, toolkit, keras_fit):
     `keras.distillation.Distiller.fit` with the teacher running on every step."""
     print("KD student: cached teacher logits vs Distiller.fit with a live teacher ...", flush=True)
     teacher = build(models.TEACHER)
-    logits = task.per_view_outputs(teacher, "[teacher] logits")
+    logits = task.frozen.per_view(teacher, "[teacher] logits")
     kd = dict(zip(("toolkit_cached_logits", "toolkit_first_epoch_s"),
-                  toolkit(methods.Distillation(build(models.STUDENT), 4.0, 0.5), {**extra, "teacher_logits": logits})))
+                  toolkit(methods.Distillation(build(models.STUDENT), temperature=4.0, alpha=0.5), {**extra, "teacher_logits": logits})))
     teacher.trainable = False
     distiller = keras.distillation.Distiller(
         teacher=teacher, student=build(models.STUDENT), student_loss_weight=0.5,

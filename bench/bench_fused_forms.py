@@ -59,7 +59,7 @@ def time_form(name, form, cells, batches, jit, optimizer="adam"):
         runs.set_seed(0)
         with keras.name_scope(f"{name}{index}"):
             students.append(build_student())
-    members = [methods.Distillation(s, t, a) for s, (t, a) in zip(students, cells)]
+    members = [methods.Distillation(s, temperature=t, alpha=a) for s, (t, a) in zip(students, cells)]
     method = form(members) if form is not None else members[0]
     step, means = training.make_train_step(method, OPTIMIZERS[optimizer](1e-3),
                                            element_spec=batches.element_spec, jit=jit)

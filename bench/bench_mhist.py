@@ -87,18 +87,18 @@ def main(argv=None):
         print(f"feature extraction, {args.epochs} epochs of {n} images at {args.image_size} px ...", flush=True)
         images_epoch, images_cores = steady_epochs(methods.CrossEntropy(frozen_teacher()), task.train_dataset(extra))
         teacher = frozen_teacher()
-        features_seconds, features_cores, features = timed(lambda: task.base_features(teacher))
+        features_seconds, features_cores, features = timed(lambda: task.frozen.base_features(teacher))
         head = models.split_at_base(teacher)[1]
         features_epoch, features_epoch_cores = steady_epochs(methods.CrossEntropy(head),
                                                              task.train_dataset(extra, features=features["train"]))
 
         print(f"KD student, {args.epochs} fine-tuning epochs each way ...", flush=True)
-        logits_seconds, logits_cores, logits = timed(lambda: task.per_view_outputs(teacher, "[teacher] logits"))
+        logits_seconds, logits_cores, logits = timed(lambda: task.frozen.per_view(teacher, "[teacher] logits"))
 
         def kd_epoch(live_teacher):
             runs.set_seed(0)
             student = models.build(models.STUDENT, "none", args.image_size)
-            method = methods.Distillation(student, 4.0, 0.5, teacher=teacher if live_teacher else None)
+            method = methods.Distillation(student, temperature=4.0, alpha=0.5, teacher=teacher if live_teacher else None)
             arrays = extra if live_teacher else {**extra, "teacher_logits": logits}
             return steady_epochs(method, task.train_dataset(arrays))
 

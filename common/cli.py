@@ -176,15 +176,23 @@ def main(body):
         return 130
 
 
-def run_task(settings, config_class, title, experiments):
-    """A task command's body: the parsed `settings` (a dict of its flags) as a
-    validated `config_class`, printed, then `run_all` of module `experiments`
+def make_config(settings, config_class):
+    """The parsed `settings` (a dict of a task's flags) as a validated `config_class`
+    (raises `ConfigError`); `--<method>-<option>` flags become `method_options`."""
+    settings = dict(settings)
+    single_seed = settings.pop("single_seed", None)
+    if single_seed is not None:
+        settings["seeds"] = (single_seed,)
+    settings["method_options"] = pop_method_options(settings)
+    return config_class(**settings)
+
+
+def run_task(config, title, experiments):
+    """A task command's body: `config` printed, then `run_all` of module `experiments`
     (imported only now: heavy imports after the argument checks) and the table of
     finished runs. Returns the exit status."""
     import importlib
 
-    settings["method_options"] = pop_method_options(settings)
-    config = config_class(**settings)
     log = logger(config.quiet)
     log(f"{title} config:\n" + config.describe())
     from common.results import ResultsStore

@@ -117,23 +117,21 @@ def validate_shared(config, experiments, strategies, image_size):
         raise ConfigError(f"--occlusion-patch {config.occlusion_patch} is larger than the {image_size}-pixel images")
     if not config.temperatures:
         raise ConfigError("--temperatures must list at least one value")
-    from common import losses
+    from common import losses, methods
 
+    shared = {"temperature": config.temperature, "alpha": config.alpha}
     try:
-        for t in (config.temperature, *config.temperatures):
+        for t in config.temperatures:
             losses.validate_temperature(t)
-        losses.validate_alpha(config.alpha)
+        for name in methods.REGISTRY:  # every method's options as its runs will take them
+            methods.make_options(name, dict(config.method_options).get(name, {}), shared)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    unknown = sorted(set(dict(config.method_options)) - set(methods.REGISTRY))
+    if unknown:
+        raise ConfigError(f"no registered method {', '.join(unknown)}; choose from {', '.join(methods.REGISTRY)}")
     choices("only", config.only, experiments, "--only")
-    from common import methods
-
     choices("chain_method", (config.chain_method,), tuple(methods.REGISTRY), "--chain-method")
-    for name, values in dict(config.method_options).items():
-        try:
-            methods.make_options(name, dict(values))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
     choices("distribute", (config.distribute,), strategies, "--distribute")
     from common import device
 

@@ -23,7 +23,7 @@ def export_seed(task):
     task.kd()
     task.scratch()
     candidates = [("teacher", teacher_name), ("scratch", task.final_run_name("scratch"))]
-    candidates += [(m, task.final_run_name(task.method_stem(m))) for m in methods.REGISTRY]
+    candidates += [(m, task.final_run_name(task.student_stem(m))) for m in methods.REGISTRY]
     score = lambda logits: task.split_metrics("test", logits, labels, summary=False)[metric]  # noqa: E731
     rows = []
     for label, name in candidates:

@@ -37,9 +37,6 @@ from common.errors import ConfigError
 from common.methods import at as at_method
 from common.methods import rkd as rkd_method
 
-SHARED = ("temperature", "alpha")
-
-
 def layer_output(model, layer):
     """The symbolic output of `layer` (a name or an index) of a built functional or
     Sequential `model`; raises `ConfigError` naming the layers when there is none."""
@@ -84,18 +81,13 @@ def feature_model(model, wanted, named=None, hint_from=None):
     return keras.Model(model.inputs, outputs, name=f"{model.name}_features")
 
 
-def split_options(method, options):
-    """`(shared settings, the method's Options)` from `Distiller`'s keyword arguments;
-    a keyword neither uses is a `ConfigError` naming what it takes."""
-    cls = methods.get(method)
-    fields = {f.name for f in dataclasses.fields(cls.Options)}
-    takes = set(cls.uses) | fields
-    unknown = sorted(set(options) - takes)
-    if unknown:
-        raise ConfigError(f"method {method!r} takes no {', '.join(unknown)}; it takes "
-                          f"{', '.join(sorted(takes)) or 'no options'}")
-    shared = {k: float(options[k]) for k in SHARED if k in options}
-    return shared, methods.make_options(method, {k: v for k, v in options.items() if k in fields})
+def method_options(method, options):
+    """The `Options` of registered `method` from `Distiller`'s keyword arguments; a bad
+    or unknown one is a `ConfigError` naming what the method takes."""
+    try:
+        return methods.make_options(method, options)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def as_arrays(x, y):
@@ -141,7 +133,7 @@ class Distiller(keras.Model):
                  cache_teacher=True, **options):
         super().__init__(name=f"{method}_distiller")
         self.cls = methods.get(method)
-        self.shared, self.options = split_options(method, options)
+        self.options = method_options(method, options)
         self.teacher, self.student = teacher, student
         self.teacher.trainable = False
         self.cache_teacher = bool(cache_teacher)
@@ -176,7 +168,7 @@ class Distiller(keras.Model):
         num_classes = int(self.teacher.outputs[0].shape[-1])
         context = methods.Context(num_classes=num_classes, num_examples=len(labels),
                                   labels=np.asarray(labels).reshape(-1).astype(np.int32),
-                                  features=self.student_outputs, **self.shared)
+                                  features=self.student_outputs)
         self.method = self.cls.create(self.student, self.options, context)
         if not self.cache_teacher:
             self.method.teacher = self.teacher_outputs  # batches then carry no targets: it runs per step
@@ -259,8 +251,7 @@ class MethodLoss(keras.distillation.DistillationLoss):
             raise ConfigError(f"{method!r} needs labels or trained layers that keras.distillation does not give a "
                               f"loss; use common.distiller.Distiller, or one of {', '.join(self.TERMS)}")
         self.method, self.teacher_layer_name, self.student_layer_name = method, teacher_layer_name, student_layer_name
-        shared, own = split_options(method, options)
-        self.settings = {"temperature": 4.0, **shared, **dataclasses.asdict(own)}
+        self.settings = dataclasses.asdict(method_options(method, options))
 
     def validate_outputs(self, teacher_outputs, student_outputs):
         """Teacher and student may differ in width (RKD) or map size (AT)."""

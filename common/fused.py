@@ -28,6 +28,7 @@ import math
 import keras
 import tensorflow as tf
 
+from common import step_sharing
 from common.methods.base import Distiller, Method
 from common.workspaces import structure
 
@@ -49,17 +50,18 @@ def reads_model_output(member):
 
 def shares_loss(member):
     """Whether `member`'s loss can be computed with others' in one call: its method
-    is `stackable`, its step is shareable (a signature) and `reads_model_output`."""
-    return member.stackable and member.signature() is not None and reads_model_output(member)
+    is `stackable` and shareable (`common.step_sharing`) and `reads_model_output`."""
+    return step_sharing.stackable(member) and step_sharing.signature(member) is not None \
+        and reads_model_output(member)
 
 
 def loss_groups(members):
     """Lists of member indices whose loss terms one call computes for all: members
-    that `shares_loss` of one method class, signature and options (e.g. KD cells
-    that differ in T and alpha), in member order; every other member alone."""
+    that `shares_loss` of one `common.step_sharing.loss_key` (e.g. KD cells that
+    differ in T and alpha), in member order; every other member alone."""
     groups = {}
     for index, member in enumerate(members):
-        key = (type(member), member.signature(), getattr(member, "options", None)) if shares_loss(member) else index
+        key = step_sharing.loss_key(member) if shares_loss(member) else index
         groups.setdefault(key, []).append(index)
     return list(groups.values())
 
@@ -120,7 +122,7 @@ class Fused(Method):
     def grouped_terms(self, batch, training, outputs=None):
         """`loss_terms` from each of `groups`: a group of members that share a loss
         computes it once, on their `(members, batch, classes)` outputs and `(members,)`
-        runtime settings (`Method.stackable`), and splits the `(members,)` terms; any
+        runtime settings (`common.step_sharing`), and splits the `(members,)` terms; any
         other member computes its own. `outputs`: every member's stacked outputs
         (`Stacked`); None: each member's model runs on `batch["x"]`."""
         by_member = {}
@@ -137,7 +139,7 @@ class Fused(Method):
             else:
                 group_outputs = tf.gather(outputs, indices)
             group = _on_output(first, group_outputs)
-            for name in first.runtime_settings:
+            for name in step_sharing.runtime_settings(first):
                 setattr(group, name, tf.stack([tf.cast(getattr(self.members[i], name), tf.float32) for i in indices]))
             group_terms, group_logits = group.loss_terms(batch, training=training)
             for position, index in enumerate(indices):

@@ -14,7 +14,7 @@ from common.results import identity_hash
 
 
 def distil_fused(task, students, parent, stack=False, **fit_options):
-    """Distils the unfinished of `students`, `[(stem, identity, build, factory)]` as
+    """Distils the unfinished of `students`, `[(spec, build, factory)]` as
     `Recipes.distil` takes them, all from `parent()`, together (`task`: the
     `common.recipes.Recipes` of one seed): one compiled step per
     batch trains them all (`common.fused.fuse`; with `stack`, their weights
@@ -28,8 +28,8 @@ def distil_fused(task, students, parent, stack=False, **fit_options):
     task whose `train_model` is one run (Task 1). A resumable group: its epoch
     state lives in `<out>/fused-<hash>-s<seed>/` until every member is recorded.
     """
-    pending = [(task.run_name(stem), identity, build, factory) for stem, identity, build, factory in students
-               if task.store.finished(task.run_name(stem), identity) is None]
+    pending = [(spec.name, spec.identity, build, factory) for spec, build, factory in students
+               if task.store.finished(spec.name, spec.identity) is None]
     if len(pending) < 2:
         return
     group_identity = {"fused": [identity for _, identity, _, _ in pending]}
@@ -37,6 +37,7 @@ def distil_fused(task, students, parent, stack=False, **fit_options):
     with locks.hold(task.store.root, group, task.log):  # another process may be training this group
         if all(task.store.finished(name, identity) is None for name, identity, *_ in pending):
             _train_fused(task, pending, group, group_identity, parent, stack, fit_options)
+
 
 def _train_fused(task, pending, group, group_identity, parent, stack, fit_options):
     """`distil_fused`'s training of the group `group` of runs `pending` (under its lock)."""

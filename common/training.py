@@ -126,15 +126,16 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
     iterator is exhausted. The updates are those of one step per call.
 
     `means` tracks each loss term, `"loss"` (their sum) and `"train_accuracy"` (one
-    per model, `"<prefix>train_accuracy"`, when the method trains several: see
-    `Method.prefixes`), averaged over the examples seen since the last reset.
+    per model, `"<prefix>train_accuracy"`, when the method trains several and
+    returns their logits by prefix: `common.fused`), averaged over the examples seen since the last reset.
     Each step is `descend` (see there for `tf.distribute`). The model must have
     been built under `strategy.scope()`.
     """
     strategy = strategy or tf.distribute.get_strategy()
     variables = method.trainable_variables
+    prefixes = getattr(method, "prefixes", ("",))  # several models' (`common.fused`), or one
     with strategy.scope():
-        means = StepMeans([*method.term_names, "loss", *(f"{p}train_accuracy" for p in method.prefixes)])
+        means = StepMeans([*method.term_names, "loss", *(f"{p}train_accuracy" for p in prefixes)])
         optimizer.build(variables)
 
     def replica_step(batch):
@@ -143,7 +144,7 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
         terms, loss, logits, local_size = descend(method, optimizer, batch, variables)
         logits = logits if isinstance(logits, dict) else {"": logits}
         labels = tf.cast(tf.reshape(batch["y"], [-1]), tf.int32)
-        predicted = tf.stack([tf.argmax(logits[p], axis=-1, output_type=tf.int32) for p in method.prefixes])
+        predicted = tf.stack([tf.argmax(logits[p], axis=-1, output_type=tf.int32) for p in prefixes])
         accuracies = tf.reduce_mean(tf.cast(tf.equal(predicted, labels), tf.float32), axis=-1)
         batch_means = tf.stack([tf.cast(terms[name], tf.float32) for name in method.term_names] + [loss])
         means.update_state(tf.concat([batch_means, accuracies], axis=0), local_size)

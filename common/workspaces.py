@@ -8,7 +8,7 @@ the T curve's students, the student from scratch and from random weights, the
 teacher-assistant's student) can use one step.
 
 A `Workspace` holds a structural copy of a run's method (its model cloned, the
-method rebound to the clone: `Method.rebind`) with its own optimizer and compiled
+method rebound to the clone: `common.step_sharing.rebind`) with its own optimizer and compiled
 step. A run copies its initial weights, its optimizer's initial state and its
 runtime settings (KD's T and alpha) in (`load`), trains there, and copies the
 weights back out (`store`); it trains exactly as it would alone (tested).
@@ -20,6 +20,7 @@ import json
 
 import keras
 
+from common import step_sharing
 from common.training import compiled_predictor
 
 
@@ -73,7 +74,7 @@ class Workspace:
 
     def __init__(self, method, optimizer, make_step, strategy):
         with strategy.scope():
-            self.method = method.rebind(keras.models.clone_model(method.model, recursive=True))
+            self.method = step_sharing.rebind(method, keras.models.clone_model(method.model, recursive=True))
             self.optimizer = type(optimizer).from_config(optimizer.get_config())
         self.strategy = strategy
         self.step, self.means = make_step(self.method, self.optimizer)
@@ -91,7 +92,7 @@ class Workspace:
         variables, the method's runtime settings and the optimizer's state (its initial
         state when it is new; the learning rate included)."""
         copy_variables(method.model.variables, self.method.model.variables)
-        for name in method.runtime_settings:
+        for name in step_sharing.runtime_settings(method):
             getattr(self.method, name).assign(getattr(method, name))
         if not optimizer.built:
             with self.strategy.scope():
@@ -132,19 +133,20 @@ class Workspaces:
         else:
             def make():
                 with strategy.scope():
-                    twin = method.rebind(keras.models.clone_model(method.model, recursive=True))
+                    twin = step_sharing.rebind(method, keras.models.clone_model(method.model, recursive=True))
                 return twin, compiled_predictor(twin.class_logits)
 
             twin, predictor = self._remember(("predictor", kind), make)
         copy_variables(method.model.variables, twin.model.variables)
-        for name in method.runtime_settings:
+        for name in step_sharing.runtime_settings(method):
             getattr(twin, name).assign(getattr(method, name))
         return predictor
 
     def get(self, method, optimizer, make_step, strategy, step_key):
         """The workspace for `method` and `optimizer`, made on first use with
         `make_step(method, optimizer) -> (step, means)`; None when `method` cannot
-        share one (`Method.signature` is None, or its model cannot describe itself).
+        share one (`common.step_sharing.signature` is None, or its model cannot
+        describe itself).
         `step_key`: whatever else the step depends on (data spec, XLA, ...)."""
         kind = _kind(method, strategy)
         if kind is None:
@@ -166,6 +168,6 @@ class Workspaces:
 def _kind(method, strategy):
     """What runs must share to share a step or a predictor: the method's class and
     signature, its model's structure and the strategy; None when `method` cannot share."""
-    signature = method.signature()
+    signature = step_sharing.signature(method)
     model = structure(method.model) if signature is not None else None
     return None if model is None else (type(method), signature, model, id(strategy))

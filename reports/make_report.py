@@ -110,7 +110,8 @@ def configured(record):
     if method in methods.REGISTRY:
         cls = methods.REGISTRY[method]
         given = (config.get("method_options") or {}).get(method, {})
-        expected.update({f.name: given.get(f.name, f.default) for f in dataclasses.fields(cls.Options)})
+        expected.update({f.name: given.get(f.name, f.default) for f in dataclasses.fields(cls.Options)
+                         if f.name not in methods.SHARED_OPTIONS})  # those are the config's --temperature, --alpha
     if ident.get("weights") is not None and ident.get("experiment") == "scratch":
         expected["weights"] = str(config.get("weights"))
     return all(ident[k] == v for k, v in expected.items() if k in ident and v is not None)

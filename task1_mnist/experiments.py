@@ -15,6 +15,7 @@ from common import explain, losses, methods, runs, training
 from common.errors import DataError
 from common.fused_runs import distil_fused
 from common.recipes import Recipes
+from common.run_spec import method_stem, run_tag
 from common.results import save_weights, write_csv_atomic
 from task1_mnist import data as mnist
 from task1_mnist import models
@@ -121,14 +122,12 @@ class Task1(Recipes):
     # -- experiments -----------------------------------------------------------
 
     def teacher_name(self):
-        return self.run_name("teacher")
+        return self.final_run_name("teacher")
 
     def teacher(self):
         """Trains (or loads) the teacher, keeping every epoch's weights; returns its record."""
-        record, _ = self.train(
-            self.teacher_name(), self.identity("teacher"), self.teacher_builder(), methods.CrossEntropy,
-            self.train_data, keep_checkpoints=True,
-        )
+        record, _ = self.train(self.spec("teacher", "teacher"), self.teacher_builder(), methods.CrossEntropy,
+                               self.train_data, keep_checkpoints=True)
         return record
 
     def teacher_model(self):
@@ -138,22 +137,20 @@ class Task1(Recipes):
 
     def scratch(self):
         """The student trained on hard labels only."""
-        record, _ = self.train(
-            self.run_name("scratch"), self.identity("scratch"), build_student, methods.CrossEntropy, self.train_data
-        )
+        record, _ = self.train(self.spec("scratch", "scratch"), build_student, methods.CrossEntropy, self.train_data)
         return record
 
-    def kd(self, temperature=None, alpha=None):
+    def kd(self, **overrides):
         """The KD student at (T, alpha), default the course's; its record. When the
         fused grid runs in this invocation too and holds the course's cell, the
         whole grid trains first, together, and this run is its cell: one compiled
         step less to build (on an H100 a first, compiling epoch took 17 s against
         0.5 s for the next ones)."""
-        if temperature is None and alpha is None and "grid" in self.config.only and self.fuses_grid():
+        if not overrides and "grid" in self.config.only and self.fuses_grid():
             cells = self.grid_cells()
             if (self.config.temperature, self.config.alpha) in cells:
                 self.fuse_grid(cells)
-        return super().kd(temperature, alpha)
+        return super().kd(**overrides)
 
     def grid_cells(self):
         """The grid's (T, alpha) pairs, T-major."""
@@ -168,7 +165,7 @@ class Task1(Recipes):
         rows = []
         for index, (temperature, alpha) in enumerate(cells, 1):
             self.log(f"[grid {index}/{len(cells)}] T={temperature:g} alpha={alpha:g} seed={self.seed}")
-            record = self.kd(temperature, alpha)
+            record = self.kd(temperature=temperature, alpha=alpha)
             rows.append({"temperature": float(temperature), "alpha": float(alpha), "run": record["run"],
                          **{f"{split}_accuracy": record[f"{split}_accuracy"] for split in self.eval_sets}})
         return self.save_sweep("grid", rows, "accuracy", ("temperature", "alpha"))
@@ -189,9 +186,9 @@ class Task1(Recipes):
         fused training diverges, the cells are left to train one at a time."""
         students = []
         for temperature, alpha in cells:
-            settings = self.method_settings(methods.Distillation, temperature, alpha)
-            students.append((self.method_stem("kd", settings=settings), self.identity("kd", **settings),
-                             build_student, self.factory(methods.Distillation, settings)))
+            settings = self.method_settings(methods.Distillation, temperature=temperature, alpha=alpha)
+            students.append((self.spec(method_stem("kd", ["kd"], settings), "kd", **settings), build_student,
+                             self.factory(methods.Distillation, settings)))
         try:
             distil_fused(self, students, self.teacher_model, stack=self.config.fuse_grid == "stacked",
                               **self.student_fit_options())
@@ -230,21 +227,20 @@ class Task1(Recipes):
     def skd(self):
         """Subclass distillation: a C·S-output teacher with L_aux, then a C·S student."""
         c, s = self.config, self.config.subclasses
-        teacher_name = self.run_name(f"skd-teacher-S{s}")
         aux = {"subclasses": s, "aux_weight": c.aux_weight, "aux_temperature": c.aux_temperature}
         teacher_record, teacher = self.train(
-            teacher_name, self.identity("skd-teacher", **aux),
+            self.spec(f"skd-teacher-S{s}", "skd-teacher", **aux),
             lambda: build_teacher(NUM_CLASSES * s),
             lambda model: methods.SubclassTeacher(model, NUM_CLASSES, c.aux_weight, c.aux_temperature),
             self.train_data,
         )
+        settings = self.method_settings(methods.Distillation)
         record, _ = self.distil(
-            f"skd-S{s}-{self.kd_tag()}",
-            self.identity("skd", temperature=c.temperature, alpha=c.alpha, **aux),
+            self.spec(f"skd-S{s}-{run_tag(settings)}", "skd", **settings, **aux),
             lambda: build_student(NUM_CLASSES * s),
-            lambda: (teacher_name, teacher),
-            self.factory(methods.SubclassDistillation, make=lambda student, _: methods.SubclassDistillation(
-                student, NUM_CLASSES, c.temperature, c.alpha)),
+            lambda: (teacher_record["run"], teacher),
+            self.factory(methods.SubclassDistillation, settings, make=lambda student, _: methods.SubclassDistillation(
+                student, NUM_CLASSES, **settings)),
         )
         return {"teacher": teacher_record, "student": record}
 

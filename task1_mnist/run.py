@@ -38,17 +38,13 @@ def build_parser():
     return parser
 
 
+def parse_config(argv=None):
+    """The validated `Task1Config` of command-line arguments `argv` (raises `ConfigError`)."""
+    return cli.make_config(vars(build_parser().parse_args(argv)), Task1Config)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return cli.main(lambda: _run(args))
-
-
-def _run(args):
-    settings = vars(args)
-    single_seed = settings.pop("single_seed")
-    if single_seed is not None:
-        settings["seeds"] = (single_seed,)
-    return cli.run_task(settings, Task1Config, "Task 1 (MNIST)", "task1_mnist.experiments")
+    return cli.main(lambda: cli.run_task(parse_config(argv), "Task 1 (MNIST)", "task1_mnist.experiments"))
 
 
 if __name__ == "__main__":

@@ -6,15 +6,11 @@ Every model trains in two phases, each its own resumable run: feature extraction
 feature-extraction weights). Test metrics are computed over the whole test set.
 
 What is computed once: the decoded images (uint8, `mhist.decoded`; they travel
-as uint8 and are put in their augmented views on the device, `mhist.show`); a
-frozen teacher's outputs that a method reads (logits; an embedding or attention
-maps for feature methods) for every training image in each of the 8 dihedral
-views (one view without augmentation), kept in memory and in the teacher's run
-folder (`train_<targets>-<V>views.npz`), so a student never runs its teacher per
-step; and,
-for feature extraction (see `Task2Config.feature_cache`), a frozen base's pooled
-features per training image and view and per test image, shared by every run that
-starts from that base, so the phase trains only the head.
+as uint8 and are put in their augmented views on the device, `mhist.show`), and
+what frozen models compute (`task2_mhist.frozen`): a teacher's outputs that a
+method reads, per training image and dihedral view, so a student never runs its
+teacher per step; and for feature extraction (see `Task2Config.feature_cache`)
+a frozen base's pooled features, so the phase trains only the head.
 """
 
 import math
@@ -24,18 +20,11 @@ import numpy as np
 from common import batchnorm, explain, methods, runs, training
 from common.metrics import binary_metrics
 from common.recipes import Recipes
-from common.results import write_arrays_atomic, write_csv_atomic
+from common.run_spec import run_tag
+from common.results import write_csv_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
-
-
-def inference_batch():
-    """Images per forward pass of inference-only passes (cached teacher outputs, base
-    features, evaluation): 256 with a GPU, 64 on a CPU (ResNet50V2 at 224 px takes
-    about 3 GiB of memory per 64 images)."""
-    import tensorflow as tf
-
-    return 256 if tf.config.list_physical_devices("GPU") else 64
+from task2_mhist.frozen import FrozenOutputs, inference_batch
 
 
 NUM_CLASSES = len(mhist.CLASSES)
@@ -54,7 +43,8 @@ class Task2(Recipes):
         self.splits = mhist.hold_out(splits, config.validation)
         self.eval_sets = {name: mhist.dataset(self.splits[name], config.image_size, inference_batch())
                           for name in ("val", "test") if name in self.splits}
-        self._features = {}
+        self.frozen = FrozenOutputs(self.splits, config.image_size, self.views(), self.eval_sets, self.data_id,
+                                    self.store.root / "cache", self.log)
 
     # -- the task's data and schedule -----------------------------------------
 
@@ -101,32 +91,11 @@ class Task2(Recipes):
             del metrics["confusion_matrix"]
         return metrics
 
-    def per_view_outputs(self, model, label):
-        """`(n_train, V, ...)` outputs of a frozen `model` (`x -> tensor`, or a dict of them:
-        then a dict of arrays) on every training image in each view; `label` starts
-        its progress lines."""
-        predictor = training.compiled_predictor(model)
-        per_view = []
-        for view in range(self.views()):
-            self.log(f"{label} on the training set, view {view + 1}/{self.views()}")
-            dataset = mhist.dataset(self.splits["train"], self.config.image_size, inference_batch(), view=view)
-            per_view.append(training.predict(predictor, dataset, mhist.show)[0])
-        if isinstance(per_view[0], dict):
-            return {k: np.stack([v[k] for v in per_view], axis=1).astype(np.float32) for k in per_view[0]}
-        return np.stack(per_view, axis=1).astype(np.float32)
-
     per_view = True
 
     def compute_targets(self, outputs_fn, name, tag):
         """`{target: (n_train, V, ...)}`, also saved as `<run>/train_<tag>-<V>views.npz`."""
-        path = self.store.run_dir(name) / f"train_{tag}-{self.views()}views.npz"
-        if path.exists():
-            with np.load(path) as saved:
-                return {k: saved[k] for k in saved.files}
-        targets = self.per_view_outputs(outputs_fn, f"[{name}] {tag}")
-        if self.store.run_dir(name).is_dir():
-            write_arrays_atomic(path, targets)
-        return targets
+        return self.frozen.targets(outputs_fn, self.store.run_dir(name), name, tag)
 
     num_classes = NUM_CLASSES
 
@@ -151,7 +120,7 @@ class Task2(Recipes):
     primary_metric = "auc"
 
     def final_run_name(self, stem):
-        return self.run_name(f"{stem}-{'fe' if self.config.phase == 'feature-extraction' else 'ft'}")
+        return super().final_run_name(f"{stem}-{'fe' if self.config.phase == 'feature-extraction' else 'ft'}")
 
     def test_arrays(self):
         return self.images("test")
@@ -163,31 +132,6 @@ class Task2(Recipes):
         """`(float32 pixels (n, S, S, 3), labels (n,))` of the first `count` images of `split`."""
         pixels = mhist.decoded(self.splits[split], self.config.image_size)[:count].numpy()
         return pixels.astype(np.float32), self.splits[split].labels[:count].astype(int)
-
-    def base_features(self, model):
-        """`{"train": (n, V, D), "val"/"test": (m, 1, D)}` pooled features of `model`'s frozen base.
-
-        Computed once per distinct base (architecture, size, weight values) and data
-        (fingerprint and validation split), kept in memory and as
-        `<out>/cache/features-*.npz`: every run that starts from the same base (all
-        students of one seed) shares them.
-        """
-        key = (f"{model.name}-{self.config.image_size}px-{self.views()}views-data{self.data_id}-"
-               f"val{len(self.splits.get('val', ()))}-{models.weights_fingerprint(models.base_of(model))}")
-        if key not in self._features:
-            path = self.store.root / "cache" / f"features-{key}.npz"
-            if path.exists():
-                with np.load(path) as saved:
-                    self._features[key] = {name: saved[name] for name in saved.files}
-            else:
-                extractor, _ = models.split_at_base(model)
-                predictor = training.compiled_predictor(extractor)
-                features = {"train": self.per_view_outputs(extractor, f"[{model.name}] base features")}
-                for split, data in self.eval_sets.items():
-                    features[split] = training.predict(predictor, data)[0][:, None].astype(np.float32)
-                write_arrays_atomic(path, features)
-                self._features[key] = features
-        return self._features[key]
 
     def fit_model(self, name, model, make_method, extra, resume_dir, phase, learning_rate):
         """One phase. Feature extraction trains the head, on cached base features when
@@ -202,7 +146,7 @@ class Task2(Recipes):
             make_method = methods.CrossEntropy
         models.set_base_trainable(model, not feature_extraction)
         if feature_extraction and self.caches_features():
-            features = self.base_features(model)
+            features = self.frozen.base_features(model)
             method = make_method(models.split_at_base(model)[1])
             data = self.train_dataset(extra, features=features["train"])
             eval_sets = {split: mhist.dataset(self.splits[split], c.image_size, inference_batch(),
@@ -231,28 +175,23 @@ class Task2(Recipes):
                      f"{batchnorm.start_weight(steps):.0%} (common.batchnorm)")
         return history
 
-    def train_model(self, stem, identity, build, make_method, train_data, learning_rate):
-        """Feature extraction, then (unless `--phase feature-extraction`) fine-tuning
-        from the saved feature-extraction weights. Returns the last phase's run."""
+    def train_model(self, spec, build, make_method, train_data, learning_rate):
+        """Feature extraction (run `<stem>-fe`), then (unless `--phase
+        feature-extraction`) fine-tuning (`<stem>-ft`) from the saved
+        feature-extraction weights. Returns the last phase's run."""
         c = self.config
-        fe_name = self.run_name(f"{stem}-fe")
-        record, model = self.train(
-            fe_name, {**identity, "phase": "feature-extraction", "epochs": c.fe_epochs, "learning_rate": learning_rate},
-            build, make_method, train_data, phase="fe", learning_rate=learning_rate,
-        )
+        fe = spec.phase("fe", phase="feature-extraction", epochs=c.fe_epochs, learning_rate=learning_rate)
+        record, model = self.train(fe, build, make_method, train_data, phase="fe", learning_rate=learning_rate)
         if c.phase == "feature-extraction":
             return record, model
 
         def build_finetune():
             model = build()
-            model.load_weights(self.store.weights_path(fe_name))
+            model.load_weights(self.store.weights_path(fe.name))
             return model
 
-        return self.train(
-            self.run_name(f"{stem}-ft"),
-            {**identity, "phase": "finetune", "epochs": c.ft_epochs, "learning_rate": learning_rate / 10},
-            build_finetune, make_method, train_data, phase="ft", learning_rate=learning_rate,
-        )
+        ft = spec.phase("ft", phase="finetune", epochs=c.ft_epochs, learning_rate=learning_rate / 10)
+        return self.train(ft, build_finetune, make_method, train_data, phase="ft", learning_rate=learning_rate)
 
     def builder(self, architecture, weights=None, outputs=NUM_CLASSES):
         c = self.config
@@ -265,7 +204,7 @@ class Task2(Recipes):
         """ResNet50V2 teacher (cross-entropy); returns its record."""
         weights = self.config.weights if weights is None else weights
         stem = "teacher" if weights == self.config.weights else f"teacher-init_{weights_tag(weights)}"
-        return self.train_model(stem, self.identity("teacher", weights=str(weights)),
+        return self.train_model(self.spec(stem, "teacher", weights=str(weights)),
                                 self.builder(models.TEACHER, weights), methods.CrossEntropy,
                                 self.train_data, learning_rate=self.config.teacher_lr)[0]
 
@@ -279,7 +218,7 @@ class Task2(Recipes):
         """The student without a teacher (cross-entropy only)."""
         weights = self.config.weights if weights is None else weights
         stem = "scratch" if weights == self.config.weights else f"scratch-init_{weights_tag(weights)}"
-        record, _ = self.train_model(stem, self.identity("scratch", weights=str(weights)),
+        record, _ = self.train_model(self.spec(stem, "scratch", weights=str(weights)),
                                      self.builder(models.STUDENT, weights), methods.CrossEntropy,
                                      self.train_data, learning_rate=self.config.student_lr)
         return record
@@ -292,7 +231,7 @@ class Task2(Recipes):
         rows = []
         for index, temperature in enumerate(self.config.temperatures, 1):
             self.log(f"[tcurve {index}/{len(self.config.temperatures)}] T={temperature:g}")
-            record = self.kd(temperature)
+            record = self.kd(temperature=temperature)
             rows.append({"temperature": temperature, "alpha": self.config.alpha, "run": record["run"],
                          **{k: record[k] for k in metrics}})
         self.save_sweep("tcurve", rows, "auc", ("temperature", "alpha"))
@@ -317,16 +256,17 @@ class Task2(Recipes):
         c, s = self.config, mhist.SUBCLASSES_PER_CLASS
         outputs = NUM_CLASSES * s
         teacher_record, teacher = self.train_model(
-            f"skd-teacher-S{s}", self.identity("skd-teacher", subclasses=s),
+            self.spec(f"skd-teacher-S{s}", "skd-teacher", subclasses=s),
             self.builder(models.TEACHER, outputs=outputs),
             lambda model: methods.KnownSubclassTeacher(model, NUM_CLASSES),
             self.train_data, learning_rate=c.teacher_lr,
         )
+        settings = self.method_settings(methods.Distillation)
         record, _ = self.distil(
-            f"skd-S{s}-{self.kd_tag()}", self.identity("skd", subclasses=s, temperature=c.temperature, alpha=c.alpha),
+            self.spec(f"skd-S{s}-{run_tag(settings)}", "skd", subclasses=s, **settings),
             self.builder(models.STUDENT, outputs=outputs), lambda: (teacher_record["run"], teacher),
-            self.factory(methods.SubclassDistillation, make=lambda student, _: methods.SubclassDistillation(
-                student, NUM_CLASSES, c.temperature, c.alpha)),
+            self.factory(methods.SubclassDistillation, settings, make=lambda student, _: methods.SubclassDistillation(
+                student, NUM_CLASSES, **settings)),
             learning_rate=c.student_lr,
         )
         return {"teacher": teacher_record, "student": record}

@@ -39,13 +39,13 @@ def build_parser():
     return p
 
 
+def parse_config(argv=None):
+    """The validated `Task2Config` of command-line arguments `argv` (raises `ConfigError`)."""
+    return cli.make_config(vars(build_parser().parse_args(argv)), Task2Config)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return cli.main(lambda: _run(args))
-
-
-def _run(args):
-    return cli.run_task(vars(args), Task2Config, "Task 2 (MHIST)", "task2_mhist.experiments")
+    return cli.main(lambda: cli.run_task(parse_config(argv), "Task 2 (MHIST)", "task2_mhist.experiments"))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def train(strategy):
     # so the update is right only if each replica's loss is weighted by its share.
     arrays = {"x": rng.normal(size=(17, 3)).astype(np.float32), "y": rng.integers(0, 2, 17).astype(np.int32)}
     arrays["teacher_logits"] = rng.normal(size=(17, 2)).astype(np.float32)
-    history = training.fit(methods.Distillation(model, 2.0, 0.5), common_data.batched(arrays, 8), epochs=2,
+    history = training.fit(methods.Distillation(model, temperature=2.0, alpha=0.5), common_data.batched(arrays, 8), epochs=2,
                            optimizer=keras.optimizers.SGD(0.1), strategy=strategy)
     return model.get_weights(), history
 

@@ -36,7 +36,7 @@ def batches(n=96, seed=0):
 
 
 def kd_members(seeds=(0, 0, 0)):
-    return [methods.Distillation(mlp(seed), t, a) for seed, (t, a) in zip(seeds, CELLS)]
+    return [methods.Distillation(mlp(seed), temperature=t, alpha=a) for seed, (t, a) in zip(seeds, CELLS)]
 
 
 def train(method, epochs=3, jit=False, optimizer=None):
@@ -90,8 +90,8 @@ def test_stacked_and_looped_members_train_as_each_would_alone(batched):
 @PRODUCTS
 def test_stacked_members_of_several_methods_train_as_each_would_alone(batched):
     def members():  # KD cells in one loss group (not adjacent: gathered), a CE run in its own
-        return [methods.Distillation(mlp(0), 1.0, 0.2), methods.CrossEntropy(mlp(1)),
-                methods.Distillation(mlp(2), 16.0, 0.9)]
+        return [methods.Distillation(mlp(0), temperature=1.0, alpha=0.2), methods.CrossEntropy(mlp(1)),
+                methods.Distillation(mlp(2), temperature=16.0, alpha=0.9)]
 
     alone = [member.model.get_weights() for member in members() if train(member)]
     stacked = Stacked(members(), batched=batched)
@@ -121,8 +121,8 @@ def test_each_members_record_is_its_own_loss_and_accuracy_over_the_examples():
 
 def test_loss_groups_join_runs_of_one_stackable_method_and_signature():
     teacher = mlp(9)
-    members = [methods.Distillation(mlp(0), 1.0, 0.2), methods.CrossEntropy(mlp(1)),
-               methods.Distillation(mlp(2), 4.0, 0.5), methods.Distillation(mlp(3), 4.0, 0.5, teacher=teacher),
+    members = [methods.Distillation(mlp(0), temperature=1.0, alpha=0.2), methods.CrossEntropy(mlp(1)),
+               methods.Distillation(mlp(2), temperature=4.0, alpha=0.5), methods.Distillation(mlp(3), temperature=4.0, alpha=0.5, teacher=teacher),
                FitNets(mlp(4), context=methods.Context(4)), FitNets(mlp(5), context=methods.Context(4)),
                methods.CrossEntropy(mlp(6))]
     # A live teacher is part of KD's signature; FitNets' loss does not broadcast over members.
@@ -140,7 +140,7 @@ def test_a_stacked_xla_step_trains_like_the_plain_one(batched):
 def test_only_logit_methods_on_one_dense_architecture_are_stacked():
     assert can_stack(kd_members()) and isinstance(fuse(kd_members(), stack=True), Stacked)
     assert type(fuse(kd_members())) is Fused  # stacking is asked for
-    assert can_stack([methods.CrossEntropy(mlp(0)), methods.Distillation(mlp(1), 4.0, 0.5)])
+    assert can_stack([methods.CrossEntropy(mlp(0)), methods.Distillation(mlp(1), temperature=4.0, alpha=0.5)])
     flat = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
     assert can_stack([methods.CrossEntropy(flat), methods.CrossEntropy(keras.models.clone_model(flat))])
     wider = keras.Sequential([keras.Input((3, 2)), keras.layers.Flatten(), keras.layers.Dense(9),
@@ -202,10 +202,10 @@ def test_fused_task1_students_match_their_lone_runs(batched):
 
     alone = []
     for student, (temperature, alpha) in zip(students(), cells):
-        fit(methods.Distillation(student, temperature, alpha))
+        fit(methods.Distillation(student, temperature=temperature, alpha=alpha))
         alone.append(student.get_weights())
     for form in (Fused, partial(Stacked, batched=batched)):
-        fused = form([methods.Distillation(s, t, a) for s, (t, a) in zip(students(), cells)])
+        fused = form([methods.Distillation(s, temperature=t, alpha=a) for s, (t, a) in zip(students(), cells)])
         fit(fused)
         fused.sync_members()
         tolerance = 1e-5 if batched else 1e-7  # batched products sum in another order

@@ -52,7 +52,7 @@ def test_dkd_parts_match_hand_values_and_decompose_kd(temperature):
 def test_dkd_method_weights_its_terms():
     batch = {"x": tf.constant(STUDENT), "y": tf.constant(LABELS), "teacher_logits": tf.constant(TEACHER)}
     identity = tf.keras.layers.Lambda(lambda x: x)
-    method = dkd.DKD(identity, dkd.DKDOptions(tckd_weight=2.0, nckd_weight=3.0), methods.Context(3, temperature=4.0))
+    method = dkd.DKD(identity, dkd.DKDOptions(temperature=4.0, tckd_weight=2.0, nckd_weight=3.0), methods.Context(3))
     terms, _ = method.loss_terms(batch)
     hand_tckd, hand_nckd, _, _ = hand_dkd(4.0)
     ce = sum(-math.log(softmax(s)[y]) for s, y in zip(STUDENT, LABELS)) / 3

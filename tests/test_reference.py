@@ -35,9 +35,8 @@ def feature_model(model):
                                          "spatial": spatial, "hint": spatial})
 
 
-def context(labels=None, temperature=4.0):
-    return methods.Context(num_classes=CLASSES, num_examples=0 if labels is None else len(labels),
-                           labels=labels, temperature=temperature, alpha=0.3)
+def context(labels=None):
+    return methods.Context(num_classes=CLASSES, num_examples=0 if labels is None else len(labels), labels=labels)
 
 
 def make(name, model, ctx, teacher_shapes, **options):
@@ -174,7 +173,7 @@ def np_nce(x, n_data):  # RepDistiller crd/criterion.py ContrastLoss: x (b, K + 
 
 def test_kd_terms_match_mdistiller(data):
     model = student_model()
-    method = kd.Distillation(model, 2.0, 0.3)
+    method = kd.Distillation(model, temperature=2.0, alpha=0.3)
     terms, _ = method.loss_terms(data)
     out = student_outputs(model, data["x"])["logits"]
     np.testing.assert_allclose(float(terms["ce"]), 0.3 * np_cross_entropy(out, data["y"]), rtol=RTOL)
@@ -185,7 +184,7 @@ def test_kd_terms_match_mdistiller(data):
 @pytest.mark.parametrize("epoch, epochs, scale", [(1, 24, 0.5), (2, 24, 1.0), (1, 12, 1.0), (3, 240, 3 / 20)])
 def test_dkd_terms_match_mdistiller_with_its_warm_up(data, epoch, epochs, scale):
     model = student_model()
-    method = make("dkd", model, context(temperature=4.0), {}, tckd_weight=1.5, nckd_weight=8.0)
+    method = make("dkd", model, context(), {}, temperature=4.0, tckd_weight=1.5, nckd_weight=8.0)
     method.begin_epoch(epoch, epochs)
     terms, _ = method.loss_terms(data)
     out = student_outputs(model, data["x"])["logits"]

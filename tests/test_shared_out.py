@@ -88,7 +88,7 @@ def test_an_unwritable_file_is_one_line(tmp_path, monkeypatch, capsys):
     def refuse(*_args, **_kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "x.npz"))
 
-    monkeypatch.setattr(cli, "_run", refuse)
+    monkeypatch.setattr(cli.cli, "run_task", refuse)  # task1_mnist.run calls common.cli.run_task
     assert cli.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write {tmp_path / 'x.npz'}: No space left on device") and "\n" not in err

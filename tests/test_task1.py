@@ -122,7 +122,7 @@ def test_chain_of_one_link_is_plain_kd(tmp_path, synthetic_mnist):
     logits = task.logits_of(*task.teacher_model())
     runs.set_seed(0)
     student = build_student()
-    training.fit(methods.Distillation(student, 4.0, 0.5), task.train_dataset(task.train_data(teacher_logits=logits)),
+    training.fit(methods.Distillation(student, temperature=4.0, alpha=0.5), task.train_dataset(task.train_data(teacher_logits=logits)),
                  epochs=2, optimizer=keras.optimizers.Adam(1e-3))
     assert task.evaluate(student)["test_accuracy"] == record["test_accuracy"]
 

@@ -12,7 +12,7 @@ every run.
 import dataclasses
 import importlib
 
-from common.methods.base import Context, CrossEntropy, Distiller, Method, check_options
+from common.methods.base import SHARED_OPTIONS, Context, CrossEntropy, Distiller, Method, check_options, option_flag
 from common.methods.kd import Distillation
 from common.methods.subclass import KnownSubclassTeacher, SubclassDistillation, SubclassTeacher
 
@@ -27,7 +27,7 @@ for _module in MODULES:
     REGISTRY[_cls.name] = _cls
 OTHER_METHODS = tuple(name for name in REGISTRY if name != "kd")  # experiments beside the course's `kd`
 
-__all__ = ["REGISTRY", "Context", "CrossEntropy", "Distiller", "Method", "Distillation", "KnownSubclassTeacher",
+__all__ = ["REGISTRY", "SHARED_OPTIONS", "Context", "CrossEntropy", "Distiller", "Method", "Distillation", "KnownSubclassTeacher",
            "SubclassDistillation", "SubclassTeacher", "get", "option_flags", "make_options"]
 
 
@@ -39,23 +39,30 @@ def get(name):
 
 
 def option_flags():
-    """`[(method, field, flag, default, help)]` for every registered method's options."""
+    """`[(method, field, flag, default, help)]` for every registered method's own options
+    (the shared `temperature` and `alpha` have the task's `--temperature` / `--alpha`)."""
     flags = []
     for name, cls in REGISTRY.items():
         for field in dataclasses.fields(cls.Options):
-            flags.append((name, field.name, f"--{name}-{field.name.replace('_', '-')}", field.default,
-                          field.metadata.get("help", "")))
+            if field.name not in SHARED_OPTIONS:
+                flags.append((name, field.name, option_flag(name, field.name), field.default,
+                              field.metadata.get("help", "")))
     return flags
 
 
-def make_options(name, values):
-    """`REGISTRY[name].Options(**values)`, checked (`check_options`); raises `ValueError`
-    for bad values or fields."""
-    cls = get(name)
-    known = {f.name for f in dataclasses.fields(cls.Options)}
-    unknown = sorted(set(values) - known)
+def make_options(method, values, shared=None):
+    """`Options(**values)` of `method` (a registered name or a `Distiller` class), checked
+    (`check_options`), with each of `shared` (e.g. `{"temperature": 4, "alpha": 0.5}`)
+    that the method has and `values` does not give; an int given for a float option
+    becomes a float. Raises `ValueError` for bad values or unknown fields."""
+    cls = get(method) if isinstance(method, str) else method
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{name} has no option {', '.join(unknown)}; it takes {', '.join(sorted(known)) or 'none'}")
-    options = cls.Options(**values)
-    check_options(options, name)
+        raise ValueError(f"{cls.name} has no option {', '.join(unknown)}; it takes "
+                         f"{', '.join(sorted(fields)) or 'none'}")
+    given = {**{k: v for k, v in (shared or {}).items() if k in fields}, **values}
+    given = {k: float(v) if isinstance(fields[k].default, float) and type(v) is int else v for k, v in given.items()}
+    options = cls.Options(**given)
+    check_options(options, cls.name)
     return options

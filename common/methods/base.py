@@ -8,8 +8,8 @@ a frozen teacher's outputs for exactly these inputs, computed once per example
 (and view) before training, so the teacher never runs per step.
 """
 
-import copy
 import dataclasses
+import math
 
 import tensorflow as tf
 
@@ -26,33 +26,9 @@ class Method:
 
     term_names = ()
     extra_layers = ()
-    prefixes = ("",)  # keys of `class_logits` when it returns a dict (several models, `common.fused`)
-    runtime_settings = ()  # float attributes a shared step reads as variables (`rebind`)
-    # Whether `loss_terms` broadcasts over fused members (`common.fused.loss_groups`):
-    # given a model that returns `(members, batch, classes)` logits and each of
-    # `runtime_settings` as a `(members,)` tensor, every term comes back `(members,)`.
-    # A subclass that changes the loss must declare it again.
-    stackable = False
 
     def __init__(self, model):
         self.model = model
-
-    def signature(self):
-        """What the loss graph depends on beyond the model, its class and
-        `runtime_settings`, as a hashable value: runs of equal signatures and models
-        share one compiled step (`common.workspaces`). None (the default): this
-        method's step is not shared."""
-        return None
-
-    def rebind(self, model):
-        """This method on `model` (of the same structure), each of `runtime_settings`
-        a variable that a workspace assigns per run. Only for methods whose
-        `signature` is not None: those keep no other reference to their model."""
-        method = copy.copy(self)
-        method.model = model
-        for name in self.runtime_settings:
-            setattr(method, name, tf.Variable(float(getattr(self, name)), dtype=tf.float32, trainable=False))
-        return method
 
     @property
     def trainable_variables(self):
@@ -88,10 +64,6 @@ class CrossEntropy(Method):
     """Supervised training on hard labels: a teacher, or a student from scratch."""
 
     term_names = ("ce",)
-    stackable = True
-
-    def signature(self):
-        return ()
 
     def loss_terms(self, batch, training=True):
         from common import losses
@@ -100,19 +72,38 @@ class CrossEntropy(Method):
         return {"ce": losses.teacher_loss(batch["y"], logits)}, logits
 
 
+SHARED_OPTIONS = ("temperature", "alpha")  # options set by `--temperature` / `--alpha` in every method that has them
+
+
+def option_flag(method, field):
+    """The command-line flag of option `field` of `method`: `--temperature` and `--alpha`
+    for the shared ones, else `--<method>-<field>`."""
+    return f"--{field}" if field in SHARED_OPTIONS else f"--{method}-{field.replace('_', '-')}"
+
+
 def check_options(options, method):
-    """Validates a method's `Options` from each field's metadata: a number >= `minimum`
-    (default 0; > it with `exclusive`), an integer >= `minimum` (default 1) when the
-    default is an int. Raises `ValueError` naming the flag `--<method>-<field>`."""
+    """Validates a method's `Options` from each field's metadata: a finite number >=
+    `minimum` (default 0; > it with `exclusive`) and <= `maximum` (if given), an
+    integer >= `minimum` (default 1) when the default is an int. Raises `ValueError`
+    naming the flag (`option_flag`)."""
     for field in dataclasses.fields(options):
-        value, flag = getattr(options, field.name), f"--{method}-{field.name.replace('_', '-')}"
+        value, flag = getattr(options, field.name), option_flag(method, field.name)
         integer = isinstance(field.default, int)
         minimum = field.metadata.get("minimum", 1 if integer else 0)
+        maximum = field.metadata.get("maximum", math.inf)
         exclusive = field.metadata.get("exclusive", False)
-        number = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-        if not number or not (value > minimum if exclusive else value >= minimum):
+        number = (not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+                  and math.isfinite(value))
+        if not number or not (value > minimum if exclusive else value >= minimum) or value > maximum:
             kind = "an integer" if integer else "a number"
-            raise ValueError(f"{flag} must be {kind} {'>' if exclusive else '>='} {minimum:g}, got {value!r}")
+            bound = f" and <= {maximum:g}" if maximum < math.inf else ""
+            raise ValueError(f"{flag} must be {kind} {'>' if exclusive else '>='} {minimum:g}{bound}, got {value!r}")
+
+
+def temperature_field(default=4.0):
+    """The `temperature` option of a logit method (T > 0, set by `--temperature`)."""
+    return dataclasses.field(default=default, metadata={"help": "temperature T of the softened logits",
+                                                        "exclusive": True})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,16 +118,12 @@ class Context:
     `num_classes`: classes of the labels; `num_examples`: training set size (for
     memory banks indexed by `"index"`); `labels`: the `(num_examples,)` integer
     class labels of the training set by `"index"` (CRD's negatives come from
-    other classes); `temperature`, `alpha`: the task's
-    `--temperature` and `--alpha` (the KD settings every logit method shares);
-    `features`: `x -> {output name: tensor}` of the student (see `Distiller`).
+    other classes); `features`: `x -> {output name: tensor}` of the student (see `Distiller`).
     """
 
     num_classes: int
     num_examples: int = 0
     labels: object = None
-    temperature: float = 4.0
-    alpha: float = 0.5
     features: object = None
 
 
@@ -146,15 +133,15 @@ class Distiller(Method):
     Subclasses set:
       name: the registry name, also the experiment name (`--only <name>`).
       summary: one line for `--help` and the README.
-      Options: a frozen dataclass of the method's own hyperparameters (CLI flags
-        `--<name>-<field>`), checked by `check_options` from each field's metadata.
+      Options: a frozen dataclass of the method's hyperparameters (CLI flags
+        `--<name>-<field>`; `temperature` and `alpha`, where a method has them, are
+        set by `--temperature` / `--alpha`), checked by `check_options` from each
+        field's metadata; part of its run identity.
       teacher_outputs / student_outputs: names of model outputs it reads, from
         `"logits"`, `"embedding"` (the penultimate vector, `(batch, D)`),
         `"spatial"` (the last feature map, `(batch, H, W, C)`) and `"hint"`
         (FitNets' hint / guided layer, a map or a vector); a task model
         exposes them through its feature model.
-      uses: which shared settings it reads (`"temperature"`, `"alpha"`), part of
-        its run identity.
 
     and implement `loss_terms`. `teacher_targets` turns the teacher's outputs into
     what is cached per example (default: those outputs themselves).
@@ -165,11 +152,13 @@ class Distiller(Method):
     Options = NoOptions
     teacher_outputs = ("logits",)
     student_outputs = ("logits",)
-    uses = ()
 
-    def __init__(self, student, options=None, context=None, teacher=None):
+    def __init__(self, student, options=None, context=None, teacher=None, **values):
+        """`values`: options given by name (`temperature=2`), over `options`' (default: the defaults)."""
         super().__init__(student)
-        self.options = options if options is not None else self.Options()
+        self.options = dataclasses.replace(options if options is not None else self.Options(), **values)
+        if values:
+            check_options(self.options, self.name or type(self).__name__)
         self.context = context
         self.teacher = teacher  # only used when batches carry no cached targets (tests, benchmarks)
         self.student_features = context.features if context is not None else None

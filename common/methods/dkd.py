@@ -27,7 +27,7 @@ import dataclasses
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller
+from common.methods.base import Distiller, temperature_field
 
 
 def dkd_parts(labels, student_logits, teacher_logits, temperature):
@@ -54,6 +54,7 @@ def dkd_parts(labels, student_logits, teacher_logits, temperature):
 
 @dataclasses.dataclass(frozen=True)
 class DKDOptions:
+    temperature: float = temperature_field()
     tckd_weight: float = dataclasses.field(default=1.0, metadata={"help": "alpha, weight of target-class KD"})
     nckd_weight: float = dataclasses.field(default=8.0, metadata={"help": "beta, weight of non-target-class KD"})
     warmup: float = dataclasses.field(default=20.0 / 240.0, metadata={
@@ -75,7 +76,6 @@ class DKD(Distiller):
     summary = "DKD, decoupled KD (Zhao et al. 2022): CE + T^2 (a TCKD + b NCKD)"
     Options = DKDOptions
     term_names = ("ce", "tckd", "nckd")
-    uses = ("temperature",)
 
     def __init__(self, student, options=None, context=None, teacher=None):
         super().__init__(student, options, context, teacher)
@@ -86,7 +86,7 @@ class DKD(Distiller):
 
     def loss_terms(self, batch, training=True):
         logits = self.student(batch["x"], training)["logits"]
-        temperature = self.context.temperature
+        temperature = self.options.temperature
         tckd, nckd = dkd_parts(batch["y"], logits, self.targets(batch)["logits"], temperature)
         scale = temperature**2 * self.scale
         return {"ce": losses.teacher_loss(batch["y"], logits),

@@ -6,10 +6,19 @@ z_s, z_t: student and teacher logits; T: `--temperature`; α: `--alpha`. The los
 functions are `common.losses.teacher_loss` and `common.losses.distillation_loss`.
 """
 
+import dataclasses
+
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller
+from common.methods.base import Distiller, temperature_field
+
+
+@dataclasses.dataclass(frozen=True)
+class KDOptions:
+    temperature: float = temperature_field()
+    alpha: float = dataclasses.field(default=0.5, metadata={
+        "help": "weight of the hard-label loss; 1 - alpha weights distillation", "maximum": 1.0})
 
 
 class Distillation(Distiller):
@@ -19,23 +28,12 @@ class Distillation(Distiller):
 
     name = "kd"
     summary = "KD (Hinton et al. 2015): alpha CE + (1 - alpha) T^2 KL of softened logits (--temperature, --alpha)"
+    Options = KDOptions
     term_names = ("ce", "kd")
-    uses = ("temperature", "alpha")
-    runtime_settings = ("temperature", "alpha")
-    stackable = True
 
-    def __init__(self, student, temperature, alpha, teacher=None, context=None):
-        super().__init__(student, context=context, teacher=teacher)
-        self.temperature = losses.validate_temperature(temperature)
-        self.alpha = losses.validate_alpha(alpha)
-
-    @classmethod
-    def create(cls, student, options, context):
-        return cls(student, context.temperature, context.alpha, context=context)
-
-    def signature(self):
-        # T and alpha are runtime settings; a teacher that runs per step is part of the step.
-        return (id(self.teacher),)
+    def __init__(self, student, options=None, context=None, teacher=None, **values):
+        super().__init__(student, options, context, teacher, **values)
+        self.temperature, self.alpha = float(self.options.temperature), float(self.options.alpha)
 
     def teacher_logits(self, batch):
         return self.targets(batch)["logits"]

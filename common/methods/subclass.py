@@ -14,14 +14,9 @@ from common.methods.kd import Distillation
 class SubclassMethod(Method):
     """Base for models with `C·S` class-major subclass logits; predicts via logsumexp."""
 
-    stackable = False
-
     def __init__(self, model, num_classes):
         super().__init__(model)
         self.num_classes = int(num_classes)
-
-    def signature(self):
-        return (self.num_classes,)
 
     def forward(self, x, training=False):
         subclass_logits = self.model(x, training=training)
@@ -41,9 +36,6 @@ class SubclassTeacher(SubclassMethod):
         self.aux_weight = float(aux_weight)
         self.aux_temperature = losses.validate_temperature(aux_temperature)
 
-    def signature(self):
-        return (self.num_classes, self.aux_weight, self.aux_temperature)
-
     def loss_terms(self, batch, training=True):
         subclass_logits, logits = self.forward(batch["x"], training=training)
         return {
@@ -59,12 +51,9 @@ class SubclassDistillation(SubclassMethod, Distillation):
     `"teacher_logits"` in the batch are the teacher's `(batch, C·S)` subclass logits.
     """
 
-    def __init__(self, student, num_classes, temperature, alpha, teacher=None):
-        Distillation.__init__(self, student, temperature, alpha, teacher=teacher)
+    def __init__(self, student, num_classes, options=None, teacher=None, **values):
+        Distillation.__init__(self, student, options, teacher=teacher, **values)
         self.num_classes = int(num_classes)
-
-    def signature(self):
-        return (self.num_classes, id(self.teacher))
 
     # loss_terms is Distillation's: `forward` (SubclassMethod's) yields the subclass
     # logits to distil and the logsumexp class logits for the labels.

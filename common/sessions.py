@@ -1,0 +1,88 @@
+"""Running a task's selected experiments for every seed, timed and shareable.
+
+Several processes may share one `--out` (`common.locks`): each takes the next seed
+no other holds, then finishes the others' (waiting on each run another process
+is training, then loading it), so every run is trained once.
+"""
+
+import datetime
+import json
+import time
+
+from common import device, locks, runs
+from common.results import ResultsStore
+from common.workspaces import Workspaces
+
+
+def run_all(task_cls, config, data=None, log=None):
+    """Every selected experiment for every seed, then `summary.csv` (one row per run)
+    and `summary_by_experiment.csv` (mean ± std over seeds). The data are read and
+    checked first (nothing is written for bad data), then `--out`, before any
+    model trains. Returns `{seed: {experiment: outcome}}`."""
+    log = log or (lambda _msg: None)
+    device.configure(config.deterministic, config.tf32, config.precision)
+    data = data if data is not None else task_cls.load_data(config)
+    ResultsStore(config.out).prepare()
+    outcomes = {}
+    workspaces = Workspaces()  # compiled steps shared by runs of one structure, across seeds
+
+    def run_seed(seed, note=""):
+        if len(config.seeds) > 1:
+            log(f"== seed {seed} ({len(outcomes) + 1}/{len(config.seeds)}){note}")
+        task = task_cls(config, data, seed=seed, log=log)
+        task.workspaces = workspaces
+        outcomes[seed] = run_experiments(task)
+        return task
+
+    while (claimed := claim_next_seed(config.out, [s for s in config.seeds if s not in outcomes])) is not None:
+        seed, handle = claimed
+        try:
+            task = run_seed(seed)
+        finally:
+            locks.release(handle)
+    for seed in config.seeds:
+        if seed not in outcomes:
+            task = run_seed(seed, ": another process has it; its finished runs are reused")
+    task.store.write_summary()
+    task.store.write_seed_summary()
+    return outcomes
+
+
+def claim_next_seed(out, seeds):
+    """`(seed, lock handle)` of the first of `seeds` that no other process holds, or None."""
+    for seed in seeds:
+        handle = locks.claim(out, f"seed-{seed}")
+        if handle is not None:
+            return seed, handle
+    return None
+
+
+def run_experiments(task, only=None):
+    """Runs `task`'s selected experiments (`--only`, all by default) in its
+    `experiments` order; returns `{experiment: outcome}`.
+
+    Each experiment's wall time and the process's peak memory after it are logged
+    and appended to `<out>/timings.jsonl`, also when it stops early (`"finished":
+    false`: interrupted or failed), so the time of every invocation, resumed ones
+    included, is counted.
+    """
+    only = tuple(only or task.config.only)
+    outcomes = {}
+    for name in task.experiments:
+        if name not in only:
+            continue
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        start = time.perf_counter()
+        finished = False
+        try:
+            outcomes[name] = task.experiment(name)
+            finished = True
+        finally:
+            timing = {"experiment": name, "seed": task.seed, "started_at": started, "finished": finished,
+                      "seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(runs.peak_rss_mib(), 1)}
+            task.store.root.mkdir(parents=True, exist_ok=True)
+            with open(task.store.root / "timings.jsonl", "a") as handle:
+                handle.write(json.dumps(timing) + "\n")
+        task.log(f"[{name}] experiment finished in {timing['seconds']:.0f}s "
+                 f"(peak memory so far {timing['peak_rss_mib']:.0f} MiB)")
+    return outcomes
