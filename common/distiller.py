@@ -181,7 +181,7 @@ class Distiller(keras.Model):
         """A dataset of `{"x", "y", "index", "teacher_<target>"}` batches over the examples,
         the teacher's targets computed once (with `cache_teacher`)."""
         arrays = {"x": x, "y": y.reshape(-1).astype(np.int32), "index": np.arange(len(y), dtype=np.int32)}
-        if self.cache_teacher:
+        if self.cache_teacher and self.cls.target_names():
             predict = tf.function(lambda batch: self.teacher_targets(batch, training=False))
             parts = [predict(tf.constant(x[i:i + 1024])) for i in range(0, len(x), 1024)]
             for name in parts[0]:

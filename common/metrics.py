@@ -35,6 +35,27 @@ def binary_metrics(labels, logits, positive=1, curve=True, prefix="test"):
     return result
 
 
+def class_metrics(labels, logits, num_classes, prefix="test"):
+    """Per-class metrics of a `num_classes`-way problem from class logits, over the
+    whole split: `confusion_matrix` (rows: true class, columns: predicted),
+    `<prefix>_per_class` (`precision`, `recall` (the class's accuracy), `f1`,
+    `support`: one value per class; a class never predicted has precision 0) and
+    `<prefix>_macro_f1` (the unweighted mean of the classes' F1)."""
+    labels = np.asarray(labels).reshape(-1)
+    predictions = np.argmax(np.asarray(logits), axis=-1)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    hits = np.diag(confusion).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nan_to_num(hits / confusion.sum(axis=0))
+        recall = np.nan_to_num(hits / confusion.sum(axis=1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return {"confusion_matrix": confusion.tolist(),
+            f"{prefix}_per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+                                    "support": confusion.sum(axis=1).tolist()},
+            f"{prefix}_macro_f1": float(f1.mean())}
+
+
 def _confidence_and_hits(logits, labels):
     probabilities = softmax(logits)
     return probabilities.max(axis=-1), probabilities.argmax(axis=-1) == np.asarray(labels).reshape(-1)

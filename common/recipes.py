@@ -201,9 +201,10 @@ class Recipes(TaskInterface):
     def distil_data(self, parent, factories):
         """`() -> training arrays` carrying what each of `factories` reads of `parent()`'s
         outputs (`TargetCache.for_factories`); `parent` is `() -> (run name, model)`,
-        called only if a run must train, so a finished student never makes its
-        teacher train or predict again."""
-        return lambda: self.train_data(**self.targets.for_factories(*parent(), factories))
+        called only if a run must train and a method reads a teacher (label smoothing
+        reads none), so a finished student never makes its teacher train or predict again."""
+        reading = [factory for factory in factories if factory.cls.target_names()]
+        return lambda: self.train_data(**(self.targets.for_factories(*parent(), reading) if reading else {}))
 
     def distil(self, spec, build, parent, factory, **fit_options):
         """Trains `factory(model)` as run `spec` on batches carrying what its method

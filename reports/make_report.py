@@ -28,6 +28,7 @@ if __package__ in (None, ""):
 from common import methods  # noqa: E402
 from common.metrics import reliability, top1_agreement  # noqa: E402
 from common.results import ResultsStore, mean_std, seed_group  # noqa: E402
+from reports.studies import studies  # noqa: E402
 
 DPI = 110
 MODEL_LABELS = {"teacher": "teacher", "kd_student": "KD student", "scratch_student": "scratch student"}
@@ -228,6 +229,7 @@ def task1(report, root, metric="test_accuracy"):
     methods_table(report, root, records, metric, headline_key, "task1")
     deployment_table(report, root, metric)
     eskd_table(report, root, records)
+    studies(report, root)
     entropy_figure(report, root)
     flops_table(report, root / "flops.csv")
     for kind in ("lime", "occlusion"):

@@ -5,10 +5,12 @@ import dataclasses
 from common import config as cfg
 from common import losses, methods
 
-EXPERIMENTS = (
+COURSE = (
     "teacher", "kd", "scratch", "grid", "flops", "entropy", *methods.OTHER_METHODS, "skd", "takd", "eskd", "export",
     "lime", "occlusion",
 )
+STUDIES = ("missing", "smoothed", "efficiency")  # research studies (`common.studies`): run when named in --only
+EXPERIMENTS = (*COURSE, *STUDIES)
 
 
 FUSE_GRID = ("auto", "on", "stacked", "off")
@@ -28,7 +30,7 @@ class Task1Config(cfg.SharedConfig):
     out: str = "results/task1"
     validation: float = 5000 / 60000  # 5,000 of MNIST's 60,000; a share, so --limit runs hold out as many in proportion
     explain_images: int = 50
-    only: tuple = EXPERIMENTS
+    only: tuple = COURSE
     epochs: int = 12
     batch_size: int = 256
     learning_rate: float = 1e-3
@@ -38,6 +40,8 @@ class Task1Config(cfg.SharedConfig):
     aux_temperature: float = 1.0
     teacher_epochs: tuple = (2, 4)
     fuse_grid: str = "auto"
+    missing_class: int = 3
+    per_class: tuple = (10, 60, 500)
 
     def input_size(self):
         return 28
@@ -48,6 +52,10 @@ class Task1Config(cfg.SharedConfig):
         cfg.positive_float("learning_rate", self.learning_rate, "--learning-rate")
         super().__post_init__()
         cfg.positive_int("subclasses", self.subclasses, "--subclasses")
+        if not self.per_class or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.per_class):
+            raise cfg.ConfigError(f"--per-class must list counts >= 1, got {self.per_class!r}")
+        if isinstance(self.missing_class, bool) or self.missing_class not in range(10):
+            raise cfg.ConfigError(f"--missing-class must be a digit 0-9, got {self.missing_class!r}")
         cfg.choices("fuse_grid", (self.fuse_grid,), FUSE_GRID, "--fuse-grid")
         if self.fuse_grid in ("on", "stacked") and self.precision == "mixed_float16":
             raise cfg.ConfigError(f"--fuse-grid {self.fuse_grid} cannot train under --precision mixed_float16: the "

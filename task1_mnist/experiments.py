@@ -14,9 +14,11 @@ from common import data as common_data
 from common import explain, losses, methods, runs, training
 from common.errors import DataError
 from common.fused_runs import distil_fused
+from common.metrics import class_metrics
 from common.recipes import Recipes
-from common.run_spec import method_stem, run_tag
 from common.results import save_weights, write_csv_atomic
+from common.run_spec import method_stem, run_tag
+from common.studies import data_efficiency, missing_class, smoothed_teacher
 from task1_mnist import data as mnist
 from task1_mnist import models
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
@@ -28,7 +30,7 @@ class Task1(Recipes):
     """Runs Task 1 experiments for one config and one seed over one loaded dataset."""
 
     experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", *methods.OTHER_METHODS, "skd", "takd", "eskd",
-                   "export", "lime", "occlusion")
+                   "export", "lime", "occlusion", "missing", "smoothed", "efficiency")
     num_classes = NUM_CLASSES
 
     def __init__(self, config, arrays=None, seed=None, log=None):
@@ -90,7 +92,12 @@ class Task1(Recipes):
         return common_data.batched(arrays, self.config.batch_size, shuffle=True, seed=self.seed, map_fn=mnist.scale)
 
     def split_metrics(self, split, logits, labels, summary):
-        return {f"{split}_accuracy": training.accuracy(logits, labels)}
+        """Accuracy; with `summary`, on the test split also the confusion matrix and
+        per-class precision, recall and F1 (`common.metrics.class_metrics`)."""
+        metrics = {f"{split}_accuracy": training.accuracy(logits, labels)}
+        if summary and split == "test":
+            metrics.update(class_metrics(labels, logits, NUM_CLASSES, prefix=split))
+        return metrics
 
     def compute_targets(self, outputs_fn, name, tag):
         self.log(f"[{name}] {tag} on the training set")
@@ -282,6 +289,21 @@ class Task1(Recipes):
             self.log(f"[eskd] teacher epoch {row['teacher_epoch']}: teacher {row['teacher_test_accuracy']:.4f}"
                      f" -> student {row['student_test_accuracy']:.4f}")
         return rows
+
+    def smoothed(self):
+        """KD from a label-smoothed teacher against KD from the plain one (Müller et al.
+        2019; `common.studies.smoothed_teacher.run`)."""
+        return smoothed_teacher.run(self, build_teacher)
+
+    def efficiency(self):
+        """Student accuracy against examples per class (`--per-class`), random or chosen
+        by the teacher's soft-target entropy (`common.studies.data_efficiency.run`)."""
+        return data_efficiency.run(self, self.config.per_class, build_student)
+
+    def missing(self):
+        """Missing-class transfer (Hinton et al. 2015, §3) without `--missing-class`
+        (`common.studies.missing_class.run`)."""
+        return missing_class.run(self, self.config.missing_class, build_student)
 
     def checkpoint_model(self, name, epoch):
         """`(label, model)` of the teacher's weights after `epoch`."""

@@ -34,6 +34,10 @@ def build_parser():
     parser.add_argument("--subclasses", type=int, default=defaults.subclasses, help="subclasses per class for subclass KD")
     parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight, help="weight beta of the subclass auxiliary loss")
     parser.add_argument("--aux-temperature", type=float, default=defaults.aux_temperature, help="temperature tau of the subclass auxiliary loss")
+    parser.add_argument("--missing-class", type=int, default=defaults.missing_class,
+                        help="the digit the missing-class study (--only teacher,missing) leaves out of the transfer set")
+    parser.add_argument("--per-class", type=cli.int_list, default=defaults.per_class,
+                        help="examples per class of the data-efficiency study's transfer sets, comma list")
     parser.add_argument("--teacher-epochs", type=cli.int_list, default=defaults.teacher_epochs, help="early-stopped teacher epochs for eskd, comma list (the final teacher is always compared)")
     return parser
 

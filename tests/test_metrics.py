@@ -61,3 +61,25 @@ def test_top1_agreement():
     a = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 0.0], [0.0, 5.0, 1.0]])
     b = np.array([[9.0, 0.0, 0.0], [0.0, 3.0, 1.0], [2.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
     assert top1_agreement(a, b) == 0.75
+
+
+def test_class_metrics_match_sklearn_on_every_class_including_one_never_predicted():
+    from sklearn import metrics as sk
+
+    from common.metrics import class_metrics
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 200)
+    logits = rng.normal(size=(200, 4))
+    logits[:, 3] -= 100.0  # class 3 is never predicted: precision 0, not NaN
+    found = class_metrics(labels, logits, 4, prefix="test")
+    predictions = logits.argmax(-1)
+    precision, recall, f1, support = sk.precision_recall_fscore_support(labels, predictions, labels=[0, 1, 2, 3],
+                                                                        zero_division=0)
+    np.testing.assert_allclose(found["test_per_class"]["precision"], precision)
+    np.testing.assert_allclose(found["test_per_class"]["recall"], recall)
+    np.testing.assert_allclose(found["test_per_class"]["f1"], f1)
+    assert found["test_per_class"]["support"] == support.tolist()
+    assert found["confusion_matrix"] == sk.confusion_matrix(labels, predictions, labels=[0, 1, 2, 3]).tolist()
+    assert found["test_macro_f1"] == pytest.approx(sk.f1_score(labels, predictions, average="macro", zero_division=0))
+    assert found["test_per_class"]["precision"][3] == 0.0

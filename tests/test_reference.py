@@ -181,6 +181,20 @@ def test_kd_terms_match_mdistiller(data):
                                rtol=RTOL)
 
 
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.5])
+def test_label_smoothing_matches_keras_formula(data, epsilon):
+    model = student_model()
+    method = make("ls", model, context(), {}, epsilon=epsilon)
+    terms, _ = method.loss_terms(data)
+    out = student_outputs(model, data["x"])["logits"].astype(np.float64)
+    target = (1 - epsilon) * np.eye(CLASSES)[data["y"]] + epsilon / CLASSES  # Keras' label_smoothing
+    log_p = out - out.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    np.testing.assert_allclose(float(terms["ls_ce"]), np.mean(-(target * log_p).sum(-1)), rtol=RTOL)
+    if epsilon == 0.0:
+        np.testing.assert_allclose(float(terms["ls_ce"]), np_cross_entropy(out, data["y"]), rtol=RTOL)
+
+
 @pytest.mark.parametrize("epoch, epochs, scale", [(1, 24, 0.5), (2, 24, 1.0), (1, 12, 1.0), (3, 240, 3 / 20)])
 def test_dkd_terms_match_mdistiller_with_its_warm_up(data, epoch, epochs, scale):
     model = student_model()

@@ -30,7 +30,7 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
         "teacher-s0", "kd-T4-a0.5-s0", "kd-T1-a0.5-s0", "scratch-s0",
         "skd-teacher-S4-s0", "skd-S4-T4-a0.5-s0", "ta-T4-a0.5-s0", "ta-takd-T4-a0.5-s0",
         "eskd-e01-T4-a0.5-s0", "dkd-T4-tw1-nw8-w0.0833333-s0", "fitnets-w100-s0", "at-w1000-s0", "rkd-dw25-aw50-s0",
-        "crd-w0.8-t0.07-d128-n4096-s0",
+        "crd-w0.8-t0.07-d128-n4096-s0", "ls-e0.1-s0",
     }
     assert {p.parent.name for p in out.glob("*/metrics.json")} == expected_runs
     for name in expected_runs:

@@ -23,7 +23,9 @@ def test_in_model_preprocessing_matches_keras_applications(mode, reference):
     np.testing.assert_allclose(np.asarray(x), reference(pixels.copy()), rtol=1e-5, atol=1e-5)
 
 
-METHOD_STEMS = ["dkd-T4-tw1-nw8-w0.0833333", "fitnets-w100", "at-w1000", "rkd-dw25-aw50", "crd-w0.8-t0.07-d128-n4096"]
+METHOD_STEMS = ["dkd-T4-tw1-nw8-w0.0833333", "fitnets-w100", "at-w1000", "rkd-dw25-aw50", "crd-w0.8-t0.07-d128-n4096",
+                "ls-e0.1"]
+FEATURE_STEMS = METHOD_STEMS[1:5]  # the methods that read the student's features
 
 
 def tiny_config(tmp_path, data_dir, **overrides):
@@ -58,11 +60,12 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
     # feature methods cache what they read of the teacher per view: attention maps, embeddings
     assert np.load(out / "teacher-ft-s0" / "train_attention-8views.npz")["attention"].shape == (20, 8, 15, 15)
     assert np.load(out / "teacher-ft-s0" / "train_embedding-8views.npz")["embedding"].shape == (20, 8, 4)
-    for stem in METHOD_STEMS:  # their feature-extraction phase trains the head by cross-entropy
+    for stem in METHOD_STEMS:  # a feature method's feature-extraction phase trains the head by cross-entropy
         fe = json.loads((out / f"{stem}-fe-s0" / "metrics.json").read_text())
         ft = json.loads((out / f"{stem}-ft-s0" / "metrics.json").read_text())
-        reads_features = not stem.startswith("dkd")
-        assert "ce" in fe["history"][0] and (len(ft["history"][0]) > len(fe["history"][0])) == reads_features
+        reads_features = stem in FEATURE_STEMS
+        assert ("ls_ce" if stem.startswith("ls") else "ce") in fe["history"][0]
+        assert (len(ft["history"][0]) > len(fe["history"][0])) == reads_features
     export = list(csv.DictReader(open(out / "export-s0.csv")))
     assert {r["model"] for r in export} == {"teacher", "scratch", "kd", *(s.split("-")[0] for s in METHOD_STEMS)}
     assert {r["variant"] for r in export} == {"float32", "dynamic_int8", "int8"}

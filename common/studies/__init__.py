@@ -1,0 +1,1 @@
+"""Research studies run on top of the course tasks, one module each."""

@@ -1,0 +1,86 @@
+"""Data efficiency: student accuracy against the size of the transfer set.
+
+Vats 2021 (Indiana, Fig. 5.5): with a small MNIST teacher, a student distilled on
+60 examples per class chosen by the teacher's soft-target entropy passed 95%
+test accuracy (about 500 per class with a large teacher); Hinton et al. 2015
+(speech): soft targets on 3% of the data came close to hard targets on all of it.
+
+For each count N in `--per-class`, three students: KD (the config's T and alpha)
+on N random examples of each class, KD on the N of each class whose softened
+teacher output (at T) has the highest entropy, and a scratch student on the same
+random examples. A class with fewer than N examples gives all it has. Each
+transfer set is repeated (in a fresh shuffle each epoch) up to the size of the
+full training set, so every run takes the course's number of steps: a small set
+is not also a short schedule. The random choice is the seed's.
+"""
+
+import numpy as np
+
+from common import methods
+from common.results import write_csv_atomic, write_json_atomic
+from common.run_spec import run_tag
+
+SELECTIONS = ("random", "entropy")
+
+
+def soft_target_entropies(logits, temperature):
+    """`(n,)` entropy (nats) of softmax(logits / T) of each row of `(n, C)` logits."""
+    scaled = np.asarray(logits, np.float64) / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    log_p = scaled - np.log(np.exp(scaled).sum(axis=-1, keepdims=True))
+    return -(np.exp(log_p) * log_p).sum(axis=-1)
+
+
+def per_class_subset(labels, per_class, order):
+    """Indices of the first `per_class` examples of each class in `order` (a
+    permutation of the example indices), in index order."""
+    labels = np.asarray(labels).reshape(-1)
+    order = np.asarray(order)
+    chosen = [order[labels[order] == c][:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(chosen))
+
+
+def repeated(indices, size):
+    """`indices` tiled (whole copies, then a head) to `max(size, len(indices))` entries."""
+    copies = -(-size // len(indices))
+    return np.tile(indices, copies)[:max(size, len(indices))]
+
+
+def run(task, counts, build_student):
+    """The study on `task` (a `common.recipes.Recipes`) for each per-class count of
+    `counts`; writes `data_efficiency-s<seed>.csv` and `.json`; returns the rows."""
+    labels = task.train_labels()
+    settings = task.method_settings(methods.Distillation)
+    factory = task.factory(methods.Distillation, settings)
+    transfer = task.distil_data(task.teacher_model, [factory])
+    random_order = np.random.default_rng(task.seed).permutation(len(labels))
+
+    def entropy_order():
+        entropy = soft_target_entropies(task.logits_of(*task.teacher_model()), settings["temperature"])
+        return np.argsort(-entropy, kind="stable")
+
+    def subset(arrays, n, selection):
+        order = random_order if selection == "random" else entropy_order()
+        chosen = repeated(per_class_subset(labels, n, order), len(labels))
+        return {name: value[chosen] for name, value in arrays.items()}
+
+    rows = []
+    for n in counts:
+        kd_runs = [(selection, f"efficiency-n{n}-{selection}-{run_tag(settings)}", "efficiency-kd", factory,
+                    lambda n=n, s=selection: subset(transfer(), n, s)) for selection in SELECTIONS]
+        scratch_run = ("random", f"efficiency-n{n}-random-scratch", "efficiency-scratch", methods.CrossEntropy,
+                       lambda n=n: subset(task.train_data(), n, "random"))
+        for selection, stem, experiment, make_method, data in (*kd_runs, scratch_run):
+            extra = settings if experiment == "efficiency-kd" else {}
+            record, _ = task.train_model(task.spec(stem, experiment, per_class=n, selection=selection, **extra),
+                                         build_student, make_method, data)
+            rows.append({"per_class": n, "selection": selection, "method": experiment.split("-")[1],
+                         "examples": int(len(per_class_subset(labels, n, random_order))),
+                         "test_accuracy": record["test_accuracy"], "run": record["run"]})
+            task.log(f"[efficiency] {n} per class, {selection}, {rows[-1]['method']}: "
+                     f"test accuracy {record['test_accuracy']:.4f}")
+    stem = task.store.root / f"data_efficiency-s{task.seed}"
+    write_csv_atomic(stem.with_suffix(".csv"), rows,
+                     ("per_class", "selection", "method", "examples", "test_accuracy", "run"))
+    write_json_atomic(stem.with_suffix(".json"), {"temperature": settings["temperature"], "rows": rows})
+    return rows

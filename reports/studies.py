@@ -1,0 +1,98 @@
+"""The report's research-studies section (`docs/studies.md`): each study's saved
+tables (`<study>-s<seed>.json`), mean ± std over seeds."""
+
+import json
+
+from common.results import mean_std
+
+
+def _mean(values, scale=1.0, digits=2):
+    """`mean ± std (n=k)` of `values` times `scale`; no ± for one value."""
+    mean, std = mean_std(values)
+    if len(values) > 1:
+        return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f} (n={len(values)})"
+    return f"{mean * scale:.{digits}f}"
+
+
+def _tables(root, stem):
+    return [json.loads(path.read_text()) for path in sorted(root.glob(f"{stem}-s*.json"))]
+
+
+def missing_class(report, root):
+    """Missing-class transfer: test errors and errors on the missing class, raw and
+    with that class's bias shifted, per model."""
+    tables = _tables(root, "missing")
+    if not tables:
+        report.skip("missing-class transfer", "no missing-s*.json (run --only teacher,missing)")
+        return
+    cls = tables[0]["missing_class"]
+    groups = {}
+    for table in tables:
+        for row in table["rows"]:
+            groups.setdefault((row["model"], row["bias_shift"] > 0), []).append(row)
+    lines = [f"| model | {cls}'s bias | test errors | errors on the {cls}s | {cls}s right (%) | test accuracy (%) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for (model, shifted), rows in groups.items():
+        shift = (f"+{_mean([r['bias_shift'] for r in rows], digits=1)} (on {rows[0]['chosen_by']})"
+                 if shifted else "as trained")
+        lines.append(f"| {model} | {shift} | {_mean([r['test_errors'] for r in rows], digits=1)} | "
+                     f"{_mean([r['class_errors'] for r in rows], digits=1)} of {rows[0]['class_examples']} | "
+                     f"{_mean([r['class_accuracy'] for r in rows], 100)} | "
+                     f"{_mean([r['test_accuracy'] for r in rows], 100)} |")
+    report.text(f"### Missing-class transfer (Hinton et al. 2015, §3)\n\nThe students never see a {cls} in "
+                f"training; the teacher does. The {cls}'s output bias is then raised by the shift that maximises "
+                "validation accuracy (the paper: +3.5, chosen on the test set; 206 test errors, 133 on the 1,010 "
+                "test 3s, before; 109, 14 on 3s, after).\n\n" + "\n".join(lines) + "\n")
+
+
+def smoothed_teacher(report, root):
+    """KD from a label-smoothed teacher against KD from the plain one."""
+    tables = _tables(root, "smoothed_teacher")
+    if not tables:
+        report.skip("KD from a label-smoothed teacher", "no smoothed_teacher-s*.json (run --only smoothed)")
+        return
+    groups = {}
+    for table in tables:
+        for row in table["rows"]:
+            groups.setdefault(row["model"], []).append(row)
+    lines = [f"| model | test accuracy (%) | soft-target entropy at T={tables[0]['temperature']:g} (nats) |",
+             "|---|---:|---:|"]
+    for model, rows in groups.items():
+        entropy = [r["soft_target_entropy_nats"] for r in rows if r["soft_target_entropy_nats"] is not None]
+        lines.append(f"| {model} | {_mean([r['test_accuracy'] for r in rows], 100)} | "
+                     f"{_mean(entropy, digits=3) if entropy else '—'} |")
+    report.text("### KD from a label-smoothed teacher (Müller et al. 2019)\n\nThe same teacher architecture and "
+                f"schedule trained with label smoothing (eps={tables[0]['epsilon']:g}), and a KD student of each "
+                "teacher (Müller et al.: smoothed teachers distil worse).\n\n" + "\n".join(lines) + "\n")
+
+
+def data_efficiency(report, root):
+    """Student test accuracy against examples per class, by transfer-set choice."""
+    tables = _tables(root, "data_efficiency")
+    if not tables:
+        report.skip("data efficiency", "no data_efficiency-s*.json (run --only efficiency)")
+        return
+    columns = (("kd", "random"), ("kd", "entropy"), ("scratch", "random"))
+    cells = {}
+    for table in tables:
+        for row in table["rows"]:
+            cells.setdefault((row["per_class"], row["method"], row["selection"]), []).append(row["test_accuracy"])
+    lines = ["| examples per class | KD, random (%) | KD, highest-entropy (%) | scratch, random (%) |",
+             "|---:|---:|---:|---:|"]
+    for n in sorted({key[0] for key in cells}):
+        lines.append(f"| {n} | " + " | ".join(_mean(cells[(n, *c)], 100) if (n, *c) in cells else "—"
+                                               for c in columns) + " |")
+    report.text("### Data efficiency\n\nStudents trained on N examples of each class (repeated to the full "
+                "set's size, so each run takes the course's steps), chosen at random or as the N whose softened "
+                f"teacher output at T={tables[0]['temperature']:g} has the highest entropy (Vats 2021: over 95% "
+                "from 60 high-entropy examples per class with a small teacher).\n\n" + "\n".join(lines) + "\n")
+
+
+def studies(report, root):
+    """Every study's table that `root` holds (nothing when it holds none)."""
+    if not any(any(root.glob(f"{stem}-s*.json")) for stem in ("missing", "smoothed_teacher", "data_efficiency")):
+        return
+    report.text("### Research studies\n\nOpt-in experiments beside the course (`docs/studies.md`).\n")
+    missing_class(report, root)
+    smoothed_teacher(report, root)
+    data_efficiency(report, root)

@@ -1,0 +1,118 @@
+"""The research studies: their arithmetic against hand values, then end to end."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from common.studies import missing_class
+from task1_mnist import run as cli
+from task1_mnist.experiments import run_all
+
+
+def test_the_bias_shift_is_the_smallest_of_highest_accuracy():
+    # Class 2 is under-predicted: its logit is 1.5 below where it would win on both of its
+    # examples; a shift of 1.6 fixes both, and from 2.6 on examples 0 and 3 turn to 2.
+    logits = np.array([[3.0, 0.0, 0.5], [0.0, 2.0, 0.5], [2.0, 0.0, 0.5], [0.0, 2.0, -0.5]])
+    labels = np.array([0, 2, 2, 1])
+    shift, accuracy = missing_class.best_shift(logits, labels, 2)
+    assert shift == pytest.approx(1.6) and accuracy == 1.0
+    assert missing_class.best_shift(logits, labels, 2, shifts=np.array([0.0, 3.0])) == (0.0, 0.5)  # a tie: the smaller
+    shifted = missing_class.shift_class(logits, 2, 1.6)
+    assert shifted[:, 2].tolist() == pytest.approx([2.1, 2.1, 2.1, 1.1]) and logits[0, 2] == 0.5  # a copy
+    found = missing_class.errors(logits, labels, 2)
+    assert found == {"test_errors": 2, "test_accuracy": 0.5, "class_errors": 2, "class_accuracy": 0.0,
+                     "class_examples": 2}
+
+
+def test_the_transfer_set_loses_exactly_the_missing_class():
+    arrays = {"x": np.arange(6) * 10, "y": np.array([0, 3, 1, 3, 2, 0]), "index": np.arange(6)}
+    kept = missing_class.without_class(arrays, arrays["y"], 3)
+    assert kept["y"].tolist() == [0, 1, 2, 0] and kept["index"].tolist() == [0, 2, 4, 5]
+    assert kept["x"].tolist() == [0, 20, 40, 50]
+
+
+def test_missing_class_study_end_to_end(tmp_path, synthetic_mnist):
+    config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "teacher,missing", "--missing-class", "3",
+                               "--epochs", "2", "--batch-size", "64", "--validation", "64", "-q"])
+    rows = run_all(config, arrays=synthetic_mnist)[0]["missing"]
+    out = tmp_path / "out"
+    assert {p.parent.name for p in out.glob("*/metrics.json")} == {"teacher-s0", "missing3-kd-T4-a0.5-s0",
+                                                                    "missing3-scratch-s0"}
+    kd = json.loads((out / "missing3-kd-T4-a0.5-s0" / "metrics.json").read_text())
+    assert kd["identity"]["missing_class"] == 3 and kd["distilled_from"] == "teacher-s0"
+    with open(out / "missing-s0.csv") as handle:
+        saved = list(csv.DictReader(handle))
+    assert [r["model"] for r in saved] == [r["model"] for r in rows] and len(rows) >= 3
+    threes = int(np.sum(synthetic_mnist["y_test"] == 3))
+    scratch_raw = next(r for r in rows if r["model"] == "scratch student, no 3s" and r["bias_shift"] == 0.0)
+    assert scratch_raw["class_examples"] == threes and scratch_raw["class_accuracy"] == 0.0  # never saw a 3
+    for row in rows:  # a class's errors are among the test errors
+        assert 0 <= row["class_errors"] <= row["test_errors"] <= 128
+    teacher = json.loads((out / "teacher-s0" / "metrics.json").read_text())
+    teacher_row = next(r for r in rows if r["model"] == "teacher (every class)" and r["bias_shift"] == 0.0)
+    assert teacher_row["test_accuracy"] == pytest.approx(teacher["test_accuracy"])
+    assert len(teacher["test_per_class"]["recall"]) == 10  # Task 1's per-class metrics
+    assert teacher["test_per_class"]["recall"][3] == pytest.approx(1 - teacher_row["class_errors"] / threes)
+
+
+def test_smoothed_teacher_study_end_to_end(tmp_path, synthetic_mnist):
+    config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "smoothed", "--ls-epsilon", "0.2",
+                               "--epochs", "2", "--batch-size", "64", "--validation", "64", "-q"])
+    rows = run_all(config, arrays=synthetic_mnist)[0]["smoothed"]
+    out = tmp_path / "out"
+    assert {p.parent.name for p in out.glob("*/metrics.json")} == {
+        "teacher-s0", "teacher-ls-e0.2-s0", "kd-T4-a0.5-s0", "lskd-e0.2-T4-a0.5-s0"}
+    smoothed = json.loads((out / "teacher-ls-e0.2-s0" / "metrics.json").read_text())
+    assert smoothed["identity"]["epsilon"] == 0.2 and "ls_ce" in smoothed["history"][0]
+    student = json.loads((out / "lskd-e0.2-T4-a0.5-s0" / "metrics.json").read_text())
+    assert student["distilled_from"] == "teacher-ls-e0.2-s0"
+    assert [r["run"] for r in rows] == ["teacher-s0", "teacher-ls-e0.2-s0", "kd-T4-a0.5-s0", "lskd-e0.2-T4-a0.5-s0"]
+    assert all(0 < r["soft_target_entropy_nats"] <= np.log(10) + 1e-6 for r in rows[:2])
+    assert rows[3]["test_accuracy"] == student["test_accuracy"]
+
+
+def test_the_report_shows_each_studys_table(tmp_path, synthetic_mnist):
+    from reports.make_report import make_report
+
+    out = tmp_path / "results" / "task1"
+    config = cli.parse_config(["--out", str(out), "--only", "missing,smoothed", "--epochs", "1",
+                               "--batch-size", "64", "--validation", "64", "-q"])
+    run_all(config, arrays=synthetic_mnist)
+    text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
+    table = text[text.index("### Missing-class transfer"):]
+    assert "| KD student, no 3s | as trained |" in table and "| scratch student, no 3s | as trained |" in table
+    assert "### KD from a label-smoothed teacher" in text and "| KD student from the smoothed teacher |" in text
+
+
+def test_transfer_subsets_take_the_first_of_each_class_in_order():
+    from common.studies import data_efficiency as de
+
+    labels = np.array([0, 1, 0, 1, 0, 2])
+    assert de.per_class_subset(labels, 2, np.arange(6)).tolist() == [0, 1, 2, 3, 5]  # class 2 has only one
+    assert de.per_class_subset(labels, 1, np.array([4, 3, 2, 1, 0, 5])).tolist() == [3, 4, 5]
+    assert de.repeated(np.array([3, 4, 5]), 7).tolist() == [3, 4, 5, 3, 4, 5, 3]
+    logits = np.array([[0.0, 0.0], [10.0, 0.0]])
+    np.testing.assert_allclose(de.soft_target_entropies(logits, 1.0),
+                               [np.log(2), -(0.9999546 * np.log(0.9999546) + 4.5398e-5 * np.log(4.5398e-5))],
+                               rtol=1e-4)
+
+
+def test_data_efficiency_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch):
+    from task1_mnist.experiments import Task1
+
+    seen = []  # (examples, distinct examples) of each run's training set
+    original = Task1.train_dataset
+    monkeypatch.setattr(Task1, "train_dataset", lambda self, arrays: (
+        seen.append((len(arrays["y"]), len(np.unique(arrays["index"])))), original(self, arrays))[1])
+    config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "efficiency", "--per-class", "3,10",
+                               "--epochs", "1", "--batch-size", "64", "--validation", "64", "-q"])
+    rows = run_all(config, arrays=synthetic_mnist)[0]["efficiency"]
+    assert seen == [(320, 320)] + [(320, 30)] * 3 + [(320, 100)] * 3  # the teacher, then sets repeated to 320
+    assert [(r["per_class"], r["method"], r["selection"]) for r in rows] == [
+        (n, m, s) for n in (3, 10) for m, s in (("kd", "random"), ("kd", "entropy"), ("scratch", "random"))]
+    assert [r["examples"] for r in rows] == [30] * 3 + [100] * 3
+    record = json.loads((tmp_path / "out" / "efficiency-n3-entropy-T4-a0.5-s0" / "metrics.json").read_text())
+    assert record["identity"]["per_class"] == 3 and record["identity"]["selection"] == "entropy"
+    assert record["distilled_from"] == "teacher-s0"
