@@ -14,22 +14,32 @@ def _mean(values, scale=1.0, digits=2):
     return f"{mean * scale:.{digits}f}"
 
 
-def _tables(root, stem):
-    return [json.loads(path.read_text()) for path in sorted(root.glob(f"{stem}-s*.json"))]
+def _tables(report, root, stem, title, only):
+    """Every seed's saved table of study `stem`; none: a note in the report (`title`,
+    and the `--only` that makes them) and an empty list."""
+    tables = [json.loads(path.read_text()) for path in sorted(root.glob(f"{stem}-s*.json"))]
+    if not tables:
+        report.skip(title, f"no {stem}-s*.json (run --only {only})")
+    return tables
+
+
+def _rows_by(tables, key):
+    """`{key(row): [row of each seed's table]}`, in the first table's order."""
+    groups = {}
+    for table in tables:
+        for row in table["rows"]:
+            groups.setdefault(key(row), []).append(row)
+    return groups
 
 
 def missing_class(report, root):
     """Missing-class transfer: test errors and errors on the missing class, raw and
     with that class's bias shifted, per model."""
-    tables = _tables(root, "missing")
+    tables = _tables(report, root, "missing", "missing-class transfer", "teacher,missing")
     if not tables:
-        report.skip("missing-class transfer", "no missing-s*.json (run --only teacher,missing)")
         return
     cls = tables[0]["missing_class"]
-    groups = {}
-    for table in tables:
-        for row in table["rows"]:
-            groups.setdefault((row["model"], row["bias_shift"] > 0), []).append(row)
+    groups = _rows_by(tables, lambda row: (row["model"], row["bias_shift"] > 0))
     lines = [f"| model | {cls}'s bias | test errors | errors on the {cls}s | {cls}s right (%) | test accuracy (%) |",
              "|---|---|---:|---:|---:|---:|"]
     for (model, shifted), rows in groups.items():
@@ -47,14 +57,10 @@ def missing_class(report, root):
 
 def smoothed_teacher(report, root):
     """KD from a label-smoothed teacher against KD from the plain one."""
-    tables = _tables(root, "smoothed_teacher")
+    tables = _tables(report, root, "smoothed_teacher", "KD from a label-smoothed teacher", "smoothed")
     if not tables:
-        report.skip("KD from a label-smoothed teacher", "no smoothed_teacher-s*.json (run --only smoothed)")
         return
-    groups = {}
-    for table in tables:
-        for row in table["rows"]:
-            groups.setdefault(row["model"], []).append(row)
+    groups = _rows_by(tables, lambda row: row["model"])
     lines = [f"| model | test accuracy (%) | soft-target entropy at T={tables[0]['temperature']:g} (nats) |",
              "|---|---:|---:|"]
     for model, rows in groups.items():
@@ -68,15 +74,12 @@ def smoothed_teacher(report, root):
 
 def data_efficiency(report, root):
     """Student test accuracy against examples per class, by transfer-set choice."""
-    tables = _tables(root, "data_efficiency")
+    tables = _tables(report, root, "data_efficiency", "data efficiency", "efficiency")
     if not tables:
-        report.skip("data efficiency", "no data_efficiency-s*.json (run --only efficiency)")
         return
     columns = (("kd", "random"), ("kd", "entropy"), ("scratch", "random"))
-    cells = {}
-    for table in tables:
-        for row in table["rows"]:
-            cells.setdefault((row["per_class"], row["method"], row["selection"]), []).append(row["test_accuracy"])
+    cells = {key: [r["test_accuracy"] for r in rows] for key, rows in
+             _rows_by(tables, lambda row: (row["per_class"], row["method"], row["selection"])).items()}
     lines = ["| examples per class | KD, random (%) | KD, highest-entropy (%) | scratch, random (%) |",
              "|---:|---:|---:|---:|"]
     for n in sorted({key[0] for key in cells}):
