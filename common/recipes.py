@@ -59,6 +59,13 @@ class Recipes(TaskInterface):
 
         return run_experiments(self, only)
 
+    def for_seed(self, seed):
+        """This task at another seed, on the same data and results (its runs are that
+        seed's: an ensemble's members)."""
+        task = type(self)(self.config, self.data, seed=seed, log=self.log)
+        task.workspaces = self.workspaces
+        return task
+
     def experiment(self, name):
         """Runs experiment `name`: a registered method's student, except `kd` (the
         course's experiment of that name), else the task's method of that name."""

@@ -18,6 +18,8 @@ class TaskInterface:
     occlusion_fill = 0.0  # pixel value of an occluding patch
     explain_batch = 1024  # perturbed images per forward pass while explaining
 
+    data = None  # what `load_data` returned, as the task object was given it
+
     @staticmethod
     def load_data(config):
         """The task's data set, loaded once and shared by every seed's task object."""

@@ -91,11 +91,33 @@ def data_efficiency(report, root):
                 "from 60 high-entropy examples per class with a small teacher).\n\n" + "\n".join(lines) + "\n")
 
 
+def ensemble(report, root):
+    """Members, their mean-logit ensemble and the student distilled from it."""
+    tables = _tables(report, root, "ensemble", "ensemble teacher", "ensemble")
+    if not tables:
+        return
+    groups = _rows_by(tables, lambda row: row["model"])
+    lines = ["| model | test accuracy (%) | the student agrees with it (%) |", "|---|---:|---:|"]
+    for role, label in (("member", "a member teacher"), ("ensemble", "their ensemble"),
+                        ("student", "the student distilled from the ensemble")):
+        rows = groups.get(role, [])
+        fidelity = [r["student_fidelity"] for r in rows if r["student_fidelity"] is not None]
+        if rows:
+            lines.append(f"| {label} | {_mean([r['test_accuracy'] for r in rows], 100)} | "
+                         f"{_mean(fidelity, 100) if fidelity else '—'} |")
+    seeds = ", ".join(map(str, tables[0]["seeds"]))
+    report.text(f"### Ensemble teacher\n\nThe teachers of seeds {seeds}, their logits averaged, distilled into "
+                "one student by KD (Gardner 2022, CIFAR-10: members 84.37 ± 0.32%, ensemble 87.95%, student "
+                "85.32%). Members: mean ± std over members and seeds.\n\n" + "\n".join(lines) + "\n")
+
+
 def studies(report, root):
     """Every study's table that `root` holds (nothing when it holds none)."""
-    if not any(any(root.glob(f"{stem}-s*.json")) for stem in ("missing", "smoothed_teacher", "data_efficiency")):
+    if not any(any(root.glob(f"{stem}-s*.json")) for stem in ("missing", "smoothed_teacher", "data_efficiency",
+                                                                  "ensemble")):
         return
     report.text("### Research studies\n\nOpt-in experiments beside the course (`docs/studies.md`).\n")
     missing_class(report, root)
     smoothed_teacher(report, root)
     data_efficiency(report, root)
+    ensemble(report, root)

@@ -9,7 +9,7 @@ COURSE = (
     "teacher", "kd", "scratch", "grid", "flops", "entropy", *methods.OTHER_METHODS, "skd", "takd", "eskd", "export",
     "lime", "occlusion",
 )
-STUDIES = ("missing", "smoothed", "efficiency")  # research studies (`common.studies`): run when named in --only
+STUDIES = ("missing", "smoothed", "efficiency", "ensemble")  # research studies (`common.studies`): run when named in --only
 EXPERIMENTS = (*COURSE, *STUDIES)
 
 
@@ -42,6 +42,7 @@ class Task1Config(cfg.SharedConfig):
     fuse_grid: str = "auto"
     missing_class: int = 3
     per_class: tuple = (10, 60, 500)
+    ensemble_seeds: tuple = (0, 1, 2)
 
     def input_size(self):
         return 28
@@ -54,6 +55,10 @@ class Task1Config(cfg.SharedConfig):
         cfg.positive_int("subclasses", self.subclasses, "--subclasses")
         if not self.per_class or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.per_class):
             raise cfg.ConfigError(f"--per-class must list counts >= 1, got {self.per_class!r}")
+        seeds = self.ensemble_seeds
+        if len(set(seeds)) != len(seeds) or len(seeds) < 2 or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+            raise cfg.ConfigError(f"--ensemble-seeds must list two or more distinct seeds >= 0, got {seeds!r}")
         if isinstance(self.missing_class, bool) or self.missing_class not in range(10):
             raise cfg.ConfigError(f"--missing-class must be a digit 0-9, got {self.missing_class!r}")
         cfg.choices("fuse_grid", (self.fuse_grid,), FUSE_GRID, "--fuse-grid")

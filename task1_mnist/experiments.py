@@ -18,7 +18,7 @@ from common.metrics import class_metrics
 from common.recipes import Recipes
 from common.results import save_weights, write_csv_atomic
 from common.run_spec import method_stem, run_tag
-from common.studies import data_efficiency, missing_class, smoothed_teacher
+from common.studies import data_efficiency, ensemble, missing_class, smoothed_teacher
 from task1_mnist import data as mnist
 from task1_mnist import models
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
@@ -30,12 +30,14 @@ class Task1(Recipes):
     """Runs Task 1 experiments for one config and one seed over one loaded dataset."""
 
     experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", *methods.OTHER_METHODS, "skd", "takd", "eskd",
-                   "export", "lime", "occlusion", "missing", "smoothed", "efficiency")
+                   "export", "lime", "occlusion", "missing", "smoothed", "efficiency",
+                   "ensemble")
     num_classes = NUM_CLASSES
 
     def __init__(self, config, arrays=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
         arrays = arrays if arrays is not None else self.load_data(config)
+        self.data = arrays
         self.data_id = common_data.fingerprint(*(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")))
         held_out = common_data.validation_count(config.validation, len(arrays["y_train"]))
         train, val = common_data.stratified_split(arrays["y_train"], held_out)
@@ -299,6 +301,11 @@ class Task1(Recipes):
         """Student accuracy against examples per class (`--per-class`), random or chosen
         by the teacher's soft-target entropy (`common.studies.data_efficiency.run`)."""
         return data_efficiency.run(self, self.config.per_class, build_student)
+
+    def ensemble(self):
+        """A KD student of the mean-logit ensemble of the teachers of `--ensemble-seeds`
+        (`common.studies.ensemble.run`)."""
+        return ensemble.run(self, self.config.ensemble_seeds)
 
     def missing(self):
         """Missing-class transfer (Hinton et al. 2015, §3) without `--missing-class`

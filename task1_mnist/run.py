@@ -38,6 +38,8 @@ def build_parser():
                         help="the digit the missing-class study (--only teacher,missing) leaves out of the transfer set")
     parser.add_argument("--per-class", type=cli.int_list, default=defaults.per_class,
                         help="examples per class of the data-efficiency study's transfer sets, comma list")
+    parser.add_argument("--ensemble-seeds", type=cli.int_list, default=defaults.ensemble_seeds,
+                        help="seeds of the teachers the ensemble study averages, comma list")
     parser.add_argument("--teacher-epochs", type=cli.int_list, default=defaults.teacher_epochs, help="early-stopped teacher epochs for eskd, comma list (the final teacher is always compared)")
     return parser
 

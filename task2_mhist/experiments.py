@@ -39,6 +39,7 @@ class Task2(Recipes):
     def __init__(self, config, splits=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)
         splits = splits or self.load_data(config)
+        self.data = splits
         self.data_id = mhist.fingerprint(splits)
         self.splits = mhist.hold_out(splits, config.validation)
         self.eval_sets = {name: mhist.dataset(self.splits[name], config.image_size, inference_batch())

@@ -77,13 +77,16 @@ def test_the_report_shows_each_studys_table(tmp_path, synthetic_mnist):
     from reports.make_report import make_report
 
     out = tmp_path / "results" / "task1"
-    config = cli.parse_config(["--out", str(out), "--only", "missing,smoothed", "--epochs", "1",
+    config = cli.parse_config(["--out", str(out), "--only", "missing,smoothed,efficiency,ensemble", "--epochs", "1",
+                               "--per-class", "5", "--ensemble-seeds", "0,1",
                                "--batch-size", "64", "--validation", "64", "-q"])
     run_all(config, arrays=synthetic_mnist)
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
     table = text[text.index("### Missing-class transfer"):]
     assert "| KD student, no 3s | as trained |" in table and "| scratch student, no 3s | as trained |" in table
     assert "### KD from a label-smoothed teacher" in text and "| KD student from the smoothed teacher |" in text
+    assert "| 5 | " in text[text.index("### Data efficiency"):]
+    assert "| the student distilled from the ensemble |" in text[text.index("### Ensemble teacher"):]
 
 
 def test_transfer_subsets_take_the_first_of_each_class_in_order():
@@ -116,3 +119,31 @@ def test_data_efficiency_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch
     record = json.loads((tmp_path / "out" / "efficiency-n3-entropy-T4-a0.5-s0" / "metrics.json").read_text())
     assert record["identity"]["per_class"] == 3 and record["identity"]["selection"] == "entropy"
     assert record["distilled_from"] == "teacher-s0"
+
+
+def test_ensemble_study_end_to_end(tmp_path, synthetic_mnist):
+    from common.metrics import top1_agreement
+    from common.studies.ensemble import mean_logits
+    from task1_mnist.models import build_teacher
+
+    config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "ensemble", "--ensemble-seeds", "0,1",
+                               "--epochs", "1", "--batch-size", "64", "--validation", "64", "-q"])
+    rows = run_all(config, arrays=synthetic_mnist)[0]["ensemble"]
+    out = tmp_path / "out"
+    assert {p.parent.name for p in out.glob("*/metrics.json")} == {"teacher-s0", "teacher-s1", "enskd-m0.1-T4-a0.5-s0"}
+    assert [r["model"] for r in rows] == ["member", "member", "ensemble", "student"]
+    members = []
+    for seed in (0, 1):
+        model = build_teacher()
+        model.load_weights(out / f"teacher-s{seed}" / "model.weights.h5")
+        members.append(model)
+        saved = json.loads((out / f"teacher-s{seed}" / "metrics.json").read_text())
+        assert rows[seed]["test_accuracy"] == pytest.approx(saved["test_accuracy"])
+    x = synthetic_mnist["x_test"].astype(np.float32) / 255.0
+    mean = (members[0](x, training=False).numpy() + members[1](x, training=False).numpy()) / 2
+    np.testing.assert_allclose(mean_logits(members)(x).numpy(), mean, rtol=1e-5, atol=1e-6)
+    assert rows[2]["test_accuracy"] == pytest.approx(np.mean(mean.argmax(-1) == synthetic_mnist["y_test"]))
+    with np.load(out / "enskd-m0.1-T4-a0.5-s0" / "test_outputs.npz") as student:
+        assert rows[2]["student_fidelity"] == pytest.approx(top1_agreement(student["logits"], mean), abs=1e-9)
+    with pytest.raises(Exception, match="--ensemble-seeds"):
+        cli.parse_config(["--ensemble-seeds", "1"])

@@ -1,0 +1,53 @@
+"""An ensemble of teachers distilled into one student (Hinton et al. 2015, §2;
+Gardner 2022 (York), Table 4.1: CIFAR-10 ResNet18 members 84.37 ± 0.32%, their
+ensemble 87.95%, the student distilled from it 85.32%).
+
+The members are the task's teachers of `--ensemble-seeds` (each trained, or
+reused, as that seed's `teacher` run); the ensemble's logits are the mean of
+theirs (the geometric mean of their probabilities, up to normalisation); a KD
+student (the config's T and alpha, this seed) learns from those logits. The
+table holds each member, the ensemble and the student, on the test set, with the
+student's fidelity (top-1 agreement) to the ensemble and to each member.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from common import training
+from common.metrics import top1_agreement
+from common.results import write_csv_atomic, write_json_atomic
+
+
+def mean_logits(members):
+    """`x -> the mean of the members' (batch, C) logits` (frozen: inference mode)."""
+    def ensemble(x, training=False):
+        return tf.add_n([tf.cast(member(x, training=False), tf.float32) for member in members]) / len(members)
+
+    return ensemble
+
+
+def run(task, seeds):
+    """The study on `task` (a `common.recipes.Recipes`) with the teachers of `seeds`;
+    writes `ensemble-s<seed>.csv` and `.json`; returns the rows."""
+    members = [task.for_seed(seed).teacher_model() for seed in seeds]
+    tag = "m" + ".".join(str(seed) for seed in seeds)
+    ensemble = mean_logits([model for _, model in members])
+    ensemble_name = f"ensemble-{tag}-s{task.seed}"
+    (record,) = task.chain([(f"enskd-{tag}", task.student_builder())], parent=lambda: (ensemble_name, ensemble))
+    student = task.model_of(record["run"])
+    test = {label: task.held_out(training.compiled_predictor(model))["test"]
+            for label, model in [*members, (ensemble_name, ensemble), (record["run"], student)]}
+    labels = test[record["run"]][1]
+    rows = []
+    for label, role in [*((name, "member") for name, _ in members), (ensemble_name, "ensemble"),
+                        (record["run"], "student")]:
+        logits = test[label][0]
+        rows.append({"model": role, "run": label, "test_accuracy": float(np.mean(logits.argmax(-1) == labels)),
+                     "student_fidelity": top1_agreement(test[record["run"]][0], logits) if role != "student"
+                     else None})
+    stem = task.store.root / f"ensemble-s{task.seed}"
+    write_csv_atomic(stem.with_suffix(".csv"), rows, ("model", "test_accuracy", "student_fidelity", "run"))
+    write_json_atomic(stem.with_suffix(".json"), {"seeds": list(seeds), "rows": rows})
+    for row in rows:
+        task.log(f"[ensemble] {row['model']} {row['run']}: test accuracy {row['test_accuracy']:.4f}")
+    return rows
