@@ -6,6 +6,9 @@ import json
 from common.results import mean_std
 
 
+STEMS = ("missing", "smoothed_teacher", "data_efficiency", "ensemble", "teacher_capacity")  # the saved tables
+
+
 def _mean(values, scale=1.0, digits=2):
     """`mean ± std (n=k)` of `values` times `scale`; no ± for one value."""
     mean, std = mean_std(values)
@@ -111,13 +114,31 @@ def ensemble(report, root):
                 "85.32%). Members: mean ± std over members and seeds.\n\n" + "\n".join(lines) + "\n")
 
 
+def teacher_capacity(report, root):
+    """Teachers of each size, their soft targets' entropy and their students."""
+    tables = _tables(report, root, "teacher_capacity", "teacher capacity", "capacity")
+    if not tables:
+        return
+    lines = [f"| teacher | params | teacher test accuracy (%) | entropy at T={tables[0]['temperature']:g} (nats) | "
+             "student test accuracy (%) | student agrees with it (%) |", "|---|---:|---:|---:|---:|---:|"]
+    for preset, rows in _rows_by(tables, lambda row: row["preset"]).items():
+        fidelity = [r["student_fidelity"] for r in rows if r["student_fidelity"] is not None]
+        lines.append(f"| {preset} | {rows[0]['teacher_params']:,} | "
+                     f"{_mean([r['teacher_test_accuracy'] for r in rows], 100)} | "
+                     f"{_mean([r['soft_target_entropy_nats'] for r in rows], digits=3)} | "
+                     f"{_mean([r['student_test_accuracy'] for r in rows], 100)} | "
+                     f"{_mean(fidelity, 100) if fidelity else '—'} |")
+    report.text("### Teacher capacity\n\nOne teacher per size, the same schedule, and a KD student of each (Vats "
+                "2021: on MNIST the bigger teacher distilled worse).\n\n" + "\n".join(lines) + "\n")
+
+
 def studies(report, root):
     """Every study's table that `root` holds (nothing when it holds none)."""
-    if not any(any(root.glob(f"{stem}-s*.json")) for stem in ("missing", "smoothed_teacher", "data_efficiency",
-                                                                  "ensemble")):
+    if not any(any(root.glob(f"{stem}-s*.json")) for stem in STEMS):
         return
     report.text("### Research studies\n\nOpt-in experiments beside the course (`docs/studies.md`).\n")
     missing_class(report, root)
     smoothed_teacher(report, root)
     data_efficiency(report, root)
     ensemble(report, root)
+    teacher_capacity(report, root)

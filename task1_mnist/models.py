@@ -56,6 +56,15 @@ def build_assistant(num_outputs=NUM_CLASSES, name="assistant"):
     return _cnn((16, 32), 2, num_outputs, name)
 
 
+def build_large_teacher(num_outputs=NUM_CLASSES, name="large_teacher"):
+    """The teacher's design at twice its widths (64/128): 2,058,378 parameters with 10
+    outputs (Vats 2021's large MNIST teacher: 2,560,906)."""
+    return _cnn((64, 128), 1, num_outputs, name)
+
+
+TEACHER_PRESETS = {"small": build_assistant, "course": build_teacher, "large": build_large_teacher}
+
+
 def build_student(num_outputs=NUM_CLASSES, name="student"):
     """MLP student: Flatten -> Dense 784 ReLU -> Dense 784 ReLU -> Dense (1,238,730 params)."""
     return keras.Sequential(

@@ -147,3 +147,27 @@ def test_ensemble_study_end_to_end(tmp_path, synthetic_mnist):
         assert rows[2]["student_fidelity"] == pytest.approx(top1_agreement(student["logits"], mean), abs=1e-9)
     with pytest.raises(Exception, match="--ensemble-seeds"):
         cli.parse_config(["--ensemble-seeds", "1"])
+
+
+def test_teacher_capacity_study_end_to_end(tmp_path, synthetic_mnist):
+    from task1_mnist import models
+
+    config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "capacity", "--epochs", "1",
+                               "--batch-size", "64", "--validation", "64", "-q"])
+    rows = run_all(config, arrays=synthetic_mnist)[0]["capacity"]
+    out = tmp_path / "out"
+    assert {p.parent.name for p in out.glob("*/metrics.json")} == {
+        "teacher-small-s0", "capkd-small-T4-a0.5-s0", "teacher-s0", "kd-T4-a0.5-s0", "teacher-large-s0",
+        "capkd-large-T4-a0.5-s0"}
+    assert [(r["preset"], r["teacher_params"]) for r in rows] == [
+        (name, build().count_params()) for name, build in models.TEACHER_PRESETS.items()]
+    assert [r["teacher_params"] for r in rows] == [108_618, 1_011_466, 2_058_378]
+    large = json.loads((out / "capkd-large-T4-a0.5-s0" / "metrics.json").read_text())
+    assert large["distilled_from"] == "teacher-large-s0" and rows[2]["student_fidelity"] == large["test_fidelity"]
+    assert all(0 < r["soft_target_entropy_nats"] <= np.log(10) + 1e-6 for r in rows)
+    from reports.make_report import make_report
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "task1").symlink_to(out)
+    text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
+    assert "| large | 2,058,378 |" in text[text.index("### Teacher capacity"):]

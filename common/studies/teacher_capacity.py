@@ -1,0 +1,44 @@
+"""Teacher capacity: how the student's accuracy and the teacher's soft targets change
+with the teacher's size (Cho & Hariharan 2019; Vats 2021, ch. 5-6: on MNIST,
+teachers of 1,433,610 and 2,560,906 parameters, the bigger distilling worse).
+
+One teacher per preset (the task's `TEACHER_PRESETS`, e.g. Task 1's small =
+the assistant's design, course = the course teacher, large = twice its widths),
+each trained by cross-entropy on the course's schedule; the course preset is
+the seed's own `teacher` run. A KD student (the config's T and alpha) learns
+from each. The table holds each teacher's parameters and test accuracy, the mean
+entropy of its softened outputs at T on the training set, and its student's test
+accuracy and agreement with it.
+"""
+
+from common import losses, methods
+from common.results import write_csv_atomic, write_json_atomic
+
+
+def run(task, presets, course="course"):
+    """The study on `task` (a `common.recipes.Recipes`) over `presets` (`{name: build}`;
+    `course`: the preset that is the task's own teacher). Writes
+    `teacher_capacity-s<seed>.csv` and `.json`; returns the rows."""
+    temperature = task.method_settings(methods.Distillation)["temperature"]
+    rows = []
+    for preset, build in presets.items():
+        if preset == course:
+            name, teacher = task.teacher_model()
+            record, student = task.store.load(name), task.kd()
+        else:
+            record, teacher = task.train_model(task.spec(f"teacher-{preset}", "capacity-teacher", preset=preset),
+                                               build, methods.CrossEntropy, task.train_data)
+            (student,) = task.chain([(f"capkd-{preset}", task.student_builder())],
+                                    parent=lambda record=record, teacher=teacher: (record["run"], teacher))
+        entropy = float(losses.soft_target_entropy(task.logits_of(record["run"], teacher), temperature))
+        rows.append({"preset": preset, "teacher_params": record["params"],
+                     "teacher_test_accuracy": record["test_accuracy"], "soft_target_entropy_nats": entropy,
+                     "student_test_accuracy": student["test_accuracy"],
+                     "student_fidelity": student.get("test_fidelity"), "teacher_run": record["run"],
+                     "student_run": student["run"]})
+        task.log(f"[capacity] {preset} teacher ({record['params']:,} params): {record['test_accuracy']:.4f}, "
+                 f"entropy {entropy:.3f} nats at T={temperature:g}; its student {student['test_accuracy']:.4f}")
+    stem = task.store.root / f"teacher_capacity-s{task.seed}"
+    write_csv_atomic(stem.with_suffix(".csv"), rows, tuple(rows[0]))
+    write_json_atomic(stem.with_suffix(".json"), {"temperature": temperature, "rows": rows})
+    return rows
