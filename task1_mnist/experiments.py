@@ -18,7 +18,8 @@ from common.metrics import class_metrics
 from common.recipes import Recipes
 from common.results import save_weights, write_csv_atomic
 from common.run_spec import method_stem, run_tag
-from common.studies import data_efficiency, ensemble, missing_class, smoothed_teacher, teacher_capacity
+from common.studies import (attributions, data_efficiency, ensemble, missing_class, smoothed_teacher,
+                            teacher_capacity)
 from task1_mnist import data as mnist
 from task1_mnist import models
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
@@ -31,7 +32,7 @@ class Task1(Recipes):
 
     experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", *methods.OTHER_METHODS, "skd", "takd", "eskd",
                    "export", "lime", "occlusion", "missing", "smoothed", "efficiency",
-                   "ensemble", "capacity")
+                   "ensemble", "capacity", "attributions")
     num_classes = NUM_CLASSES
 
     def __init__(self, config, arrays=None, seed=None, log=None):
@@ -311,6 +312,13 @@ class Task1(Recipes):
         """KD students of a small, the course's and a large teacher
         (`common.studies.teacher_capacity.run`, `models.TEACHER_PRESETS`)."""
         return teacher_capacity.run(self, models.TEACHER_PRESETS)
+
+    def attributions(self):
+        """Integrated gradients of teacher, KD and scratch student on the first
+        `--attribution-images` test images (`common.studies.attributions.run`)."""
+        images, labels = self.test_arrays()
+        count = self.config.attribution_images
+        return attributions.run(self, images[:count], labels[:count], NUM_CLASSES)
 
     def missing(self):
         """Missing-class transfer (Hinton et al. 2015, §3) without `--missing-class`

@@ -40,6 +40,8 @@ def build_parser():
                         help="examples per class of the data-efficiency study's transfer sets, comma list")
     parser.add_argument("--ensemble-seeds", type=cli.int_list, default=defaults.ensemble_seeds,
                         help="seeds of the teachers the ensemble study averages, comma list")
+    parser.add_argument("--attribution-images", type=int, default=defaults.attribution_images,
+                        help="test images the attributions study explains by integrated gradients")
     parser.add_argument("--teacher-epochs", type=cli.int_list, default=defaults.teacher_epochs, help="early-stopped teacher epochs for eskd, comma list (the final teacher is always compared)")
     return parser
 

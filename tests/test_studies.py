@@ -171,3 +171,55 @@ def test_teacher_capacity_study_end_to_end(tmp_path, synthetic_mnist):
     (tmp_path / "results" / "task1").symlink_to(out)
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
     assert "| large | 2,058,378 |" in text[text.index("### Teacher capacity"):]
+
+
+def test_integrated_gradients_of_a_linear_model_are_input_times_weight_and_complete():
+    import keras
+
+    from common.studies import attributions as ig
+
+    rng = np.random.default_rng(0)
+    linear = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    x = rng.uniform(size=(5, 4, 4, 1)).astype(np.float32)
+    y = np.array([0, 1, 2, 1, 0])
+    weights, bias = linear.layers[-1].get_weights()
+    expected = x.reshape(5, -1) * weights[:, y].T  # exact for a linear model, any number of steps
+    np.testing.assert_allclose(ig.integrated_gradients(linear, x, y, steps=4).reshape(5, -1), expected,
+                               rtol=1e-5, atol=1e-7)
+    relu = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
+                             keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
+    found = ig.integrated_gradients(relu, x, y, steps=256).reshape(5, -1).sum(-1)
+    logits, at_zero = relu(x).numpy(), relu(np.zeros_like(x)).numpy()
+    np.testing.assert_allclose(found, logits[np.arange(5), y] - at_zero[np.arange(5), y], rtol=1e-2, atol=1e-3)
+
+
+def test_foreground_share_and_the_paired_test():
+    from common.studies import attributions as ig
+
+    a = np.array([[[1.0, -3.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    mask = np.array([[[True, False], [False, False]], [[True, True], [True, True]]])
+    assert ig.foreground_share(a, mask).tolist() == [0.25, 0.0]
+    found = ig.paired_comparison(np.arange(10) + 1.0, np.zeros(10))
+    assert found == {"higher": 10, "classes": 10, "wilcoxon_p": pytest.approx(2 / 2**10)}  # Thapa's 0.00195
+    assert ig.paired_comparison(np.ones(3), np.ones(3))["wilcoxon_p"] is None
+
+
+def test_attributions_study_end_to_end(tmp_path, synthetic_mnist):
+    config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "attributions", "--attribution-images", "50",
+                               "--epochs", "1", "--batch-size", "64", "--validation", "64", "-q"])
+    result = run_all(config, arrays=synthetic_mnist)[0]["attributions"]
+    assert {p.parent.name for p in (tmp_path / "out").glob("*/metrics.json")} == {
+        "teacher-s0", "kd-T4-a0.5-s0", "scratch-s0"}
+    counts = np.bincount(synthetic_mnist["y_test"][:50], minlength=10)
+    rows = [r for r in result["rows"] if r["model"] == "kd"]
+    assert [r["images"] for r in rows] == counts.tolist()
+    assert all(0.0 <= r["foreground_share"] <= 1.0 for r in result["rows"])
+    assert result["kd_vs_scratch"]["classes"] == 10
+    with np.load(tmp_path / "out" / "attributions-s0.npz") as saved:
+        assert saved["kd_mean_map"].shape == (10, 28, 28, 1) and saved["classes"].tolist() == list(range(10))
+    from reports.make_report import make_report
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
+    text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
+    assert "KD above scratch in" in text[text.index("### Gradient attributions"):]
