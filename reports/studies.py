@@ -6,7 +6,8 @@ import json
 from common.results import mean_std
 
 
-STEMS = ("missing", "smoothed_teacher", "data_efficiency", "ensemble", "teacher_capacity", "attributions")  # the saved tables
+STEMS = ("missing", "smoothed_teacher", "data_efficiency", "ensemble", "teacher_capacity", "attributions",
+         "label_noise")  # the saved tables
 
 
 def _mean(values, scale=1.0, digits=2):
@@ -155,6 +156,21 @@ def attributions(report, root):
                 f"0.00195). {tests}.\n\n" + "\n".join(lines) + "\n")
 
 
+def label_noise(report, root):
+    """Teacher, KD and scratch test accuracy against the share of wrong training labels."""
+    tables = _tables(report, root, "label_noise", "label noise", "noise")
+    if not tables:
+        return
+    lines = ["| wrong training labels (%) | teacher (%) | KD student (%) | scratch student (%) | KD − scratch (points) |",
+             "|---:|---:|---:|---:|---:|"]
+    for rate, rows in _rows_by(tables, lambda row: row["label_noise"]).items():
+        lines.append(f"| {rate * 100:g} | " + " | ".join(_mean([r[k] for r in rows], 100) for k in (
+            "teacher_test_accuracy", "kd_test_accuracy", "scratch_test_accuracy", "kd_gain")) + " |")
+    report.text("### Label noise\n\nA share of the training labels replaced by another class at random (test "
+                "labels clean); the teacher and both students learn from them (Thapa 2022: KD's largest gain "
+                "under the heaviest corruption).\n\n" + "\n".join(lines) + "\n")
+
+
 def studies(report, root):
     """Every study's table that `root` holds (nothing when it holds none)."""
     if not any(any(root.glob(f"{stem}-s*.json")) for stem in STEMS):
@@ -166,3 +182,4 @@ def studies(report, root):
     ensemble(report, root)
     teacher_capacity(report, root)
     attributions(report, root)
+    label_noise(report, root)

@@ -9,7 +9,7 @@ COURSE = (
     "teacher", "kd", "scratch", "grid", "flops", "entropy", *methods.OTHER_METHODS, "skd", "takd", "eskd", "export",
     "lime", "occlusion",
 )
-STUDIES = ("missing", "smoothed", "efficiency", "ensemble", "capacity", "attributions")  # research studies (`common.studies`): run when named in --only
+STUDIES = ("missing", "smoothed", "efficiency", "ensemble", "capacity", "attributions", "noise")  # research studies (`common.studies`): run when named in --only
 EXPERIMENTS = (*COURSE, *STUDIES)
 
 
@@ -44,6 +44,7 @@ class Task1Config(cfg.SharedConfig):
     per_class: tuple = (10, 60, 500)
     ensemble_seeds: tuple = (0, 1, 2)
     attribution_images: int = 1000
+    label_noise: tuple = (0.0, 0.2, 0.4, 0.6)
 
     def input_size(self):
         return 28
@@ -56,6 +57,8 @@ class Task1Config(cfg.SharedConfig):
         cfg.positive_int("subclasses", self.subclasses, "--subclasses")
         if not self.per_class or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.per_class):
             raise cfg.ConfigError(f"--per-class must list counts >= 1, got {self.per_class!r}")
+        if not self.label_noise or any(isinstance(r, bool) or not 0 <= r < 0.9 for r in self.label_noise):
+            raise cfg.ConfigError(f"--label-noise must list shares in [0, 0.9), got {self.label_noise!r}")
         cfg.positive_int("attribution_images", self.attribution_images, "--attribution-images")
         seeds = self.ensemble_seeds
         if len(set(seeds)) != len(seeds) or len(seeds) < 2 or any(

@@ -18,8 +18,8 @@ from common.metrics import class_metrics
 from common.recipes import Recipes
 from common.results import save_weights, write_csv_atomic
 from common.run_spec import method_stem, run_tag
-from common.studies import (attributions, data_efficiency, ensemble, missing_class, smoothed_teacher,
-                            teacher_capacity)
+from common.studies import (attributions, data_efficiency, ensemble, label_noise, missing_class,
+                            smoothed_teacher, teacher_capacity)
 from task1_mnist import data as mnist
 from task1_mnist import models
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
@@ -32,7 +32,7 @@ class Task1(Recipes):
 
     experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", *methods.OTHER_METHODS, "skd", "takd", "eskd",
                    "export", "lime", "occlusion", "missing", "smoothed", "efficiency",
-                   "ensemble", "capacity", "attributions")
+                   "ensemble", "capacity", "attributions", "noise")
     num_classes = NUM_CLASSES
 
     def __init__(self, config, arrays=None, seed=None, log=None):
@@ -319,6 +319,11 @@ class Task1(Recipes):
         images, labels = self.test_arrays()
         count = self.config.attribution_images
         return attributions.run(self, images[:count], labels[:count], NUM_CLASSES)
+
+    def noise(self):
+        """Teacher, KD and scratch students on labels of which `--label-noise` shares are
+        wrong (`common.studies.label_noise.run`)."""
+        return label_noise.run(self, self.config.label_noise, build_teacher, build_student)
 
     def missing(self):
         """Missing-class transfer (Hinton et al. 2015, §3) without `--missing-class`

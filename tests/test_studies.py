@@ -223,3 +223,45 @@ def test_attributions_study_end_to_end(tmp_path, synthetic_mnist):
     (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
     assert "KD above scratch in" in text[text.index("### Gradient attributions"):]
+
+
+def test_noisy_labels_flip_exactly_the_share_to_other_classes():
+    from common.studies.label_noise import noisy_labels
+
+    labels = np.arange(1000) % 10
+    noisy = noisy_labels(labels, 0.3, 10, seed=0)
+    assert np.sum(noisy != labels) == 300 and noisy.dtype == labels.dtype
+    assert np.array_equal(noisy, noisy_labels(labels, 0.3, 10, seed=0))  # the seed's draw
+    assert not np.array_equal(noisy, noisy_labels(labels, 0.3, 10, seed=1))
+    changed = noisy != labels
+    assert set(np.unique((noisy[changed] - labels[changed]) % 10)) <= set(range(1, 10))  # never the same class
+    assert np.array_equal(noisy_labels(labels, 0.0, 10, seed=0), labels)
+
+
+def test_label_noise_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch):
+    from task1_mnist.experiments import Task1
+
+    wrong = []  # the share of wrong labels each run trains on
+    original = Task1.train_dataset
+    clean = {}
+
+    def spy(self, arrays):
+        clean.setdefault("y", dict(zip(self.train_data()["index"], self.train_data()["y"])))
+        wrong.append(float(np.mean([clean["y"][i] != y for i, y in zip(arrays["index"], arrays["y"])])))
+        return original(self, arrays)
+
+    monkeypatch.setattr(Task1, "train_dataset", spy)
+    config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "noise", "--label-noise", "0,0.5",
+                               "--epochs", "1", "--batch-size", "64", "--validation", "64", "-q"])
+    rows = run_all(config, arrays=synthetic_mnist)[0]["noise"]
+    assert [r["label_noise"] for r in rows] == [0.0, 0.5]
+    assert wrong == [0.0, 0.0, 0.0, 0.5, 0.5, 0.5]  # course teacher, KD, scratch; then the noisy three
+    assert rows[1]["runs"] == "teacher-noise0.5-s0 noise0.5-kd-T4-a0.5-s0 noise0.5-scratch-s0"
+    kd = json.loads((tmp_path / "out" / "noise0.5-kd-T4-a0.5-s0" / "metrics.json").read_text())
+    assert kd["distilled_from"] == "teacher-noise0.5-s0" and kd["identity"]["label_noise"] == 0.5
+    from reports.make_report import make_report
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
+    text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
+    assert "| 50 | " in text[text.index("### Label noise"):]
