@@ -28,10 +28,11 @@ class Recipes(TaskInterface):
     """One task's experiments for one config and one seed (`Task1`, `Task2`)."""
 
     def __init_subclass__(cls, **kwargs):
-        """A registered method may not share its name with a task's experiment or
-        attribute (`--only NAME` would mean two things)."""
+        """A registered method may not share its name with a task's experiment, study
+        or attribute (`--only NAME` would mean two things)."""
         super().__init_subclass__(**kwargs)
-        clashes = sorted(name for name in methods.REGISTRY if name != "kd" and hasattr(cls, name))
+        clashes = sorted(name for name in methods.REGISTRY
+                         if name != "kd" and (hasattr(cls, name) or name in cls.studies))
         if clashes:
             raise ValueError(f"registered method {', '.join(map(repr, clashes))} has the name of a {cls.__name__} "
                              "experiment or attribute; give the method another name")
@@ -68,8 +69,11 @@ class Recipes(TaskInterface):
 
     def experiment(self, name):
         """Runs experiment `name`: a registered method's student, except `kd` (the
-        course's experiment of that name), else the task's method of that name."""
-        return self.distil_method(name) if name in methods.REGISTRY and name != "kd" else getattr(self, name)()
+        course's experiment of that name), a study of `studies`, else the task's
+        method of that name."""
+        if name in methods.REGISTRY and name != "kd":
+            return self.distil_method(name)
+        return self.studies[name](self) if name in self.studies else getattr(self, name)()
 
     # -- runs ------------------------------------------------------------------------
 

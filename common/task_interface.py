@@ -10,6 +10,7 @@ class TaskInterface:
     """The members a task defines (Task 1: `task1_mnist.experiments.Task1`)."""
 
     experiments = ()  # every experiment of the task, in the order `run` calls them
+    studies = {}  # name -> `task -> outcome`: the research studies among the experiments (`common.studies`)
     num_classes = None  # classes of the labels
     eval_sets = {}  # split name ("val", "test") -> held-out dataset of {"x", "y"} batches
     per_view = False  # whether cached teacher outputs have a views axis (Task 2's dihedral views)

@@ -30,9 +30,18 @@ EVAL_BATCH = 1024
 class Task1(Recipes):
     """Runs Task 1 experiments for one config and one seed over one loaded dataset."""
 
+    studies = {  # `common.studies`, run by name (`--only`); see docs/studies.md
+        "missing": lambda task: missing_class.run(task, task.config.missing_class, build_student),
+        "smoothed": lambda task: smoothed_teacher.run(task, build_teacher),
+        "efficiency": lambda task: data_efficiency.run(task, task.config.per_class, build_student),
+        "ensemble": lambda task: ensemble.run(task, task.config.ensemble_seeds),
+        "capacity": lambda task: teacher_capacity.run(task, models.TEACHER_PRESETS),
+        "attributions": lambda task: attributions.run(
+            task, *(part[:task.config.attribution_images] for part in task.test_arrays()), NUM_CLASSES),
+        "noise": lambda task: label_noise.run(task, task.config.label_noise, build_teacher, build_student),
+    }
     experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", *methods.OTHER_METHODS, "skd", "takd", "eskd",
-                   "export", "lime", "occlusion", "missing", "smoothed", "efficiency",
-                   "ensemble", "capacity", "attributions", "noise")
+                   "export", "lime", "occlusion", *studies)
     num_classes = NUM_CLASSES
 
     def __init__(self, config, arrays=None, seed=None, log=None):
@@ -292,43 +301,6 @@ class Task1(Recipes):
             self.log(f"[eskd] teacher epoch {row['teacher_epoch']}: teacher {row['teacher_test_accuracy']:.4f}"
                      f" -> student {row['student_test_accuracy']:.4f}")
         return rows
-
-    def smoothed(self):
-        """KD from a label-smoothed teacher against KD from the plain one (Müller et al.
-        2019; `common.studies.smoothed_teacher.run`)."""
-        return smoothed_teacher.run(self, build_teacher)
-
-    def efficiency(self):
-        """Student accuracy against examples per class (`--per-class`), random or chosen
-        by the teacher's soft-target entropy (`common.studies.data_efficiency.run`)."""
-        return data_efficiency.run(self, self.config.per_class, build_student)
-
-    def ensemble(self):
-        """A KD student of the mean-logit ensemble of the teachers of `--ensemble-seeds`
-        (`common.studies.ensemble.run`)."""
-        return ensemble.run(self, self.config.ensemble_seeds)
-
-    def capacity(self):
-        """KD students of a small, the course's and a large teacher
-        (`common.studies.teacher_capacity.run`, `models.TEACHER_PRESETS`)."""
-        return teacher_capacity.run(self, models.TEACHER_PRESETS)
-
-    def attributions(self):
-        """Integrated gradients of teacher, KD and scratch student on the first
-        `--attribution-images` test images (`common.studies.attributions.run`)."""
-        images, labels = self.test_arrays()
-        count = self.config.attribution_images
-        return attributions.run(self, images[:count], labels[:count], NUM_CLASSES)
-
-    def noise(self):
-        """Teacher, KD and scratch students on labels of which `--label-noise` shares are
-        wrong (`common.studies.label_noise.run`)."""
-        return label_noise.run(self, self.config.label_noise, build_teacher, build_student)
-
-    def missing(self):
-        """Missing-class transfer (Hinton et al. 2015, §3) without `--missing-class`
-        (`common.studies.missing_class.run`)."""
-        return missing_class.run(self, self.config.missing_class, build_student)
 
     def checkpoint_model(self, name, epoch):
         """`(label, model)` of the teacher's weights after `epoch`."""

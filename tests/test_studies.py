@@ -265,3 +265,11 @@ def test_label_noise_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch):
     (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
     assert "| 50 | " in text[text.index("### Label noise"):]
+
+
+def test_the_configs_studies_are_the_tasks():
+    from task1_mnist.config import COURSE, STUDIES, Task1Config
+    from task1_mnist.experiments import Task1
+
+    assert tuple(Task1.studies) == STUDIES and set(Task1.experiments) == set(COURSE) | set(STUDIES)
+    assert Task1Config().only == COURSE  # studies run only when named
