@@ -27,6 +27,11 @@ def _tables(report, root, stem, title, only):
     return tables
 
 
+def _section(report, text, lines):
+    """A study's heading and prose (`text`, ending in a blank line), then its table `lines`."""
+    report.text(text + "\n".join(lines) + "\n")
+
+
 def _rows_by(tables, key):
     """`{key(row): [row of each seed's table]}`, in the first table's order."""
     groups = {}
@@ -53,10 +58,10 @@ def missing_class(report, root):
                      f"{_mean([r['class_errors'] for r in rows], digits=1)} of {rows[0]['class_examples']} | "
                      f"{_mean([r['class_accuracy'] for r in rows], 100)} | "
                      f"{_mean([r['test_accuracy'] for r in rows], 100)} |")
-    report.text(f"### Missing-class transfer (Hinton et al. 2015, §3)\n\nThe students never see a {cls} in "
+    _section(report, f"### Missing-class transfer (Hinton et al. 2015, §3)\n\nThe students never see a {cls} in "
                 f"training; the teacher does. The {cls}'s output bias is then raised by the shift that maximises "
                 "validation accuracy (the paper: +3.5, chosen on the test set; 206 test errors, 133 on the 1,010 "
-                "test 3s, before; 109, 14 on 3s, after).\n\n" + "\n".join(lines) + "\n")
+                "test 3s, before; 109, 14 on 3s, after).\n\n", lines)
 
 
 def smoothed_teacher(report, root):
@@ -71,9 +76,9 @@ def smoothed_teacher(report, root):
         entropy = [r["soft_target_entropy_nats"] for r in rows if r["soft_target_entropy_nats"] is not None]
         lines.append(f"| {model} | {_mean([r['test_accuracy'] for r in rows], 100)} | "
                      f"{_mean(entropy, digits=3) if entropy else '—'} |")
-    report.text("### KD from a label-smoothed teacher (Müller et al. 2019)\n\nThe same teacher architecture and "
+    _section(report, "### KD from a label-smoothed teacher (Müller et al. 2019)\n\nThe same teacher architecture and "
                 f"schedule trained with label smoothing (eps={tables[0]['epsilon']:g}), and a KD student of each "
-                "teacher (Müller et al.: smoothed teachers distil worse).\n\n" + "\n".join(lines) + "\n")
+                "teacher (Müller et al.: smoothed teachers distil worse).\n\n", lines)
 
 
 def data_efficiency(report, root):
@@ -89,10 +94,10 @@ def data_efficiency(report, root):
     for n in sorted({key[0] for key in cells}):
         lines.append(f"| {n} | " + " | ".join(_mean(cells[(n, *c)], 100) if (n, *c) in cells else "—"
                                                for c in columns) + " |")
-    report.text("### Data efficiency\n\nStudents trained on N examples of each class (repeated to the full "
+    _section(report, "### Data efficiency\n\nStudents trained on N examples of each class (repeated to the full "
                 "set's size, so each run takes the course's steps), chosen at random or as the N whose softened "
                 f"teacher output at T={tables[0]['temperature']:g} has the highest entropy (Vats 2021: over 95% "
-                "from 60 high-entropy examples per class with a small teacher).\n\n" + "\n".join(lines) + "\n")
+                "from 60 high-entropy examples per class with a small teacher).\n\n", lines)
 
 
 def ensemble(report, root):
@@ -110,9 +115,9 @@ def ensemble(report, root):
             lines.append(f"| {label} | {_mean([r['test_accuracy'] for r in rows], 100)} | "
                          f"{_mean(fidelity, 100) if fidelity else '—'} |")
     seeds = ", ".join(map(str, tables[0]["seeds"]))
-    report.text(f"### Ensemble teacher\n\nThe teachers of seeds {seeds}, their logits averaged, distilled into "
+    _section(report, f"### Ensemble teacher\n\nThe teachers of seeds {seeds}, their logits averaged, distilled into "
                 "one student by KD (Gardner 2022, CIFAR-10: members 84.37 ± 0.32%, ensemble 87.95%, student "
-                "85.32%). Members: mean ± std over members and seeds.\n\n" + "\n".join(lines) + "\n")
+                "85.32%). Members: mean ± std over members and seeds.\n\n", lines)
 
 
 def teacher_capacity(report, root):
@@ -129,8 +134,8 @@ def teacher_capacity(report, root):
                      f"{_mean([r['soft_target_entropy_nats'] for r in rows], digits=3)} | "
                      f"{_mean([r['student_test_accuracy'] for r in rows], 100)} | "
                      f"{_mean(fidelity, 100) if fidelity else '—'} |")
-    report.text("### Teacher capacity\n\nOne teacher per size, the same schedule, and a KD student of each (Vats "
-                "2021: on MNIST the bigger teacher distilled worse).\n\n" + "\n".join(lines) + "\n")
+    _section(report, "### Teacher capacity\n\nOne teacher per size, the same schedule, and a KD student of each (Vats "
+                "2021: on MNIST the bigger teacher distilled worse).\n\n", lines)
 
 
 def attributions(report, root):
@@ -150,10 +155,10 @@ def attributions(report, root):
                       f"{t['kd_vs_scratch']['classes']} classes, Wilcoxon p = "
                       + (f"{t['kd_vs_scratch']['wilcoxon_p']:.3g}" if t["kd_vs_scratch"]["wilcoxon_p"] is not None
                          else "n/a") for i, t in enumerate(tables))
-    report.text(f"### Gradient attributions\n\nShare of each model's integrated-gradient mass on the digit's ink "
+    _section(report, f"### Gradient attributions\n\nShare of each model's integrated-gradient mass on the digit's ink "
                 f"(pixels > {tables[0]['foreground_threshold']:g}), mean over the first {tables[0]['images']} "
                 "test images of each class (Thapa 2022: KD above scratch in 10 of 10 classes, Wilcoxon p = "
-                f"0.00195). {tests}.\n\n" + "\n".join(lines) + "\n")
+                f"0.00195). {tests}.\n\n", lines)
 
 
 def label_noise(report, root):
@@ -166,9 +171,9 @@ def label_noise(report, root):
     for rate, rows in _rows_by(tables, lambda row: row["label_noise"]).items():
         lines.append(f"| {rate * 100:g} | " + " | ".join(_mean([r[k] for r in rows], 100) for k in (
             "teacher_test_accuracy", "kd_test_accuracy", "scratch_test_accuracy", "kd_gain")) + " |")
-    report.text("### Label noise\n\nA share of the training labels replaced by another class at random (test "
+    _section(report, "### Label noise\n\nA share of the training labels replaced by another class at random (test "
                 "labels clean); the teacher and both students learn from them (Thapa 2022: KD's largest gain "
-                "under the heaviest corruption).\n\n" + "\n".join(lines) + "\n")
+                "under the heaviest corruption).\n\n", lines)
 
 
 def studies(report, root):
