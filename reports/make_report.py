@@ -28,6 +28,7 @@ if __package__ in (None, ""):
 from common import methods  # noqa: E402
 from common.metrics import reliability, top1_agreement  # noqa: E402
 from common.results import ResultsStore, mean_std, seed_group  # noqa: E402
+from reports.per_class import per_class_table  # noqa: E402
 from reports.studies import studies  # noqa: E402
 
 DPI = 110
@@ -223,6 +224,7 @@ def task1(report, root, metric="test_accuracy"):
     report.text("## Task 1: MNIST" + (" (SYNTHETIC data)" if is_synthetic(records) else "") + "\n")
     headline_table(report, grouped(records, metric, headline_key), records)
     quality(report, root, records, HEADLINE, headline_key, "task1")
+    per_class_table(report, records, headline_key)
     grid_figures(report, records, metric, root)
     bars(report, grouped(records, metric))
     learning_curves(report, records)

@@ -273,3 +273,20 @@ def test_the_configs_studies_are_the_tasks():
 
     assert tuple(Task1.studies) == STUDIES and set(Task1.experiments) == set(COURSE) | set(STUDIES)
     assert Task1Config().only == COURSE  # studies run only when named
+
+
+def test_epochs_to_reach_and_the_per_class_table(tmp_path, synthetic_mnist):
+    from reports.make_report import make_report
+    from reports.per_class import epochs_to_reach
+
+    history = [{"test_accuracy": 0.95}, {"test_accuracy": 0.985}, {"test_accuracy": 0.97}]
+    assert [epochs_to_reach(history, level) for level in (0.9, 0.98, 0.99)] == [1, 2, None]
+    out = tmp_path / "results" / "task1"
+    run_all(cli.parse_config(["--out", str(out), "--only", "teacher,kd,scratch", "--epochs", "2",
+                              "--batch-size", "64", "--validation", "64", "-q"]), arrays=synthetic_mnist)
+    text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
+    table = text[text.index("| digit | teacher recall / F1 (%)"):]
+    teacher = json.loads((out / "teacher-s0" / "metrics.json").read_text())
+    recall, f1 = teacher["test_per_class"]["recall"][3], teacher["test_per_class"]["f1"][3]
+    assert f"| 3 | {recall * 100:.2f} / {f1 * 100:.2f} |" in table
+    assert "| model | epochs to 97% | epochs to 98% | epochs to 99% |" in table
