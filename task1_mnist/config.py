@@ -9,7 +9,7 @@ COURSE = (
     "teacher", "kd", "scratch", "grid", "flops", "entropy", *methods.OTHER_METHODS, "skd", "takd", "eskd", "export",
     "lime", "occlusion",
 )
-STUDIES = ("missing", "smoothed", "efficiency", "ensemble", "capacity", "attributions", "noise")  # research studies (`common.studies`): run when named in --only
+STUDIES = ("missing", "smoothed", "efficiency", "ensemble", "capacity", "attributions", "noise", "dynamics")  # research studies (`common.studies`): run when named in --only
 EXPERIMENTS = (*COURSE, *STUDIES)
 
 

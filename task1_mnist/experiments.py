@@ -18,8 +18,8 @@ from common.metrics import class_metrics
 from common.recipes import Recipes
 from common.results import save_weights, write_csv_atomic
 from common.run_spec import method_stem, run_tag
-from common.studies import (attributions, data_efficiency, ensemble, label_noise, missing_class,
-                            smoothed_teacher, teacher_capacity)
+from common.studies import (attributions, data_efficiency, ensemble, explanation_dynamics, label_noise,
+                            missing_class, smoothed_teacher, teacher_capacity)
 from task1_mnist import data as mnist
 from task1_mnist import models
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
@@ -39,6 +39,8 @@ class Task1(Recipes):
         "attributions": lambda task: attributions.run(
             task, *(part[:task.config.attribution_images] for part in task.test_arrays()), NUM_CLASSES),
         "noise": lambda task: label_noise.run(task, task.config.label_noise, build_teacher, build_student),
+        "dynamics": lambda task: explanation_dynamics.run(
+            task, *task.explanation_images(), task.teacher_checkpoints(), task.config.ensemble_seeds),
     }
     experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", *methods.OTHER_METHODS, "skd", "takd", "eskd",
                    "export", "lime", "occlusion", *studies)
@@ -301,6 +303,12 @@ class Task1(Recipes):
             self.log(f"[eskd] teacher epoch {row['teacher_epoch']}: teacher {row['teacher_test_accuracy']:.4f}"
                      f" -> student {row['student_test_accuracy']:.4f}")
         return rows
+
+    def teacher_checkpoints(self):
+        """`[(epoch, model)]`: the seed's teacher after each of its epochs (trained if needed)."""
+        self.teacher()
+        return [(epoch, self.checkpoint_model(self.teacher_name(), epoch)[1])
+                for epoch in range(1, self.config.epochs + 1)]
 
     def checkpoint_model(self, name, epoch):
         """`(label, model)` of the teacher's weights after `epoch`."""

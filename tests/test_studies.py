@@ -290,3 +290,28 @@ def test_epochs_to_reach_and_the_per_class_table(tmp_path, synthetic_mnist):
     recall, f1 = teacher["test_per_class"]["recall"][3], teacher["test_per_class"]["f1"][3]
     assert f"| 3 | {recall * 100:.2f} / {f1 * 100:.2f} |" in table
     assert "| model | epochs to 97% | epochs to 98% | epochs to 99% |" in table
+
+
+def test_pearson_rows_match_numpy_and_the_dynamics_study_end_to_end(tmp_path, synthetic_mnist):
+    from common.studies.explanation_dynamics import pearson_rows
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(4, 3, 3)), rng.normal(size=(4, 3, 3))
+    b[1] = 2 * a[1] + 1  # r = 1
+    expected = [np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(a, b)]
+    np.testing.assert_allclose(pearson_rows(a, b), expected, rtol=1e-12)
+    assert pearson_rows(np.ones((1, 4)), a[:1].reshape(1, -1)[:, :4]).tolist() == [0.0]
+    config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "dynamics", "--ensemble-seeds", "0,1",
+                               "--explain-images", "20", "--epochs", "2", "--batch-size", "64",
+                               "--validation", "64", "-q"])
+    rows = run_all(config, arrays=synthetic_mnist)[0]["dynamics"]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(-1 <= r[f"{side}_target_mean_r"] <= 1 and 0 <= r[f"{side}_target_share"] <= 1
+               for r in rows for side in ("on", "off"))
+    assert {p.parent.name for p in (tmp_path / "out").glob("*/metrics.json")} == {"teacher-s0", "teacher-s1"}
+    from reports.make_report import make_report
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
+    text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
+    assert "| 2 | " in text[text.index("### Explanations over training"):]

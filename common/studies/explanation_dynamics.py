@@ -1,0 +1,56 @@
+"""Explanations over training: how a teacher's explanations converge, epoch by epoch,
+to those of an ensemble of teachers (Gardner 2022 (York), §4.5: occlusion maps
+of each checkpoint against the ensemble's, the share above a Pearson threshold of
+r = 0.53 growing from 78% to 98% on the true class and from 52% to 87% off it).
+
+Here the maps are integrated gradients (`common.studies.attributions`); the
+reference is the mean-logit ensemble of the teachers of `--ensemble-seeds`
+(`common.studies.ensemble`); the maps are those of the true class (on-target)
+and of the class the ensemble ranks highest among the others (off-target), for
+the first `--explain-images` test images, at the checkpoint the seed's teacher
+saved after each epoch. For each epoch: the mean Pearson r over images and the
+share of images with r above the threshold, on and off target.
+"""
+
+import numpy as np
+
+from common.results import write_csv_atomic, write_json_atomic
+from common.studies.attributions import integrated_gradients
+from common.studies.ensemble import mean_logits
+
+THRESHOLD = 0.53  # Gardner 2022's Pearson threshold for two maps that agree
+
+
+def pearson_rows(first, second):
+    """`(n,)` Pearson correlation of each pair of flattened maps; 0 where either is constant."""
+    a = np.asarray(first, np.float64).reshape(len(first), -1)
+    b = np.asarray(second, np.float64).reshape(len(second), -1)
+    a, b = a - a.mean(-1, keepdims=True), b - b.mean(-1, keepdims=True)
+    norms = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    return np.divide((a * b).sum(-1), norms, out=np.zeros(len(a)), where=norms > 0)
+
+
+def run(task, images, labels, checkpoints, seeds):
+    """The study on `task` (a `common.recipes.Recipes`): `checkpoints` is
+    `[(epoch, model)]` of the seed's teacher, `seeds` those of the ensemble's members.
+    Writes `explanation_dynamics-s<seed>.csv` and `.json`; returns the rows."""
+    reference = mean_logits([task.for_seed(seed).teacher_model()[1] for seed in seeds])
+    logits = np.asarray(reference(images))
+    ranked = np.where(np.eye(logits.shape[1], dtype=bool)[labels], -np.inf, logits)
+    targets = {"on": labels, "off": ranked.argmax(-1)}
+    maps = {side: integrated_gradients(reference, images, classes) for side, classes in targets.items()}
+    rows = []
+    for epoch, model in checkpoints:
+        row = {"epoch": epoch}
+        for side, classes in targets.items():
+            r = pearson_rows(integrated_gradients(model, images, classes), maps[side])
+            row.update({f"{side}_target_mean_r": float(r.mean()), f"{side}_target_share": float(np.mean(r > THRESHOLD))})
+        rows.append(row)
+        task.log(f"[dynamics] teacher epoch {epoch}: on-target r {row['on_target_mean_r']:.3f} "
+                 f"({row['on_target_share']:.0%} > {THRESHOLD}), off-target r {row['off_target_mean_r']:.3f} "
+                 f"({row['off_target_share']:.0%})")
+    stem = task.store.root / f"explanation_dynamics-s{task.seed}"
+    write_csv_atomic(stem.with_suffix(".csv"), rows, tuple(rows[0]))
+    write_json_atomic(stem.with_suffix(".json"), {"seeds": list(seeds), "images": int(len(images)),
+                                                  "threshold": THRESHOLD, "rows": rows})
+    return rows
