@@ -82,6 +82,8 @@ def add_shared_arguments(parser, defaults, experiments):
     add("--no-share-steps", dest="share_steps", action="store_false",
         help="trace and compile every run's training step anew instead of sharing it between runs of one "
              "structure (the same updates; for checking)")
+    add("--ensemble-seeds", type=int_list, default=defaults.ensemble_seeds,
+        help="seeds of the teachers the ensemble studies average, comma list")
     add("--only", type=name_list, default=defaults.only, help=f"experiments, comma list of {','.join(experiments)}")
     add_method_arguments(parser, defaults)
     add("--limit", type=int, help="use only the first N train and test images (quick runs)")

@@ -50,6 +50,7 @@ class SharedConfig(BaseConfig):
     top_k: int = 5
     validation: float = 0
     chain_method: str = "kd"
+    ensemble_seeds: tuple = (0, 1, 2)
     method_options: dict = dataclasses.field(default_factory=dict)
     distribute: str = "none"
     deterministic: bool = False
@@ -132,6 +133,10 @@ def validate_shared(config, experiments, strategies, image_size):
         raise ConfigError(f"no registered method {', '.join(unknown)}; choose from {', '.join(methods.REGISTRY)}")
     choices("only", config.only, experiments, "--only")
     choices("chain_method", (config.chain_method,), tuple(methods.REGISTRY), "--chain-method")
+    seeds = config.ensemble_seeds
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2 or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"--ensemble-seeds must list two or more distinct seeds >= 0, got {seeds!r}")
     choices("distribute", (config.distribute,), strategies, "--distribute")
     from common import device
 

@@ -11,7 +11,7 @@ import dataclasses
 
 import keras
 
-from common import device, evaluation, methods, runs, training
+from common import device, evaluation, methods, runs, sessions, training
 from common.distribute import make_strategy, results_root
 from common.errors import ConfigError, DataError
 from common.explanations import explain_seed
@@ -50,15 +50,11 @@ class Recipes(TaskInterface):
     @classmethod
     def run_all(cls, config, data=None, log=None):
         """Every selected experiment for every seed (`common.sessions.run_all`)."""
-        from common.sessions import run_all
-
-        return run_all(cls, config, data, log)
+        return sessions.run_all(cls, config, data, log)
 
     def run(self, only=None):
         """This seed's selected experiments, timed (`common.sessions.run_experiments`)."""
-        from common.sessions import run_experiments
-
-        return run_experiments(self, only)
+        return sessions.run_experiments(self, only)
 
     def for_seed(self, seed):
         """This task at another seed, on the same data and results (its runs are that

@@ -786,6 +786,7 @@ def task2(report, root):
     quality(report, root, records, HEADLINE_TASK2, finetuned, "task2")
     methods_table(report, root, records, "test_auc", finetuned, "task2")
     deployment_table(report, root, "test_auc")
+    studies(report, root)
     flops_table(report, root / "flops.csv")
     for kind in ("lime", "occlusion"):
         explanation_panel(report, root / "explain", kind, "task2")

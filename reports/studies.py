@@ -70,11 +70,12 @@ def smoothed_teacher(report, root):
     if not tables:
         return
     groups = _rows_by(tables, lambda row: row["model"])
-    lines = [f"| model | test accuracy (%) | soft-target entropy at T={tables[0]['temperature']:g} (nats) |",
-             "|---|---:|---:|"]
+    metric = tables[0].get("metric", "test_accuracy")
+    lines = [f"| model | {metric.replace('_', ' ')} (%) | soft-target entropy at T={tables[0]['temperature']:g} "
+             "(nats) |", "|---|---:|---:|"]
     for model, rows in groups.items():
         entropy = [r["soft_target_entropy_nats"] for r in rows if r["soft_target_entropy_nats"] is not None]
-        lines.append(f"| {model} | {_mean([r['test_accuracy'] for r in rows], 100)} | "
+        lines.append(f"| {model} | {_mean([r[metric] for r in rows], 100)} | "
                      f"{_mean(entropy, digits=3) if entropy else '—'} |")
     _section(report, "### KD from a label-smoothed teacher (Müller et al. 2019)\n\nThe same teacher architecture and "
                 f"schedule trained with label smoothing (eps={tables[0]['epsilon']:g}), and a KD student of each "
@@ -106,13 +107,14 @@ def ensemble(report, root):
     if not tables:
         return
     groups = _rows_by(tables, lambda row: row["model"])
-    lines = ["| model | test accuracy (%) | the student agrees with it (%) |", "|---|---:|---:|"]
+    metric = tables[0].get("metric", "test_accuracy")
+    lines = [f"| model | {metric.replace('_', ' ')} (%) | the student agrees with it (%) |", "|---|---:|---:|"]
     for role, label in (("member", "a member teacher"), ("ensemble", "their ensemble"),
                         ("student", "the student distilled from the ensemble")):
         rows = groups.get(role, [])
         fidelity = [r["student_fidelity"] for r in rows if r["student_fidelity"] is not None]
         if rows:
-            lines.append(f"| {label} | {_mean([r['test_accuracy'] for r in rows], 100)} | "
+            lines.append(f"| {label} | {_mean([r[metric] for r in rows], 100)} | "
                          f"{_mean(fidelity, 100) if fidelity else '—'} |")
     seeds = ", ".join(map(str, tables[0]["seeds"]))
     _section(report, f"### Ensemble teacher\n\nThe teachers of seeds {seeds}, their logits averaged, distilled into "

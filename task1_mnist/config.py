@@ -42,7 +42,6 @@ class Task1Config(cfg.SharedConfig):
     fuse_grid: str = "auto"
     missing_class: int = 3
     per_class: tuple = (10, 60, 500)
-    ensemble_seeds: tuple = (0, 1, 2)
     attribution_images: int = 1000
     label_noise: tuple = (0.0, 0.2, 0.4, 0.6)
 
@@ -60,10 +59,6 @@ class Task1Config(cfg.SharedConfig):
         if not self.label_noise or any(isinstance(r, bool) or not 0 <= r < 0.9 for r in self.label_noise):
             raise cfg.ConfigError(f"--label-noise must list shares in [0, 0.9), got {self.label_noise!r}")
         cfg.positive_int("attribution_images", self.attribution_images, "--attribution-images")
-        seeds = self.ensemble_seeds
-        if len(set(seeds)) != len(seeds) or len(seeds) < 2 or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-            raise cfg.ConfigError(f"--ensemble-seeds must list two or more distinct seeds >= 0, got {seeds!r}")
         if isinstance(self.missing_class, bool) or self.missing_class not in range(10):
             raise cfg.ConfigError(f"--missing-class must be a digit 0-9, got {self.missing_class!r}")
         cfg.choices("fuse_grid", (self.fuse_grid,), FUSE_GRID, "--fuse-grid")

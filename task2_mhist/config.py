@@ -6,8 +6,10 @@ from typing import Optional
 from common import config as cfg
 from common import methods
 
-EXPERIMENTS = ("teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd", "flops",
-               "export", "lime", "occlusion")
+COURSE = ("teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd", "flops",
+          "export", "lime", "occlusion")
+STUDIES = ("smoothed", "ensemble")  # research studies (`common.studies`): run when named in --only
+EXPERIMENTS = (*COURSE, *STUDIES)
 PHASES = ("feature-extraction", "finetune", "all")
 FEATURE_CACHE = ("auto", "on", "off")
 
@@ -33,7 +35,7 @@ class Task2Config(cfg.SharedConfig):
     lime_samples: int = 500
     occlusion_patch: int = 32
     occlusion_stride: int = 16
-    only: tuple = EXPERIMENTS
+    only: tuple = COURSE
     annotations: Optional[str] = None
     phase: str = "finetune"
     weights: str = "imagenet"

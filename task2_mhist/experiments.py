@@ -21,6 +21,7 @@ from common import batchnorm, explain, methods, runs, training
 from common.metrics import binary_metrics
 from common.recipes import Recipes
 from common.run_spec import run_tag
+from common.studies import ensemble, smoothed_teacher
 from common.results import write_csv_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
@@ -33,8 +34,13 @@ NUM_CLASSES = len(mhist.CLASSES)
 class Task2(Recipes):
     """Runs Task 2 experiments for one config and one seed."""
 
+    studies = {  # `common.studies` that apply to a binary task; see docs/studies.md
+        "smoothed": lambda task: smoothed_teacher.run(task, task.builder(models.TEACHER),
+                                                      {"learning_rate": task.config.teacher_lr}),
+        "ensemble": lambda task: ensemble.run(task, task.config.ensemble_seeds),
+    }
     experiments = ("flops", "teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd",
-                   "export", "lime", "occlusion")
+                   "export", "lime", "occlusion", *studies)
 
     def __init__(self, config, splits=None, seed=None, log=None):
         super().__init__(config, config.seeds[0] if seed is None else seed, log)

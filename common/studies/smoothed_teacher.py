@@ -8,7 +8,8 @@ the same architecture and schedule with the `ls` objective
 (`common.methods.ls`, ε = `--ls-epsilon`), distils a student from it by KD at
 the config's T and alpha, and puts both teachers and both students side by side
 with each teacher's soft-target entropy at T (how much "dark knowledge" its
-softened outputs carry).
+softened outputs carry); the metric is the task's (`test_accuracy`; Task 2:
+`test_auc`).
 """
 
 from common import losses, methods
@@ -29,23 +30,22 @@ def run(task, build_teacher, teacher_fit_options=None):
                             parent=lambda: (smoothed["run"], smoothed_model))
     plain_name, plain_model = task.teacher_model()
     temperature = task.method_settings(methods.Distillation)["temperature"]
+    metric = f"test_{task.primary_metric}"
     rows = []
     for label, record, teacher in (("teacher, hard labels", task.store.load(plain_name), (plain_name, plain_model)),
                                    (f"teacher, label smoothing eps={options.epsilon:g}", smoothed,
                                     (smoothed["run"], smoothed_model))):
         entropy = float(losses.soft_target_entropy(task.logits_of(*teacher), temperature))
-        rows.append({"model": label, "run": record["run"], "test_accuracy": record["test_accuracy"],
-                     "soft_target_entropy_nats": entropy})
+        rows.append({"model": label, "run": record["run"], metric: record[metric], "soft_target_entropy_nats": entropy})
     for label, record in (("KD student from the hard-label teacher", task.kd()),
                           ("KD student from the smoothed teacher", student)):
-        rows.append({"model": label, "run": record["run"], "test_accuracy": record["test_accuracy"],
-                     "soft_target_entropy_nats": None})
+        rows.append({"model": label, "run": record["run"], metric: record[metric], "soft_target_entropy_nats": None})
     stem = task.store.root / f"smoothed_teacher-s{task.seed}"
-    write_csv_atomic(stem.with_suffix(".csv"), rows, ("model", "test_accuracy", "soft_target_entropy_nats", "run"))
+    write_csv_atomic(stem.with_suffix(".csv"), rows, ("model", metric, "soft_target_entropy_nats", "run"))
     write_json_atomic(stem.with_suffix(".json"), {"epsilon": options.epsilon, "temperature": temperature,
-                                                  "rows": rows})
+                                                  "metric": metric, "rows": rows})
     for row in rows:
         entropy = row["soft_target_entropy_nats"]
-        task.log(f"[smoothed] {row['model']}: test accuracy {row['test_accuracy']:.4f}"
+        task.log(f"[smoothed] {row['model']}: {metric} {row[metric]:.4f}"
                  + (f", soft-target entropy at T={temperature:g} {entropy:.3f} nats" if entropy is not None else ""))
     return rows
