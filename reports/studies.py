@@ -48,7 +48,8 @@ def missing_class(report, root):
     if not tables:
         return
     cls = tables[0]["missing_class"]
-    groups = _rows_by(tables, lambda row: (row["model"], row["bias_shift"] > 0))
+    groups = _rows_by(tables, lambda row: (row["model"], row.get("bias", "shifted" if row["bias_shift"] else
+                                                                   "as trained") == "shifted"))
     lines = [f"| model | {cls}'s bias | test errors | errors on the {cls}s | {cls}s right (%) | test accuracy (%) |",
              "|---|---|---:|---:|---:|---:|"]
     for (model, shifted), rows in groups.items():

@@ -44,14 +44,15 @@ def test_missing_class_study_end_to_end(tmp_path, synthetic_mnist):
     assert kd["identity"]["missing_class"] == 3 and kd["distilled_from"] == "teacher-s0"
     with open(out / "missing-s0.csv") as handle:
         saved = list(csv.DictReader(handle))
-    assert [r["model"] for r in saved] == [r["model"] for r in rows] and len(rows) >= 3
+    assert [r["model"] for r in saved] == [r["model"] for r in rows] and len(rows) == 6
+    assert [r["bias"] for r in rows] == ["as trained", "shifted"] * 3
     threes = int(np.sum(synthetic_mnist["y_test"] == 3))
-    scratch_raw = next(r for r in rows if r["model"] == "scratch student, no 3s" and r["bias_shift"] == 0.0)
+    scratch_raw = next(r for r in rows if r["model"] == "scratch student, no 3s" and r["bias"] == "as trained")
     assert scratch_raw["class_examples"] == threes and scratch_raw["class_accuracy"] == 0.0  # never saw a 3
     for row in rows:  # a class's errors are among the test errors
         assert 0 <= row["class_errors"] <= row["test_errors"] <= 128
     teacher = json.loads((out / "teacher-s0" / "metrics.json").read_text())
-    teacher_row = next(r for r in rows if r["model"] == "teacher (every class)" and r["bias_shift"] == 0.0)
+    teacher_row = next(r for r in rows if r["model"] == "teacher (every class)" and r["bias"] == "as trained")
     assert teacher_row["test_accuracy"] == pytest.approx(teacher["test_accuracy"])
     assert len(teacher["test_per_class"]["recall"]) == 10  # Task 1's per-class metrics
     assert teacher["test_per_class"]["recall"][3] == pytest.approx(1 - teacher_row["class_errors"] / threes)

@@ -82,11 +82,11 @@ def run(task, cls, build_student):
                          (f"scratch student, no {cls}s", scratch)):
         outputs = task.held_out(training.compiled_predictor(model))
         shift, _ = best_shift(*outputs[chosen_by], cls)
-        for delta in dict.fromkeys([0.0, shift]):
-            rows.append({"model": label, "bias_shift": delta, "chosen_by": chosen_by if delta else "",
+        for bias, delta in (("as trained", 0.0), ("shifted", shift)):
+            rows.append({"model": label, "bias": bias, "bias_shift": delta, "chosen_by": chosen_by if delta else "",
                          **errors(shift_class(outputs["test"][0], cls, delta), outputs["test"][1], cls)})
     stem = task.store.root / f"missing-s{task.seed}"
-    write_csv_atomic(stem.with_suffix(".csv"), rows, ("model", "bias_shift", "chosen_by", "test_errors",
+    write_csv_atomic(stem.with_suffix(".csv"), rows, ("model", "bias", "bias_shift", "chosen_by", "test_errors",
                                                       "test_accuracy", "class_errors", "class_accuracy",
                                                       "class_examples"))
     write_json_atomic(stem.with_suffix(".json"), {"missing_class": cls, "rows": rows})
