@@ -184,14 +184,20 @@ def test_integrated_gradients_of_a_linear_model_are_input_times_weight_and_compl
     x = rng.uniform(size=(5, 4, 4, 1)).astype(np.float32)
     y = np.array([0, 1, 2, 1, 0])
     weights, bias = linear.layers[-1].get_weights()
-    expected = x.reshape(5, -1) * weights[:, y].T  # exact for a linear model, any number of steps
-    np.testing.assert_allclose(ig.integrated_gradients(linear, x, y, steps=4).reshape(5, -1), expected,
-                               rtol=1e-5, atol=1e-7)
+    baselines = ig.noise_baselines((4, 4, 1), count=3)
+    mean_baseline = baselines.mean(0).reshape(-1)
+    expected = (x.reshape(5, -1) - mean_baseline) * weights[:, y].T  # exact for a linear model, any steps
+    np.testing.assert_allclose(ig.integrated_gradients(linear, x, y, baselines, steps=4).reshape(5, -1), expected,
+                               rtol=1e-4, atol=1e-6)
     relu = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
                              keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
-    found = ig.integrated_gradients(relu, x, y, steps=256).reshape(5, -1).sum(-1)
-    logits, at_zero = relu(x).numpy(), relu(np.zeros_like(x)).numpy()
-    np.testing.assert_allclose(found, logits[np.arange(5), y] - at_zero[np.arange(5), y], rtol=1e-2, atol=1e-3)
+    black = np.zeros((1, 4, 4, 1), np.float32)
+    found = ig.integrated_gradients(relu, x, y, black, steps=256).reshape(5, -1).sum(-1)
+    logits, at_zero = relu(x).numpy(), relu(black).numpy()
+    np.testing.assert_allclose(found, logits[np.arange(5), y] - at_zero[0, y], rtol=1e-2, atol=1e-3)  # complete
+    noisy = ig.integrated_gradients(relu, x, y, baselines, steps=256).reshape(5, -1).sum(-1)
+    at_baselines = relu(baselines).numpy()[:, y].mean(0)
+    np.testing.assert_allclose(noisy, logits[np.arange(5), y] - at_baselines, rtol=1e-2, atol=1e-3)
 
 
 def test_foreground_share_and_the_paired_test():
