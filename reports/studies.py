@@ -148,7 +148,7 @@ def attributions(report, root):
         return
     groups = _rows_by(tables, lambda row: (row["model"], row["class"]))
     classes = sorted({c for _, c in groups})
-    lines = ["| class | " + " | ".join(f"{m} (%)" for m in ("teacher", "kd", "scratch")) + " |",
+    lines = ["| digit | teacher (%) | KD student (%) | scratch student (%) |",
              "|---:|---:|---:|---:|"]
     for c in classes:
         lines.append(f"| {c} | " + " | ".join(_mean([r["foreground_share"] for r in groups[(m, c)]], 100)
@@ -159,8 +159,8 @@ def attributions(report, root):
                       + (f"{t['kd_vs_scratch']['wilcoxon_p']:.3g}" if t["kd_vs_scratch"]["wilcoxon_p"] is not None
                          else "n/a") for i, t in enumerate(tables))
     _section(report, f"### Gradient attributions\n\nShare of each model's integrated-gradient mass on the digit's ink "
-                f"(pixels > {tables[0]['foreground_threshold']:g}), mean over the first {tables[0]['images']} "
-                "test images of each class (Thapa 2022: KD above scratch in 10 of 10 classes, Wilcoxon p = "
+                f"(pixels > {tables[0]['foreground_threshold']:g}), mean per digit over the first {tables[0]['images']} "
+                "test images (Thapa 2022: KD above scratch in 10 of 10 classes, Wilcoxon p = "
                 f"0.00195). {tests}.\n\n", lines)
 
 
