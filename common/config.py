@@ -95,11 +95,14 @@ def choices(name, values, allowed, option=None):
     return tuple(values)
 
 
-def seed_list(values):
-    if not values or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in values):
-        raise ConfigError(f"--seeds must list integers >= 0, got {values!r}")
+def seed_list(values, flag="--seeds", minimum=1):
+    """`values` as a tuple of distinct seeds >= 0, at least `minimum` of them; a
+    `ConfigError` naming `flag` otherwise."""
+    if len(values) < minimum or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in values):
+        raise ConfigError(f"{flag} must list {'' if minimum == 1 else f'{minimum} or more '}integers >= 0, "
+                          f"got {values!r}")
     if len(set(values)) != len(values):
-        raise ConfigError(f"--seeds lists a seed twice: {values!r}")
+        raise ConfigError(f"{flag} lists a seed twice: {values!r}")
     return tuple(values)
 
 
@@ -133,10 +136,7 @@ def validate_shared(config, experiments, strategies, image_size):
         raise ConfigError(f"no registered method {', '.join(unknown)}; choose from {', '.join(methods.REGISTRY)}")
     choices("only", config.only, experiments, "--only")
     choices("chain_method", (config.chain_method,), tuple(methods.REGISTRY), "--chain-method")
-    seeds = config.ensemble_seeds
-    if len(set(seeds)) != len(seeds) or len(seeds) < 2 or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ConfigError(f"--ensemble-seeds must list two or more distinct seeds >= 0, got {seeds!r}")
+    seed_list(config.ensemble_seeds, "--ensemble-seeds", minimum=2)
     choices("distribute", (config.distribute,), strategies, "--distribute")
     from common import device
 

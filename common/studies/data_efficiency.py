@@ -14,6 +14,8 @@ full training set, so every run takes the course's number of steps: a small set
 is not also a short schedule. The random choice is the seed's.
 """
 
+import functools
+
 import numpy as np
 
 from common import methods
@@ -55,6 +57,7 @@ def run(task, counts, build_student):
     transfer = task.distil_data(task.teacher_model, [factory])
     random_order = np.random.default_rng(task.seed).permutation(len(labels))
 
+    @functools.cache  # once per study: every entropy-chosen set of each count reads it
     def entropy_order():
         entropy = soft_target_entropies(task.logits_of(*task.teacher_model()), settings["temperature"])
         return np.argsort(-entropy, kind="stable")

@@ -11,6 +11,7 @@ student's fidelity (top-1 agreement) to the ensemble and to each member; the
 metric is the task's (`test_accuracy`; Task 2: `test_auc`).
 """
 
+import numpy as np
 import tensorflow as tf
 
 from common import training
@@ -36,8 +37,10 @@ def run(task, seeds):
     (record,) = task.chain([(f"enskd-{tag}", task.student_builder())], parent=lambda: (ensemble_name, ensemble))
     student = task.model_of(record["run"])
     test = {label: task.held_out(training.compiled_predictor(model))["test"]
-            for label, model in [*members, (ensemble_name, ensemble), (record["run"], student)]}
+            for label, model in [*members, (record["run"], student)]}
     labels = test[record["run"]][1]
+    # The ensemble's test logits are its members' mean: no second pass through every member.
+    test[ensemble_name] = (np.mean([test[name][0] for name, _ in members], axis=0), labels)
     metric = f"test_{task.primary_metric}"
     rows = []
     for label, role in [*((name, "member") for name, _ in members), (ensemble_name, "ensemble"),
