@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import losses, methods, training
+from common import deployed, losses, methods, training
 from common.errors import ConfigError
 from common.methods import at as at_method
 from common.methods import rkd as rkd_method
@@ -127,6 +127,9 @@ class Distiller(keras.Model):
         `nckd_weight` for DKD), checked like the command line's flags.
 
     Call it (or `predict`) for the student's logits; `evaluate` scores the student.
+    `student` is the trained student; for a method with a prediction head (CID) it is
+    the given student with that head (`common.deployed.with_head`), which predicts
+    through it.
     """
 
     def __init__(self, teacher, student, method="kd", *, teacher_features=None, student_features=None,
@@ -149,6 +152,9 @@ class Distiller(keras.Model):
         if set(self.cls.student_outputs) - {"logits"}:
             self.student_outputs = feature_model(student, ("logits", *self.cls.student_outputs), student_features,
                                                  hint_from)
+        head = self.cls.prediction_head(self.options, int(teacher.outputs[0].shape[-1]))
+        if head is not None:  # CID: the trained student predicts through the method's head
+            self.student = deployed.with_head(student, head, lambda _: self.student_outputs)
         self.method = None
         self.term_trackers = []
         self.loss_tracker = keras.metrics.Mean(name="loss")

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+from common import deployed
+
 
 class MethodFactory:
     """A registered method class `cls` (or `make(model, context)`) with its `settings`
@@ -18,11 +20,27 @@ class MethodFactory:
         self.teacher_shapes = {}
         self.parent_name = None
 
+    def options(self):
+        return self.cls.Options(**{f.name: self.settings[f.name] for f in dataclasses.fields(self.cls.Options)})
+
+    def deployable(self, build):
+        """`build` (`() -> student`), or, for a method with a prediction head (CID),
+        `() -> the student with that head` (`common.deployed.with_head`)."""
+        if self.make is not None or self.cls.prediction_head(self.options(), 1) is None:
+            return build
+
+        def build_with_head():
+            student = build()
+            context = self.context(student, True)
+            head = self.cls.prediction_head(self.options(), context.num_classes)
+            return deployed.with_head(student, head, lambda _: context.features)
+
+        return build_with_head
+
     def __call__(self, model):
         context = self.context(model, self.reads_features)
         if self.make is not None:
             return self.make(model, context)
-        options = self.cls.Options(**{f.name: self.settings[f.name] for f in dataclasses.fields(self.cls.Options)})
-        method = self.cls.create(model, options, context)
+        method = self.cls.create(model, self.options(), context)
         method.build_extras(self.teacher_shapes)
         return method

@@ -11,17 +11,23 @@ import dataclasses
 
 import keras
 
-from common import device, evaluation, methods, runs, sessions, training
+from common import deployed, device, evaluation, methods, runs, sessions, training
 from common.distribute import make_strategy, results_root
 from common.errors import ConfigError, DataError
 from common.explanations import explain_seed
 from common.method_factory import MethodFactory
 from common.model_cache import ModelCache
 from common.results import ResultsStore
-from common.run_spec import RunSpec, method_stem, run_name
+from common.run_spec import RunSpec, method_stem, run_name, run_tag
 from common.task_interface import TaskInterface
 from common.teacher_targets import TargetCache
 from common.workspaces import Workspaces
+
+
+def deployable(make_method, build):
+    """`build`, or the student with its method's prediction head (`MethodFactory.deployable`)."""
+    wrap = getattr(make_method, "deployable", None)
+    return wrap(build) if wrap is not None else build
 
 
 class Recipes(TaskInterface):
@@ -104,8 +110,9 @@ class Recipes(TaskInterface):
 
     def train_model(self, spec, build, make_method, train_data, **fit_options):
         """Trains one model through the task's schedule; returns `(record, model)` of its
-        final run. One run here; a task with phases overrides it."""
-        return self.train(spec, build, make_method, train_data, **fit_options)
+        final run. One run here, of the deployed student (`deployable`); a task with
+        phases overrides it."""
+        return self.train(spec, deployable(make_method, build), make_method, train_data, **fit_options)
 
     def final_run_name(self, stem):
         """The run holding the finished model of `stem` (a task with phases: its last)."""
@@ -124,7 +131,13 @@ class Recipes(TaskInterface):
         the one this object trained or loaded, else built and loaded from its weights."""
         if self.models.knows(name):
             return self.model_of(name)
-        model = self.build_in_scope(self.teacher_builder() if label == "teacher" else self.student_builder())
+        if label == "teacher":
+            build = self.teacher_builder()
+        elif label in methods.REGISTRY:
+            build = deployable(self.factory(methods.get(label)), self.student_builder())
+        else:
+            build = self.student_builder()
+        model = self.build_in_scope(build)
         model.load_weights(self.store.weights_path(name))
         return model
 
@@ -189,8 +202,10 @@ class Recipes(TaskInterface):
 
     def context(self, model, features=False):
         """The `common.methods.Context` of a method training `model` on this task."""
+        if features:
+            features = deployed.student_features(model) or self.feature_model(model)
         return methods.Context(num_classes=self.num_classes, num_examples=self.num_train_examples(),
-                               labels=self.train_labels(), features=self.feature_model(model) if features else None)
+                               labels=self.train_labels(), features=features or None)
 
     def factory(self, cls, settings=None, make=None):
         """A `MethodFactory` for method class `cls` with `settings` (`method_settings`)."""
@@ -251,8 +266,33 @@ class Recipes(TaskInterface):
         return self.distil_method("kd", **overrides)
 
     def distil_method(self, method, **overrides):
-        """The student distilled from the seed's teacher by registered `method`; its record."""
-        return self.chain([(method, self.student_builder())], method=method, **overrides)[-1]
+        """The student distilled by registered `method` from the seed's teacher, or from
+        the method's own teacher (`teacher_objective`: SFTN); its record."""
+        cls = methods.get(method)
+        parent = (lambda: self.own_teacher(cls, **overrides)) if cls.teacher_objective else None
+        return self.chain([(method, self.student_builder())], parent=parent, method=method, **overrides)[-1]
+
+    def own_teacher(self, cls, **overrides):
+        """`(run name, model)` of the teacher that method `cls` trains for itself
+        (`cls.teacher_objective` on the task's teacher schedule, at its
+        `teacher_settings`), trained or loaded."""
+        settings = self.method_settings(cls, **overrides)
+        own = {key: settings[key] for key in cls.teacher_settings}
+        options = methods.make_options(cls, settings)
+
+        def make(model):
+            return cls.teacher_objective(model, *self.student_branches(model), options)
+
+        make.reads_features = True  # Task 2: its feature-extraction phase trains the head alone, by CE
+        spec = self.spec(f"{cls.name}-teacher-{run_tag(own)}", f"{cls.name}-teacher", **own)
+        record, model = self.train_model(spec, self.teacher_builder(), make, self.train_data,
+                                         **self.teacher_fit_options())
+        return record["run"], model
+
+    def sftn_teacher(self):
+        """`(run name, model)` of SFTN's student-friendly teacher at the config's settings,
+        a `parent` for `chain` (any method can distil from it)."""
+        return self.own_teacher(methods.get("sftn"))
 
     # -- deployment and explanations -------------------------------------------------
 

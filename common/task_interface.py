@@ -84,6 +84,17 @@ class TaskInterface:
         """Extra `fit_model` options of a student's run (e.g. its learning rate)."""
         return {}
 
+    def teacher_fit_options(self):
+        """Extra `fit_model` options of a teacher's run (e.g. its learning rate)."""
+        return {}
+
+    def student_branches(self, teacher):
+        """`(cuts, branches)` for SFTN (`common.methods.sftn`): `cuts` is `x -> {"logits",
+        "cut_1", ...}` over `teacher`'s layers, `branches[i - 1]` a new model from cut i
+        through a transform into fresh copies of the student's blocks after that cut,
+        to `(batch, classes)` logits."""
+        raise NotImplementedError
+
     def split_metrics(self, split, logits, labels, summary):
         """Metrics of one held-out split from its `(n, classes)` logits and labels, keys
         prefixed by the split (`test_accuracy`, ...); `summary`: also those only a

@@ -89,6 +89,9 @@ class Task1(Recipes):
     def feature_model(self, model):
         return models.feature_model(model)
 
+    def student_branches(self, teacher):
+        return models.student_branches(teacher)
+
     def student_builder(self):
         return build_student
 

@@ -79,6 +79,35 @@ def build_student(num_outputs=NUM_CLASSES, name="student"):
     )
 
 
+def student_branches(teacher, num_outputs=NUM_CLASSES):
+    """SFTN's cuts and student branches (`common.methods.sftn`) for the CNN teacher and
+    the MLP student, each split into three blocks:
+
+    - teacher: conv blocks 1-2 (to `"spatial"`, 11x11x64) | Flatten, Dense 128
+      (`"embedding"`) | Dense logits; student: Dense 784 (`"hidden"`) | Dense 784
+      (`"embedding"`) | Dense logits.
+    - cut 1, the teacher's `"spatial"` map: Flatten, then the transform Dense 784 +
+      BatchNorm + ReLU (in place of the student's first block), then the student's
+      blocks 2 and 3 (Dense 784 ReLU, Dense logits);
+    - cut 2, the teacher's `"embedding"`: the transform Dense 784 + BatchNorm + ReLU,
+      then the student's block 3.
+
+    Returns `(cuts, branches)`: `x -> {"logits", "cut_1", "cut_2"}` over the teacher's
+    layers, and the two branch models (new layers)."""
+    spatial, embedding = teacher.get_layer("spatial").output, teacher.get_layer("embedding").output
+    cuts = keras.Model(teacher.inputs[0], {"logits": teacher.outputs[0], "cut_1": spatial, "cut_2": embedding},
+                       name=f"{teacher.name}_cuts")
+
+    def transform(width):
+        return [layers.Dense(width), layers.BatchNormalization(), layers.ReLU()]
+
+    first = keras.Sequential([keras.Input(spatial.shape[1:]), layers.Flatten(), *transform(784),
+                              layers.Dense(784, activation="relu"), layers.Dense(num_outputs)], name="sftn_branch_1")
+    second = keras.Sequential([keras.Input(embedding.shape[1:]), *transform(784), layers.Dense(num_outputs)],
+                              name="sftn_branch_2")
+    return cuts, (first, second)
+
+
 def feature_model(model):
     """`x -> {"logits", "embedding", "spatial", "hint"}` sharing `model`'s layers (see above)."""
     spatial = model.get_layer("spatial").output if any(l.name == "spatial" for l in model.layers) else \

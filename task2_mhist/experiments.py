@@ -19,7 +19,7 @@ import numpy as np
 
 from common import batchnorm, explain, methods, runs, training
 from common.metrics import binary_metrics
-from common.recipes import Recipes
+from common.recipes import Recipes, deployable
 from common.run_spec import run_tag
 from common.studies import ensemble, smoothed_teacher
 from common.results import write_csv_atomic
@@ -121,6 +121,12 @@ class Task2(Recipes):
     def student_fit_options(self):
         return {"learning_rate": self.config.student_lr}
 
+    def teacher_fit_options(self):
+        return {"learning_rate": self.config.teacher_lr}
+
+    def student_branches(self, teacher):
+        return models.student_branches(teacher, num_outputs=NUM_CLASSES)
+
     def teacher_builder(self):
         return self.builder(models.TEACHER)
 
@@ -198,7 +204,8 @@ class Task2(Recipes):
             return model
 
         ft = spec.phase("ft", phase="finetune", epochs=c.ft_epochs, learning_rate=learning_rate / 10)
-        return self.train(ft, build_finetune, make_method, train_data, phase="ft", learning_rate=learning_rate)
+        return self.train(ft, deployable(make_method, build_finetune), make_method, train_data, phase="ft",
+                          learning_rate=learning_rate)
 
     def builder(self, architecture, weights=None, outputs=NUM_CLASSES):
         c = self.config

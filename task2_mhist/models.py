@@ -16,6 +16,7 @@ import warnings
 import keras
 from keras import layers
 
+from common import deployed
 from common.errors import DataError
 
 # name -> (constructor, preprocessing mode of keras.applications)
@@ -147,8 +148,9 @@ def resolve_weights(weights, architecture, image_size=224):
 
 
 def base_of(model):
-    """The `keras.applications` base inside `model` (unwrapped from `InferenceMode`)."""
-    layer = model.get_layer(BASE_NAME)
+    """The `keras.applications` base inside `model` (unwrapped from `InferenceMode`;
+    `model` may be a student with a method's prediction head, `common.deployed`)."""
+    layer = (deployed.student_features(model) or model).get_layer(BASE_NAME)
     return layer.base if isinstance(layer, InferenceMode) else layer
 
 
@@ -170,6 +172,24 @@ def feature_model(model):
             outputs["spatial" if layer.name == BASE_NAME else "embedding"] = x
     outputs["hint"] = outputs["embedding"]
     return keras.Model(pixels, {"logits": x, **outputs}, name=f"{model.name}_features")
+
+
+def student_branches(teacher, width=1280, num_outputs=2, dropout=0.2):
+    """SFTN's cut and student branch (`common.methods.sftn`): both models are split
+    into two blocks, base (to the pooled features) | head (Dropout, Dense logits),
+    so there is one cut, the teacher's pooled features (2,048 for ResNet50V2). Its
+    branch is the transform Dense `width` + BatchNorm + ReLU (into MobileNetV2's
+    1,280 pooled features, in place of its base), then a fresh student head. Cuts
+    inside the bases are not made: their maps at 224 px would multiply the cost of
+    the teacher's training on a CPU. Returns `(cuts, (branch,))`, `cuts`:
+    `x -> {"logits", "cut_1"}` over `teacher`'s layers."""
+    features = feature_model(teacher)
+    cuts = keras.Model(features.inputs, {"logits": features.output["logits"], "cut_1": features.output["embedding"]},
+                       name=f"{teacher.name}_cuts")
+    branch = keras.Sequential([keras.Input((features.output["embedding"].shape[-1],)), layers.Dense(width),
+                               layers.BatchNormalization(), layers.ReLU(), layers.Dropout(dropout),
+                               layers.Dense(num_outputs)], name="sftn_branch_1")
+    return cuts, (branch,)
 
 
 def split_at_base(model):

@@ -16,7 +16,7 @@ from common.methods.base import SHARED_OPTIONS, Context, CrossEntropy, Distiller
 from common.methods.kd import Distillation
 from common.methods.subclass import KnownSubclassTeacher, SubclassDistillation, SubclassTeacher
 
-MODULES = ("kd", "dkd", "fitnets", "at", "rkd", "crd", "ls")
+MODULES = ("kd", "dkd", "fitnets", "at", "rkd", "crd", "ls", "cid", "extractive", "sftn")
 
 REGISTRY = {}
 for _module in MODULES:

@@ -144,7 +144,11 @@ class Distiller(Method):
         exposes them through its feature model.
 
     and implement `loss_terms`. `teacher_targets` turns the teacher's outputs into
-    what is cached per example (default: those outputs themselves).
+    what is cached per example (default: those outputs themselves). Two optional
+    capabilities: `prediction_head` (the trained student predicts through a layer of
+    the method's: CID) and `teacher_objective` (the method trains its own teacher
+    first, with `teacher_objective(teacher, *task.student_branches(teacher), options)`,
+    and distils from it: SFTN).
     """
 
     name = None
@@ -152,6 +156,8 @@ class Distiller(Method):
     Options = NoOptions
     teacher_outputs = ("logits",)
     student_outputs = ("logits",)
+    teacher_objective = None  # a method that trains its own teacher (SFTN): that teacher's Method class
+    teacher_settings = ()  # the options that shape that teacher (its run's identity)
 
     def __init__(self, student, options=None, context=None, teacher=None, **values):
         """`values`: options given by name (`temperature=2`), over `options`' (default: the defaults)."""
@@ -202,6 +208,13 @@ class Distiller(Method):
     def student_shapes(self):
         """`{output: shape}` of the student's feature model, batch dimension None."""
         return {name: tuple(tensor.shape) for name, tensor in self.student_features.output.items()}
+
+    @classmethod
+    def prediction_head(cls, options, num_classes):
+        """A layer `[embedding, logits] -> class logits` that becomes part of the trained
+        student (`common.deployed.with_head`), or None: the student predicts with its
+        own logits (every method but CID)."""
+        return None
 
     @classmethod
     def create(cls, student, options, context):
