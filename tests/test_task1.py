@@ -30,7 +30,8 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
         "teacher-s0", "kd-T4-a0.5-s0", "kd-T1-a0.5-s0", "scratch-s0",
         "skd-teacher-S4-s0", "skd-S4-T4-a0.5-s0", "ta-T4-a0.5-s0", "ta-takd-T4-a0.5-s0",
         "eskd-e01-T4-a0.5-s0", "dkd-T4-tw1-nw8-w0.0833333-s0", "fitnets-w100-s0", "at-w1000-s0", "rkd-dw25-aw50-s0",
-        "crd-w0.8-t0.07-d128-n4096-s0", "ls-e0.1-s0",
+        "crd-w0.8-t0.07-d128-n4096-s0", "ls-e0.1-s0", "cid-T4-kw1-sw33-cw0.1-ie1-dm0-s0",
+        "extractive-T4-st4-e0-a0.5-s0", "sftn-teacher-tw1-bcw1-bkw3-bt1-s0", "sftn-T4-a0.5-tw1-bcw1-bkw3-bt1-s0",
     }
     assert {p.parent.name for p in out.glob("*/metrics.json")} == expected_runs
     for name in expected_runs:
@@ -53,6 +54,16 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
     assert kd["distilled_from"] == "teacher-s0" and kd["test_fidelity"] == pytest.approx(agree)
     takd = json.loads((out / "ta-takd-T4-a0.5-s0" / "metrics.json").read_text())
     assert takd["distilled_from"] == "ta-T4-a0.5-s0"  # its own teacher: the assistant
+    sftn = json.loads((out / "sftn-T4-a0.5-tw1-bcw1-bkw3-bt1-s0" / "metrics.json").read_text())
+    assert sftn["distilled_from"] == "sftn-teacher-tw1-bcw1-bkw3-bt1-s0"  # its student-friendly teacher
+    sftn_teacher = json.loads((out / "sftn-teacher-tw1-bcw1-bkw3-bt1-s0" / "metrics.json").read_text())
+    assert {"ce", "branch_ce", "branch_kl"} <= set(sftn_teacher["history"][0])
+    assert sftn_teacher["params"] == 1_011_466  # the branches are dropped
+    cid = json.loads((out / "cid-T4-kw1-sw33-cw0.1-ie1-dm0-s0" / "metrics.json").read_text())
+    assert cid["params"] == 1_238_730 + (2 * 784 + 1) * 10 + 10 * 784 + 1  # + the head g, D and "active"
+    assert cid["history"][0]["ce"] == 0.0 and cid["history"][1]["ce"] > 0.0  # g trains after init_epochs
+    exported = {(r["model"], r["variant"]) for r in csv.DictReader(open(out / "export-s0.csv"))}
+    assert {("cid", "float32"), ("extractive", "int8"), ("sftn", "dynamic_int8")} <= exported
     skd_teacher = json.loads((out / "skd-teacher-S4-s0" / "metrics.json").read_text())
     assert set(skd_teacher["history"][0]) >= {"ce", "aux"} and skd_teacher["params"] == 1_011_466 + 30 * 129
     assert results["teacher"]["test_accuracy"] > 0.9  # the synthetic task is learnable
@@ -85,7 +96,9 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
     messages = []
     run_all(config, arrays=synthetic_mnist, log=messages.append)
     assert {name: (out / name / "metrics.json").stat().st_mtime_ns for name in expected_runs} == stamps
-    assert sum("finished earlier, skipping" in m for m in messages) >= len(expected_runs) + 2
+    # Every run is found finished (the SFTN teacher is not even loaded: its student is finished too).
+    assert sum("finished earlier, skipping" in m for m in messages) >= len(expected_runs) + 1
+    assert not any("[sftn-teacher" in m for m in messages)
     assert not any("LIME image" in m for m in messages)
     assert not any("epoch 1/" in m for m in messages)
 

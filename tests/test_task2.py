@@ -24,8 +24,10 @@ def test_in_model_preprocessing_matches_keras_applications(mode, reference):
 
 
 METHOD_STEMS = ["dkd-T4-tw1-nw8-w0.0833333", "fitnets-w100", "at-w1000", "rkd-dw25-aw50", "crd-w0.8-t0.07-d128-n4096",
-                "ls-e0.1"]
-FEATURE_STEMS = METHOD_STEMS[1:5]  # the methods that read the student's features
+                "ls-e0.1", "cid-T4-kw1-sw33-cw0.1-ie1-dm0", "extractive-T4-st4-e0-a0.5",
+                "sftn-T4-a0.5-tw1-bcw1-bkw3-bt1"]
+FEATURE_STEMS = [*METHOD_STEMS[1:5], METHOD_STEMS[6]]  # the methods that read the student's features
+OWN_TEACHERS = ["sftn-teacher-tw1-bcw1-bkw3-bt1"]  # trained by a method for itself
 
 
 def tiny_config(tmp_path, data_dir, **overrides):
@@ -41,7 +43,7 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
     results = run_all(config)[0]
     out = tmp_path / "out"
     stems = ["teacher", "kd-T4-a0.5", "kd-T1-a0.5", "scratch", "skd-teacher-S2", "skd-S2-T4-a0.5",
-             "ta-T4-a0.5", "ta-takd-T4-a0.5", *METHOD_STEMS]
+             "ta-T4-a0.5", "ta-takd-T4-a0.5", *METHOD_STEMS, *OWN_TEACHERS]
     expected = {f"{stem}-{phase}-s0" for stem in stems for phase in ("fe", "ft")}
     assert {p.parent.name for p in out.glob("*/metrics.json")} == expected
     for name in expected:
@@ -66,6 +68,14 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
         reads_features = stem in FEATURE_STEMS
         assert ("ls_ce" if stem.startswith("ls") else "ce") in fe["history"][0]
         assert (len(ft["history"][0]) > len(fe["history"][0])) == reads_features
+    sftn_teacher = [json.loads((out / f"{OWN_TEACHERS[0]}-{phase}-s0" / "metrics.json").read_text())
+                    for phase in ("fe", "ft")]
+    assert "branch_kl" not in sftn_teacher[0]["history"][0]  # the frozen base's phase: the head by CE
+    assert {"ce", "branch_ce", "branch_kl"} <= set(sftn_teacher[1]["history"][0])
+    sftn_student = json.loads((out / f"{METHOD_STEMS[-1]}-ft-s0" / "metrics.json").read_text())
+    assert sftn_student["distilled_from"] == f"{OWN_TEACHERS[0]}-ft-s0"
+    cid_student = json.loads((out / f"{METHOD_STEMS[6]}-ft-s0" / "metrics.json").read_text())
+    assert cid_student["params"] > json.loads((out / "scratch-ft-s0" / "metrics.json").read_text())["params"]
     export = list(csv.DictReader(open(out / "export-s0.csv")))
     assert {r["model"] for r in export} == {"teacher", "scratch", "kd", *(s.split("-")[0] for s in METHOD_STEMS)}
     assert {r["variant"] for r in export} == {"float32", "dynamic_int8", "int8"}
@@ -161,7 +171,7 @@ def test_every_experiment_end_to_end_with_a_pretrained_weights_folder(tmp_path, 
     config = tiny_config(tmp_path, mhist_dir, weights=str(weights), out=str(out))
     results = run_all(config)[0]
     stems = ["teacher", "kd-T4-a0.5", "kd-T1-a0.5", "scratch", "skd-teacher-S2", "skd-S2-T4-a0.5",
-             "ta-T4-a0.5", "ta-takd-T4-a0.5", "teacher-init_none", "scratch-init_none", *METHOD_STEMS]
+             "ta-T4-a0.5", "ta-takd-T4-a0.5", "teacher-init_none", "scratch-init_none", *METHOD_STEMS, *OWN_TEACHERS]
     assert {p.parent.name for p in out.glob("*/metrics.json")} == {
         f"{stem}-{phase}-s0" for stem in stems for phase in ("fe", "ft")}
     assert {r["weights"] for r in results["pretrained"]} == {"file", "none"}

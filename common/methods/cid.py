@@ -180,15 +180,14 @@ class CID(Distiller):
 
     def __init__(self, student, options=None, context=None, teacher=None, **values):
         super().__init__(student, options, context, teacher, **values)
-        found = [layer for layer in student.layers if isinstance(layer, Intervention)]
-        if not found:
-            raise ValueError("cid trains a student that predicts through its Intervention layer: build it with "
-                             "common.deployed.with_head(student, CID.prediction_head(...), feature_model)")
-        self.intervention = found[0]
+        # A student without the head (Task 2's feature-extraction phase) predicts with its logits.
+        self.intervention = next((layer for layer in student.layers if isinstance(layer, Intervention)), None)
         self.regressor = self.dictionary = None
         self.extra_layers = ()
 
     def build_extras(self, teacher_shapes):
+        if self.intervention is None:
+            return
         dim = self.student_shapes()["embedding"][-1]
         self.regressor = keras.layers.Dense(teacher_shapes["embedding"][-1], name="cid_regressor", dtype="float32")
         self.regressor.build((None, dim))
@@ -199,6 +198,8 @@ class CID(Distiller):
         """Accumulates from epoch `init_epochs` on; from the next, folds the last epoch's
         means into D (once per epoch) and trains g."""
         o = self.options
+        if self.intervention is None:
+            return
         self.dictionary.accumulating.assign(1.0 if epoch >= o.init_epochs else 0.0)
         if epoch > o.init_epochs and int(self.dictionary.folded.numpy()) < epoch:
             keep = 0.0 if epoch == o.init_epochs + 1 else o.dictionary_momentum
@@ -209,6 +210,9 @@ class CID(Distiller):
             self.intervention.active.assign(1.0)
 
     def loss_terms(self, batch, training=True):
+        if self.intervention is None:
+            raise ValueError("cid trains a student that predicts through its Intervention layer: build it with "
+                             "common.deployed.with_head(student, CID.prediction_head(...), feature_model)")
         o = self.options
         outputs, targets = self.student(batch["x"], training), self.targets(batch)
         logits, features = tf.cast(outputs["logits"], tf.float32), tf.cast(outputs["embedding"], tf.float32)
