@@ -259,3 +259,32 @@ def test_sftn_student_distils_by_kd():
     assert (options.temperature, options.alpha, options.branch_kl_weight) == (2.0, 0.25, 3.0)
     with pytest.raises(ValueError, match="--sftn-branch-temperature must be a number > 0"):
         methods.make_options("sftn", {"branch_temperature": 0.0})
+
+
+def test_sftn_teacher_resumes_with_its_branches(tmp_path):
+    """Stopped after epoch 2 of 3 and resumed in fresh objects, the SFTN teacher and its
+    branches (the method's extra layers, in the resume state) end as an uninterrupted run's."""
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.uniform(0, 1, (48, 6, 6, 1)).astype(np.float32), "y": np.arange(48, dtype=np.int32) % 3}
+
+    class Stop(Exception):
+        pass
+
+    def train(resume_dir, stop_after=None):
+        def stop(epoch, _record):
+            if epoch == stop_after:
+                raise Stop
+        teacher = student_model(3)
+        cuts, branches = sftn_parts(teacher)
+        method = sftn.SFTNTeacher(teacher, cuts, branches, methods.make_options("sftn", {}))
+        training.fit(method, common_data.batched(arrays, 16, shuffle=True, seed=3), epochs=3,
+                     optimizer=keras.optimizers.Adam(0.01), on_epoch_end=stop, resume_dir=resume_dir)
+        return teacher, branches
+
+    reference = train(None)
+    with pytest.raises(Stop):
+        train(tmp_path / "resume", stop_after=2)
+    resumed = train(tmp_path / "resume")
+    for model, twin in zip([resumed[0], *resumed[1]], [reference[0], *reference[1]]):
+        for a, b in zip(model.get_weights(), twin.get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
