@@ -72,9 +72,10 @@ def add_shared_arguments(parser, defaults, experiments):
         help="op determinism: the same seed gives the same numbers on a GPU too (some kernels slower)")
     add("--no-tf32", dest="tf32", action="store_false",
         help="exact float32 matrix products and convolutions on GPUs with TensorFloat-32 (slower)")
-    add("--precision", default=defaults.precision, choices=("float32", "mixed_bfloat16", "mixed_float16"),
+    add("--precision", default=defaults.precision, choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"),
         help="Keras dtype policy of every model (mixed: 16-bit compute, float32 variables and losses; "
-             "float16 adds loss scaling)")
+             "float16 adds loss scaling; auto: mixed_bfloat16 where the CPU or GPU computes bfloat16 natively, "
+             "else float32)")
     add("--jit", default=defaults.jit, choices=("auto", "on", "off"),
         help="XLA-compile the training step (auto: on with a GPU)")
     add("--steps-per-call", type=int, default=defaults.steps_per_call,

@@ -140,7 +140,7 @@ def validate_shared(config, experiments, strategies, image_size):
     choices("distribute", (config.distribute,), strategies, "--distribute")
     from common import device
 
-    choices("precision", (config.precision,), device.PRECISIONS, "--precision")
+    choices("precision", (config.precision,), device.PRECISION_CHOICES, "--precision")
     choices("jit", (config.jit,), device.JIT, "--jit")
     if config.deterministic and config.jit == "on":
         raise ConfigError("--deterministic cannot go with --jit on: XLA has no deterministic GPU MaxPool gradient; "

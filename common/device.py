@@ -11,7 +11,8 @@
 - `precision`: Keras' global dtype policy, `float32` or mixed (`mixed_bfloat16`,
   `mixed_float16`: layers compute in 16 bits and keep float32 variables; losses
   and softmax are computed in float32 in `common.losses`, and float16 training
-  scales its loss, see `optimizer`). Models built afterwards use it.
+  scales its loss, see `optimizer`), or `auto`: bfloat16 where the device computes
+  it natively (`resolve_precision`). Models built afterwards use it.
 - `jit` (`use_jit`): XLA compilation of the training step: `on`, `off`, or `auto`
   = on where a GPU is used (on this project's CPUs XLA slowed convolutions), except
   under op determinism (XLA has no deterministic GPU MaxPool gradient: a
@@ -23,20 +24,24 @@
 """
 
 import os
+import platform
 
 import keras
 import tensorflow as tf
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # `--precision`: `auto` is resolved by `resolve_precision`
 JIT = ("auto", "on", "off")
 
-_state = {"deterministic": False}
+_state = {"deterministic": False, "precision_reason": "default"}
 
 
 def configure(deterministic=False, tf32=True, precision="float32"):
-    """Applies the settings above; call before any TensorFlow op runs on a GPU."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    """Applies the settings above; call before any TensorFlow op runs on a GPU.
+    `precision` may be `auto` (`resolve_precision`); the reason is recorded in `settings`."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    precision, _state["precision_reason"] = resolve_precision(precision)
     keras.mixed_precision.set_global_policy(precision)
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
@@ -53,6 +58,58 @@ def configure(deterministic=False, tf32=True, precision="float32"):
 
 
 TRITON_GEMM_OFF = "--xla_gpu_enable_triton_gemm=false"
+
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU instructions that compute bfloat16 natively
+CPU_FLAGS_SHOWN = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info(path="/proc/cpuinfo"):
+    """`{"model": the CPU's model name, "flags": its flags}` (Linux's `/proc/cpuinfo`;
+    an empty model and no flags elsewhere)."""
+    model, flags = "", set()
+    try:
+        text = open(path).read()
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "flags": set()}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {"model": model, "flags": flags}
+
+
+def describe():
+    """This process's compute device for benchmark files: `kind` ("gpu" or "cpu"),
+    `name` (GPU or CPU model), `cores`, the CPU `flags` that matter for speed and
+    whether the device computes bfloat16 natively (`bfloat16`)."""
+    cpu = cpu_info()
+    about = {"cores": os.cpu_count(), "cpu": cpu["model"],
+             "cpu_flags": sorted(f for f in CPU_FLAGS_SHOWN if f in cpu["flags"])}
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        capability = details.get("compute_capability", (0, 0))
+        return {"kind": "gpu", "name": details.get("device_name", gpus[0].name),
+                "bfloat16": tuple(capability) >= (8, 0), "compute_capability": list(capability), **about}
+    return {"kind": "cpu", "name": cpu["model"] or "cpu",
+            "bfloat16": any(f in cpu["flags"] for f in BFLOAT16_CPU_FLAGS), **about}
+
+
+def resolve_precision(precision):
+    """`(policy, reason)` for `--precision`: `auto` is `mixed_bfloat16` where the device
+    computes bfloat16 natively (a GPU of compute capability 8.0 or later; a CPU with
+    AMX-BF16 or AVX512-BF16) and `float32` elsewhere; any other value is itself."""
+    if precision != "auto":
+        return precision, "asked for"
+    about = describe()
+    if about["bfloat16"]:
+        why = (f"GPU {about['name']} has bfloat16 tensor cores" if about["kind"] == "gpu" else
+               f"CPU {about['name']} has {', '.join(f for f in BFLOAT16_CPU_FLAGS if f in about['cpu_flags'])}")
+        return "mixed_bfloat16", f"auto: {why}"
+    return "float32", f"auto: {about['kind'].upper()} {about['name']} computes no bfloat16 natively"
+
 
 
 def use_jit(jit):
@@ -84,11 +141,12 @@ def optimizer(optimizer):
 
 
 def settings():
-    """What is in force, for run records: `precision`, `op_determinism`, `tf32`, `memory_growth`,
-    `xla_flags`."""
+    """What is in force, for run records: `precision` (and why: `precision_reason`),
+    `op_determinism`, `tf32`, `memory_growth`, `xla_flags`."""
     gpus = tf.config.list_physical_devices("GPU")
     return {
         "precision": keras.mixed_precision.global_policy().name,
+        "precision_reason": _state["precision_reason"],
         "op_determinism": _state["deterministic"],
         "tf32": tf.config.experimental.tensor_float_32_execution_enabled(),
         "memory_growth": all(tf.config.experimental.get_memory_growth(g) for g in gpus) if gpus else None,

@@ -136,6 +136,10 @@ class Distiller(keras.Model):
                  cache_teacher=True, **options):
         super().__init__(name=f"{method}_distiller")
         self.cls = methods.get(method)
+        if self.cls.teacher_objective is not None:
+            raise ConfigError(f"{method} trains its own teacher before distilling: train `teacher` with "
+                              f"common.training.fit({self.cls.teacher_objective.__name__}(teacher, cuts, branches, "
+                              "options), ...) (docs/methods.md), then pass it here with method='kd'")
         self.options = method_options(method, options)
         self.teacher, self.student = teacher, student
         self.teacher.trainable = False

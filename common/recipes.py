@@ -80,8 +80,11 @@ class Recipes(TaskInterface):
     # -- runs ------------------------------------------------------------------------
 
     def spec(self, stem, experiment, **settings):
-        """The `RunSpec` of a run of this seed: the task's shared settings, then `settings`."""
-        return RunSpec(stem, experiment, self.seed, {**self.base_identity(), **settings})
+        """The `RunSpec` of a run of this seed: the task's shared settings, the precision
+        when it is not float32 (a bfloat16 run is not a float32 run's twin), then `settings`."""
+        precision = keras.mixed_precision.global_policy().name
+        shared = {**self.base_identity(), **({} if precision == "float32" else {"precision": precision})}
+        return RunSpec(stem, experiment, self.seed, {**shared, **settings})
 
     def train(self, spec, build, make_method, train_data, **fit_options):
         """Trains `make_method(model)` on `train_data()` as run `spec` (or loads the
@@ -202,10 +205,12 @@ class Recipes(TaskInterface):
 
     def context(self, model, features=False):
         """The `common.methods.Context` of a method training `model` on this task."""
+        found = None
         if features:
-            features = deployed.student_features(model) or self.feature_model(model)
+            found = deployed.student_features(model)
+            found = self.feature_model(model) if found is None else found
         return methods.Context(num_classes=self.num_classes, num_examples=self.num_train_examples(),
-                               labels=self.train_labels(), features=features or None)
+                               labels=self.train_labels(), features=found)
 
     def factory(self, cls, settings=None, make=None):
         """A `MethodFactory` for method class `cls` with `settings` (`method_settings`)."""

@@ -150,7 +150,8 @@ def resolve_weights(weights, architecture, image_size=224):
 def base_of(model):
     """The `keras.applications` base inside `model` (unwrapped from `InferenceMode`;
     `model` may be a student with a method's prediction head, `common.deployed`)."""
-    layer = (deployed.student_features(model) or model).get_layer(BASE_NAME)
+    inner = deployed.student_features(model)
+    layer = (model if inner is None else inner).get_layer(BASE_NAME)
     return layer.base if isinstance(layer, InferenceMode) else layer
 
 

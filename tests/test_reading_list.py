@@ -38,6 +38,33 @@ def np_softmax(z):
     return np.exp(np_log_softmax(z))
 
 
+class Stop(Exception):
+    pass
+
+
+def interrupted_then_resumed(tmp_path, make, arrays):
+    """`make() -> (method, models)` trained for 3 epochs: uninterrupted, then stopped after
+    epoch 2 and resumed in fresh objects. Asserts both end with the same weights of
+    every one of `models`; returns the resumed models."""
+    def train(resume_dir, stop_after=None):
+        def stop(epoch, _record):
+            if epoch == stop_after:
+                raise Stop
+        method, models = make()
+        training.fit(method, common_data.batched(arrays, 16, shuffle=True, seed=3), epochs=3,
+                     optimizer=keras.optimizers.Adam(0.01), on_epoch_end=stop, resume_dir=resume_dir)
+        return models
+
+    reference = train(None)
+    with pytest.raises(Stop):
+        train(tmp_path / "resume", stop_after=2)
+    resumed = train(tmp_path / "resume")
+    for model, twin in zip(resumed, reference):
+        for a, b in zip(model.get_weights(), twin.get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    return resumed
+
+
 # -- CID ----------------------------------------------------------------------------------
 
 
@@ -145,26 +172,13 @@ def test_cid_student_resumes_with_its_dictionary(tmp_path):
               "teacher_logits": rng.normal(0, 2, (48, CLASSES)).astype(np.float32),
               "teacher_embedding": rng.normal(0, 1, (48, 5)).astype(np.float32)}
 
-    class Stop(Exception):
-        pass
-
-    def train(resume_dir, stop_after=None):
-        def stop(epoch, _record):
-            if epoch == stop_after:
-                raise Stop
+    def make():
         student, method = make_cid(init_epochs=1)
-        training.fit(method, common_data.batched(arrays, 16, shuffle=True, seed=3), epochs=3,
-                     optimizer=keras.optimizers.Adam(0.01), on_epoch_end=stop, resume_dir=resume_dir)
-        return student
+        return method, [student]
 
-    reference = train(None)
-    with pytest.raises(Stop):
-        train(tmp_path / "resume", stop_after=2)
-    resumed = train(tmp_path / "resume")
+    resumed = interrupted_then_resumed(tmp_path, make, arrays)[0]
     assert float(resumed.get_layer("cid_intervention").active.numpy()) == 1.0
     assert np.abs(resumed.get_layer("cid_intervention").dictionary.numpy()).sum() > 0
-    for a, b in zip(resumed.get_weights(), reference.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_cid_through_the_keras_distiller_predicts_with_its_head():
@@ -267,24 +281,17 @@ def test_sftn_teacher_resumes_with_its_branches(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {"x": rng.uniform(0, 1, (48, 6, 6, 1)).astype(np.float32), "y": np.arange(48, dtype=np.int32) % 3}
 
-    class Stop(Exception):
-        pass
-
-    def train(resume_dir, stop_after=None):
-        def stop(epoch, _record):
-            if epoch == stop_after:
-                raise Stop
+    def make():
         teacher = student_model(3)
         cuts, branches = sftn_parts(teacher)
-        method = sftn.SFTNTeacher(teacher, cuts, branches, methods.make_options("sftn", {}))
-        training.fit(method, common_data.batched(arrays, 16, shuffle=True, seed=3), epochs=3,
-                     optimizer=keras.optimizers.Adam(0.01), on_epoch_end=stop, resume_dir=resume_dir)
-        return teacher, branches
+        return sftn.SFTNTeacher(teacher, cuts, branches, methods.make_options("sftn", {})), [teacher, *branches]
 
-    reference = train(None)
-    with pytest.raises(Stop):
-        train(tmp_path / "resume", stop_after=2)
-    resumed = train(tmp_path / "resume")
-    for model, twin in zip([resumed[0], *resumed[1]], [reference[0], *reference[1]]):
-        for a, b in zip(model.get_weights(), twin.get_weights()):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    interrupted_then_resumed(tmp_path, make, arrays)
+
+
+def test_the_keras_distiller_refuses_sftn_with_the_way_out():
+    from common.distiller import Distiller
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trains its own teacher.*SFTNTeacher.*method='kd'"):
+        Distiller(student_model(1), student_model(2), "sftn")
