@@ -102,3 +102,22 @@ def test_run_times_of_a_results_folder(tmp_path):
         ("a-one-epoch", 9.5, 2.0, None, None),
         ("b-three-epochs", 9.5, 5.0, 2.0, 1.5),  # later epochs: (1 + 3) / 2 s, (1.5 + 4.5) / (1 + 3) cores
     ]
+
+
+def test_roofline_smoke(tmp_path):
+    import roofline
+
+    out = tmp_path / "roofline.json"
+    result = roofline.main(["--examples", "512", "--epochs", "1", "--grid-cells", "2", "--seconds", "0.02",
+                            "--precisions", "float32,mixed_bfloat16", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["device"]["name"] and saved["device"]["kind"] in ("cpu", "gpu") and "cpu_flags" in saved["device"]
+    for precision in ("float32", "mixed_bfloat16"):
+        part = saved["precisions"][precision]
+        assert set(part["peak_gflops"]) == set(roofline.KERNELS) and all(v > 0 for v in part["peak_gflops"].values())
+        assert set(part["achieved"]) == {"teacher", "kd_student", "fused_grid"}
+        assert all(r["gflops"] > 0 and r["fraction_of_peak"] > 0 for r in part["achieved"].values())
+    grid, student = (saved["precisions"]["float32"]["achieved"][k]["training_flops_per_image"]
+                     for k in ("fused_grid", "kd_student"))
+    assert grid == 2 * student == 2 * 3 * 2_475_882  # the MLP's forward flops at batch 1, x3 for training
+    assert result["precisions"].keys() == saved["precisions"].keys()
