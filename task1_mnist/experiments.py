@@ -86,11 +86,8 @@ class Task1(Recipes):
     def train_labels(self):
         return self.arrays["y_train"]
 
-    def feature_model(self, model):
-        return models.feature_model(model)
-
-    def student_branches(self, teacher):
-        return models.student_branches(teacher)
+    feature_model = staticmethod(models.feature_model)
+    student_branches = staticmethod(models.student_branches)
 
     def student_builder(self):
         return build_student

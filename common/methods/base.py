@@ -106,6 +106,12 @@ def temperature_field(default=4.0):
                                                         "exclusive": True})
 
 
+def alpha_field(default=0.5):
+    """The `alpha` option of a method with a hard-label term (0 <= α <= 1, set by `--alpha`)."""
+    return dataclasses.field(default=default, metadata={
+        "help": "weight of the hard-label loss; 1 - alpha weights distillation", "maximum": 1.0})
+
+
 @dataclasses.dataclass(frozen=True)
 class NoOptions:
     """A method without hyperparameters of its own."""

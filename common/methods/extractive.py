@@ -35,7 +35,7 @@ import dataclasses
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller, temperature_field
+from common.methods.base import Distiller, alpha_field, temperature_field
 
 
 def distinctive_target(teacher_logits, temperature, smoothing=0.0):
@@ -63,8 +63,7 @@ class ExtractiveOptions:
         "help": "T_s, the student's temperature in the extractive term", "exclusive": True})
     epsilon: float = dataclasses.field(default=0.0, metadata={
         "help": "epsilon, uniform smoothing of the distinctive target", "maximum": 1.0})
-    alpha: float = dataclasses.field(default=0.5, metadata={
-        "help": "weight of the hard-label loss; 1 - alpha weights distillation", "maximum": 1.0})
+    alpha: float = alpha_field()
 
 
 class ExtractiveKD(Distiller):

@@ -11,14 +11,13 @@ import dataclasses
 import tensorflow as tf
 
 from common import losses
-from common.methods.base import Distiller, temperature_field
+from common.methods.base import Distiller, alpha_field, temperature_field
 
 
 @dataclasses.dataclass(frozen=True)
 class KDOptions:
     temperature: float = temperature_field()
-    alpha: float = dataclasses.field(default=0.5, metadata={
-        "help": "weight of the hard-label loss; 1 - alpha weights distillation", "maximum": 1.0})
+    alpha: float = alpha_field()
 
 
 class Distillation(Distiller):
