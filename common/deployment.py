@@ -6,13 +6,16 @@
 from common import export, methods, runs
 from common.results import write_csv_atomic, write_json_atomic
 
+LATENCY_COLUMNS = ("latency_ms_median", "latency_ms_q1", "latency_ms_q3")
+
 
 def export_seed(task):
     """TFLite files of the teacher and of every finished student of one seed (`task`:
     a `common.recipes.Recipes`; KD, scratch and each registered method at the
     configured settings), as float32, dynamic-range int8 and full int8
     (`common.export`), measured on the whole test set: test metric against the
-    Keras model's, size, CPU latency per image. Writes `export/<run>/<variant>.tflite`
+    Keras model's, size, CPU latency per image (median and quartiles over
+    interleaved rounds, `common.export.time_files`). Writes `export/<run>/<variant>.tflite`
     (+ `.json` with its measurement, reused when the file is unchanged) and
     `export-s<seed>.csv`; returns the rows."""
     images, labels = task.test_arrays()
@@ -25,24 +28,27 @@ def export_seed(task):
     candidates = [("teacher", teacher_name), ("scratch", task.final_run_name("scratch"))]
     candidates += [(m, task.final_run_name(task.student_stem(m))) for m in methods.REGISTRY]
     score = lambda logits: task.split_metrics("test", logits, labels, summary=False)[metric]  # noqa: E731
-    rows = []
+    exported = []
     for label, name in candidates:
         record = task.store.load(name)
         if record is None:
             task.log(f"[export] {label}: no finished run {name} for this seed; skipped")
             continue
         model = task.trained_model(label, name)
-        measured = export.export_model(task.store.root / "export" / name, model, images, representative, score,
+        measured = export.export_model(task.store.root / "export" / name, model, representative, images, score,
                                        task.progress(f"export {name}"))
-        for variant, found in measured.items():
-            rows.append({"model": label, "run": name, "variant": variant, "params": record["params"],
-                         "flops": record["flops"], "size_bytes": found["size_bytes"],
-                         "latency_ms_median": found["latency_ms_median"], f"keras_{metric}": record[metric],
-                         f"tflite_{metric}": found["score"], "drop": record[metric] - found["score"],
-                         "runtime": runtime})
-    columns = ("model", "variant", "params", "flops", "size_bytes", "latency_ms_median", f"keras_{metric}",
+        exported += [(label, name, record, variant, found) for variant, found in measured.items()]
+    timed = export.time_exported({(name, variant): found for _, name, _, variant, found in exported}, images,
+                                 task.progress("export"))
+    rows = [{"model": label, "run": name, "variant": variant, "params": record["params"], "flops": record["flops"],
+             "size_bytes": found["size_bytes"], **{k: timed[name, variant][k] for k in LATENCY_COLUMNS},
+             f"keras_{metric}": record[metric], f"tflite_{metric}": found["score"],
+             "drop": record[metric] - found["score"], "runtime": runtime}
+            for label, name, record, variant, found in exported]
+    columns = ("model", "variant", "params", "flops", "size_bytes", *LATENCY_COLUMNS, f"keras_{metric}",
                f"tflite_{metric}", "drop", "run", "runtime")
     write_csv_atomic(task.store.root / f"export-s{task.seed}.csv", rows, columns)
     write_json_atomic(task.store.root / f"export-s{task.seed}.json",
-                      {"rows": rows, "environment": runs.environment(), "threads": 1})
+                      {"rows": rows, "environment": runs.environment(), "threads": 1,
+                       "latency_protocol": export.LATENCY_PROTOCOL})
     return rows

@@ -8,15 +8,15 @@ Three variants per model (TFLite post-training quantization):
 
 Files are run through the LiteRT interpreter (`ai_edge_litert`, the maintained
 successor of `tf.lite.Interpreter`; `tf.lite` is used only where that package is
-missing, and `runtime()` says which), one image per call, on one CPU thread,
-so each file's logits and its latency per image come from the same pass.
+missing, and `runtime()` says which), one image per call, on one CPU thread:
+once over the whole test set for the file's test metric, and in interleaved
+timed rounds for its latency (`time_files`).
 """
 
 import contextlib
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -81,7 +81,7 @@ def convert(model, variant, representative=None):
 
 
 class LiteModel:
-    """A `.tflite` model in the interpreter: `run(images) -> (logits, seconds per image)`."""
+    """A `.tflite` model in the interpreter, on one CPU thread."""
 
     def __init__(self, content):
         interpreter_class, _ = runtime()
@@ -90,7 +90,8 @@ class LiteModel:
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
 
-    def _quantize(self, image):
+    def quantize(self, image):
+        """One float32 image `(...)` as the file's input tensor `(1, ...)`."""
         if self.input["dtype"] == np.float32:
             return image[None].astype(np.float32)
         scale, zero = self.input["quantization"]
@@ -103,33 +104,66 @@ class LiteModel:
         scale, zero = self.output["quantization"]
         return (values.astype(np.float32) - zero) * scale
 
-    def run(self, images):
-        """Float logits `(n, classes)` of float32 `images` `(n, ...)`, one per call, and
-        the wall seconds of each call (set input, invoke, read output)."""
-        logits, seconds = [], []
-        for image in np.asarray(images, np.float32):
-            start = time.perf_counter()
-            self.interpreter.set_tensor(self.input["index"], self._quantize(image))
-            self.interpreter.invoke()
-            out = self.interpreter.get_tensor(self.output["index"])
-            seconds.append(time.perf_counter() - start)
-            logits.append(self._dequantize(out)[0])
-        return np.stack(logits), seconds
+    def call(self, tensor):
+        """The raw output `(1, classes)` of one input tensor from `quantize`."""
+        self.interpreter.set_tensor(self.input["index"], tensor)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"])
+
+    def logits(self, images):
+        """Float logits `(n, classes)` of float32 `images` `(n, ...)`, one image per call."""
+        return np.stack([self._dequantize(self.call(self.quantize(image)))[0]
+                         for image in np.asarray(images, np.float32)])
+
+    def seconds_per_call(self, tensors, calls):
+        """Mean wall seconds of `calls` back-to-back calls cycling through `tensors`."""
+        start = time.perf_counter()
+        for i in range(calls):
+            self.call(tensors[i % len(tensors)])
+        return (time.perf_counter() - start) / calls
 
 
-def measure(content, images):
-    """`(logits, {"size_bytes", "latency_ms_median", "latency_ms_mean"})` of one file."""
-    logits, seconds = LiteModel(content).run(images)
-    return logits, {"size_bytes": len(content), "latency_ms_median": 1000 * statistics.median(seconds),
-                    "latency_ms_mean": 1000 * statistics.fmean(seconds)}
+# The latency protocol (`time_files`); a measurement under another one is redone.
+LATENCY_PROTOCOL = {"rounds": 15, "round_seconds": 0.05, "warmup_calls": 50, "images": 16}
 
 
-def export_model(folder, model, images, representative, score, log=None):
-    """Every variant of `model` as `folder/<variant>.tflite`, measured on `images`:
-    `{variant: {"size_bytes", "latency_ms_median", "latency_ms_mean", "score"}}`,
-    `score(logits)` being the file's test metric. A file already there is kept, and
-    its measurement (`<variant>.json`, keyed by the file's hash and the runtime) is
-    reused, so a rerun only does what is missing."""
+def time_files(contents, images, protocol=LATENCY_PROTOCOL, seed=0):
+    """CPU latency per image of each `.tflite` file of `contents` (`{key: bytes}`),
+    timed so that files compare fairly: every file is loaded and warmed up first
+    (`warmup_calls` calls, which also size a round to about `round_seconds`), then
+    each of `rounds` rounds times every file in a fresh random order, so a slow
+    spell of the machine falls on all files alike. A call is setting the input,
+    invoking and reading the output, on the first `images` test images already in
+    the file's input type (quantising them is left out, as on a device whose
+    camera gives the input type). Returns `{key: {"latency_ms_median",
+    "latency_ms_q1", "latency_ms_q3", "calls_per_round"}}`: quartiles over rounds
+    of a round's mean milliseconds per call."""
+    models = {key: LiteModel(content) for key, content in contents.items()}
+    sample = np.asarray(images[:protocol["images"]], np.float32)
+    tensors = {key: [model.quantize(image) for image in sample] for key, model in models.items()}
+    calls = {}
+    for key, model in models.items():
+        warm = model.seconds_per_call(tensors[key], protocol["warmup_calls"])
+        calls[key] = max(1, round(protocol["round_seconds"] / max(warm, 1e-9)))
+    rounds = {key: [] for key in models}
+    order = list(models)
+    rng = np.random.default_rng(seed)
+    for _ in range(protocol["rounds"]):
+        for index in rng.permutation(len(order)):
+            key = order[index]
+            rounds[key].append(1000 * models[key].seconds_per_call(tensors[key], calls[key]))
+    return {key: {"latency_ms_median": float(np.median(ms)), "latency_ms_q1": float(np.percentile(ms, 25)),
+                  "latency_ms_q3": float(np.percentile(ms, 75)), "calls_per_round": calls[key]}
+            for key, ms in rounds.items()}
+
+
+def export_model(folder, model, representative, images, score, log=None):
+    """Every variant of `model` as `folder/<variant>.tflite`, each scored on all of
+    `images` (`score(logits)`: the file's test metric): `{variant: {"path",
+    "size_bytes", "score", ...}}`, with the file's latency (`time_files`) where one
+    was saved under the current runtime and protocol. A file already there is
+    kept, and its measurement (`<variant>.json`, keyed by the file's hash) reused,
+    so a rerun only does what is missing."""
     say = log or (lambda _msg: None)
     _, name = runtime()
     measured = {}
@@ -141,14 +175,35 @@ def export_model(folder, model, images, representative, score, log=None):
             write_atomic(path, lambda handle, content=content: handle.write(content), mode="wb")
         content = path.read_bytes()
         digest = hashlib.sha256(content).hexdigest()[:16]
-        saved_path = path.with_suffix(".json")
-        saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+        saved = _read_json(path.with_suffix(".json"))
         if saved.get("sha256") != digest or saved.get("runtime") != name:
-            say(f"measuring {variant} on {len(images)} test images")
-            logits, stats = measure(content, images)
-            saved = {"sha256": digest, "runtime": name, **stats, "score": score(logits)}
-            write_json_atomic(saved_path, saved)
-        say(f"{variant}: {saved['size_bytes'] / 1024:,.0f} KiB, {saved['latency_ms_median']:.3f} ms/image, "
-            f"score {saved['score']:.4f}")
-        measured[variant] = saved
+            say(f"scoring {variant} on {len(images)} test images")
+            saved = {"sha256": digest, "runtime": name, "size_bytes": len(content),
+                     "score": score(LiteModel(content).logits(images))}
+            write_json_atomic(path.with_suffix(".json"), saved)
+        if saved.get("latency_protocol") != LATENCY_PROTOCOL:
+            saved = {key: value for key, value in saved.items() if not key.startswith(("latency", "calls"))}
+        say(f"{variant}: {saved['size_bytes'] / 1024:,.0f} KiB, score {saved['score']:.4f}")
+        measured[variant] = {"path": path, **saved}
     return measured
+
+
+def time_exported(measured, images, log=None):
+    """Latency of every file of `measured` (`{key: export_model's entry}`) that has
+    none yet; when any file needs timing, all are timed again together, so one
+    table's latencies always come from one interleaved session (`time_files`).
+    Saves each to its `<variant>.json`; returns `measured` with the latencies."""
+    if all("latency_ms_median" in entry for entry in measured.values()):
+        return measured
+    say = log or (lambda _msg: None)
+    say(f"timing {len(measured)} files, interleaved ({LATENCY_PROTOCOL['rounds']} rounds)")
+    timed = time_files({key: entry["path"].read_bytes() for key, entry in measured.items()}, images)
+    for key, entry in measured.items():
+        entry.update(timed[key], latency_protocol=LATENCY_PROTOCOL)
+        write_json_atomic(entry["path"].with_suffix(".json"),
+                          {k: v for k, v in entry.items() if k != "path"})
+    return measured
+
+
+def _read_json(path):
+    return json.loads(path.read_text()) if path.exists() else {}

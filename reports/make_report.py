@@ -406,18 +406,20 @@ def deployment_table(report, root, metric):
     keras, tflite = f"keras_{metric}", f"tflite_{metric}"
     table = frame.groupby(["model", "variant"], sort=False).agg(
         params=("params", "first"), flops=("flops", "first"), size=("size_bytes", "mean"),
-        latency=("latency_ms_median", "mean"), keras=(keras, "mean"), tflite=(tflite, "mean"),
+        latency=("latency_ms_median", "mean"), q1=("latency_ms_q1", "mean"), q3=("latency_ms_q3", "mean"),
+        keras=(keras, "mean"), tflite=(tflite, "mean"),
         drop=("drop", "mean"), drop_std=("drop", "std"), seeds=("seed", "nunique")).reset_index()
-    lines = [f"| model | variant | params | FLOPs | size (KiB) | latency (ms/image) | Keras {metric.replace('_', ' ')} (%) "
+    lines = [f"| model | variant | params | FLOPs | size (KiB) | latency (ms/image) [quartiles] | Keras {metric.replace('_', ' ')} (%) "
              "| TFLite (%) | drop (points) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table.itertuples():
         drop = f"{row.drop * 100:+.2f}" + (f" ± {row.drop_std * 100:.2f}" if row.seeds > 1 else "")
         lines.append(f"| {row.model} | {row.variant} | {row.params:,} | {row.flops:,} | {row.size / 1024:,.0f} "
-                     f"| {row.latency:.3f} | {row.keras * 100:.2f} | {row.tflite * 100:.2f} | {drop} |")
+                     f"| {row.latency:.3f} [{row.q1:.3f}–{row.q3:.3f}] | {row.keras * 100:.2f} | {row.tflite * 100:.2f} | {drop} |")
     runtime = ", ".join(sorted(frame["runtime"].unique()))
     report.text("### Deployment (TensorFlow Lite)\n\nEach model converted to TFLite and run on the whole test set "
-                f"through {runtime}, one image per call on one CPU thread (latency: median per image, mean over "
-                f"{frame['seed'].nunique()} seed(s)). Drop: Keras minus TFLite, in points.\n\n" + "\n".join(lines) + "\n")
+                f"through {runtime}, one image per call on one CPU thread. Latency: per image, median and "
+                "quartiles over rounds that time every file of a seed in turn, in a fresh order each round, after a "
+                f"warm-up (mean over {frame['seed'].nunique()} seed(s)). Drop: Keras minus TFLite, in points.\n\n" + "\n".join(lines) + "\n")
 
 
 def kd_cells(records, metric, seeds=None):

@@ -197,16 +197,17 @@ def test_methods_and_deployment_tables(tmp_path):
                 "identity": {"experiment": method, "seed": seed, "epochs": 2, **extra}, "data": DATA})
         write_csv_atomic(tmp_path / "task1" / f"export-s{seed}.csv",
                          [{"model": "kd", "variant": v, "params": 10, "flops": 20, "size_bytes": size,
-                           "latency_ms_median": 0.1, "keras_test_accuracy": 0.98, "tflite_test_accuracy": 0.98 - drop,
+                           "latency_ms_median": 0.1, "latency_ms_q1": 0.09, "latency_ms_q3": 0.12,
+                           "keras_test_accuracy": 0.98, "tflite_test_accuracy": 0.98 - drop,
                            "drop": drop, "run": "kd-T4-a0.5", "runtime": "ai-edge-litert 2.3.0"}
                           for v, size, drop in (("float32", 4096, 0.0), ("int8", 1024, 0.001 * seed))],
                          ("model", "variant", "params", "flops", "size_bytes", "latency_ms_median",
-                          "keras_test_accuracy", "tflite_test_accuracy", "drop", "run", "runtime"))
+                          "latency_ms_q1", "latency_ms_q3", "keras_test_accuracy", "tflite_test_accuracy", "drop", "run", "runtime"))
     text = make_report(tmp_path, tmp_path / "report").path.read_text()
     methods = text[text.index("### Distillation methods"):text.index("### Deployment")]
     assert "| KD (Hinton et al. 2015) | 98.10 ± 0.10 (n=3)" in methods  # T=1 grid cells left out
     assert "| DKD, decoupled KD (Zhao et al. 2022) | 99.10 ± 0.10 (n=3)" in methods and "above KD" in methods
     assert "| no teacher (scratch) | 97.10 ± 0.10 (n=3)" in methods and "below KD" in methods
     deployment = text[text.index("### Deployment"):]
-    assert "| kd | int8 | 10 | 20 | 1 | 0.100 | 98.00 | 97.90 | +0.10 ± 0.10 |" in deployment
+    assert "| kd | int8 | 10 | 20 | 1 | 0.100 [0.090–0.120] | 98.00 | 97.90 | +0.10 ± 0.10 |" in deployment
     assert "ai-edge-litert 2.3.0" in deployment
