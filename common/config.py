@@ -55,7 +55,7 @@ class SharedConfig(BaseConfig):
     distribute: str = "none"
     deterministic: bool = False
     tf32: bool = True
-    precision: str = "float32"
+    precision: str = "auto"
     jit: str = "auto"
     steps_per_call: int = 1
     share_steps: bool = True

@@ -7,7 +7,7 @@ from common.results import mean_std
 
 
 STEMS = ("missing", "smoothed_teacher", "data_efficiency", "ensemble", "teacher_capacity", "attributions",
-         "label_noise", "explanation_dynamics")  # the saved tables
+         "label_noise", "image_noise", "explanation_dynamics")  # the saved tables
 
 
 def _mean(values, scale=1.0, digits=2):
@@ -164,19 +164,28 @@ def attributions(report, root):
                 f"0.00195). {tests}.\n\n", lines)
 
 
-def label_noise(report, root):
-    """Teacher, KD and scratch test accuracy against the share of wrong training labels."""
-    tables = _tables(report, root, "label_noise", "label noise", "noise")
+NOISE_SECTIONS = {  # table stem: (heading, --only, level column, its scale, what the corruption is)
+    "label_noise": ("Label noise", "noise", "wrong training labels (%)", 100,
+                    "A share of the training labels replaced by another class at random"),
+    "image_noise": ("Image noise", "corruption", "pixel noise std (× full range)", 1,
+                    "Gaussian noise added to every training image (clipped to the pixel range)"),
+}
+
+
+def training_noise(report, root, stem):
+    """Teacher, KD and scratch test accuracy against the level of one corruption of
+    the training set (`NOISE_SECTIONS`, `common.studies.training_noise`)."""
+    heading, only, column, scale, what = NOISE_SECTIONS[stem]
+    tables = _tables(report, root, stem, heading.lower(), only)
     if not tables:
         return
-    lines = ["| wrong training labels (%) | teacher (%) | KD student (%) | scratch student (%) | KD − scratch (points) |",
+    lines = [f"| {column} | teacher (%) | KD student (%) | scratch student (%) | KD − scratch (points) |",
              "|---:|---:|---:|---:|---:|"]
-    for rate, rows in _rows_by(tables, lambda row: row["label_noise"]).items():
-        lines.append(f"| {rate * 100:g} | " + " | ".join(_mean([r[k] for r in rows], 100) for k in (
+    for level, rows in _rows_by(tables, lambda row: row[stem]).items():
+        lines.append(f"| {level * scale:g} | " + " | ".join(_mean([r[k] for r in rows], 100) for k in (
             "teacher_test_accuracy", "kd_test_accuracy", "scratch_test_accuracy", "kd_gain")) + " |")
-    _section(report, "### Label noise\n\nA share of the training labels replaced by another class at random (test "
-                "labels clean); the teacher and both students learn from them (Thapa 2022: KD's largest gain "
-                "under the heaviest corruption).\n\n", lines)
+    _section(report, f"### {heading}\n\n{what} (validation and test sets clean); the teacher and both students "
+                "learn from it (Thapa 2022: KD's largest gain under the heaviest corruption).\n\n", lines)
 
 
 def explanation_dynamics(report, root):
@@ -209,5 +218,6 @@ def studies(report, root):
     ensemble(report, root)
     teacher_capacity(report, root)
     attributions(report, root)
-    label_noise(report, root)
+    training_noise(report, root, "label_noise")
+    training_noise(report, root, "image_noise")
     explanation_dynamics(report, root)

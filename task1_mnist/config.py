@@ -9,7 +9,9 @@ COURSE = (
     "teacher", "kd", "scratch", "grid", "flops", "entropy", *methods.OTHER_METHODS, "skd", "takd", "eskd", "export",
     "lime", "occlusion",
 )
-STUDIES = ("missing", "smoothed", "efficiency", "ensemble", "capacity", "attributions", "noise", "dynamics")  # research studies (`common.studies`): run when named in --only
+# research studies (`common.studies`): run when named in --only
+STUDIES = ("missing", "smoothed", "efficiency", "ensemble", "capacity", "attributions", "noise", "corruption",
+           "dynamics")
 EXPERIMENTS = (*COURSE, *STUDIES)
 
 
@@ -44,6 +46,7 @@ class Task1Config(cfg.SharedConfig):
     per_class: tuple = (10, 60, 500)
     attribution_images: int = 1000
     label_noise: tuple = (0.0, 0.2, 0.4, 0.6)
+    image_noise: tuple = (0.0, 0.5, 1.0)
 
     def input_size(self):
         return 28
@@ -58,6 +61,9 @@ class Task1Config(cfg.SharedConfig):
             raise cfg.ConfigError(f"--per-class must list counts >= 1, got {self.per_class!r}")
         if not self.label_noise or any(isinstance(r, bool) or not 0 <= r < 0.9 for r in self.label_noise):
             raise cfg.ConfigError(f"--label-noise must list shares in [0, 0.9), got {self.label_noise!r}")
+        if not self.image_noise or any(isinstance(s, bool) or not 0 <= s <= 10 for s in self.image_noise):
+            raise cfg.ConfigError(f"--image-noise must list standard deviations in [0, 10] (1 = the full pixel "
+                                  f"range), got {self.image_noise!r}")
         cfg.positive_int("attribution_images", self.attribution_images, "--attribution-images")
         if isinstance(self.missing_class, bool) or self.missing_class not in range(10):
             raise cfg.ConfigError(f"--missing-class must be a digit 0-9, got {self.missing_class!r}")

@@ -18,8 +18,8 @@ from common.metrics import class_metrics
 from common.recipes import Recipes
 from common.results import save_weights, write_csv_atomic
 from common.run_spec import method_stem, run_tag
-from common.studies import (attributions, data_efficiency, ensemble, explanation_dynamics, label_noise,
-                            missing_class, smoothed_teacher, teacher_capacity)
+from common.studies import (attributions, data_efficiency, ensemble, explanation_dynamics, missing_class,
+                            smoothed_teacher, teacher_capacity, training_noise)
 from task1_mnist import data as mnist
 from task1_mnist import models
 from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, build_teacher
@@ -38,7 +38,10 @@ class Task1(Recipes):
         "capacity": lambda task: teacher_capacity.run(task, models.TEACHER_PRESETS),
         "attributions": lambda task: attributions.run(
             task, *(part[:task.config.attribution_images] for part in task.test_arrays()), NUM_CLASSES),
-        "noise": lambda task: label_noise.run(task, task.config.label_noise, build_teacher, build_student),
+        "noise": lambda task: training_noise.run(task, training_noise.LABELS, task.config.label_noise, build_teacher,
+                                                 build_student),
+        "corruption": lambda task: training_noise.run(task, training_noise.IMAGES, task.config.image_noise,
+                                                      build_teacher, build_student),
         "dynamics": lambda task: explanation_dynamics.run(
             task, *task.explanation_images(), task.teacher_checkpoints(), task.config.ensemble_seeds),
     }

@@ -42,6 +42,9 @@ def build_parser():
                         help="test images the attributions study explains by integrated gradients")
     parser.add_argument("--label-noise", type=cli.float_list, default=defaults.label_noise,
                         help="shares of wrong training labels of the label-noise study, comma list")
+    parser.add_argument("--image-noise", type=cli.float_list, default=defaults.image_noise,
+                        help="pixel-noise standard deviations (1 = the full pixel range) of the corruption study, "
+                             "comma list")
     parser.add_argument("--teacher-epochs", type=cli.int_list, default=defaults.teacher_epochs, help="early-stopped teacher epochs for eskd, comma list (the final teacher is always compared)")
     return parser
 

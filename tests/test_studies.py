@@ -233,7 +233,7 @@ def test_attributions_study_end_to_end(tmp_path, synthetic_mnist):
 
 
 def test_noisy_labels_flip_exactly_the_share_to_other_classes():
-    from common.studies.label_noise import noisy_labels
+    from common.studies.training_noise import noisy_labels
 
     labels = np.arange(1000) % 10
     noisy = noisy_labels(labels, 0.3, 10, seed=0)
@@ -272,6 +272,61 @@ def test_label_noise_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch):
     (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
     assert "| 50 | " in text[text.index("### Label noise"):]
+
+
+def test_noisy_images_add_clipped_gaussian_noise_of_the_given_std():
+    from common.studies.training_noise import noisy_images
+
+    flat = np.full((200, 28, 28, 1), 128, np.uint8)
+    noisy = noisy_images(flat, 0.1, seed=0)
+    assert noisy.dtype == np.uint8 and noisy.shape == flat.shape
+    deviation = noisy.astype(np.float64) - 128
+    assert abs(deviation.mean()) < 0.2 and deviation.std() == pytest.approx(25.5, rel=0.01)  # far from the clip
+    assert np.array_equal(noisy, noisy_images(flat, 0.1, seed=0))  # the seed's draw
+    assert not np.array_equal(noisy, noisy_images(flat, 0.1, seed=1))
+    heavy = noisy_images(np.zeros((100, 8, 8), np.uint8), 1.0, seed=0).astype(np.float64)
+    # |N(0, 255)| clipped at 0 and 255: half the pixels 0, the rest a folded normal.
+    assert np.mean(heavy == 0) == pytest.approx(0.5, abs=0.02) and heavy.max() == 255
+    assert np.array_equal(noisy_images(flat, 0.0, seed=0), flat)
+
+
+def test_image_noise_study_distils_from_the_teachers_outputs_on_the_noisy_images(tmp_path, synthetic_mnist, monkeypatch):
+    from common.studies.training_noise import noisy_images
+    from task1_mnist.experiments import Task1
+
+    config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "corruption", "--image-noise", "0,0.5",
+                               "--epochs", "1", "--batch-size", "64", "--precision", "float32", "-q"])
+    clean = Task1(config, arrays=synthetic_mnist).arrays["x_train"]  # the training split, by example index
+    seen = []  # per run trained: (max |x - clean x|, the teacher logits it carries or None)
+    original = Task1.train_dataset
+
+    def spy(self, arrays):
+        seen.append((np.abs(arrays["x"].astype(int) - clean[arrays["index"]].astype(int)).max(),
+                     arrays.get("teacher_logits")))
+        return original(self, arrays)
+
+    monkeypatch.setattr(Task1, "train_dataset", spy)
+    rows = run_all(config, arrays=synthetic_mnist)[0]["corruption"]
+    assert [r["image_noise"] for r in rows] == [0.0, 0.5]
+    assert rows[1]["runs"] == "teacher-pixnoise0.5-s0 pixnoise0.5-kd-T4-a0.5-s0 pixnoise0.5-scratch-s0"
+    assert [d == 0 for d, _ in seen] == [True] * 3 + [False] * 3  # course runs clean, then the noisy three
+    # The KD student's teacher logits are the noisy teacher's outputs on the noisy images.
+    from task1_mnist import data as mnist
+    from task1_mnist.models import build_teacher
+
+    teacher = build_teacher()
+    teacher.load_weights(tmp_path / "out" / "teacher-pixnoise0.5-s0" / "model.weights.h5")
+    noisy = noisy_images(clean, 0.5, seed=0)
+    expected = teacher.predict(mnist.scale({"x": noisy})["x"].numpy(), verbose=0)
+    assert np.allclose(seen[4][1], expected, atol=1e-4)
+    kd = json.loads((tmp_path / "out" / "pixnoise0.5-kd-T4-a0.5-s0" / "metrics.json").read_text())
+    assert kd["distilled_from"] == "teacher-pixnoise0.5-s0" and kd["identity"]["image_noise"] == 0.5
+    from reports.make_report import make_report
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
+    text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
+    assert "| 0.5 | " in text[text.index("### Image noise"):]
 
 
 def test_the_configs_studies_are_the_tasks():
