@@ -128,14 +128,16 @@ def teacher_capacity(report, root):
     tables = _tables(report, root, "teacher_capacity", "teacher capacity", "capacity")
     if not tables:
         return
-    lines = [f"| teacher | params | teacher test accuracy (%) | entropy at T={tables[0]['temperature']:g} (nats) | "
-             "student test accuracy (%) | student agrees with it (%) |", "|---|---:|---:|---:|---:|---:|"]
+    metric = tables[0].get("metric", "test_accuracy")
+    shown = metric.replace("_", " ").replace("auc", "AUC")
+    lines = [f"| teacher | params | teacher {shown} (%) | entropy at T={tables[0]['temperature']:g} (nats) | "
+             f"student {shown} (%) | student agrees with it (%) |", "|---|---:|---:|---:|---:|---:|"]
     for preset, rows in _rows_by(tables, lambda row: row["preset"]).items():
         fidelity = [r["student_fidelity"] for r in rows if r["student_fidelity"] is not None]
         lines.append(f"| {preset} | {rows[0]['teacher_params']:,} | "
-                     f"{_mean([r['teacher_test_accuracy'] for r in rows], 100)} | "
+                     f"{_mean([r[f'teacher_{metric}'] for r in rows], 100)} | "
                      f"{_mean([r['soft_target_entropy_nats'] for r in rows], digits=3)} | "
-                     f"{_mean([r['student_test_accuracy'] for r in rows], 100)} | "
+                     f"{_mean([r[f'student_{metric}'] for r in rows], 100)} | "
                      f"{_mean(fidelity, 100) if fidelity else '—'} |")
     _section(report, "### Teacher capacity\n\nOne teacher per size, the same schedule, and a KD student of each (Vats "
                 "2021: on MNIST the bigger teacher distilled worse).\n\n", lines)

@@ -8,7 +8,7 @@ from common import methods
 
 COURSE = ("teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd", "flops",
           "export", "lime", "occlusion")
-STUDIES = ("smoothed", "ensemble")  # research studies (`common.studies`): run when named in --only
+STUDIES = ("smoothed", "ensemble", "capacity")  # research studies (`common.studies`): run when named in --only
 EXPERIMENTS = (*COURSE, *STUDIES)
 PHASES = ("feature-extraction", "finetune", "all")
 FEATURE_CACHE = ("auto", "on", "off")

@@ -21,7 +21,7 @@ from common import batchnorm, explain, methods, runs, training
 from common.metrics import binary_metrics
 from common.recipes import Recipes, deployable
 from common.run_spec import run_tag
-from common.studies import ensemble, smoothed_teacher
+from common.studies import ensemble, smoothed_teacher, teacher_capacity
 from common.results import write_csv_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
@@ -35,9 +35,10 @@ class Task2(Recipes):
     """Runs Task 2 experiments for one config and one seed."""
 
     studies = {  # `common.studies` that apply to a binary task; see docs/studies.md
-        "smoothed": lambda task: smoothed_teacher.run(task, task.builder(models.TEACHER),
-                                                      {"learning_rate": task.config.teacher_lr}),
+        "smoothed": lambda task: smoothed_teacher.run(task, task.builder(models.TEACHER)),
         "ensemble": lambda task: ensemble.run(task, task.config.ensemble_seeds),
+        "capacity": lambda task: teacher_capacity.run(
+            task, {"densenet121": task.builder(models.ASSISTANT), "course": task.builder(models.TEACHER)}),
     }
     experiments = ("flops", "teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd",
                    "export", "lime", "occlusion", *studies)

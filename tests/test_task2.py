@@ -228,9 +228,10 @@ def test_two_builds_of_a_model_share_compiled_steps(tmp_path, tiny_architectures
 
 
 def test_the_studies_that_apply_run_end_to_end(tmp_path, mhist_dir, tiny_architectures):
-    """KD from a label-smoothed teacher and from an ensemble of two seeds' teachers,
-    each through both phases (`docs/studies.md`)."""
-    results = run_all(tiny_config(tmp_path, mhist_dir, only=("smoothed", "ensemble"), ensemble_seeds=(0, 1)))[0]
+    """KD from a label-smoothed teacher, from an ensemble of two seeds' teachers and
+    from a DenseNet121 teacher, each through both phases (`docs/studies.md`)."""
+    results = run_all(tiny_config(tmp_path, mhist_dir, only=("smoothed", "ensemble", "capacity"),
+                                  ensemble_seeds=(0, 1)))[0]
     out = tmp_path / "out"
     finished = {p.parent.name for p in out.glob("*/metrics.json")}
     assert {"teacher-ls-e0.1-ft-s0", "lskd-e0.1-T4-a0.5-ft-s0", "teacher-ft-s1", "enskd-m0.1-T4-a0.5-ft-s0"} <= finished
@@ -238,6 +239,13 @@ def test_the_studies_that_apply_run_end_to_end(tmp_path, mhist_dir, tiny_archite
     assert smoothed["identity"]["learning_rate"] == pytest.approx(1e-5) and "ls_ce" in smoothed["history"][0]
     assert [r["model"] for r in results["ensemble"]] == ["member", "member", "ensemble", "student"]
     assert results["smoothed"][3]["run"] == "lskd-e0.1-T4-a0.5-ft-s0" and "test_auc" in results["smoothed"][3]
+    capacity = {r["preset"]: r for r in results["capacity"]}
+    assert list(capacity) == ["densenet121", "course"]
+    assert capacity["densenet121"]["student_run"] == "capkd-densenet121-T4-a0.5-ft-s0"
+    assert capacity["course"]["teacher_run"] == "teacher-ft-s0" and "teacher_test_auc" in capacity["course"]
+    densenet = json.loads((out / "teacher-densenet121-ft-s0" / "metrics.json").read_text())
+    assert densenet["identity"]["learning_rate"] == pytest.approx(1e-5)  # the teacher's schedule
+    assert densenet["identity"]["preset"] == "densenet121"
     from reports.make_report import make_report
 
     (tmp_path / "results").mkdir()
@@ -245,3 +253,4 @@ def test_the_studies_that_apply_run_end_to_end(tmp_path, mhist_dir, tiny_archite
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
     assert "| model | test auc (%) | the student agrees with it (%) |" in text[text.index("## Task 2"):]
     assert "| KD student from the smoothed teacher |" in text[text.index("## Task 2"):]
+    assert "| teacher | params | teacher test AUC (%) |" in text[text.index("## Task 2"):]

@@ -17,7 +17,7 @@ from common.methods.ls import LabelSmoothing
 from common.results import write_csv_atomic, write_json_atomic
 
 
-def run(task, build_teacher, teacher_fit_options=None):
+def run(task, build_teacher):
     """The study on `task` (a `common.recipes.Recipes`): writes
     `smoothed_teacher-s<seed>.csv` and `.json`; returns the rows."""
     options = methods.make_options("ls", dict(task.config.method_options).get("ls", {}))
@@ -25,7 +25,7 @@ def run(task, build_teacher, teacher_fit_options=None):
     smoothed, smoothed_model = task.train_model(
         task.spec(f"teacher-ls-{tag}", "ls-teacher", epsilon=options.epsilon), build_teacher,
         lambda model: LabelSmoothing(model, options, task.context(model)), task.train_data,
-        **(teacher_fit_options or {}))
+        **task.teacher_fit_options())
     (student,) = task.chain([(f"lskd-{tag}", task.student_builder())],
                             parent=lambda: (smoothed["run"], smoothed_model))
     plain_name, plain_model = task.teacher_model()

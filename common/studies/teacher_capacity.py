@@ -4,11 +4,13 @@ teachers of 1,433,610 and 2,560,906 parameters, the bigger distilling worse).
 
 One teacher per preset (the task's `TEACHER_PRESETS`, e.g. Task 1's small =
 the assistant's design, course = the course teacher, large = twice its widths),
-each trained by cross-entropy on the course's schedule; the course preset is
-the seed's own `teacher` run. A KD student (the config's T and alpha) learns
-from each. The table holds each teacher's parameters and test accuracy, the mean
-entropy of its softened outputs at T on the training set, and its student's test
-accuracy and agreement with it.
+each trained by cross-entropy on the course's teacher schedule; the course
+preset is the seed's own `teacher` run. Task 2's presets are its ImageNet bases:
+DenseNet121 (the assistant's architecture) and the course's ResNet50V2. A KD
+student (the config's T and alpha) learns from each. The table holds each
+teacher's parameters and test metric (`test_accuracy`; Task 2: `test_auc`), the
+mean entropy of its softened outputs at T on the training set, and its
+student's test metric and agreement with it.
 """
 
 from common import losses, methods
@@ -20,6 +22,7 @@ def run(task, presets, course="course"):
     `course`: the preset that is the task's own teacher). Writes
     `teacher_capacity-s<seed>.csv` and `.json`; returns the rows."""
     temperature = task.method_settings(methods.Distillation)["temperature"]
+    metric = f"test_{task.primary_metric}"
     rows = []
     for preset, build in presets.items():
         if preset == course:
@@ -27,18 +30,19 @@ def run(task, presets, course="course"):
             record, student = task.store.load(name), task.kd()
         else:
             record, teacher = task.train_model(task.spec(f"teacher-{preset}", "capacity-teacher", preset=preset),
-                                               build, methods.CrossEntropy, task.train_data)
+                                               build, methods.CrossEntropy, task.train_data,
+                                               **task.teacher_fit_options())
             (student,) = task.chain([(f"capkd-{preset}", task.student_builder())],
                                     parent=lambda record=record, teacher=teacher: (record["run"], teacher))
         entropy = float(losses.soft_target_entropy(task.logits_of(record["run"], teacher), temperature))
         rows.append({"preset": preset, "teacher_params": record["params"],
-                     "teacher_test_accuracy": record["test_accuracy"], "soft_target_entropy_nats": entropy,
-                     "student_test_accuracy": student["test_accuracy"],
+                     f"teacher_{metric}": record[metric], "soft_target_entropy_nats": entropy,
+                     f"student_{metric}": student[metric],
                      "student_fidelity": student.get("test_fidelity"), "teacher_run": record["run"],
                      "student_run": student["run"]})
-        task.log(f"[capacity] {preset} teacher ({record['params']:,} params): {record['test_accuracy']:.4f}, "
-                 f"entropy {entropy:.3f} nats at T={temperature:g}; its student {student['test_accuracy']:.4f}")
+        task.log(f"[capacity] {preset} teacher ({record['params']:,} params): {metric} {record[metric]:.4f}, "
+                 f"entropy {entropy:.3f} nats at T={temperature:g}; its student {student[metric]:.4f}")
     stem = task.store.root / f"teacher_capacity-s{task.seed}"
     write_csv_atomic(stem.with_suffix(".csv"), rows, tuple(rows[0]))
-    write_json_atomic(stem.with_suffix(".json"), {"temperature": temperature, "rows": rows})
+    write_json_atomic(stem.with_suffix(".json"), {"temperature": temperature, "metric": metric, "rows": rows})
     return rows

@@ -92,7 +92,8 @@ def run(task, corruption, levels, build_teacher, build_student):
             twin = corrupted_twin(task, corruption.arrays(task, level))
             tag, key, kind = f"{corruption.tag}{level:g}", {corruption.name: level}, corruption.experiment
             teacher, teacher_model = twin.train_model(twin.spec(f"teacher-{tag}", f"{kind}-teacher", **key),
-                                                      build_teacher, methods.CrossEntropy, twin.train_data)
+                                                      build_teacher, methods.CrossEntropy, twin.train_data,
+                                                      **twin.teacher_fit_options())
             factory = twin.factory(methods.Distillation, settings)
             kd, _ = twin.distil(twin.spec(f"{tag}-kd-{run_tag(settings)}", f"{kind}-kd", **key, **settings),
                                 build_student, lambda: (teacher["run"], teacher_model), factory)
