@@ -14,7 +14,11 @@ In one process, at each precision:
   training FLOPs per image (3 x the forward FLOPs at batch 1: forward plus a
   backward of twice its cost), and the cores kept busy (CPU seconds / seconds);
 - each achieved rate as a fraction of the peak of its model's dominant op
-  (teacher: its second convolution; student and grid: the 784 x 784 matrix product).
+  (teacher: its second convolution; student and grid: the 784 x 784 matrix product);
+- the Task 1 core's arithmetic (`--only teacher,kd,scratch,grid` at the default
+  config: the teacher, the grid's cells, the course's KD run being one of them,
+  and the scratch student) and the seconds it needs at those peaks (a floor no
+  schedule on this machine beats) and at the rates achieved here.
 
 Writes `bench/results/roofline_<device>.json` with the CPU's model name and flags
 (or the GPU's name) and prints a table.
@@ -44,6 +48,7 @@ from common import data as common_data  # noqa: E402
 from common import device, methods, runs, training  # noqa: E402
 from common.fused import Fused  # noqa: E402
 from common.results import write_json_atomic  # noqa: E402
+from task1_mnist.config import Task1Config  # noqa: E402
 from task1_mnist.models import build_student, build_teacher  # noqa: E402
 
 PRECISIONS = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16}
@@ -126,6 +131,24 @@ def achieved(name, examples, epochs, cells):
             "cores_busy": last["cpu_seconds"] / last["seconds"], "training_flops_per_image": 3 * forward}
 
 
+def task1_core(peaks, found, config=None):
+    """The Task 1 core's training arithmetic at `config` (default: the course's) and
+    its seconds at the dominant ops' `peaks` and at the `found` achieved rates."""
+    config = config or Task1Config()
+    images = round(60000 * (1 - config.validation)) * config.epochs
+    cells = len(config.temperatures) * len(config.alphas)
+    course_in_grid = config.temperature in config.temperatures and config.alpha in config.alphas
+    students = cells + 1 + (0 if course_in_grid else 1)  # + scratch (+ KD when it is no cell)
+    teacher = found["teacher"]["training_flops_per_image"] * images
+    student = found["kd_student"]["training_flops_per_image"] * images * students
+    return {"trained_images_per_model": images, "student_models": students,
+            "teacher_tflop": teacher / 1e12, "students_tflop": student / 1e12,
+            "seconds_at_peak": teacher / 1e9 / peaks[DOMINANT["teacher"]]
+            + student / 1e9 / peaks[DOMINANT["fused_grid"]],
+            "seconds_at_achieved": teacher / 1e9 / found["teacher"]["gflops"]
+            + student / 1e9 / found["fused_grid"]["gflops"]}
+
+
 def main(argv=None):
     args = parse_args(argv)
     device.configure()
@@ -141,7 +164,8 @@ def main(argv=None):
         for name, row in found.items():
             row["dominant_op"] = DOMINANT[name]
             row["fraction_of_peak"] = row["gflops"] / peaks[DOMINANT[name]]
-        results["precisions"][precision] = {"peak_gflops": peaks, "achieved": found}
+        results["precisions"][precision] = {"peak_gflops": peaks, "achieved": found,
+                                            "task1_core": task1_core(peaks, found)}
     keras.mixed_precision.set_global_policy("float32")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"roofline_{slug(about['name'])}.json"
     write_json_atomic(out, results)
@@ -153,6 +177,10 @@ def main(argv=None):
         for name, row in part["achieved"].items():
             print(f"  {name:45s} {row['gflops']:8.1f} GFLOP/s  {row['images_per_second']:9.0f} images/s  "
                   f"{row['fraction_of_peak']:6.1%} of its op's peak  {row['cores_busy']:.2f} cores busy")
+        core = part["task1_core"]
+        print(f"  Task 1 core: {core['teacher_tflop'] + core['students_tflop']:.1f} TFLOP of training, at least "
+              f"{core['seconds_at_peak'] / 60:.1f} min at these peaks, {core['seconds_at_achieved'] / 60:.1f} min "
+              "at the rates achieved")
     return results
 
 

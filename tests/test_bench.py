@@ -121,3 +121,8 @@ def test_roofline_smoke(tmp_path):
                      for k in ("fused_grid", "kd_student"))
     assert grid == 2 * student == 2 * 3 * 2_475_882  # the MLP's forward flops at batch 1, x3 for training
     assert result["precisions"].keys() == saved["precisions"].keys()
+    # The Task 1 core: 55,000 training images x 12 epochs; 18 grid cells (the course's KD among them) + scratch.
+    core = saved["precisions"]["float32"]["task1_core"]
+    assert core["trained_images_per_model"] == 660_000 and core["student_models"] == 19
+    assert core["students_tflop"] == pytest.approx(19 * 660_000 * 3 * 2_475_882 / 1e12)
+    assert core["seconds_at_peak"] > 0 and core["seconds_at_achieved"] > 0
