@@ -34,7 +34,7 @@ def export_seed(task):
         if record is None:
             task.log(f"[export] {label}: no finished run {name} for this seed; skipped")
             continue
-        model = task.trained_model(label, name)
+        model = task.trained_model(label, name, precision="float32")  # TFLite computes no bfloat16
         measured = export.export_model(task.store.root / "export" / name, model, representative, images, score,
                                        task.progress(f"export {name}"))
         exported += [(label, name, record, variant, found) for variant, found in measured.items()]

@@ -23,6 +23,7 @@
   the CNN from 11.9 s to 9.1 s; steady epochs stayed the same.
 """
 
+import contextlib
 import os
 import platform
 
@@ -55,6 +56,17 @@ def configure(deterministic=False, tf32=True, precision="float32"):
     if deterministic:
         tf.config.experimental.enable_op_determinism()  # cannot be turned off again in a process
         _state["deterministic"] = True
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Keras' global dtype policy set to `name` inside the block, restored after."""
+    saved = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(saved)
 
 
 TRITON_GEMM_OFF = "--xla_gpu_enable_triton_gemm=false"

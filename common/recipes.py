@@ -129,10 +129,13 @@ class Recipes(TaskInterface):
         """The trained model of run `name`, trained or loaded by this object (`ModelCache.get`)."""
         return self.models.get(name)
 
-    def trained_model(self, label, name):
+    def trained_model(self, label, name, precision=None):
         """The trained model of finished run `name` (`label`: "teacher" or a student):
-        the one this object trained or loaded, else built and loaded from its weights."""
-        if self.models.knows(name):
+        the one this object trained or loaded, else built and loaded from its weights.
+        `precision` (e.g. "float32" for TFLite, which has no bfloat16 kernels): built
+        under that dtype policy instead of the run's; a mixed-precision model keeps
+        float32 variables, so its weights load unchanged."""
+        if self.models.knows(name) and precision in (None, keras.mixed_precision.global_policy().name):
             return self.model_of(name)
         if label == "teacher":
             build = self.teacher_builder()
@@ -140,7 +143,8 @@ class Recipes(TaskInterface):
             build = deployable(self.factory(methods.get(label)), self.student_builder())
         else:
             build = self.student_builder()
-        model = self.build_in_scope(build)
+        with device.dtype_policy(precision or keras.mixed_precision.global_policy().name):
+            model = self.build_in_scope(build)
         model.load_weights(self.store.weights_path(name))
         return model
 

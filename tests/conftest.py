@@ -13,6 +13,17 @@ device.configure()  # memory growth: several test processes can share one GPU
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
+@pytest.fixture(autouse=True)
+def float32_after_each_test():
+    """A run sets Keras' global dtype policy (`--precision`, `auto` by default: bfloat16
+    on CPUs that compute it); a test that builds its own models afterwards must not
+    inherit it."""
+    yield
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.fixture
 def synthetic_mnist():
     return synthetic_mnist_arrays()

@@ -43,4 +43,4 @@ def test_a_bfloat16_run_records_why_and_is_not_a_float32_runs_twin(tmp_path, syn
     assert record["environment"]["precision_reason"] == "auto: test"
     assert keras.mixed_precision.global_policy().name == "float32"
     with pytest.raises(ResultsConflict, match="precision: None now vs 'mixed_bfloat16' saved"):
-        run_all(small_config(tmp_path, only=("scratch",), epochs=1), arrays=synthetic_mnist)
+        run_all(small_config(tmp_path, only=("scratch",), epochs=1, precision="float32"), arrays=synthetic_mnist)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from common import methods, training
+from common import device, methods, training
 from common.fused import batched_products
 from common.metrics import expected_calibration_error
 from task1_mnist import data as mnist
@@ -307,7 +307,8 @@ def test_export_measures_each_tflite_file_against_its_keras_model(tmp_path, synt
     from common import export
     from task1_mnist.models import build_student
 
-    student = build_student()
+    with device.dtype_policy("float32"):  # as exported, whatever precision the run trained at (default: auto)
+        student = build_student()
     student.load_weights(out / "kd-T4-a0.5-s0" / "model.weights.h5")
     keras_logits = student.predict(images, verbose=0)
     for variant, tolerance in (("float32", 1e-4), ("dynamic_int8", 0.3), ("int8", 0.3)):
