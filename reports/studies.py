@@ -191,19 +191,21 @@ def training_noise(report, root, stem):
 
 
 def explanation_dynamics(report, root):
-    """Agreement of each teacher checkpoint's maps with the ensemble's, epoch by epoch."""
+    """Agreement of each teacher checkpoint's maps with the ensemble's, epoch by epoch,
+    per kind of map (tables saved before occlusion was added hold integrated gradients)."""
     tables = _tables(report, root, "explanation_dynamics", "explanations over training", "dynamics")
     if not tables:
         return
     threshold = tables[0]["threshold"]
-    lines = [f"| teacher epoch | on-target r | on-target r > {threshold:g} (%) | off-target r | "
-             f"off-target r > {threshold:g} (%) |", "|---:|---:|---:|---:|---:|"]
-    for epoch, rows in _rows_by(tables, lambda row: row["epoch"]).items():
-        lines.append(f"| {epoch} | " + " | ".join(
+    lines = [f"| maps | teacher epoch | on-target r | on-target r > {threshold:g} (%) | off-target r | "
+             f"off-target r > {threshold:g} (%) |", "|---|---:|---:|---:|---:|---:|"]
+    groups = _rows_by(tables, lambda row: (row.get("maps", "integrated gradients"), row["epoch"]))
+    for (kind, epoch), rows in groups.items():
+        lines.append(f"| {kind} | {epoch} | " + " | ".join(
             _mean([r[f"{side}_target_{k}"] for r in rows], scale, digits)
             for side in ("on", "off") for k, scale, digits in (("mean_r", 1.0, 3), ("share", 100, 1))) + " |")
-    _section(report, "### Explanations over training\n\nIntegrated-gradient maps of the teacher after each epoch "
-             "against those of the ensemble of the teachers of seeds "
+    _section(report, "### Explanations over training\n\nOcclusion and integrated-gradient maps of the teacher after "
+             "each epoch against those of the ensemble of the teachers of seeds "
              f"{', '.join(map(str, tables[0]['seeds']))}, on {tables[0]['images']} test images, for the true class "
              "(on-target) and the ensemble's next class (off-target) (Gardner 2022, occlusion maps: share above "
              "r = 0.53 from 78% to 98% on-target, 52% to 87% off-target).\n\n", lines)

@@ -355,6 +355,21 @@ def test_epochs_to_reach_and_the_per_class_table(tmp_path, synthetic_mnist):
     assert "| model | epochs to 97% | epochs to 98% | epochs to 99% |" in table
 
 
+def test_dynamics_occlusion_maps_are_the_explain_modules_per_class():
+    import keras
+
+    from common import explain
+    from common.studies.explanation_dynamics import occlusion
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    images = np.random.default_rng(0).random((2, 8, 8, 1), np.float32)
+    maps = occlusion(model, images, [2, 0], patch=4, stride=2, fill=0.0)
+    assert maps.shape == (2, 3, 3)
+    softmax = lambda x: np.asarray(keras.ops.softmax(model(x)))  # noqa: E731
+    for image, label, found in zip(images, [2, 0], maps):
+        np.testing.assert_allclose(found, explain.occlusion_map(softmax, image, label, 4, 2, 0.0), rtol=1e-5, atol=1e-7)
+
+
 def test_pearson_rows_match_numpy_and_the_dynamics_study_end_to_end(tmp_path, synthetic_mnist):
     from common.studies.explanation_dynamics import pearson_rows
 
@@ -368,7 +383,8 @@ def test_pearson_rows_match_numpy_and_the_dynamics_study_end_to_end(tmp_path, sy
                                "--explain-images", "20", "--epochs", "2", "--batch-size", "64",
                                "--validation", "64", "-q"])
     rows = run_all(config, arrays=synthetic_mnist)[0]["dynamics"]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [(r["maps"], r["epoch"]) for r in rows] == [
+        ("occlusion", 1), ("occlusion", 2), ("integrated gradients", 1), ("integrated gradients", 2)]
     assert all(-1 <= r[f"{side}_target_mean_r"] <= 1 and 0 <= r[f"{side}_target_share"] <= 1
                for r in rows for side in ("on", "off"))
     assert {p.parent.name for p in (tmp_path / "out").glob("*/metrics.json")} == {"teacher-s0", "teacher-s1"}
@@ -377,4 +393,4 @@ def test_pearson_rows_match_numpy_and_the_dynamics_study_end_to_end(tmp_path, sy
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
-    assert "| 2 | " in text[text.index("### Explanations over training"):]
+    assert "| occlusion | 2 | " in text[text.index("### Explanations over training"):]

@@ -3,7 +3,10 @@ to those of an ensemble of teachers (Gardner 2022 (York), §4.5: occlusion maps
 of each checkpoint against the ensemble's, the share above a Pearson threshold of
 r = 0.53 growing from 78% to 98% on the true class and from 52% to 87% off it).
 
-Here the maps are integrated gradients (`common.studies.attributions`); the
+The maps are of two kinds, each compared with the ensemble's of its own kind:
+occlusion, Gardner's (`common.explain.occlusion_map`: the drop in the class's
+probability when a `--occlusion-patch` square is blanked, at `--occlusion-stride`
+steps), and integrated gradients (`common.studies.attributions`). The
 reference is the mean-logit ensemble of the teachers of `--ensemble-seeds`
 (`common.studies.ensemble`); the maps are those of the true class (on-target)
 and of the class the ensemble ranks highest among the others (off-target), for
@@ -13,7 +16,9 @@ share of images with r above the threshold, on and off target.
 """
 
 import numpy as np
+import tensorflow as tf
 
+from common import explain
 from common.results import write_csv_atomic, write_json_atomic
 from common.studies.attributions import integrated_gradients
 from common.studies.ensemble import mean_logits
@@ -30,27 +35,42 @@ def pearson_rows(first, second):
     return np.divide((a * b).sum(-1), norms, out=np.zeros(len(a)), where=norms > 0)
 
 
+def occlusion(model, images, classes, patch, stride, fill):
+    """`(n, rows, cols)` occlusion maps of `model` (`x -> logits`), image i for class `classes[i]`."""
+    probabilities = lambda x: tf.nn.softmax(tf.cast(model(x), tf.float32)).numpy()  # noqa: E731
+    return np.stack([explain.occlusion_map(probabilities, image, label, patch, stride, fill)
+                     for image, label in zip(images, classes)])
+
+
 def run(task, images, labels, checkpoints, seeds):
     """The study on `task` (a `common.recipes.Recipes`): `checkpoints` is
     `[(epoch, model)]` of the seed's teacher, `seeds` those of the ensemble's members.
-    Writes `explanation_dynamics-s<seed>.csv` and `.json`; returns the rows."""
+    Writes `explanation_dynamics-s<seed>.csv` and `.json`; returns the rows (one per
+    kind of map and epoch)."""
+    c = task.config
+    kinds = {"occlusion": lambda model, classes: occlusion(model, images, classes, c.occlusion_patch,
+                                                           c.occlusion_stride, task.occlusion_fill),
+             "integrated gradients": lambda model, classes: integrated_gradients(model, images, classes)}
     reference = mean_logits([task.for_seed(seed).teacher_model()[1] for seed in seeds])
     logits = np.asarray(reference(images))
     ranked = np.where(np.eye(logits.shape[1], dtype=bool)[labels], -np.inf, logits)
     targets = {"on": labels, "off": ranked.argmax(-1)}
-    maps = {side: integrated_gradients(reference, images, classes) for side, classes in targets.items()}
     rows = []
-    for epoch, model in checkpoints:
-        row = {"epoch": epoch}
-        for side, classes in targets.items():
-            r = pearson_rows(integrated_gradients(model, images, classes), maps[side])
-            row.update({f"{side}_target_mean_r": float(r.mean()), f"{side}_target_share": float(np.mean(r > THRESHOLD))})
-        rows.append(row)
-        task.log(f"[dynamics] teacher epoch {epoch}: on-target r {row['on_target_mean_r']:.3f} "
-                 f"({row['on_target_share']:.0%} > {THRESHOLD}), off-target r {row['off_target_mean_r']:.3f} "
-                 f"({row['off_target_share']:.0%})")
+    for kind, maps_of in kinds.items():
+        maps = {side: maps_of(reference, classes) for side, classes in targets.items()}
+        for epoch, model in checkpoints:
+            row = {"maps": kind, "epoch": epoch}
+            for side, classes in targets.items():
+                r = pearson_rows(maps_of(model, classes), maps[side])
+                row.update({f"{side}_target_mean_r": float(r.mean()),
+                            f"{side}_target_share": float(np.mean(r > THRESHOLD))})
+            rows.append(row)
+            task.log(f"[dynamics] {kind}, teacher epoch {epoch}: on-target r {row['on_target_mean_r']:.3f} "
+                     f"({row['on_target_share']:.0%} > {THRESHOLD}), off-target r {row['off_target_mean_r']:.3f} "
+                     f"({row['off_target_share']:.0%})")
     stem = task.store.root / f"explanation_dynamics-s{task.seed}"
     write_csv_atomic(stem.with_suffix(".csv"), rows, tuple(rows[0]))
     write_json_atomic(stem.with_suffix(".json"), {"seeds": list(seeds), "images": int(len(images)),
-                                                  "threshold": THRESHOLD, "rows": rows})
+                                                  "threshold": THRESHOLD, "occlusion_patch": c.occlusion_patch,
+                                                  "occlusion_stride": c.occlusion_stride, "rows": rows})
     return rows
