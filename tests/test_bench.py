@@ -126,3 +126,14 @@ def test_roofline_smoke(tmp_path):
     assert core["trained_images_per_model"] == 660_000 and core["student_models"] == 19
     assert core["students_tflop"] == pytest.approx(19 * 660_000 * 3 * 2_475_882 / 1e12)
     assert core["seconds_at_peak"] > 0 and core["seconds_at_achieved"] > 0
+
+
+def test_step_profile_smoke(tmp_path):
+    import step_profile
+
+    out = tmp_path / "profile.json"
+    step_profile.main(["--seconds", "0.01", "--precisions", "float32", "--out", str(out)])
+    saved = json.loads(out.read_text())["precisions"]["float32"]
+    stages = ("forward", "gradients", "step", "step (XLA)", "fit")
+    assert tuple(saved["teacher"]) == stages and tuple(saved["kd_student"]) == (*stages, "matmuls only")
+    assert all(row["ms"] > 0 and row["cores_busy"] > 0 for model in saved.values() for row in model.values())
