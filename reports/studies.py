@@ -27,9 +27,13 @@ def _tables(report, root, stem, title, only):
     return tables
 
 
-def _section(report, text, lines):
-    """A study's heading and prose (`text`, ending in a blank line), then its table `lines`."""
-    report.text(text + "\n".join(lines) + "\n")
+def _section(report, tables, text, lines):
+    """A study's heading and prose (`text`, ending in a blank line), then its table
+    `lines`, then the precision its runs trained at when not float32 (`tables`: the
+    seeds' saved tables; those saved before they recorded it were float32)."""
+    precisions = sorted({table.get("precision", "float32") for table in tables})
+    note = "" if precisions == ["float32"] else f"\n*Trained in {' and '.join(precisions)}.*\n"
+    report.text(text + "\n".join(lines) + "\n" + note)
 
 
 def _rows_by(tables, key):
@@ -59,7 +63,7 @@ def missing_class(report, root):
                      f"{_mean([r['class_errors'] for r in rows], digits=1)} of {rows[0]['class_examples']} | "
                      f"{_mean([r['class_accuracy'] for r in rows], 100)} | "
                      f"{_mean([r['test_accuracy'] for r in rows], 100)} |")
-    _section(report, f"### Missing-class transfer (Hinton et al. 2015, §3)\n\nThe students never see a {cls} in "
+    _section(report, tables, f"### Missing-class transfer (Hinton et al. 2015, §3)\n\nThe students never see a {cls} in "
                 f"training; the teacher does. The {cls}'s output bias is then raised by the shift that maximises "
                 "validation accuracy (the paper: +3.5, chosen on the test set; 206 test errors, 133 on the 1,010 "
                 "test 3s, before; 109, 14 on 3s, after).\n\n", lines)
@@ -78,7 +82,7 @@ def smoothed_teacher(report, root):
         entropy = [r["soft_target_entropy_nats"] for r in rows if r["soft_target_entropy_nats"] is not None]
         lines.append(f"| {model} | {_mean([r[metric] for r in rows], 100)} | "
                      f"{_mean(entropy, digits=3) if entropy else '—'} |")
-    _section(report, "### KD from a label-smoothed teacher (Müller et al. 2019)\n\nThe same teacher architecture and "
+    _section(report, tables, "### KD from a label-smoothed teacher (Müller et al. 2019)\n\nThe same teacher architecture and "
                 f"schedule trained with label smoothing (eps={tables[0]['epsilon']:g}), and a KD student of each "
                 "teacher (Müller et al.: smoothed teachers distil worse).\n\n", lines)
 
@@ -96,7 +100,7 @@ def data_efficiency(report, root):
     for n in sorted({key[0] for key in cells}):
         lines.append(f"| {n} | " + " | ".join(_mean(cells[(n, *c)], 100) if (n, *c) in cells else "—"
                                                for c in columns) + " |")
-    _section(report, "### Data efficiency\n\nStudents trained on N examples of each class (repeated to the full "
+    _section(report, tables, "### Data efficiency\n\nStudents trained on N examples of each class (repeated to the full "
                 "set's size, so each run takes the course's steps), chosen at random or as the N whose softened "
                 f"teacher output at T={tables[0]['temperature']:g} has the highest entropy (Vats 2021: over 95% "
                 "from 60 high-entropy examples per class with a small teacher).\n\n", lines)
@@ -118,7 +122,7 @@ def ensemble(report, root):
             lines.append(f"| {label} | {_mean([r[metric] for r in rows], 100)} | "
                          f"{_mean(fidelity, 100) if fidelity else '—'} |")
     seeds = ", ".join(map(str, tables[0]["seeds"]))
-    _section(report, f"### Ensemble teacher\n\nThe teachers of seeds {seeds}, their logits averaged, distilled into "
+    _section(report, tables, f"### Ensemble teacher\n\nThe teachers of seeds {seeds}, their logits averaged, distilled into "
                 "one student by KD (Gardner 2022, CIFAR-10: members 84.37 ± 0.32%, ensemble 87.95%, student "
                 "85.32%). Members: mean ± std over members and seeds.\n\n", lines)
 
@@ -139,7 +143,7 @@ def teacher_capacity(report, root):
                      f"{_mean([r['soft_target_entropy_nats'] for r in rows], digits=3)} | "
                      f"{_mean([r[f'student_{metric}'] for r in rows], 100)} | "
                      f"{_mean(fidelity, 100) if fidelity else '—'} |")
-    _section(report, "### Teacher capacity\n\nOne teacher per size, the same schedule, and a KD student of each (Vats "
+    _section(report, tables, "### Teacher capacity\n\nOne teacher per size, the same schedule, and a KD student of each (Vats "
                 "2021: on MNIST the bigger teacher distilled worse).\n\n", lines)
 
 
@@ -160,7 +164,7 @@ def attributions(report, root):
                       f"{t['kd_vs_scratch']['classes']} classes, Wilcoxon p = "
                       + (f"{t['kd_vs_scratch']['wilcoxon_p']:.3g}" if t["kd_vs_scratch"]["wilcoxon_p"] is not None
                          else "n/a") for i, t in enumerate(tables))
-    _section(report, f"### Gradient attributions\n\nShare of each model's integrated-gradient mass on the digit's ink "
+    _section(report, tables, f"### Gradient attributions\n\nShare of each model's integrated-gradient mass on the digit's ink "
                 f"(pixels > {tables[0]['foreground_threshold']:g}), mean per digit over the first {tables[0]['images']} "
                 "test images (Thapa 2022: KD above scratch in 10 of 10 classes, Wilcoxon p = "
                 f"0.00195). {tests}.\n\n", lines)
@@ -186,7 +190,7 @@ def training_noise(report, root, stem):
     for level, rows in _rows_by(tables, lambda row: row[stem]).items():
         lines.append(f"| {level * scale:g} | " + " | ".join(_mean([r[k] for r in rows], 100) for k in (
             "teacher_test_accuracy", "kd_test_accuracy", "scratch_test_accuracy", "kd_gain")) + " |")
-    _section(report, f"### {heading}\n\n{what} (validation and test sets clean); the teacher and both students "
+    _section(report, tables, f"### {heading}\n\n{what} (validation and test sets clean); the teacher and both students "
                 "learn from it (Thapa 2022: KD's largest gain under the heaviest corruption).\n\n", lines)
 
 
@@ -204,7 +208,7 @@ def explanation_dynamics(report, root):
         lines.append(f"| {kind} | {epoch} | " + " | ".join(
             _mean([r[f"{side}_target_{k}"] for r in rows], scale, digits)
             for side in ("on", "off") for k, scale, digits in (("mean_r", 1.0, 3), ("share", 100, 1))) + " |")
-    _section(report, "### Explanations over training\n\nOcclusion and integrated-gradient maps of the teacher after "
+    _section(report, tables, "### Explanations over training\n\nOcclusion and integrated-gradient maps of the teacher after "
              "each epoch against those of the ensemble of the teachers of seeds "
              f"{', '.join(map(str, tables[0]['seeds']))}, on {tables[0]['images']} test images, for the true class "
              "(on-target) and the ensemble's next class (off-target) (Gardner 2022, occlusion maps: share above "

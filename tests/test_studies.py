@@ -272,7 +272,11 @@ def test_label_noise_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
-    assert "| 50 | " in text[text.index("### Label noise"):]
+    section = text[text.index("### Label noise"):]
+    assert "| 50 | " in section
+    # Default precision (auto): the table says so where that was bfloat16.
+    precision = kd["identity"].get("precision", "float32")
+    assert (f"*Trained in {precision}.*" in section) == (precision != "float32")
 
 
 def test_noisy_images_add_clipped_gaussian_noise_of_the_given_std():
@@ -394,3 +398,4 @@ def test_pearson_rows_match_numpy_and_the_dynamics_study_end_to_end(tmp_path, sy
     (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
     assert "| occlusion | 2 | " in text[text.index("### Explanations over training"):]
+

@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from common.results import write_arrays_atomic, write_csv_atomic, write_json_atomic
+from common.results import write_arrays_atomic
+from common.studies import save_table
 
 FOREGROUND = 0.1  # MNIST pixels in [0, 1] above this are ink
 STEPS = 32
@@ -109,10 +110,9 @@ def run(task, images, labels, num_classes):
     result = {"images": int(len(images)), "steps": STEPS, "baselines": f"{BASELINES} of uniform noise",
               "foreground_threshold": FOREGROUND, "rows": rows,
               "kd_vs_scratch": paired_comparison(shares["kd"], shares["scratch"])}
-    stem = task.store.root / f"attributions-s{task.seed}"
-    write_csv_atomic(stem.with_suffix(".csv"), rows, ("model", "class", "images", "foreground_share"))
-    write_json_atomic(stem.with_suffix(".json"), result)
-    write_arrays_atomic(stem.with_suffix(".npz"), {"classes": np.array(classes),
+    path = save_table(task, "attributions", rows, ("model", "class", "images", "foreground_share"),
+                      **{k: v for k, v in result.items() if k != "rows"})
+    write_arrays_atomic(path.with_suffix(".npz"), {"classes": np.array(classes),
                                                    **{f"{label}_mean_map": m for label, m in maps.items()}})
     comparison = result["kd_vs_scratch"]
     task.log(f"[attributions] KD above scratch in {comparison['higher']} of {comparison['classes']} classes "

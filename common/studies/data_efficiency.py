@@ -19,8 +19,8 @@ import functools
 import numpy as np
 
 from common import methods
-from common.results import write_csv_atomic, write_json_atomic
 from common.run_spec import run_tag
+from common.studies import save_table
 
 SELECTIONS = ("random", "entropy")
 
@@ -82,8 +82,6 @@ def run(task, counts, build_student):
                          "test_accuracy": record["test_accuracy"], "run": record["run"]})
             task.log(f"[efficiency] {n} per class, {selection}, {rows[-1]['method']}: "
                      f"test accuracy {record['test_accuracy']:.4f}")
-    stem = task.store.root / f"data_efficiency-s{task.seed}"
-    write_csv_atomic(stem.with_suffix(".csv"), rows,
-                     ("per_class", "selection", "method", "examples", "test_accuracy", "run"))
-    write_json_atomic(stem.with_suffix(".json"), {"temperature": settings["temperature"], "rows": rows})
+    save_table(task, "data_efficiency", rows, ("per_class", "selection", "method", "examples", "test_accuracy", "run"),
+               temperature=settings["temperature"])
     return rows

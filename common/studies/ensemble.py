@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from common import training
 from common.metrics import top1_agreement
-from common.results import write_csv_atomic, write_json_atomic
+from common.studies import save_table
 
 
 def mean_logits(members):
@@ -49,9 +49,7 @@ def run(task, seeds):
         rows.append({"model": role, "run": label, metric: task.split_metrics("test", logits, labels, False)[metric],
                      "student_fidelity": top1_agreement(test[record["run"]][0], logits) if role != "student"
                      else None})
-    stem = task.store.root / f"ensemble-s{task.seed}"
-    write_csv_atomic(stem.with_suffix(".csv"), rows, ("model", metric, "student_fidelity", "run"))
-    write_json_atomic(stem.with_suffix(".json"), {"seeds": list(seeds), "metric": metric, "rows": rows})
+    save_table(task, "ensemble", rows, ("model", metric, "student_fidelity", "run"), seeds=list(seeds), metric=metric)
     for row in rows:
         task.log(f"[ensemble] {row['model']} {row['run']}: {metric} {row[metric]:.4f}")
     return rows

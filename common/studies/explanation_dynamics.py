@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import explain
-from common.results import write_csv_atomic, write_json_atomic
+from common.studies import save_table
 from common.studies.attributions import integrated_gradients
 from common.studies.ensemble import mean_logits
 
@@ -68,9 +68,6 @@ def run(task, images, labels, checkpoints, seeds):
             task.log(f"[dynamics] {kind}, teacher epoch {epoch}: on-target r {row['on_target_mean_r']:.3f} "
                      f"({row['on_target_share']:.0%} > {THRESHOLD}), off-target r {row['off_target_mean_r']:.3f} "
                      f"({row['off_target_share']:.0%})")
-    stem = task.store.root / f"explanation_dynamics-s{task.seed}"
-    write_csv_atomic(stem.with_suffix(".csv"), rows, tuple(rows[0]))
-    write_json_atomic(stem.with_suffix(".json"), {"seeds": list(seeds), "images": int(len(images)),
-                                                  "threshold": THRESHOLD, "occlusion_patch": c.occlusion_patch,
-                                                  "occlusion_stride": c.occlusion_stride, "rows": rows})
+    save_table(task, "explanation_dynamics", rows, seeds=list(seeds), images=int(len(images)), threshold=THRESHOLD,
+               occlusion_patch=c.occlusion_patch, occlusion_stride=c.occlusion_stride)
     return rows

@@ -18,8 +18,8 @@ to the bias of c's output unit.
 import numpy as np
 
 from common import methods, training
-from common.results import write_csv_atomic, write_json_atomic
 from common.run_spec import run_tag
+from common.studies import save_table
 
 SHIFTS = np.round(np.arange(0.0, 20.0 + 1e-9, 0.1), 1)
 
@@ -85,11 +85,8 @@ def run(task, cls, build_student):
         for bias, delta in (("as trained", 0.0), ("shifted", shift)):
             rows.append({"model": label, "bias": bias, "bias_shift": delta, "chosen_by": chosen_by if delta else "",
                          **errors(shift_class(outputs["test"][0], cls, delta), outputs["test"][1], cls)})
-    stem = task.store.root / f"missing-s{task.seed}"
-    write_csv_atomic(stem.with_suffix(".csv"), rows, ("model", "bias", "bias_shift", "chosen_by", "test_errors",
-                                                      "test_accuracy", "class_errors", "class_accuracy",
-                                                      "class_examples"))
-    write_json_atomic(stem.with_suffix(".json"), {"missing_class": cls, "rows": rows})
+    save_table(task, "missing", rows, ("model", "bias", "bias_shift", "chosen_by", "test_errors", "test_accuracy",
+                                       "class_errors", "class_accuracy", "class_examples"), missing_class=cls)
     for row in rows:
         task.log(f"[missing] {row['model']}, bias +{row['bias_shift']:g}: {row['test_errors']} test errors, "
                  f"{row['class_errors']} of the {row['class_examples']} {cls}s")

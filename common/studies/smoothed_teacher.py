@@ -14,7 +14,7 @@ softened outputs carry); the metric is the task's (`test_accuracy`; Task 2:
 
 from common import losses, methods
 from common.methods.ls import LabelSmoothing
-from common.results import write_csv_atomic, write_json_atomic
+from common.studies import save_table
 
 
 def run(task, build_teacher):
@@ -40,10 +40,8 @@ def run(task, build_teacher):
     for label, record in (("KD student from the hard-label teacher", task.kd()),
                           ("KD student from the smoothed teacher", student)):
         rows.append({"model": label, "run": record["run"], metric: record[metric], "soft_target_entropy_nats": None})
-    stem = task.store.root / f"smoothed_teacher-s{task.seed}"
-    write_csv_atomic(stem.with_suffix(".csv"), rows, ("model", metric, "soft_target_entropy_nats", "run"))
-    write_json_atomic(stem.with_suffix(".json"), {"epsilon": options.epsilon, "temperature": temperature,
-                                                  "metric": metric, "rows": rows})
+    save_table(task, "smoothed_teacher", rows, ("model", metric, "soft_target_entropy_nats", "run"),
+               epsilon=options.epsilon, temperature=temperature, metric=metric)
     for row in rows:
         entropy = row["soft_target_entropy_nats"]
         task.log(f"[smoothed] {row['model']}: {metric} {row[metric]:.4f}"

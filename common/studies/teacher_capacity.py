@@ -14,7 +14,7 @@ student's test metric and agreement with it.
 """
 
 from common import losses, methods
-from common.results import write_csv_atomic, write_json_atomic
+from common.studies import save_table
 
 
 def run(task, presets, course="course"):
@@ -42,7 +42,5 @@ def run(task, presets, course="course"):
                      "student_run": student["run"]})
         task.log(f"[capacity] {preset} teacher ({record['params']:,} params): {metric} {record[metric]:.4f}, "
                  f"entropy {entropy:.3f} nats at T={temperature:g}; its student {student[metric]:.4f}")
-    stem = task.store.root / f"teacher_capacity-s{task.seed}"
-    write_csv_atomic(stem.with_suffix(".csv"), rows, tuple(rows[0]))
-    write_json_atomic(stem.with_suffix(".json"), {"temperature": temperature, "metric": metric, "rows": rows})
+    save_table(task, "teacher_capacity", rows, temperature=temperature, metric=metric)
     return rows

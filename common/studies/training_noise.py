@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 
 from common import methods
-from common.results import write_csv_atomic, write_json_atomic
 from common.run_spec import run_tag
+from common.studies import save_table
 
 
 def noisy_labels(labels, rate, num_classes, seed):
@@ -105,7 +105,5 @@ def run(task, corruption, levels, build_teacher, build_student):
                      "runs": " ".join(r["run"] for r in (teacher, kd, scratch))})
         task.log(f"[{corruption.tag}] {corruption.describe(level)}: teacher {teacher['test_accuracy']:.4f}, "
                  f"KD {kd['test_accuracy']:.4f}, scratch {scratch['test_accuracy']:.4f}")
-    stem = task.store.root / f"{corruption.name}-s{task.seed}"
-    write_csv_atomic(stem.with_suffix(".csv"), rows, tuple(rows[0]))
-    write_json_atomic(stem.with_suffix(".json"), {"rows": rows})
+    save_table(task, corruption.name, rows)
     return rows
