@@ -174,7 +174,7 @@ NOISE_SECTIONS = {  # table stem: (heading, --only, level column, its scale, wha
     "label_noise": ("Label noise", "noise", "wrong training labels (%)", 100,
                     "A share of the training labels replaced by another class at random"),
     "image_noise": ("Image noise", "corruption", "pixel noise std (× full range)", 1,
-                    "Gaussian noise added to every training image (clipped to the pixel range)"),
+                    "Gaussian noise, clipped to the pixel range, added to every training image"),
 }
 
 
