@@ -87,6 +87,7 @@ def test_the_report_shows_each_studys_table(tmp_path, synthetic_mnist):
     assert "| KD student, no 3s | as trained |" in table and "| scratch student, no 3s | as trained |" in table
     assert "### KD from a label-smoothed teacher" in text and "| KD student from the smoothed teacher |" in text
     assert "| 5 | " in text[text.index("### Data efficiency"):]
+    assert (tmp_path / "report" / "task1" / "data_efficiency.png").exists()
     assert "| the student distilled from the ensemble |" in text[text.index("### Ensemble teacher"):]
 
 
@@ -277,6 +278,7 @@ def test_label_noise_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch):
     # Default precision (auto): the table says so where that was bfloat16.
     precision = kd["identity"].get("precision", "float32")
     assert (f"*Trained in {precision}.*" in section) == (precision != "float32")
+    assert "](task1/label_noise.png)" in section and (tmp_path / "report" / "task1" / "label_noise.png").exists()
 
 
 def test_noisy_images_add_clipped_gaussian_noise_of_the_given_std():
@@ -332,6 +334,7 @@ def test_image_noise_study_distils_from_the_teachers_outputs_on_the_noisy_images
     (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
     assert "| 0.5 | " in text[text.index("### Image noise"):]
+    assert (tmp_path / "report" / "task1" / "image_noise.png").exists()
 
 
 def test_the_configs_studies_are_the_tasks():
@@ -398,4 +401,5 @@ def test_pearson_rows_match_numpy_and_the_dynamics_study_end_to_end(tmp_path, sy
     (tmp_path / "results" / "task1").symlink_to(tmp_path / "out")
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
     assert "| occlusion | 2 | " in text[text.index("### Explanations over training"):]
+    assert (tmp_path / "report" / "task1" / "explanation_dynamics.png").exists()
 

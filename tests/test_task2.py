@@ -254,3 +254,4 @@ def test_the_studies_that_apply_run_end_to_end(tmp_path, mhist_dir, tiny_archite
     assert "| model | test auc (%) | the student agrees with it (%) |" in text[text.index("## Task 2"):]
     assert "| KD student from the smoothed teacher |" in text[text.index("## Task 2"):]
     assert "| teacher | params | teacher test AUC (%) |" in text[text.index("## Task 2"):]
+    assert (tmp_path / "report" / "task2" / "teacher_capacity.png").exists()
