@@ -260,7 +260,8 @@ def explanation_dynamics(report, root):
     kinds = dict.fromkeys(kind for _, kind in groups)
     _curves(report, root, "explanation_dynamics", f"Share of the teacher's maps with Pearson r > {threshold:g} "
             "against the ensemble's, after each epoch.", "teacher epoch", f"maps with r > {threshold:g} (%)", {
-                f"{kind}, {side}-target": _series(groups, ((kind, kind),), lambda r, s=side: 100 * r[f"{s}_target_share"])[kind]
+                f"{kind}, {side}-target": _series(groups, ((kind, kind),),
+                                                  lambda r, s=side: 100 * r[f"{s}_target_share"])[kind]
                 for kind in kinds for side in ("on", "off")})
 
 
