@@ -175,12 +175,13 @@ def export_model(folder, model, representative, images, score, log=None):
             write_atomic(path, lambda handle, content=content: handle.write(content), mode="wb")
         content = path.read_bytes()
         digest = hashlib.sha256(content).hexdigest()[:16]
-        saved = _read_json(path.with_suffix(".json"))
+        saved_path = path.with_suffix(".json")
+        saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
         if saved.get("sha256") != digest or saved.get("runtime") != name:
             say(f"scoring {variant} on {len(images)} test images")
             saved = {"sha256": digest, "runtime": name, "size_bytes": len(content),
                      "score": score(LiteModel(content).logits(images))}
-            write_json_atomic(path.with_suffix(".json"), saved)
+            write_json_atomic(saved_path, saved)
         if saved.get("latency_protocol") != LATENCY_PROTOCOL:
             saved = {key: value for key, value in saved.items() if not key.startswith(("latency", "calls"))}
         say(f"{variant}: {saved['size_bytes'] / 1024:,.0f} KiB, score {saved['score']:.4f}")
@@ -203,7 +204,3 @@ def time_exported(measured, images, log=None):
         write_json_atomic(entry["path"].with_suffix(".json"),
                           {k: v for k, v in entry.items() if k != "path"})
     return measured
-
-
-def _read_json(path):
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -56,11 +56,10 @@ def _curves(report, root, name, caption, xlabel, ylabel, series, log_x=False):
     report.figure(fig, root.name, name, caption)
 
 
-def _series(groups, labels, value):
-    """`{label: {x: [value(row) of each seed]}}` from `groups` (`{(x, key): rows}`)
-    for each `(key, label)` of `labels`."""
-    return {label: {x: [value(r) for r in rows] for (x, k), rows in groups.items() if k == key}
-            for key, label in labels}
+def _points(tables, x, value, where=lambda row: True):
+    """`{x(row): [value(row) of each seed]}` over the seeds' rows for which `where` holds."""
+    return {at: [value(r) for r in rows]
+            for at, rows in _rows_by(tables, lambda row: x(row) if where(row) else None).items() if at is not None}
 
 
 def _rows_by(tables, key):
@@ -131,11 +130,12 @@ def data_efficiency(report, root):
                 "set's size, so each run takes the course's steps), chosen at random or as the N whose softened "
                 f"teacher output at T={tables[0]['temperature']:g} has the highest entropy (Vats 2021: over 95% "
                 "from 60 high-entropy examples per class with a small teacher).\n\n", lines)
-    groups = _rows_by(tables, lambda row: (row["per_class"], (row["method"], row["selection"])))
     _curves(report, root, "data_efficiency", "Student test accuracy against examples per class (mean ± std over "
-            "seeds).", "examples per class", "test accuracy (%)", _series(groups, (
-                (("kd", "random"), "KD, random"), (("kd", "entropy"), "KD, highest-entropy"),
-                (("scratch", "random"), "scratch, random")), lambda r: 100 * r["test_accuracy"]), log_x=True)
+            "seeds).", "examples per class", "test accuracy (%)", {
+                label: _points(tables, lambda r: r["per_class"], lambda r: 100 * r["test_accuracy"],
+                               lambda r, c=choice: (r["method"], r["selection"]) == c)
+                for choice, label in ((("kd", "random"), "KD, random"), (("kd", "entropy"), "KD, highest-entropy"),
+                                      (("scratch", "random"), "scratch, random"))}, log_x=True)
 
 
 def ensemble(report, root):
@@ -177,10 +177,9 @@ def teacher_capacity(report, root):
                      f"{_mean(fidelity, 100) if fidelity else '—'} |")
     _section(report, tables, "### Teacher capacity\n\nOne teacher per size, the same schedule, and a KD student of each (Vats "
                 "2021: on MNIST the bigger teacher distilled worse).\n\n", lines)
-    groups = _rows_by(tables, lambda row: (row["teacher_params"], "all"))
     _curves(report, root, "teacher_capacity", f"Teacher and KD student {shown} against the teacher's parameters "
             "(mean ± std over seeds).", "teacher parameters", f"{shown} (%)", {
-                label: _series(groups, (("all", label),), lambda r, k=key: 100 * r[k])[label]
+                label: _points(tables, lambda r: r["teacher_params"], lambda r, k=key: 100 * r[k])
                 for key, label in ((f"teacher_{metric}", "teacher"), (f"student_{metric}", "KD student"))}, log_x=True)
 
 
@@ -229,10 +228,9 @@ def training_noise(report, root, stem):
             "teacher_test_accuracy", "kd_test_accuracy", "scratch_test_accuracy", "kd_gain")) + " |")
     _section(report, tables, f"### {heading}\n\n{what} (validation and test sets clean); the teacher and both students "
                 "learn from it (Thapa 2022: KD's largest gain under the heaviest corruption).\n\n", lines)
-    groups = _rows_by(tables, lambda row: (row[stem] * scale, "all"))
     _curves(report, root, stem, f"{heading}: test accuracy of the teacher and both students (mean ± std over "
             "seeds).", column, "test accuracy (%)", {
-                label: _series(groups, (("all", label),), lambda r, k=key: 100 * r[k])[label]
+                label: _points(tables, lambda r: r[stem] * scale, lambda r, k=key: 100 * r[k])
                 for key, label in (("teacher_test_accuracy", "teacher"), ("kd_test_accuracy", "KD student"),
                                    ("scratch_test_accuracy", "scratch student"))})
 
@@ -256,12 +254,12 @@ def explanation_dynamics(report, root):
              f"{', '.join(map(str, tables[0]['seeds']))}, on {tables[0]['images']} test images, for the true class "
              "(on-target) and the ensemble's next class (off-target) (Gardner 2022, occlusion maps: share above "
              "r = 0.53 from 78% to 98% on-target, 52% to 87% off-target).\n\n", lines)
-    groups = _rows_by(tables, lambda row: (row["epoch"], row.get("maps", "integrated gradients")))
-    kinds = dict.fromkeys(kind for _, kind in groups)
+    kinds = dict.fromkeys(kind for kind, _ in groups)
     _curves(report, root, "explanation_dynamics", f"Share of the teacher's maps with Pearson r > {threshold:g} "
             "against the ensemble's, after each epoch.", "teacher epoch", f"maps with r > {threshold:g} (%)", {
-                f"{kind}, {side}-target": _series(groups, ((kind, kind),),
-                                                  lambda r, s=side: 100 * r[f"{s}_target_share"])[kind]
+                f"{kind}, {side}-target": _points(tables, lambda r: r["epoch"],
+                                                  lambda r, s=side: 100 * r[f"{s}_target_share"],
+                                                  lambda r, k=kind: r.get("maps", "integrated gradients") == k)
                 for kind in kinds for side in ("on", "off")})
 
 

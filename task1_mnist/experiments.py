@@ -27,24 +27,27 @@ from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, buil
 EVAL_BATCH = 1024
 
 
+STUDY_RUNS = {  # `common.studies` on Task 1, run by name (`--only`); see docs/studies.md
+    "missing": lambda task: missing_class.run(task, task.config.missing_class, build_student),
+    "smoothed": lambda task: smoothed_teacher.run(task, build_teacher),
+    "efficiency": lambda task: data_efficiency.run(task, task.config.per_class, build_student),
+    "ensemble": lambda task: ensemble.run(task, task.config.ensemble_seeds),
+    "capacity": lambda task: teacher_capacity.run(task, models.TEACHER_PRESETS),
+    "attributions": lambda task: attributions.run(
+        task, *(part[:task.config.attribution_images] for part in task.test_arrays()), NUM_CLASSES),
+    "noise": lambda task: training_noise.run(task, training_noise.LABELS, task.config.label_noise, build_teacher,
+                                             build_student),
+    "corruption": lambda task: training_noise.run(task, training_noise.IMAGES, task.config.image_noise,
+                                                  build_teacher, build_student),
+    "dynamics": lambda task: explanation_dynamics.run(
+        task, *task.explanation_images(), task.teacher_checkpoints(), task.config.ensemble_seeds),
+}
+
+
 class Task1(Recipes):
     """Runs Task 1 experiments for one config and one seed over one loaded dataset."""
 
-    studies = {  # `common.studies`, run by name (`--only`); see docs/studies.md
-        "missing": lambda task: missing_class.run(task, task.config.missing_class, build_student),
-        "smoothed": lambda task: smoothed_teacher.run(task, build_teacher),
-        "efficiency": lambda task: data_efficiency.run(task, task.config.per_class, build_student),
-        "ensemble": lambda task: ensemble.run(task, task.config.ensemble_seeds),
-        "capacity": lambda task: teacher_capacity.run(task, models.TEACHER_PRESETS),
-        "attributions": lambda task: attributions.run(
-            task, *(part[:task.config.attribution_images] for part in task.test_arrays()), NUM_CLASSES),
-        "noise": lambda task: training_noise.run(task, training_noise.LABELS, task.config.label_noise, build_teacher,
-                                                 build_student),
-        "corruption": lambda task: training_noise.run(task, training_noise.IMAGES, task.config.image_noise,
-                                                      build_teacher, build_student),
-        "dynamics": lambda task: explanation_dynamics.run(
-            task, *task.explanation_images(), task.teacher_checkpoints(), task.config.ensemble_seeds),
-    }
+    studies = STUDY_RUNS
     experiments = ("flops", "teacher", "kd", "scratch", "entropy", "grid", *methods.OTHER_METHODS, "skd", "takd", "eskd",
                    "export", "lime", "occlusion", *studies)
     num_classes = NUM_CLASSES

@@ -31,15 +31,18 @@ from task2_mhist.frozen import FrozenOutputs, inference_batch
 NUM_CLASSES = len(mhist.CLASSES)
 
 
+STUDY_RUNS = {  # `common.studies` that apply to Task 2, a binary task; see docs/studies.md
+    "smoothed": lambda task: smoothed_teacher.run(task, task.builder(models.TEACHER)),
+    "ensemble": lambda task: ensemble.run(task, task.config.ensemble_seeds),
+    "capacity": lambda task: teacher_capacity.run(
+        task, {"densenet121": task.builder(models.ASSISTANT), "course": task.builder(models.TEACHER)}),
+}
+
+
 class Task2(Recipes):
     """Runs Task 2 experiments for one config and one seed."""
 
-    studies = {  # `common.studies` that apply to a binary task; see docs/studies.md
-        "smoothed": lambda task: smoothed_teacher.run(task, task.builder(models.TEACHER)),
-        "ensemble": lambda task: ensemble.run(task, task.config.ensemble_seeds),
-        "capacity": lambda task: teacher_capacity.run(
-            task, {"densenet121": task.builder(models.ASSISTANT), "course": task.builder(models.TEACHER)}),
-    }
+    studies = STUDY_RUNS
     experiments = ("flops", "teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd",
                    "export", "lime", "occlusion", *studies)
 

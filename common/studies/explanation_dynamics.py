@@ -38,8 +38,7 @@ def pearson_rows(first, second):
 def occlusion(model, images, classes, patch, stride, fill):
     """`(n, rows, cols)` occlusion maps of `model` (`x -> logits`), image i for class `classes[i]`."""
     probabilities = lambda x: tf.nn.softmax(tf.cast(model(x), tf.float32)).numpy()  # noqa: E731
-    return np.stack([explain.occlusion_map(probabilities, image, label, patch, stride, fill)
-                     for image, label in zip(images, classes)])
+    return np.stack(explain.occlusion_maps({"model": probabilities}, images, classes, patch, stride, fill)["model"])
 
 
 def run(task, images, labels, checkpoints, seeds):
