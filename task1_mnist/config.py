@@ -13,6 +13,7 @@ COURSE = (
 STUDIES = ("missing", "smoothed", "efficiency", "ensemble", "capacity", "attributions", "noise", "corruption",
            "dynamics")
 EXPERIMENTS = (*COURSE, *STUDIES)
+TEACHER_SIZES = ("small", "course", "large")  # the teacher presets of `models.TEACHER_PRESETS`
 
 
 FUSE_GRID = ("auto", "on", "stacked", "off")
@@ -43,6 +44,7 @@ class Task1Config(cfg.SharedConfig):
     teacher_epochs: tuple = (2, 4)
     fuse_grid: str = "auto"
     missing_class: int = 3
+    missing_teachers: tuple = TEACHER_SIZES
     per_class: tuple = (10, 60, 500)
     attribution_images: int = 1000
     label_noise: tuple = (0.0, 0.2, 0.4, 0.6)
@@ -67,6 +69,7 @@ class Task1Config(cfg.SharedConfig):
         cfg.positive_int("attribution_images", self.attribution_images, "--attribution-images")
         if isinstance(self.missing_class, bool) or self.missing_class not in range(10):
             raise cfg.ConfigError(f"--missing-class must be a digit 0-9, got {self.missing_class!r}")
+        cfg.choices("missing_teachers", self.missing_teachers, TEACHER_SIZES, "--missing-teachers")
         cfg.choices("fuse_grid", (self.fuse_grid,), FUSE_GRID, "--fuse-grid")
         if self.fuse_grid in ("on", "stacked") and self.precision == "mixed_float16":
             raise cfg.ConfigError(f"--fuse-grid {self.fuse_grid} cannot train under --precision mixed_float16: the "

@@ -28,7 +28,9 @@ EVAL_BATCH = 1024
 
 
 STUDY_RUNS = {  # `common.studies` on Task 1, run by name (`--only`); see docs/studies.md
-    "missing": lambda task: missing_class.run(task, task.config.missing_class, build_student),
+    "missing": lambda task: missing_class.run(task, task.config.missing_class, build_student, {
+        size: teacher_capacity.preset_teacher(task, size, models.TEACHER_PRESETS[size])
+        for size in task.config.missing_teachers}),
     "smoothed": lambda task: smoothed_teacher.run(task, build_teacher),
     "efficiency": lambda task: data_efficiency.run(task, task.config.per_class, build_student),
     "ensemble": lambda task: ensemble.run(task, task.config.ensemble_seeds),

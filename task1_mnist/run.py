@@ -36,6 +36,8 @@ def build_parser():
     parser.add_argument("--aux-temperature", type=float, default=defaults.aux_temperature, help="temperature tau of the subclass auxiliary loss")
     parser.add_argument("--missing-class", type=int, default=defaults.missing_class,
                         help="the digit the missing-class study (--only teacher,missing) leaves out of the transfer set")
+    parser.add_argument("--missing-teachers", type=cli.name_list, default=defaults.missing_teachers,
+                        help="teacher sizes (small, course, large) the missing-class study distils from, comma list")
     parser.add_argument("--per-class", type=cli.int_list, default=defaults.per_class,
                         help="examples per class of the data-efficiency study's transfer sets, comma list")
     parser.add_argument("--attribution-images", type=int, default=defaults.attribution_images,

@@ -35,27 +35,47 @@ def test_the_transfer_set_loses_exactly_the_missing_class():
 
 def test_missing_class_study_end_to_end(tmp_path, synthetic_mnist):
     config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "teacher,missing", "--missing-class", "3",
-                               "--epochs", "2", "--batch-size", "64", "--validation", "64", "-q"])
+                               "--missing-teachers", "course,small", "--epochs", "2", "--batch-size", "64",
+                               "--validation", "64", "-q"])
     rows = run_all(config, arrays=synthetic_mnist)[0]["missing"]
     out = tmp_path / "out"
-    assert {p.parent.name for p in out.glob("*/metrics.json")} == {"teacher-s0", "missing3-kd-T4-a0.5-s0",
-                                                                    "missing3-scratch-s0"}
+    assert {p.parent.name for p in out.glob("*/metrics.json")} == {
+        "teacher-s0", "missing3-kd-T4-a0.5-s0", "teacher-small-s0", "missing3-kd-small-T4-a0.5-s0",
+        "missing3-scratch-s0"}
     kd = json.loads((out / "missing3-kd-T4-a0.5-s0" / "metrics.json").read_text())
     assert kd["identity"]["missing_class"] == 3 and kd["distilled_from"] == "teacher-s0"
+    assert "teacher_preset" not in kd["identity"]  # the course teacher's student keeps its identity
+    small_kd = json.loads((out / "missing3-kd-small-T4-a0.5-s0" / "metrics.json").read_text())
+    assert small_kd["identity"]["teacher_preset"] == "small" and small_kd["distilled_from"] == "teacher-small-s0"
+    small = json.loads((out / "teacher-small-s0" / "metrics.json").read_text())
+    assert small["identity"]["preset"] == "small" and small["params"] == 108_618  # the capacity study's run
     with open(out / "missing-s0.csv") as handle:
         saved = list(csv.DictReader(handle))
-    assert [r["model"] for r in saved] == [r["model"] for r in rows] and len(rows) == 6
-    assert [r["bias"] for r in rows] == ["as trained", "shifted"] * 3
+    assert [r["model"] for r in saved] == [r["model"] for r in rows] and len(rows) == 10
+    assert [(r["teacher"], r["model"]) for r in rows[::2]] == [
+        ("course", "teacher (every class)"), ("course", "KD student, no 3s"), ("small", "teacher (every class)"),
+        ("small", "KD student, no 3s"), ("", "scratch student, no 3s")]
+    assert [r["bias"] for r in rows] == ["as trained", "shifted"] * 5
     threes = int(np.sum(synthetic_mnist["y_test"] == 3))
-    scratch_raw = next(r for r in rows if r["model"] == "scratch student, no 3s" and r["bias"] == "as trained")
+    scratch_raw = rows[-2]
     assert scratch_raw["class_examples"] == threes and scratch_raw["class_accuracy"] == 0.0  # never saw a 3
     for row in rows:  # a class's errors are among the test errors
         assert 0 <= row["class_errors"] <= row["test_errors"] <= 128
+    for name, row in (("teacher-s0", rows[0]), ("teacher-small-s0", rows[4]), ("missing3-kd-small-T4-a0.5-s0", rows[6])):
+        record = json.loads((out / name / "metrics.json").read_text())
+        assert row["test_accuracy"] == pytest.approx(record["test_accuracy"]), name
     teacher = json.loads((out / "teacher-s0" / "metrics.json").read_text())
-    teacher_row = next(r for r in rows if r["model"] == "teacher (every class)" and r["bias"] == "as trained")
-    assert teacher_row["test_accuracy"] == pytest.approx(teacher["test_accuracy"])
     assert len(teacher["test_per_class"]["recall"]) == 10  # Task 1's per-class metrics
-    assert teacher["test_per_class"]["recall"][3] == pytest.approx(1 - teacher_row["class_errors"] / threes)
+    assert teacher["test_per_class"]["recall"][3] == pytest.approx(1 - rows[0]["class_errors"] / threes)
+
+
+def test_missing_teachers_are_the_capacity_presets():
+    from common.errors import ConfigError
+    from task1_mnist import config, models
+
+    assert tuple(models.TEACHER_PRESETS) == config.TEACHER_SIZES == cli.parse_config([]).missing_teachers
+    with pytest.raises(ConfigError, match="--missing-teachers: unknown or empty selection \\['huge'\\]"):
+        cli.parse_config(["--missing-teachers", "small,huge"])
 
 
 def test_smoothed_teacher_study_end_to_end(tmp_path, synthetic_mnist):
@@ -79,7 +99,7 @@ def test_the_report_shows_each_studys_table(tmp_path, synthetic_mnist):
 
     out = tmp_path / "results" / "task1"
     config = cli.parse_config(["--out", str(out), "--only", "missing,smoothed,efficiency,ensemble", "--epochs", "1",
-                               "--per-class", "5", "--ensemble-seeds", "0,1",
+                               "--missing-teachers", "small,course", "--per-class", "5", "--ensemble-seeds", "0,1",
                                "--batch-size", "64", "--validation", "64", "-q"])
     run_all(config, arrays=synthetic_mnist)
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()

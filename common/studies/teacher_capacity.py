@@ -17,6 +17,21 @@ from common import losses, methods
 from common.studies import save_table
 
 
+def preset_teacher(task, preset, build, course="course"):
+    """`() -> (run name, model)`: the teacher of `preset` (built by `build`) trained by
+    cross-entropy on the task's teacher schedule, or loaded when finished; for the
+    `course` preset, the task's own `teacher` run. Other studies (missing-class
+    transfer per teacher size) reuse these runs."""
+    if preset == course:
+        return task.teacher_model
+
+    def trained():
+        record, model = task.train_model(task.spec(f"teacher-{preset}", "capacity-teacher", preset=preset), build,
+                                         methods.CrossEntropy, task.train_data, **task.teacher_fit_options())
+        return record["run"], model
+    return trained
+
+
 def run(task, presets, course="course"):
     """The study on `task` (a `common.recipes.Recipes`) over `presets` (`{name: build}`;
     `course`: the preset that is the task's own teacher). Writes
@@ -25,16 +40,14 @@ def run(task, presets, course="course"):
     metric = f"test_{task.primary_metric}"
     rows = []
     for preset, build in presets.items():
+        parent = preset_teacher(task, preset, build, course)
+        name, teacher = parent()
+        record = task.store.load(name)
         if preset == course:
-            name, teacher = task.teacher_model()
-            record, student = task.store.load(name), task.kd()
+            student = task.kd()
         else:
-            record, teacher = task.train_model(task.spec(f"teacher-{preset}", "capacity-teacher", preset=preset),
-                                               build, methods.CrossEntropy, task.train_data,
-                                               **task.teacher_fit_options())
-            (student,) = task.chain([(f"capkd-{preset}", task.student_builder())],
-                                    parent=lambda record=record, teacher=teacher: (record["run"], teacher))
-        entropy = float(losses.soft_target_entropy(task.logits_of(record["run"], teacher), temperature))
+            (student,) = task.chain([(f"capkd-{preset}", task.student_builder())], parent=lambda: (name, teacher))
+        entropy = float(losses.soft_target_entropy(task.logits_of(name, teacher), temperature))
         rows.append({"preset": preset, "teacher_params": record["params"],
                      f"teacher_{metric}": record[metric], "soft_target_entropy_nats": entropy,
                      f"student_{metric}": student[metric],
