@@ -1,8 +1,10 @@
-"""Benchmark: Task 2 fine-tuning images/s against the hardware anchor and Keras' own fit.
+"""Benchmark: Task 2 fine-tuning images/s against the hardware anchor, the model's
+roofline and Keras' own fit, at each precision.
 
-For each architecture (`--architectures`), everything trainable (the fine-tuning
-phase), cross-entropy, Adam, at `--precision`, `--batch-size` and `--jit`, in one
-process:
+For each precision (`--precisions`, default float32 and bfloat16, all in one
+process so their ratios compare) and architecture (`--architectures`), everything
+trainable (the fine-tuning phase), cross-entropy, Adam, at `--batch-size` and
+`--jit`:
 
 - `anchor`: one compiled train step on a single batch that stays on the device,
   repeated: what the hardware does for this model with no input pipeline at all;
@@ -11,13 +13,19 @@ process:
 - `keras_fit`: `Model.compile` + `Model.fit` on the same batches, what a user would
   write;
 - `inference`: a compiled forward pass on a resident batch of `inference_batch()`
-  images (what teacher-output and feature passes are bounded by).
+  images (what teacher-output and feature passes are bounded by);
+- `roofline`: every convolution and dense layer's forward op timed alone at its
+  shape and the batch size (`roofline.model_roofline`), so the model's peak
+  GFLOP/s; the anchor, toolkit and Keras rates are given as a fraction of it
+  (training flops: 3x the forward's).
 
 Then the KD student (MobileNetV2 from the ResNet50V2 teacher): the toolkit with
 the teacher's logits cached per view, against `keras.distillation.Distiller.fit`
 with the teacher running on every step. Epoch figures are steady state (the first
-epoch, which traces the step, is left out). Writes `bench/results/finetune.json`
-with the device's name.
+epoch, which traces the step, is left out). With MobileNetV2, ResNet50V2 and
+DenseNet121 timed (toolkit and inference) at 224 px, each precision also gets an
+estimate of the default course table's hours (`course_estimate`). Writes
+`bench/results/finetune.json` with the device's name.
 
     python -m task2_mhist.synthetic --out /tmp/mhist --annotations ../shared/data/mhist/annotations.csv
     python bench/bench_finetune.py --data-dir /tmp/mhist --limit 256
@@ -40,7 +48,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import roofline  # noqa: E402  (bench/, beside this file)
 from common import device, methods, runs, training  # noqa: E402
+from common.data import validation_count  # noqa: E402
 from common.results import write_json_atomic  # noqa: E402
 from task2_mhist import data as mhist  # noqa: E402
 from task2_mhist import models  # noqa: E402
@@ -49,7 +59,8 @@ from task2_mhist.experiments import Task2  # noqa: E402
 from task2_mhist.frozen import inference_batch  # noqa: E402
 
 
-PARTS = ("anchor", "toolkit", "keras_fit", "inference", "kd")
+PARTS = ("anchor", "toolkit", "keras_fit", "inference", "roofline", "kd")
+ROOFLINE_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
 
 
 def parse_args(argv=None):
@@ -58,7 +69,8 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--limit", type=int, default=256, help="first N train images (an epoch)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--precision", default="float32", choices=device.PRECISIONS)
+    parser.add_argument("--precisions", type=cli.name_list, default=("float32", "mixed_bfloat16"),
+                        help=f"comma list of {', '.join(device.PRECISION_CHOICES)}, each timed in this process")
     parser.add_argument("--jit", default="auto", choices=device.JIT)
     parser.add_argument("--weights", default="none",
                         help="none, or a folder of Keras no-top weight files (the default pretrained path)")
@@ -67,17 +79,49 @@ def parse_args(argv=None):
     parser.add_argument("--parts", type=cli.name_list, default=PARTS,
                         help=f"what to time, comma list of {','.join(PARTS)} (default: all)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/finetune.json"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    bad = [p for p in args.precisions if p not in device.PRECISION_CHOICES]
+    if bad or not args.precisions:
+        parser.error(f"--precisions: unknown {bad or 'empty list'}; choose from {', '.join(device.PRECISION_CHOICES)}")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device.configure(precision=args.precision)
-    jit = device.use_jit(args.jit)
     tf.get_logger().setLevel("ERROR")
+    precisions = dict.fromkeys(device.resolve_precision(p)[0] for p in args.precisions)
+    measured = {precision: measure(args, precision) for precision in precisions}
+    keras.mixed_precision.set_global_policy("float32")
+    train_images = {part.pop("train_images") for part in measured.values()}.pop()
+    for part in measured.values():
+        part["course_estimate"] = course_estimate(part["fine_tuning_images_per_s"], args.image_size)
+    result = {
+        "benchmark": "Task 2 fine-tuning images/s: hardware anchor, toolkit, Keras fit, the model's roofline; "
+                     "KD student vs Distiller.fit",
+        "command": "python bench/bench_finetune.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": device.describe(),
+        "settings": {"image_size": args.image_size, "train_images": train_images,
+                     "batch_size": args.batch_size, "weights": args.weights, "inference_batch": inference_batch()},
+        "environment": runs.environment(),
+        "precisions": measured,
+        "peak_rss_mib": runs.peak_rss_mib(),
+    }
+    write_json_atomic(args.out, result)
+    print(format_table(result))
+    print(f"written to {args.out}")
+    return 0
+
+
+def measure(args, precision):
+    """This process's figures at `precision`: `{"jit", "train_images",
+    "fine_tuning_images_per_s": [row per architecture], "kd_student_images_per_s"}`."""
+    device.configure(precision=precision)
+    jit = device.use_jit(args.jit)
+    print(f"== {precision}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         config = Task2Config(data_dir=args.data_dir, out=scratch, weights=args.weights, image_size=args.image_size,
-                             limit=args.limit, batch_size=args.batch_size, validation=0, quiet=True)
+                             limit=args.limit, batch_size=args.batch_size, validation=0, quiet=True,
+                             precision=precision)
         task = Task2(config)
         n = len(task.splits["train"])
         extra = task.train_data()
@@ -109,32 +153,72 @@ def main(argv=None):
         timed = {"anchor": lambda a: anchor(build(a), args, jit),
                  "toolkit": lambda a: toolkit(methods.CrossEntropy(build(a)), extra),
                  "keras_fit": lambda a: keras_fit(build(a)),
-                 "inference": lambda a: inference(build(a), args)}
+                 "inference": lambda a: inference(build(a), args),
+                 "roofline": lambda a: roofline.model_roofline(build(a), args.batch_size, ROOFLINE_DTYPES[precision])}
         for architecture in args.architectures:
             print(f"{architecture}: {', '.join(p for p in args.parts if p in timed)} ...", flush=True)
             row = {"architecture": architecture, "toolkit_first_epoch_s": None}
             row.update({part: timed[part](architecture) for part in timed if part in args.parts})
             if "toolkit" in row:
                 row["toolkit"], row["toolkit_first_epoch_s"] = row["toolkit"]
+            if "roofline" in row:  # a training step's flops: 3x the forward's
+                for part in ("anchor", "toolkit", "keras_fit"):
+                    if part in row:
+                        row[f"{part}_fraction_of_peak"] = (row[part] * 3 * row["roofline"]["forward_gflop_per_image"]
+                                                           / row["roofline"]["peak_gflops"])
             print(row, flush=True)
             rows.append(row)
         kd = kd_student(args, task, build, extra, toolkit, keras_fit) if "kd" in args.parts else None
+    return {"jit": jit, "train_images": n, "fine_tuning_images_per_s": rows, "kd_student_images_per_s": kd}
 
-    result = {
-        "benchmark": "Task 2 fine-tuning images/s: hardware anchor, toolkit, Keras fit; KD student vs Distiller.fit",
-        "command": "python bench/bench_finetune.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "settings": {"image_size": args.image_size, "train_images": n, "batch_size": args.batch_size,
-                     "precision": args.precision, "jit": jit, "weights": args.weights,
-                     "inference_batch": inference_batch()},
-        "environment": runs.environment(),
-        "fine_tuning_images_per_s": rows,
-        "kd_student_images_per_s": kd,
-        "peak_rss_mib": runs.peak_rss_mib(),
-    }
-    write_json_atomic(args.out, result)
-    print(format_table(result))
-    print(f"written to {args.out}")
-    return 0
+
+def course_work(config=None, train=2175, test=977):
+    """The default Task 2 course table's images per architecture (`--only` the
+    course's experiments at `config`, default Task2Config(); MHIST's 2,175 train
+    images, `config.validation` of them held out, and 977 test):
+    `{architecture: {"models", "finetune_images", "inference_images"}}`.
+
+    Fine-tuned models: ResNet50V2 the teacher, the subclass teacher (`skd`),
+    SFTN's teacher (counted as a plain one) and `pretrained`'s randomly initialised
+    teacher; DenseNet121 the assistant (`takd`); MobileNetV2 the KD, scratch,
+    T-curve (every T but the course's), subclass, TAKD students, one per other
+    method, and `pretrained`'s random-init one. Each trains `ft_epochs` epochs and is
+    evaluated on the validation and test images after each. Inference also
+    covers one base-feature pass per distinct base (each view of the training set,
+    then the held-out images; feature extraction then trains on them, almost free)
+    and one logits pass over each view of the training set per distilled-from
+    teacher (the three ResNet50V2 teachers, the assistant)."""
+    config = config or Task2Config()
+    held_out = validation_count(config.validation, train)
+    fit, evaluated = train - held_out, held_out + test
+    views = 8 if config.augment else 1
+    random_init = config.weights != "none"
+    students = 2 + (len(config.temperatures) - (config.temperature in config.temperatures)) \
+        + len(methods.OTHER_METHODS) + 2 + random_init
+    plan = {models.TEACHER: (3 + random_init, 1 + random_init, 3), models.ASSISTANT: (1, 1, 1),
+            models.STUDENT: (students, 1 + random_init, 0)}  # fine-tuned models, distinct bases, logits passes
+    work = {}
+    for architecture, (fine_tuned, bases, teachers) in plan.items():
+        work[architecture] = {
+            "models": fine_tuned,
+            "finetune_images": fine_tuned * config.ft_epochs * fit,
+            "inference_images": fine_tuned * config.ft_epochs * evaluated + bases * (views * fit + evaluated)
+            + teachers * views * fit}
+    return work
+
+
+def course_estimate(rows, image_size):
+    """Hours the default course table needs at the measured toolkit (fine-tuning) and
+    inference images/s of `rows` (`course_work`), or None unless every architecture
+    it trains was timed at 224 px. A floor of the training and inference alone:
+    LIME, occlusion, export and per-run start-up (minutes in all) are left out."""
+    rates = {r["architecture"]: r for r in rows if "toolkit" in r and "inference" in r}
+    work = course_work()
+    if image_size != 224 or not set(work) <= set(rates):
+        return None
+    by = {a: {**w, "hours": (w["finetune_images"] / rates[a]["toolkit"] + w["inference_images"] / rates[a]["inference"])
+              / 3600} for a, w in work.items()}
+    return {"hours": sum(part["hours"] for part in by.values()), "by_architecture": by}
 
 
 def kd_student(args, task, build, extra, toolkit, keras_fit):
@@ -210,17 +294,27 @@ def format_table(result):
     def cell(value, digits=0):
         return "-" if value is None else f"{value:,.{digits}f}"
 
-    lines = ["| architecture | anchor | toolkit | Keras fit | inference | toolkit first epoch s |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in result["fine_tuning_images_per_s"]:
-        lines.append(f"| {r['architecture']} | {cell(r.get('anchor'))} | {cell(r.get('toolkit'))} | "
-                     f"{cell(r.get('keras_fit'))} | {cell(r.get('inference'))} | {cell(r['toolkit_first_epoch_s'], 1)} |")
-    kd = result["kd_student_images_per_s"]
     s = result["settings"]
-    lines += ["", f"images/s at {s['image_size']} px, batch {s['batch_size']}, {s['precision']}, XLA {s['jit']}"]
-    if kd:
-        lines.append(f"KD student: toolkit {kd['toolkit_cached_logits']:,.0f} images/s, Distiller.fit "
-                     f"{kd['distiller_fit']:,.0f}: {kd['speedup']:.2f}x")
+    lines = [f"images/s at {s['image_size']} px, batch {s['batch_size']}; peak: the model's roofline "
+             "(GFLOP/s of its weight layers' forward ops at batch size); % of it: the toolkit's training rate", "",
+             "| precision | architecture | anchor | toolkit | Keras fit | inference | peak GFLOP/s | toolkit % of peak | "
+             "toolkit first epoch s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for precision, part in result["precisions"].items():
+        for r in part["fine_tuning_images_per_s"]:
+            peak = r.get("roofline", {}).get("peak_gflops")
+            share = r.get("toolkit_fraction_of_peak")
+            lines.append(f"| {precision} | {r['architecture']} | {cell(r.get('anchor'), 1)} | {cell(r.get('toolkit'), 1)} | "
+                         f"{cell(r.get('keras_fit'), 1)} | {cell(r.get('inference'), 1)} | {cell(peak)} | "
+                         f"{cell(None if share is None else 100 * share, 1)} | {cell(r['toolkit_first_epoch_s'], 1)} |")
+    for precision, part in result["precisions"].items():
+        kd, estimate = part["kd_student_images_per_s"], part["course_estimate"]
+        if kd:
+            lines.append(f"{precision}: KD student: toolkit {kd['toolkit_cached_logits']:,.1f} images/s, Distiller.fit "
+                         f"{kd['distiller_fit']:,.1f}: {kd['speedup']:.2f}x")
+        if estimate:
+            lines.append(f"{precision}: the course table needs about {estimate['hours']:.1f} h of training and "
+                         "inference at these rates (" + ", ".join(f"{a} {w['hours']:.1f} h"
+                                                               for a, w in estimate["by_architecture"].items()) + ")")
     return "\n".join(lines)
 
 

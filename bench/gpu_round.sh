@@ -64,9 +64,9 @@ for s in "$@"; do
   t1tune0) XLA_FLAGS=--xla_gpu_autotune_level=0 step t1tune0 130 python3 task1_mnist/run.py --data-dir "$MNIST" \
              --out "$WORK/t1tune0" -q --only flops,teacher,kd,scratch,grid ;;
   ftoff32) mhist && step ftoff32 90 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
-             --jit off --parts anchor,toolkit --out "$OUT/ft_off_fp32_b32.json" ;;
+             --jit off --parts anchor,toolkit --precisions float32 --out "$OUT/ft_off_fp32_b32.json" ;;
   ftoffbf128) mhist && step ftoffbf128 90 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
-                --jit off --parts anchor,toolkit --precision mixed_bfloat16 --batch-size 128 \
+                --jit off --parts anchor,toolkit --precisions mixed_bfloat16 --batch-size 128 \
                 --out "$OUT/ft_off_bf16_b128.json" ;;
   gputests) step gputests 80 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_distribute.py \
               tests/test_losses.py tests/test_task1.py::test_same_seed_repeats_a_run_exactly \
@@ -74,11 +74,11 @@ for s in "$@"; do
               tests/test_task1.py::test_a_fused_grid_under_a_mirrored_strategy_matches_default ;;
   kd) step kd 300 python3 bench/bench_kd.py --data-dir "$MNIST" --epochs 4 --grid-cells 6 --out "$OUT/kd_mnist.json" ;;
   ft32) mhist && step ft32 200 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
-          --out "$OUT/ft_fp32_b32.json" ;;
+          --precisions float32 --out "$OUT/ft_fp32_b32.json" ;;
   ftbf32) mhist && step ftbf32 200 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
-            --precision mixed_bfloat16 --jit on --out "$OUT/ft_bf16_b32.json" ;;
+            --precisions mixed_bfloat16 --jit on --out "$OUT/ft_bf16_b32.json" ;;
   ftbf128) mhist && step ftbf128 200 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 \
-             --precision mixed_bfloat16 --jit on --batch-size 128 --out "$OUT/ft_bf16_b128.json" ;;
+             --precisions mixed_bfloat16 --jit on --batch-size 128 --out "$OUT/ft_bf16_b128.json" ;;
   t2) mhist && step t2 "${T2_LIMIT:-560}" python3 task2_mhist/run.py --data-dir "$WORK/mhist" --weights none \
         --out "$WORK/t2" -q ${T2_FLAGS:-}
       python3 bench/run_times.py "$WORK/t2" | tee -a "$OUT/summary.txt" ;;
@@ -87,7 +87,7 @@ for s in "$@"; do
            grep -aE "^startup seconds|ptxas|PTX|nvlink|JitLink|[Ff]alling back" "$OUT/log.txt" | sort | uniq -c | head -20 |
              sed "s/^/  startup${TAG:-}: /" | tee -a "$OUT/summary.txt" ;;
   ftmnv) mhist && step ftmnv 300 python3 bench/bench_finetune.py --data-dir "$WORK/mhist" --limit 2048 --jit on \
-           --architectures mobilenetv2 --parts anchor,toolkit ${FT_FLAGS:-} --out "$OUT/ftmnv${TAG:-}.json" ;;
+           --architectures mobilenetv2 --parts anchor,toolkit --precisions float32 ${FT_FLAGS:-} --out "$OUT/ftmnv${TAG:-}.json" ;;
   t1short) step t1short 200 python3 task1_mnist/run.py --data-dir "$MNIST" --out "$WORK/t1short${TAG:-}" -q \
              --only teacher,kd,scratch --epochs 2 && python3 bench/run_times.py "$WORK/t1short${TAG:-}" | tee -a "$OUT/summary.txt" ;;
   *) echo "unknown step $s" | tee -a "$OUT/summary.txt" ;;

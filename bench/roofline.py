@@ -97,16 +97,85 @@ def peak_rate(kind, shape, dtype, seconds):
         a = tf.constant(rng.normal(size=(batch, height, width, c_in)), dtype)
         b = tf.constant(rng.normal(size=(kernel, kernel, c_in, c_out)), dtype)
         op = tf.function(lambda: tf.reduce_sum(tf.nn.conv2d(a, b, 1, "VALID")))
+    return op_rate(op, kernel_flops(kind, shape), seconds)
+
+
+def op_rate(op, flops, seconds, trials=5):
+    """Median GFLOP/s of the compiled `op()` (`flops` a call) over `trials` trials of at
+    least `seconds` each, after 3 warm-up calls."""
     for _ in range(3):
         op().numpy()
     rates = []
-    for _ in range(5):
+    for _ in range(trials):
         calls, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             op().numpy()
             calls += 1
-        rates.append(kernel_flops(kind, shape) * calls / (time.perf_counter() - start) / 1e9)
+        rates.append(flops * calls / (time.perf_counter() - start) / 1e9)
     return statistics.median(rates)
+
+
+def weight_layers(model):
+    """`[(kind, key, forward flops per image)]` of `model`'s convolutions (`conv`,
+    `depthwise`) and dense layers, 2 flops per multiply-add; `key` (the op's input
+    shape, kernel, stride, padding and output channels) is what its speed depends on."""
+    found = []
+    for layer in _leaves(model):
+        name = type(layer).__name__
+        if name not in ("Conv2D", "DepthwiseConv2D", "Dense"):
+            continue
+        inputs, outputs = tuple(layer.input.shape[1:]), tuple(layer.output.shape[1:])
+        if name == "Dense":
+            positions = int(np.prod(inputs[:-1])) if len(inputs) > 1 else 1
+            found.append(("matmul", (positions, inputs[-1], outputs[-1]), 2 * positions * inputs[-1] * outputs[-1]))
+            continue
+        kh, kw = layer.kernel_size
+        per_output = kh * kw * (1 if name == "DepthwiseConv2D" else inputs[-1] // layer.groups)
+        key = (inputs, (kh, kw), tuple(layer.strides), layer.padding, outputs[-1])
+        found.append(("depthwise" if name == "DepthwiseConv2D" else "conv", key,
+                      2 * int(np.prod(outputs)) * per_output))
+    return found
+
+
+def _leaves(model):
+    """`model`'s layers in order, those of nested models (a base inside a head) included."""
+    for layer in model.layers:
+        yield from (_leaves(layer) if hasattr(layer, "layers") else (layer,))
+
+
+def layer_op(kind, key, batch, dtype):
+    """The compiled forward op of a `weight_layers` entry at `batch`, on resident random data."""
+    rng = np.random.default_rng(0)
+    if kind == "matmul":
+        m, k, n = key
+        a, b = (tf.constant(rng.normal(size=s), dtype) for s in ((batch * m, k), (k, n)))
+        return tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
+    inputs, (kh, kw), strides, padding, c_out = key
+    x = tf.constant(rng.normal(size=(batch, *inputs)), dtype)
+    if kind == "depthwise":
+        w = tf.constant(rng.normal(size=(kh, kw, inputs[-1], c_out // inputs[-1])), dtype)
+        return tf.function(lambda: tf.reduce_sum(tf.nn.depthwise_conv2d(x, w, (1, *strides, 1), padding.upper())))
+    w = tf.constant(rng.normal(size=(kh, kw, inputs[-1], c_out)), dtype)
+    return tf.function(lambda: tf.reduce_sum(tf.nn.conv2d(x, w, strides, padding.upper())))
+
+
+def model_roofline(model, batch, dtype, seconds=0.2):
+    """The forward roofline of `model` at `batch`: every convolution and dense layer's op
+    timed alone at its own shape (once per distinct shape; 3 trials of `seconds`), and
+    the model's peak rate: its weight layers' flops over the sum of their times at
+    those rates. `{"forward_gflop_per_image", "peak_gflops", "weight_layers",
+    "distinct_shapes", "flops_share": {kind: share}}`; a training step's flops are
+    about 3x the forward's (a backward of twice its cost)."""
+    layers = weight_layers(model)
+    rates = {(kind, key): op_rate(layer_op(kind, key, batch, dtype), batch * flops, seconds, trials=3)
+             for kind, key, flops in {(k, key): (k, key, f) for k, key, f in layers}.values()}
+    total = sum(flops for _, _, flops in layers)
+    at_peak = sum(flops / rates[(kind, key)] for kind, key, flops in layers)
+    shares = {}
+    for kind, _, flops in layers:
+        shares[kind] = shares.get(kind, 0.0) + flops / total
+    return {"forward_gflop_per_image": total / 1e9, "peak_gflops": total / at_peak, "weight_layers": len(layers),
+            "distinct_shapes": len(rates), "flops_share": shares}
 
 
 def achieved(name, examples, epochs, cells):

@@ -189,6 +189,13 @@ def ensemble(report, root):
     _section(report, tables, f"### Ensemble teacher\n\nThe teachers of seeds {seeds}, their logits averaged, distilled into "
                 "one student by KD (Gardner 2022, CIFAR-10: members 84.37 ± 0.32%, ensemble 87.95%, student "
                 "85.32%). Members: mean ± std over members and seeds.\n\n", lines)
+    shown = {label: [100 * r[metric] for r in groups[role]] for role, label in (
+        ("member", "a member"), ("ensemble", "the ensemble"), ("student", "its student")) if role in groups}
+    low = min(min(values) for values in shown.values())
+    _bars(report, root, "ensemble", f"{metric.replace('_', ' ').capitalize()} of the member teachers, their ensemble "
+          "and the student distilled from it (mean ± std over members and seeds).",
+          f"{metric.replace('_', ' ')} (%)", {label: {"": values} for label, values in shown.items()},
+          ylim=(np.floor(low - 0.5), 100))
 
 
 def teacher_capacity(report, root):
@@ -236,6 +243,11 @@ def attributions(report, root):
                 f"(pixels > {tables[0]['foreground_threshold']:g}), mean per digit over the first {tables[0]['images']} "
                 "test images (Thapa 2022: KD above scratch in 10 of 10 classes, Wilcoxon p = "
                 f"0.00195). {tests}.\n\n", lines)
+    _bars(report, root, "attributions", "Share of the integrated-gradient mass on the ink, per digit (mean ± std over "
+          "seeds).", "foreground share (%)", {
+              str(c): {label: [100 * r["foreground_share"] for r in groups[(m, c)]]
+                       for m, label in (("teacher", "teacher"), ("kd", "KD student"), ("scratch", "scratch student"))
+                       if (m, c) in groups} for c in classes})
 
 
 NOISE_SECTIONS = {  # table stem: (heading, --only, level column, its scale, what the corruption is)

@@ -52,11 +52,52 @@ def test_bench_finetune_smoke(tmp_path, mhist_dir, tiny_architectures):  # the w
             "--anchor-steps", "2", "--architectures", "mobilenetv2", "--out", str(out)]
     assert bench_finetune.main(argv) == 0
     result = json.loads(out.read_text())
-    rows = result["fine_tuning_images_per_s"]
-    assert [r["architecture"] for r in rows] == ["mobilenetv2"]
-    assert all(r[k] > 0 for r in rows for k in ("anchor", "toolkit", "keras_fit", "inference", "toolkit_first_epoch_s"))
-    kd = result["kd_student_images_per_s"]
-    assert kd["toolkit_cached_logits"] > 0 and kd["distiller_fit"] > 0 and "devices" in result["environment"]
+    assert list(result["precisions"]) == ["float32", "mixed_bfloat16"]  # both, in one process
+    for part in result["precisions"].values():
+        (row,) = part["fine_tuning_images_per_s"]
+        assert row["architecture"] == "mobilenetv2"
+        assert all(row[k] > 0 for k in ("anchor", "toolkit", "keras_fit", "inference", "toolkit_first_epoch_s",
+                                        "toolkit_fraction_of_peak"))
+        assert row["roofline"]["peak_gflops"] > 0 and sum(row["roofline"]["flops_share"].values()) == pytest.approx(1)
+        kd = part["kd_student_images_per_s"]
+        assert kd["toolkit_cached_logits"] > 0 and kd["distiller_fit"] > 0
+        assert part["course_estimate"] is None  # not every course architecture, not 224 px
+    assert "devices" in result["environment"] and result["device"]["name"]
+
+
+def test_the_course_work_is_counted_by_hand():
+    import bench_finetune
+
+    # MHIST: 2,175 train images, 326 (15%) held out, 977 test; 8 views; 25 fine-tuning epochs.
+    work = bench_finetune.course_work()
+    fit, evaluated, views = 1849, 326 + 977, 8
+    assert work["resnet50v2"] == {"models": 4, "finetune_images": 4 * 25 * fit,  # teacher, skd, sftn, random init
+                                  "inference_images": 4 * 25 * evaluated + 2 * (views * fit + evaluated)
+                                  + 3 * views * fit}
+    assert work["densenet121"]["models"] == 1
+    assert work["mobilenetv2"]["models"] == 2 + 5 + 9 + 2 + 1  # kd, scratch; T curve; other methods; skd, takd; init
+    rows = [{"architecture": a, "toolkit": 10.0, "inference": 100.0} for a in work]
+    estimate = bench_finetune.course_estimate(rows, 224)
+    hours = sum(w["finetune_images"] / 10 + w["inference_images"] / 100 for w in work.values()) / 3600
+    assert estimate["hours"] == pytest.approx(hours)
+    assert bench_finetune.course_estimate(rows[:2], 224) is None
+
+
+def test_a_models_roofline_weighs_each_layer_by_its_flops():
+    import keras
+    import roofline
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+                              keras.layers.DepthwiseConv2D(3), keras.layers.Flatten(), keras.layers.Dense(5)])
+    layers = roofline.weight_layers(model)
+    # conv: 4x4x4 outputs x 3x3x3 each; depthwise: 2x2x4 outputs x 3x3 each; dense: 16 x 5
+    assert [(kind, flops) for kind, _, flops in layers] == [
+        ("conv", 2 * 64 * 27), ("depthwise", 2 * 16 * 9), ("matmul", 2 * 16 * 5)]
+    found = roofline.model_roofline(model, 4, tf.float32, seconds=0.01)
+    total = 2 * (64 * 27 + 16 * 9 + 16 * 5)
+    assert found["forward_gflop_per_image"] == pytest.approx(total / 1e9) and found["distinct_shapes"] == 3
+    assert found["flops_share"]["conv"] == pytest.approx(2 * 64 * 27 / total) and found["peak_gflops"] > 0
 
 
 def test_bench_shared_steps_smoke(tmp_path, mhist_dir):
