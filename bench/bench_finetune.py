@@ -21,8 +21,10 @@ trainable (the fine-tuning phase), cross-entropy, Adam, at `--batch-size` and
 
 Then the KD student (MobileNetV2 from the ResNet50V2 teacher): the toolkit with
 the teacher's logits cached per view, against `keras.distillation.Distiller.fit`
-with the teacher running on every step. Epoch figures are steady state (the first
-epoch, which traces the step, is left out). With MobileNetV2, ResNet50V2 and
+with the teacher running on every step. Epoch figures are the median of the
+epochs after the first (`--epochs`, default 3; the first traces the step), and
+the precisions alternate within each architecture, so a drift in the machine's
+speed falls on all of them alike. With MobileNetV2, ResNet50V2 and
 DenseNet121 timed (toolkit and inference) at 224 px, each precision also gets an
 estimate of the default course table's hours (`course_estimate`). Writes
 `bench/results/finetune.json` with the device's name.
@@ -32,6 +34,7 @@ estimate of the default course table's hours (`course_estimate`). Writes
 """
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -76,6 +79,8 @@ def parse_args(argv=None):
                         help="none, or a folder of Keras no-top weight files (the default pretrained path)")
     parser.add_argument("--architectures", type=cli.name_list, default=(models.STUDENT, models.TEACHER))
     parser.add_argument("--anchor-steps", type=int, default=10, help="timed steps of the anchor")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs of each toolkit and Keras fit; the median of those after the first is timed")
     parser.add_argument("--parts", type=cli.name_list, default=PARTS,
                         help=f"what to time, comma list of {','.join(PARTS)} (default: all)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/finetune.json"))
@@ -89,19 +94,33 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     tf.get_logger().setLevel("ERROR")
-    precisions = dict.fromkeys(device.resolve_precision(p)[0] for p in args.precisions)
-    measured = {precision: measure(args, precision) for precision in precisions}
+    precisions = list(dict.fromkeys(device.resolve_precision(p)[0] for p in args.precisions))
+    jit = device.use_jit(args.jit)
+    measured = {precision: {"fine_tuning_images_per_s": []} for precision in precisions}
+    with tempfile.TemporaryDirectory() as scratch:
+        config = Task2Config(data_dir=args.data_dir, out=scratch, weights=args.weights, image_size=args.image_size,
+                             limit=args.limit, batch_size=args.batch_size, validation=0, quiet=True)
+        task = Task2(config)
+        timers = Timers(args, task, jit)
+        # Precisions alternate within each architecture, so a drift in this machine's speed
+        # (it moves by up to 2x from hour to hour) falls on both alike.
+        for architecture in args.architectures:
+            for precision in precisions:
+                device.configure(precision=precision)
+                measured[precision]["fine_tuning_images_per_s"].append(timers.row(architecture, precision))
+        for precision in precisions:
+            device.configure(precision=precision)
+            measured[precision]["kd_student_images_per_s"] = timers.kd_student() if "kd" in args.parts else None
+            measured[precision]["course_estimate"] = course_estimate(
+                measured[precision]["fine_tuning_images_per_s"], args.image_size)
     keras.mixed_precision.set_global_policy("float32")
-    train_images = {part.pop("train_images") for part in measured.values()}.pop()
-    for part in measured.values():
-        part["course_estimate"] = course_estimate(part["fine_tuning_images_per_s"], args.image_size)
     result = {
         "benchmark": "Task 2 fine-tuning images/s: hardware anchor, toolkit, Keras fit, the model's roofline; "
                      "KD student vs Distiller.fit",
         "command": "python bench/bench_finetune.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": device.describe(),
-        "settings": {"image_size": args.image_size, "train_images": train_images,
-                     "batch_size": args.batch_size, "weights": args.weights, "inference_batch": inference_batch()},
+        "settings": {"image_size": args.image_size, "train_images": timers.n, "batch_size": args.batch_size,
+                     "epochs": args.epochs, "jit": jit, "weights": args.weights, "inference_batch": inference_batch()},
         "environment": runs.environment(),
         "precisions": measured,
         "peak_rss_mib": runs.peak_rss_mib(),
@@ -112,64 +131,78 @@ def main(argv=None):
     return 0
 
 
-def measure(args, precision):
-    """This process's figures at `precision`: `{"jit", "train_images",
-    "fine_tuning_images_per_s": [row per architecture], "kd_student_images_per_s"}`."""
-    device.configure(precision=precision)
-    jit = device.use_jit(args.jit)
-    print(f"== {precision}", flush=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        config = Task2Config(data_dir=args.data_dir, out=scratch, weights=args.weights, image_size=args.image_size,
-                             limit=args.limit, batch_size=args.batch_size, validation=0, quiet=True,
-                             precision=precision)
-        task = Task2(config)
-        n = len(task.splits["train"])
-        extra = task.train_data()
+class Timers:
+    """The timed parts on one task's pipeline: `row(architecture, precision)` and
+    `kd_student()`, each at Keras' current global precision policy."""
 
-        def build(architecture):
-            runs.set_seed(0)
-            model = models.build(architecture, args.weights, args.image_size)
-            models.set_base_trainable(model, True)
-            return model
+    def __init__(self, args, task, jit):
+        self.args, self.task, self.jit = args, task, jit
+        self.n = len(task.splits["train"])
+        self.extra = task.train_data()
 
-        def steady(history):
-            return sum(h["seconds"] for h in history[1:]) / (len(history) - 1)
+    def build(self, architecture):
+        runs.set_seed(0)
+        model = models.build(architecture, self.args.weights, self.args.image_size)
+        models.set_base_trainable(model, True)
+        return model
 
-        def toolkit(method, arrays):
-            """`(steady images/s, first epoch's seconds: trace + compile + one epoch)`."""
-            history = training.fit(method, task.train_dataset(arrays), epochs=2, jit=jit, prepare=mhist.show,
-                                   optimizer=device.optimizer(keras.optimizers.Adam(1e-4)))
-            return n / steady(history), history[0]["seconds"]
+    def steady(self, history):
+        """`(images/s of the median epoch after the first, those epochs' seconds)`."""
+        seconds = [h["seconds"] for h in history[1:]]
+        return self.n / statistics.median(seconds), seconds
 
-        def keras_fit(model_or_distiller, loss=None):
-            model_or_distiller.compile(optimizer=device.optimizer(keras.optimizers.Adam(1e-4)), jit_compile=jit,
-                                       loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-            data = task.train_dataset(extra).map(lambda b: (mhist.show(b)["x"], b["y"]))
-            times = EpochTimes()
-            model_or_distiller.fit(data, epochs=2, verbose=0, callbacks=[times])
-            return n / steady(times.history)
+    def toolkit(self, method, arrays):
+        """`{"toolkit": steady images/s, "toolkit_epoch_s": the later epochs' seconds,
+        "toolkit_first_epoch_s": trace + compile + one epoch}`."""
+        history = training.fit(method, self.task.train_dataset(arrays), epochs=self.args.epochs, jit=self.jit,
+                               prepare=mhist.show, optimizer=device.optimizer(keras.optimizers.Adam(1e-4)))
+        rate, seconds = self.steady(history)
+        return {"toolkit": rate, "toolkit_epoch_s": seconds, "toolkit_first_epoch_s": history[0]["seconds"]}
 
-        rows = []
-        timed = {"anchor": lambda a: anchor(build(a), args, jit),
-                 "toolkit": lambda a: toolkit(methods.CrossEntropy(build(a)), extra),
-                 "keras_fit": lambda a: keras_fit(build(a)),
-                 "inference": lambda a: inference(build(a), args),
-                 "roofline": lambda a: roofline.model_roofline(build(a), args.batch_size, ROOFLINE_DTYPES[precision])}
-        for architecture in args.architectures:
-            print(f"{architecture}: {', '.join(p for p in args.parts if p in timed)} ...", flush=True)
-            row = {"architecture": architecture, "toolkit_first_epoch_s": None}
-            row.update({part: timed[part](architecture) for part in timed if part in args.parts})
-            if "toolkit" in row:
-                row["toolkit"], row["toolkit_first_epoch_s"] = row["toolkit"]
-            if "roofline" in row:  # a training step's flops: 3x the forward's
-                for part in ("anchor", "toolkit", "keras_fit"):
-                    if part in row:
-                        row[f"{part}_fraction_of_peak"] = (row[part] * 3 * row["roofline"]["forward_gflop_per_image"]
-                                                           / row["roofline"]["peak_gflops"])
-            print(row, flush=True)
-            rows.append(row)
-        kd = kd_student(args, task, build, extra, toolkit, keras_fit) if "kd" in args.parts else None
-    return {"jit": jit, "train_images": n, "fine_tuning_images_per_s": rows, "kd_student_images_per_s": kd}
+    def keras_fit(self, model_or_distiller, loss=None):
+        model_or_distiller.compile(optimizer=device.optimizer(keras.optimizers.Adam(1e-4)), jit_compile=self.jit,
+                                   loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        data = self.task.train_dataset(self.extra).map(lambda b: (mhist.show(b)["x"], b["y"]))
+        times = EpochTimes()
+        model_or_distiller.fit(data, epochs=self.args.epochs, verbose=0, callbacks=[times])
+        return self.steady(times.history)[0]
+
+    def row(self, architecture, precision):
+        """One architecture's timed parts (`--parts`) at `precision` (already set)."""
+        parts = {"anchor": lambda: {"anchor": anchor(self.build(architecture), self.args, self.jit)},
+                 "toolkit": lambda: self.toolkit(methods.CrossEntropy(self.build(architecture)), self.extra),
+                 "keras_fit": lambda: {"keras_fit": self.keras_fit(self.build(architecture))},
+                 "inference": lambda: {"inference": inference(self.build(architecture), self.args)},
+                 "roofline": lambda: {"roofline": roofline.model_roofline(
+                     self.build(architecture), self.args.batch_size, ROOFLINE_DTYPES[precision])}}
+        print(f"{architecture} at {precision}: {', '.join(p for p in self.args.parts if p in parts)} ...", flush=True)
+        row = {"architecture": architecture, "toolkit_first_epoch_s": None}
+        for part in (p for p in parts if p in self.args.parts):
+            row.update(parts[part]())
+        if "roofline" in row:  # a training step's flops: 3x the forward's
+            for part in ("anchor", "toolkit", "keras_fit"):
+                if part in row:
+                    row[f"{part}_fraction_of_peak"] = (row[part] * 3 * row["roofline"]["forward_gflop_per_image"]
+                                                       / row["roofline"]["peak_gflops"])
+        print(row, flush=True)
+        return row
+
+    def kd_student(self):
+        """KD student images/s: the toolkit on cached per-view teacher logits against
+        `keras.distillation.Distiller.fit` with the teacher running on every step."""
+        print("KD student: cached teacher logits vs Distiller.fit with a live teacher ...", flush=True)
+        teacher = self.build(models.TEACHER)
+        logits = self.task.frozen.per_view(teacher, "[teacher] logits")
+        found = self.toolkit(methods.Distillation(self.build(models.STUDENT), temperature=4.0, alpha=0.5),
+                             {**self.extra, "teacher_logits": logits})
+        kd = {"toolkit_cached_logits": found["toolkit"], "toolkit_first_epoch_s": found["toolkit_first_epoch_s"]}
+        teacher.trainable = False
+        distiller = keras.distillation.Distiller(
+            teacher=teacher, student=self.build(models.STUDENT), student_loss_weight=0.5,
+            distillation_losses=keras.distillation.LogitsDistillation(temperature=4.0, loss=keras.losses.KLDivergence()))
+        kd["distiller_fit"] = self.keras_fit(distiller)
+        kd["speedup"] = kd["toolkit_cached_logits"] / kd["distiller_fit"]
+        return kd
 
 
 def course_work(config=None, train=2175, test=977):
@@ -219,23 +252,6 @@ def course_estimate(rows, image_size):
     by = {a: {**w, "hours": (w["finetune_images"] / rates[a]["toolkit"] + w["inference_images"] / rates[a]["inference"])
               / 3600} for a, w in work.items()}
     return {"hours": sum(part["hours"] for part in by.values()), "by_architecture": by}
-
-
-def kd_student(args, task, build, extra, toolkit, keras_fit):
-    """KD student images/s: the toolkit on cached per-view teacher logits against
-    `keras.distillation.Distiller.fit` with the teacher running on every step."""
-    print("KD student: cached teacher logits vs Distiller.fit with a live teacher ...", flush=True)
-    teacher = build(models.TEACHER)
-    logits = task.frozen.per_view(teacher, "[teacher] logits")
-    kd = dict(zip(("toolkit_cached_logits", "toolkit_first_epoch_s"),
-                  toolkit(methods.Distillation(build(models.STUDENT), temperature=4.0, alpha=0.5), {**extra, "teacher_logits": logits})))
-    teacher.trainable = False
-    distiller = keras.distillation.Distiller(
-        teacher=teacher, student=build(models.STUDENT), student_loss_weight=0.5,
-        distillation_losses=keras.distillation.LogitsDistillation(temperature=4.0, loss=keras.losses.KLDivergence()))
-    kd["distiller_fit"] = keras_fit(distiller)
-    kd["speedup"] = kd["toolkit_cached_logits"] / kd["distiller_fit"]
-    return kd
 
 
 class EpochTimes(keras.callbacks.Callback):

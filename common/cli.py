@@ -85,6 +85,8 @@ def add_shared_arguments(parser, defaults, experiments):
              "structure (the same updates; for checking)")
     add("--ensemble-seeds", type=int_list, default=defaults.ensemble_seeds,
         help="seeds of the teachers the ensemble studies average, comma list")
+    add("--per-class", type=int_list, default=defaults.per_class,
+        help="examples per class of the data-efficiency study's transfer sets, comma list")
     add("--only", type=name_list, default=defaults.only, help=f"experiments, comma list of {','.join(experiments)}")
     add_method_arguments(parser, defaults)
     add("--limit", type=int, help="use only the first N train and test images (quick runs)")

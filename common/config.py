@@ -51,6 +51,7 @@ class SharedConfig(BaseConfig):
     validation: float = 0
     chain_method: str = "kd"
     ensemble_seeds: tuple = (0, 1, 2)
+    per_class: tuple = (10, 60, 500)
     method_options: dict = dataclasses.field(default_factory=dict)
     distribute: str = "none"
     deterministic: bool = False
@@ -137,6 +138,8 @@ def validate_shared(config, experiments, strategies, image_size):
     choices("only", config.only, experiments, "--only")
     choices("chain_method", (config.chain_method,), tuple(methods.REGISTRY), "--chain-method")
     seed_list(config.ensemble_seeds, "--ensemble-seeds", minimum=2)
+    if not config.per_class or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in config.per_class):
+        raise ConfigError(f"--per-class must list counts >= 1, got {config.per_class!r}")
     choices("distribute", (config.distribute,), strategies, "--distribute")
     from common import device
 

@@ -42,6 +42,13 @@ class TaskInterface:
         teacher's logits) ride along per example."""
         raise NotImplementedError
 
+    def training_subset(self, arrays, examples):
+        """The training `arrays` (of `train_data`) restricted to the training examples
+        `examples` (indices, in their order; repeats allowed): what `fit_model` then
+        trains on. By default every array is indexed, its `"index"` values (the
+        examples' own indices, which memory banks use) kept."""
+        return {name: value[examples] for name, value in arrays.items()}
+
     def num_train_examples(self):
         raise NotImplementedError
 

@@ -45,7 +45,6 @@ class Task1Config(cfg.SharedConfig):
     fuse_grid: str = "auto"
     missing_class: int = 3
     missing_teachers: tuple = TEACHER_SIZES
-    per_class: tuple = (10, 60, 500)
     attribution_images: int = 1000
     label_noise: tuple = (0.0, 0.2, 0.4, 0.6)
     image_noise: tuple = (0.0, 0.5, 1.0)
@@ -59,8 +58,6 @@ class Task1Config(cfg.SharedConfig):
         cfg.positive_float("learning_rate", self.learning_rate, "--learning-rate")
         super().__post_init__()
         cfg.positive_int("subclasses", self.subclasses, "--subclasses")
-        if not self.per_class or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.per_class):
-            raise cfg.ConfigError(f"--per-class must list counts >= 1, got {self.per_class!r}")
         if not self.label_noise or any(isinstance(r, bool) or not 0 <= r < 0.9 for r in self.label_noise):
             raise cfg.ConfigError(f"--label-noise must list shares in [0, 0.9), got {self.label_noise!r}")
         if not self.image_noise or any(isinstance(s, bool) or not 0 <= s <= 10 for s in self.image_noise):

@@ -38,8 +38,6 @@ def build_parser():
                         help="the digit the missing-class study (--only teacher,missing) leaves out of the transfer set")
     parser.add_argument("--missing-teachers", type=cli.name_list, default=defaults.missing_teachers,
                         help="teacher sizes (small, course, large) the missing-class study distils from, comma list")
-    parser.add_argument("--per-class", type=cli.int_list, default=defaults.per_class,
-                        help="examples per class of the data-efficiency study's transfer sets, comma list")
     parser.add_argument("--attribution-images", type=int, default=defaults.attribution_images,
                         help="test images the attributions study explains by integrated gradients")
     parser.add_argument("--label-noise", type=cli.float_list, default=defaults.label_noise,

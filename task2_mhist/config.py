@@ -8,7 +8,7 @@ from common import methods
 
 COURSE = ("teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd", "flops",
           "export", "lime", "occlusion")
-STUDIES = ("smoothed", "ensemble", "capacity")  # research studies (`common.studies`): run when named in --only
+STUDIES = ("smoothed", "efficiency", "ensemble", "capacity")  # research studies (`common.studies`): run when named in --only
 EXPERIMENTS = (*COURSE, *STUDIES)
 PHASES = ("feature-extraction", "finetune", "all")
 FEATURE_CACHE = ("auto", "on", "off")
@@ -47,6 +47,7 @@ class Task2Config(cfg.SharedConfig):
     student_lr: float = 1e-3
     augment: bool = True
     feature_cache: str = "auto"
+    per_class: tuple = (10, 50, 250)  # MHIST's training set: 1,545 HP and 630 SSA before the validation split
 
     def input_size(self):
         return self.image_size

@@ -247,7 +247,7 @@ def per_view(name):
 
 
 def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed=0, extra=None, view=None,
-            features=None):
+            features=None, examples=None):
     """Batches of `{"x", "y", "index", "view", **extra}`; `"x"` is uint8 pixels `(S, S, 3)`
     as stored (`decoded`), and `show` puts them in their `"view"` as float32 on the
     device (view-0 batches can go to a model as they are: models take uint8 and
@@ -263,6 +263,10 @@ def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed
     augmentation), replace the images: `"x"` is then the `(D,)` features of the
     view shown, and for one seed the example order and views are exactly those of
     the image stream.
+
+    `examples`: the indices of the examples to stream, in that order (repeats
+    allowed: a transfer subset); by default every one. The images, features and
+    `extra` arrays stay whole and are read by index, so a subset copies nothing.
     """
     if features is not None and augment and view is None and features.shape[1] != NUM_VIEWS:
         raise ValueError(f"augmentation needs features of all {NUM_VIEWS} views, got shape {features.shape}")
@@ -271,9 +275,10 @@ def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed
         extra["x"] = decoded(split, image_size)
     else:
         extra["features"] = features
-    base = tf.data.Dataset.from_tensor_slices({"y": split.labels, "index": np.arange(len(split), dtype=np.int32)})
+    examples = np.arange(len(split), dtype=np.int32) if examples is None else np.asarray(examples, np.int32)
+    base = tf.data.Dataset.from_tensor_slices({"y": split.labels[examples], "index": examples})
     if shuffle:
-        base = base.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+        base = base.shuffle(len(examples), seed=seed, reshuffle_each_iteration=True)
     if augment and view is None:  # a seeded stream, so the views repeat with the seed
         randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         base = tf.data.Dataset.zip((base, randoms)).map(lambda e, r: {**e, "view": tf.cast(r % NUM_VIEWS, tf.int32)})

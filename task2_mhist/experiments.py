@@ -21,7 +21,7 @@ from common import batchnorm, explain, methods, runs, training
 from common.metrics import binary_metrics
 from common.recipes import Recipes, deployable
 from common.run_spec import run_tag
-from common.studies import ensemble, smoothed_teacher, teacher_capacity
+from common.studies import data_efficiency, ensemble, smoothed_teacher, teacher_capacity
 from common.results import write_csv_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
@@ -33,6 +33,7 @@ NUM_CLASSES = len(mhist.CLASSES)
 
 STUDY_RUNS = {  # `common.studies` that apply to Task 2, a binary task; see docs/studies.md
     "smoothed": lambda task: smoothed_teacher.run(task, task.builder(models.TEACHER)),
+    "efficiency": lambda task: data_efficiency.run(task, task.config.per_class, task.student_builder()),
     "ensemble": lambda task: ensemble.run(task, task.config.ensemble_seeds),
     "capacity": lambda task: teacher_capacity.run(
         task, {"densenet121": task.builder(models.ASSISTANT), "course": task.builder(models.TEACHER)}),
@@ -82,8 +83,14 @@ class Task2(Recipes):
 
     def train_dataset(self, extra, features=None):
         c = self.config
+        extra = dict(extra)
+        examples = extra.pop("examples", None)  # a transfer subset (`training_subset`)
         return mhist.dataset(self.splits["train"], c.image_size, c.batch_size, shuffle=True, augment=c.augment,
-                             seed=self.seed, extra=extra, features=features)
+                             seed=self.seed, extra=extra, features=features, examples=examples)
+
+    def training_subset(self, arrays, examples):
+        """`arrays` whole, with the `examples` to stream: the images stay decoded once."""
+        return {**arrays, "examples": np.asarray(examples, np.int32)}
 
     def views(self):
         """Distinct inputs per training image: the 8 dihedral views, or 1 without augmentation."""
@@ -184,7 +191,7 @@ class Task2(Recipes):
             prepare=mhist.show,
             **self.step_options(),
         )
-        steps = epochs * math.ceil(len(self.splits["train"]) / c.batch_size)
+        steps = epochs * math.ceil(len(extra.get("examples", self.splits["train"])) / c.batch_size)
         if not feature_extraction and batchnorm.needs_recalibration(model, steps):
             moved = batchnorm.recalibrate(model, self.train_dataset(extra), prepare=mhist.show)
             self.log(f"[{name}] BatchNorm statistics of {moved} layers re-estimated over the training set: after "

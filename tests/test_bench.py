@@ -59,6 +59,7 @@ def test_bench_finetune_smoke(tmp_path, mhist_dir, tiny_architectures):  # the w
         assert all(row[k] > 0 for k in ("anchor", "toolkit", "keras_fit", "inference", "toolkit_first_epoch_s",
                                         "toolkit_fraction_of_peak"))
         assert row["roofline"]["peak_gflops"] > 0 and sum(row["roofline"]["flops_share"].values()) == pytest.approx(1)
+        assert len(row["toolkit_epoch_s"]) == result["settings"]["epochs"] - 1 == 2  # the median of these is timed
         kd = part["kd_student_images_per_s"]
         assert kd["toolkit_cached_logits"] > 0 and kd["distiller_fit"] > 0
         assert part["course_estimate"] is None  # not every course architecture, not 224 px

@@ -27,9 +27,11 @@ def test_the_bias_shift_is_the_smallest_of_highest_accuracy():
 
 
 def test_the_transfer_set_loses_exactly_the_missing_class():
+    from task1_mnist.experiments import Task1
+
     arrays = {"x": np.arange(6) * 10, "y": np.array([0, 3, 1, 3, 2, 0]), "index": np.arange(6)}
-    kept = missing_class.without_class(arrays, arrays["y"], 3)
-    assert kept["y"].tolist() == [0, 1, 2, 0] and kept["index"].tolist() == [0, 2, 4, 5]
+    kept = Task1.training_subset(None, arrays, missing_class.examples_without(arrays["y"], 3))
+    assert kept["y"].tolist() == [0, 1, 2, 0] and kept["index"].tolist() == [0, 2, 4, 5]  # memory banks' indices
     assert kept["x"].tolist() == [0, 20, 40, 50]
 
 
@@ -122,6 +124,8 @@ def test_transfer_subsets_take_the_first_of_each_class_in_order():
     np.testing.assert_allclose(de.soft_target_entropies(logits, 1.0),
                                [np.log(2), -(0.9999546 * np.log(0.9999546) + 4.5398e-5 * np.log(4.5398e-5))],
                                rtol=1e-4)
+    views = np.stack([logits, logits[::-1]], axis=1)  # (2 examples, 2 views, 2 classes): each view's entropy averaged
+    np.testing.assert_allclose(de.soft_target_entropies(views, 1.0), [de.soft_target_entropies(logits, 1.0).mean()] * 2)
 
 
 def test_data_efficiency_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch):
@@ -153,8 +157,11 @@ def test_ensemble_study_end_to_end(tmp_path, synthetic_mnist):
                                "-q"])  # float32: the members' mean is checked to 1e-5
     rows = run_all(config, arrays=synthetic_mnist)[0]["ensemble"]
     out = tmp_path / "out"
-    assert {p.parent.name for p in out.glob("*/metrics.json")} == {"teacher-s0", "teacher-s1", "enskd-m0.1-T4-a0.5-s0"}
-    assert [r["model"] for r in rows] == ["member", "member", "ensemble", "student"]
+    assert {p.parent.name for p in out.glob("*/metrics.json")} == {"teacher-s0", "teacher-s1", "enskd-m0.1-T4-a0.5-s0",
+                                                                    "kd-T4-a0.5-s0"}
+    assert [r["model"] for r in rows] == ["member", "member", "ensemble", "student", "single-teacher student"]
+    single = json.loads((out / "kd-T4-a0.5-s0" / "metrics.json").read_text())
+    assert rows[4]["test_accuracy"] == single["test_accuracy"] and single["distilled_from"] == "teacher-s0"
     members = []
     for seed in (0, 1):
         model = build_teacher()

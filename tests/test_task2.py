@@ -227,6 +227,40 @@ def test_two_builds_of_a_model_share_compiled_steps(tmp_path, tiny_architectures
     assert structure(first) != structure(models.build(models.STUDENT, weights, 32, num_outputs=4))
 
 
+def test_data_efficiency_streams_the_chosen_examples(tmp_path, mhist_dir, tiny_architectures, monkeypatch):
+    """Task 2's transfer subsets: each run streams N examples of each class, repeated to
+    the training set's size, through both phases (feature extraction on cached
+    features), the images and cached arrays read by index, not copied."""
+    from task2_mhist import data as mhist
+
+    streamed = []  # (examples streamed, their distinct indices) of each shuffled training dataset
+    original = mhist.dataset
+    monkeypatch.setattr(mhist, "dataset", lambda split, *a, examples=None, **k: (
+        k.get("shuffle") and streamed.append(np.arange(len(split)) if examples is None else np.asarray(examples)),
+        original(split, *a, examples=examples, **k))[1])
+    config = tiny_config(tmp_path, mhist_dir, only=("efficiency",), per_class=(2,), feature_cache="on")
+    rows = run_all(config)[0]["efficiency"]
+    task = Task2(config)
+    labels, n = task.train_labels(), len(task.train_labels())
+    assert [(r["per_class"], r["method"], r["selection"]) for r in rows] == [
+        (2, "kd", "random"), (2, "kd", "entropy"), (2, "scratch", "random")]
+    assert all(0 <= r["test_auc"] <= 1 and r["examples"] == 4 for r in rows)
+    # The teacher's phases (and BatchNorm re-estimation) stream every example, then each
+    # student's phases its subset: 2 of each class, repeated to the training set's size.
+    distinct = [len(np.unique(s)) for s in streamed]
+    teacher = distinct.index(4)
+    assert teacher >= 2 and distinct == [n] * teacher + [4] * (len(streamed) - teacher)
+    assert all(len(s) == n for s in streamed) and len(streamed) - teacher >= 6  # three students, two phases
+    for chosen in streamed[teacher:]:
+        assert np.bincount(labels[np.unique(chosen)], minlength=2).tolist() == [2, 2]
+    assert streamed[teacher].tolist() == streamed[teacher + 1].tolist()  # both phases, the same examples
+    assert set(streamed[teacher]) == set(streamed[-1])  # the scratch student's are KD's random ones
+    out = tmp_path / "out"
+    record = json.loads((out / "efficiency-n2-entropy-T4-a0.5-ft-s0" / "metrics.json").read_text())
+    assert record["identity"]["per_class"] == 2 and record["identity"]["selection"] == "entropy"
+    assert record["distilled_from"] == "teacher-ft-s0" and rows[1]["test_auc"] == record["test_auc"]
+
+
 def test_the_studies_that_apply_run_end_to_end(tmp_path, mhist_dir, tiny_architectures):
     """KD from a label-smoothed teacher, from an ensemble of two seeds' teachers and
     from a DenseNet121 teacher, each through both phases (`docs/studies.md`)."""
@@ -237,7 +271,8 @@ def test_the_studies_that_apply_run_end_to_end(tmp_path, mhist_dir, tiny_archite
     assert {"teacher-ls-e0.1-ft-s0", "lskd-e0.1-T4-a0.5-ft-s0", "teacher-ft-s1", "enskd-m0.1-T4-a0.5-ft-s0"} <= finished
     smoothed = json.loads((out / "teacher-ls-e0.1-ft-s0" / "metrics.json").read_text())
     assert smoothed["identity"]["learning_rate"] == pytest.approx(1e-5) and "ls_ce" in smoothed["history"][0]
-    assert [r["model"] for r in results["ensemble"]] == ["member", "member", "ensemble", "student"]
+    assert [r["model"] for r in results["ensemble"]] == ["member", "member", "ensemble", "student",
+                                                         "single-teacher student"]
     assert results["smoothed"][3]["run"] == "lskd-e0.1-T4-a0.5-ft-s0" and "test_auc" in results["smoothed"][3]
     capacity = {r["preset"]: r for r in results["capacity"]}
     assert list(capacity) == ["densenet121", "course"]

@@ -11,7 +11,10 @@ teacher output (at T) has the highest entropy, and a scratch student on the same
 random examples. A class with fewer than N examples gives all it has. Each
 transfer set is repeated (in a fresh shuffle each epoch) up to the size of the
 full training set, so every run takes the course's number of steps: a small set
-is not also a short schedule. The random choice is the seed's.
+is not also a short schedule. The random choice is the seed's. The subset
+reaches training through `task.training_subset` (Task 1 indexes its arrays;
+Task 2 streams the chosen images by index), and an entropy is the mean over a
+teacher's views where it has several (Task 2).
 """
 
 import functools
@@ -26,11 +29,13 @@ SELECTIONS = ("random", "entropy")
 
 
 def soft_target_entropies(logits, temperature):
-    """`(n,)` entropy (nats) of softmax(logits / T) of each row of `(n, C)` logits."""
+    """`(n,)` entropy (nats) of softmax(logits / T) of each example of `(n, C)` logits;
+    of `(n, views, C)` logits (Task 2's dihedral views), its mean over the views."""
     scaled = np.asarray(logits, np.float64) / temperature
     scaled -= scaled.max(axis=-1, keepdims=True)
     log_p = scaled - np.log(np.exp(scaled).sum(axis=-1, keepdims=True))
-    return -(np.exp(log_p) * log_p).sum(axis=-1)
+    entropy = -(np.exp(log_p) * log_p).sum(axis=-1)
+    return entropy.reshape(len(entropy), -1).mean(axis=1)
 
 
 def per_class_subset(labels, per_class, order):
@@ -50,12 +55,14 @@ def repeated(indices, size):
 
 def run(task, counts, build_student):
     """The study on `task` (a `common.recipes.Recipes`) for each per-class count of
-    `counts`; writes `data_efficiency-s<seed>.csv` and `.json`; returns the rows."""
+    `counts`; writes `data_efficiency-s<seed>.csv` and `.json` (each run's test
+    metric: Task 1's accuracy, Task 2's AUC); returns the rows."""
     labels = task.train_labels()
     settings = task.method_settings(methods.Distillation)
     factory = task.factory(methods.Distillation, settings)
     transfer = task.distil_data(task.teacher_model, [factory])
     random_order = np.random.default_rng(task.seed).permutation(len(labels))
+    metric = f"test_{task.primary_metric}"
 
     @functools.cache  # once per study: every entropy-chosen set of each count reads it
     def entropy_order():
@@ -64,8 +71,7 @@ def run(task, counts, build_student):
 
     def subset(arrays, n, selection):
         order = random_order if selection == "random" else entropy_order()
-        chosen = repeated(per_class_subset(labels, n, order), len(labels))
-        return {name: value[chosen] for name, value in arrays.items()}
+        return task.training_subset(arrays, repeated(per_class_subset(labels, n, order), len(labels)))
 
     rows = []
     for n in counts:
@@ -76,12 +82,12 @@ def run(task, counts, build_student):
         for selection, stem, experiment, make_method, data in (*kd_runs, scratch_run):
             extra = settings if experiment == "efficiency-kd" else {}
             record, _ = task.train_model(task.spec(stem, experiment, per_class=n, selection=selection, **extra),
-                                         build_student, make_method, data)
+                                         build_student, make_method, data, **task.student_fit_options())
             rows.append({"per_class": n, "selection": selection, "method": experiment.split("-")[1],
                          "examples": int(len(per_class_subset(labels, n, random_order))),
-                         "test_accuracy": record["test_accuracy"], "run": record["run"]})
+                         metric: record[metric], "run": record["run"]})
             task.log(f"[efficiency] {n} per class, {selection}, {rows[-1]['method']}: "
-                     f"test accuracy {record['test_accuracy']:.4f}")
-    save_table(task, "data_efficiency", rows, ("per_class", "selection", "method", "examples", "test_accuracy", "run"),
-               temperature=settings["temperature"])
+                     f"{metric} {record[metric]:.4f}")
+    save_table(task, "data_efficiency", rows, ("per_class", "selection", "method", "examples", metric, "run"),
+               temperature=settings["temperature"], metric=metric)
     return rows

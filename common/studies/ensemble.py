@@ -49,6 +49,9 @@ def run(task, seeds):
         rows.append({"model": role, "run": label, metric: task.split_metrics("test", logits, labels, False)[metric],
                      "student_fidelity": top1_agreement(test[record["run"]][0], logits) if role != "student"
                      else None})
+    single = task.kd()  # this seed's KD student of its own teacher alone: what distilling the ensemble adds
+    rows.append({"model": "single-teacher student", "run": single["run"], metric: single[metric],
+                 "student_fidelity": None})
     save_table(task, "ensemble", rows, ("model", metric, "student_fidelity", "run"), seeds=list(seeds), metric=metric)
     for row in rows:
         task.log(f"[ensemble] {row['model']} {row['run']}: {metric} {row[metric]:.4f}")

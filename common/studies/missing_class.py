@@ -56,11 +56,9 @@ def errors(logits, labels, cls):
             "class_examples": int(of_class.sum())}
 
 
-def without_class(arrays, labels, cls):
-    """The per-example training `arrays` without the examples whose label is `cls`
-    (their `"index"` values kept: memory banks stay indexed by the full set)."""
-    keep = np.asarray(labels).reshape(-1) != cls
-    return {name: value[keep] for name, value in arrays.items()}
+def examples_without(labels, cls):
+    """Indices of the examples whose label is not `cls`, in order."""
+    return np.flatnonzero(np.asarray(labels).reshape(-1) != cls)
 
 
 def run(task, cls, build_student, teachers, course="course"):
@@ -72,7 +70,7 @@ def run(task, cls, build_student, teachers, course="course"):
     on the whole test set and on `cls`, raw and with `cls`'s bias raised by the
     shift chosen on the validation split (the test set without one). Writes
     `missing-s<seed>.csv` and `.json`; returns the rows."""
-    labels = task.train_labels()
+    kept = examples_without(task.train_labels(), cls)
     settings = task.method_settings(methods.Distillation)
     factory = task.factory(methods.Distillation, settings)
     models = []  # (teacher preset, label, model)
@@ -81,12 +79,12 @@ def run(task, cls, build_student, teachers, course="course"):
         stem = "-".join((f"missing{cls}-kd", *own.values(), run_tag(settings)))
         transfer = task.distil_data(teacher, [factory])
         _, kd = task.train_model(task.spec(stem, "missing-kd", missing_class=cls, **own, **settings), build_student,
-                                 factory, lambda transfer=transfer: without_class(transfer(), labels, cls))
+                                 factory, lambda transfer=transfer: task.training_subset(transfer(), kept))
         models += [(preset, "teacher (every class)", lambda teacher=teacher: teacher()[1]),
                    (preset, f"KD student, no {cls}s", lambda kd=kd: kd)]
     _, scratch = task.train_model(task.spec(f"missing{cls}-scratch", "missing-scratch", missing_class=cls),
                                   build_student, methods.CrossEntropy,
-                                  lambda: without_class(task.train_data(), labels, cls))
+                                  lambda: task.training_subset(task.train_data(), kept))
     models.append(("", f"scratch student, no {cls}s", lambda: scratch))
     chosen_by = "val" if "val" in task.eval_sets else "test"
     rows = []
