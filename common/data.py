@@ -10,6 +10,20 @@ from common.errors import DataError
 from common.training import compiled_predictor, predict
 
 
+def untuned(dataset):
+    """`dataset` with tf.data's autotuning off (`tf.data.Options().autotune`).
+
+    The autotuner's background thread sleeps in doubling periods (10 ms, 20 ms, ...
+    up to a minute), and on the machines measured here a finished iterator waited
+    for that sleep to end: an epoch's seconds came out rounded up to 2.55, 10.24,
+    20.47, 81.9 or 141.9 (`tests/test_training.py`, docs/benchmarks.md). Every
+    pipeline here gathers from arrays in memory, so a fixed parallelism (the cores)
+    and a small prefetch lose nothing to tuning."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def batched(arrays, batch_size, *, shuffle=False, seed=None, map_fn=None):
     """A dataset of batch dicts from a dict of equal-length arrays.
 
@@ -27,7 +41,7 @@ def batched(arrays, batch_size, *, shuffle=False, seed=None, map_fn=None):
     dataset = dataset.batch(batch_size)
     if map_fn is not None:
         dataset = dataset.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return untuned(dataset.prefetch(tf.data.AUTOTUNE))
 
 
 def teacher_outputs(outputs_fn, arrays, batch_size, map_fn=None):

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import deployed, losses, methods, training
+from common.data import untuned
 from common.errors import ConfigError
 from common.methods import at as at_method
 from common.methods import rkd as rkd_method
@@ -199,7 +200,7 @@ class Distiller(keras.Model):
         dataset = tf.data.Dataset.from_tensor_slices(arrays)
         if shuffle:
             dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        return untuned(dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, shuffle=True, sample_weight=None, **kwargs):
         """Keras `fit` over the examples of `(x, y)` (arrays or a dataset of `(x, y)`

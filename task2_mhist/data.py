@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from common.data import untuned
 from common.errors import DataError
 from task2_mhist import synthetic
 
@@ -230,7 +231,7 @@ def decoded(split, image_size):
     key = (split.paths, int(image_size))
     if key not in _DECODED:
         files = tf.data.Dataset.from_tensor_slices(list(split.paths))
-        images = files.map(lambda path: decode(path, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+        images = untuned(files.map(lambda path: decode(path, image_size), num_parallel_calls=tf.data.AUTOTUNE))
         batches = [batch.numpy() for batch in images.batch(256)]
         pixels = np.concatenate(batches) if batches else np.zeros((0, image_size, image_size, 3), np.uint8)
         _DECODED[key] = tf.constant(pixels)  # one tensor every dataset reads, never copied again
@@ -294,4 +295,4 @@ def dataset(split, image_size, batch_size, *, shuffle=False, augment=False, seed
                                                         if per_view(name) else value)
         return out
 
-    return base.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return untuned(base.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))

@@ -462,3 +462,27 @@ def test_kd_weights_are_the_same_for_a_number_and_a_variable():
     terms = [method.loss_terms(batch, training=False)[0] for method in (number, variable)]
     for name in ("ce", "kd"):
         assert float(terms[0][name]) == float(terms[1][name]), name
+
+
+def test_every_pipeline_runs_without_tf_data_autotuning(tmp_path):
+    """tf.data's autotuner made finished iterators wait out its doubling sleeps (epochs
+    rounded up to 2.55, 10.24, 20.47 s ... on these machines; `common.data.untuned`):
+    the training, held-out, image-decoding and Distiller pipelines all turn it off, and
+    the batches are those of the tuned pipeline."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import make_mhist
+    from common.distiller import Distiller
+    from task2_mhist import data as mhist
+
+    arrays = {"x": np.arange(10, dtype=np.float32), "y": np.arange(10) % 2}
+    dataset = common_data.batched(arrays, 4, shuffle=True, seed=3, map_fn=lambda b: {**b, "x": b["x"] * 2})
+    tuned = tf.data.Dataset.from_tensor_slices(arrays).shuffle(10, seed=3, reshuffle_each_iteration=True).batch(4)
+    assert [b["x"].numpy().tolist() for b in dataset] == [(b["x"] * 2).numpy().tolist() for b in tuned]
+    split = mhist.load_mhist(make_mhist(tmp_path / "mhist"))["train"]
+    pipelines = [dataset, mhist.dataset(split, 32, 8, shuffle=True, augment=True)]
+    teacher, student = (keras.Sequential([keras.Input((1,)), keras.layers.Dense(2)]) for _ in range(2))
+    pipelines.append(Distiller(teacher, student, "kd").training_data(arrays["x"][:, None], arrays["y"], 4))
+    assert all(p.options().autotune.enabled is False for p in pipelines)
+    assert mhist.decoded(split, 32).shape == (len(split), 32, 32, 3)
