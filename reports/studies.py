@@ -312,6 +312,33 @@ def explanation_dynamics(report, root):
                                                   lambda r, s=side: 100 * r[f"{s}_target_share"],
                                                   lambda r, k=kind: r.get("maps", "integrated gradients") == k)
                 for kind in kinds for side in ("on", "off")})
+    saved = sorted(root.glob("explanation_dynamics-s*.npz"))
+    if saved:
+        _dynamics_maps(report, root, saved[0], kinds)
+
+
+def _dynamics_maps(report, root, path, kinds):
+    """The figure of maps across checkpoints: per kind of map and shown image, the
+    image, the ensemble's on-target map, then the teacher's after up to 4 epochs."""
+    with np.load(path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    epochs = arrays["epochs"]
+    picked = np.unique(np.linspace(0, len(epochs) - 1, min(4, len(epochs))).round().astype(int))
+    rows = [(kind, i) for kind in kinds if f"{kind.replace(' ', '_')}_epochs" in arrays
+            for i in range(len(arrays["images"]))]
+    fig, axes = plt.subplots(len(rows), 2 + len(picked), figsize=(1.5 * (2 + len(picked)), 1.5 * len(rows)),
+                             squeeze=False)
+    for (kind, i), line in zip(rows, axes):
+        key = kind.replace(" ", "_")
+        panels = [("image", arrays["images"][i]), ("ensemble", arrays[f"{key}_ensemble"][i]),
+                  *((f"epoch {epochs[e]}", arrays[f"{key}_epochs"][e, i]) for e in picked)]
+        for ax, (title, picture) in zip(line, panels):
+            ax.imshow(np.squeeze(picture), cmap="gray" if title == "image" else "magma")
+            ax.set_title(title if title != "image" else f"{kind}, class {arrays['labels'][i]}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    report.figure(fig, root.name, "explanation_dynamics_maps", f"On-target maps of the seed's teacher across its "
+                  f"checkpoints beside the ensemble's ({path.stem}).")
 
 
 def studies(report, root):

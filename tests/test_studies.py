@@ -422,6 +422,10 @@ def test_pearson_rows_match_numpy_and_the_dynamics_study_end_to_end(tmp_path, sy
     assert all(-1 <= r[f"{side}_target_mean_r"] <= 1 and 0 <= r[f"{side}_target_share"] <= 1
                for r in rows for side in ("on", "off"))
     assert {p.parent.name for p in (tmp_path / "out").glob("*/metrics.json")} == {"teacher-s0", "teacher-s1"}
+    with np.load(tmp_path / "out" / "explanation_dynamics-s0.npz") as shown:  # the first images' on-target maps
+        assert shown["epochs"].tolist() == [1, 2] and shown["occlusion_ensemble"].shape[0] == 3
+        assert shown["integrated_gradients_epochs"].shape == (2, 3, 28, 28, 1)
+        np.testing.assert_array_equal(shown["labels"], synthetic_mnist["y_test"][:3])
     from reports.make_report import make_report
 
     (tmp_path / "results").mkdir()
@@ -429,4 +433,5 @@ def test_pearson_rows_match_numpy_and_the_dynamics_study_end_to_end(tmp_path, sy
     text = make_report(tmp_path / "results", tmp_path / "report").path.read_text()
     assert "| occlusion | 2 | " in text[text.index("### Explanations over training"):]
     assert (tmp_path / "report" / "task1" / "explanation_dynamics.png").exists()
+    assert (tmp_path / "report" / "task1" / "explanation_dynamics_maps.png").exists()
 

@@ -12,18 +12,22 @@ reference is the mean-logit ensemble of the teachers of `--ensemble-seeds`
 and of the class the ensemble ranks highest among the others (off-target), for
 the first `--explain-images` test images, at the checkpoint the seed's teacher
 saved after each epoch. For each epoch: the mean Pearson r over images and the
-share of images with r above the threshold, on and off target.
+share of images with r above the threshold, on and off target. The `.npz` keeps
+the on-target maps of the first `SHOWN` images, the ensemble's and each
+checkpoint's, for the report's figure of maps across checkpoints.
 """
 
 import numpy as np
 import tensorflow as tf
 
 from common import explain
+from common.results import write_arrays_atomic
 from common.studies import save_table
 from common.studies.attributions import integrated_gradients
 from common.studies.ensemble import mean_logits
 
 THRESHOLD = 0.53  # Gardner 2022's Pearson threshold for two maps that agree
+SHOWN = 3  # images whose maps the .npz keeps
 
 
 def pearson_rows(first, second):
@@ -54,19 +58,27 @@ def run(task, images, labels, checkpoints, seeds):
     logits = np.asarray(reference(images))
     ranked = np.where(np.eye(logits.shape[1], dtype=bool)[labels], -np.inf, logits)
     targets = {"on": labels, "off": ranked.argmax(-1)}
-    rows = []
+    rows, shown = [], {"images": np.asarray(images[:SHOWN]), "labels": np.asarray(labels[:SHOWN]),
+                       "epochs": np.array([epoch for epoch, _ in checkpoints])}
     for kind, maps_of in kinds.items():
         maps = {side: maps_of(reference, classes) for side, classes in targets.items()}
+        key = kind.replace(" ", "_")
+        shown[f"{key}_ensemble"], epochs = maps["on"][:SHOWN], []
         for epoch, model in checkpoints:
             row = {"maps": kind, "epoch": epoch}
             for side, classes in targets.items():
-                r = pearson_rows(maps_of(model, classes), maps[side])
+                found = maps_of(model, classes)
+                r = pearson_rows(found, maps[side])
                 row.update({f"{side}_target_mean_r": float(r.mean()),
                             f"{side}_target_share": float(np.mean(r > THRESHOLD))})
+                if side == "on":
+                    epochs.append(found[:SHOWN])
             rows.append(row)
             task.log(f"[dynamics] {kind}, teacher epoch {epoch}: on-target r {row['on_target_mean_r']:.3f} "
                      f"({row['on_target_share']:.0%} > {THRESHOLD}), off-target r {row['off_target_mean_r']:.3f} "
                      f"({row['off_target_share']:.0%})")
-    save_table(task, "explanation_dynamics", rows, seeds=list(seeds), images=int(len(images)), threshold=THRESHOLD,
-               occlusion_patch=c.occlusion_patch, occlusion_stride=c.occlusion_stride)
+        shown[f"{key}_epochs"] = np.stack(epochs)  # (epochs, SHOWN, rows, cols)
+    path = save_table(task, "explanation_dynamics", rows, seeds=list(seeds), images=int(len(images)),
+                      threshold=THRESHOLD, occlusion_patch=c.occlusion_patch, occlusion_stride=c.occlusion_stride)
+    write_arrays_atomic(path.with_suffix(".npz"), shown)
     return rows
