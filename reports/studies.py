@@ -173,9 +173,10 @@ def data_efficiency(report, root):
                                       (("scratch", "random"), "scratch, random"))}, log_x=True)
 
 
-ROLES = (("member", "a member teacher"), ("ensemble", "their ensemble"),
-         ("student", "the student distilled from the ensemble"),
-         ("single-teacher student", "a KD student of one teacher (its seed's)"))  # the ensemble table's rows
+ROLES = (("member", "a member teacher", "members"), ("ensemble", "their ensemble", "ensemble"),
+         ("student", "the student distilled from the ensemble", "its student"),
+         ("single-teacher student", "a KD student of one teacher (its seed's)", "one teacher's\nstudent"))
+# the ensemble table's rows: (role, label in the table, label in the figure)
 
 
 def ensemble(report, root):
@@ -187,12 +188,12 @@ def ensemble(report, root):
     metric = tables[0].get("metric", "test_accuracy")
     lines = [f"| model | {metric.replace('_', ' ')} (%) | the student agrees with it (%) |", "|---|---:|---:|"]
     scores = {}  # role: its test metric, once per run (every seed's table holds the same members)
-    for role, label in ROLES:
+    for role, label, short in ROLES:
         rows = groups.get(role, [])
         fidelity = [r["student_fidelity"] for r in rows if r["student_fidelity"] is not None]
         if rows:
-            scores[label] = list({r["run"]: 100 * r[metric] for r in rows}.values())
-            lines.append(f"| {label} | {_mean(scores[label])} | {_mean(fidelity, 100) if fidelity else '—'} |")
+            scores[short] = list({r["run"]: 100 * r[metric] for r in rows}.values())
+            lines.append(f"| {label} | {_mean(scores[short])} | {_mean(fidelity, 100) if fidelity else '—'} |")
     seeds = ", ".join(map(str, tables[0]["seeds"]))
     _section(report, tables, f"### Ensemble teacher\n\nThe teachers of seeds {seeds}, their logits averaged, distilled into "
                 "one student by KD (Gardner 2022, CIFAR-10: members 84.37 ± 0.32%, ensemble 87.95%, student "
@@ -201,7 +202,7 @@ def ensemble(report, root):
     low = min(min(values) for values in scores.values())
     _bars(report, root, "ensemble", f"{metric.replace('_', ' ').capitalize()} of the member teachers, their ensemble, "
           "the student distilled from it and a student of one teacher (mean ± std over members and seeds).",
-          f"{metric.replace('_', ' ')} (%)", {label.replace(" (", "\n("): {"": values} for label, values in scores.items()},
+          f"{metric.replace('_', ' ')} (%)", {label: {"": values} for label, values in scores.items()},
           ylim=(np.floor(low - 0.5), 100))
 
 
