@@ -40,8 +40,7 @@ def run(task, presets, course="course"):
     metric = f"test_{task.primary_metric}"
     rows = []
     for preset, build in presets.items():
-        parent = preset_teacher(task, preset, build, course)
-        name, teacher = parent()
+        name, teacher = preset_teacher(task, preset, build, course)()
         record = task.store.load(name)
         if preset == course:
             student = task.kd()
