@@ -105,7 +105,8 @@ def missing_class(report, root):
     lines = [f"| teacher | model | {cls}'s bias | test errors | errors on the {cls}s | {cls}s right (%) | "
              "test accuracy (%) |", "|---|---|---|---:|---:|---:|---:|"]
     for (teacher, model, shifted), rows in groups.items():
-        shift = (f"+{_mean([r['bias_shift'] for r in rows], digits=1)} (on {rows[0]['chosen_by']})"
+        chosen = next((r["chosen_by"] for r in rows if r["chosen_by"]), "")  # empty where no seed shifted
+        shift = (f"+{_mean([r['bias_shift'] for r in rows], digits=1)}" + (f" (on {chosen})" if chosen else "")
                  if shifted else "as trained")
         lines.append(f"| {teacher or '—'} | {model} | {shift} | {_mean([r['test_errors'] for r in rows], digits=1)} | "
                      f"{_mean([r['class_errors'] for r in rows], digits=1)} of {rows[0]['class_examples']} | "
