@@ -180,6 +180,12 @@ ROLES = (("member", "a member teacher", "members"), ("ensemble", "their ensemble
 # the ensemble table's rows: (role, label in the table, label in the figure)
 
 
+def _same_model(row):
+    """What makes two seeds' ensemble rows one model: a member's run, or the ensemble of
+    the same members (`ensemble-m0.1.2-s<seed>`, its name without the seed)."""
+    return row["run"].rsplit("-s", 1)[0] if row["model"] == "ensemble" else row["run"]
+
+
 def ensemble(report, root):
     """Members, their mean-logit ensemble and the student distilled from it."""
     tables = _tables(report, root, "ensemble", "ensemble teacher", "ensemble")
@@ -193,7 +199,7 @@ def ensemble(report, root):
         rows = groups.get(role, [])
         fidelity = [r["student_fidelity"] for r in rows if r["student_fidelity"] is not None]
         if rows:
-            scores[short] = list({r["run"]: 100 * r[metric] for r in rows}.values())
+            scores[short] = list({_same_model(r): 100 * r[metric] for r in rows}.values())
             lines.append(f"| {label} | {_mean(scores[short])} | {_mean(fidelity, 100) if fidelity else '—'} |")
     seeds = ", ".join(map(str, tables[0]["seeds"]))
     _section(report, tables, f"### Ensemble teacher\n\nThe teachers of seeds {seeds}, their logits averaged, distilled into "
