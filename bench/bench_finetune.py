@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import roofline  # noqa: E402  (bench/, beside this file)
+from common import config as cfg  # noqa: E402
 from common import device, methods, runs, training  # noqa: E402
 from common.data import validation_count  # noqa: E402
 from common.results import write_json_atomic  # noqa: E402
@@ -85,9 +86,10 @@ def parse_args(argv=None):
                         help=f"what to time, comma list of {','.join(PARTS)} (default: all)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/finetune.json"))
     args = parser.parse_args(argv)
-    bad = [p for p in args.precisions if p not in device.PRECISION_CHOICES]
-    if bad or not args.precisions:
-        parser.error(f"--precisions: unknown {bad or 'empty list'}; choose from {', '.join(device.PRECISION_CHOICES)}")
+    try:
+        cfg.choices("precisions", args.precisions, device.PRECISION_CHOICES, "--precisions")
+    except cfg.ConfigError as err:
+        parser.error(str(err))
     return args
 
 
@@ -224,7 +226,7 @@ def course_work(config=None, train=2175, test=977):
     config = config or Task2Config()
     held_out = validation_count(config.validation, train)
     fit, evaluated = train - held_out, held_out + test
-    views = 8 if config.augment else 1
+    views = mhist.NUM_VIEWS if config.augment else 1
     random_init = config.weights != "none"
     students = 2 + (len(config.temperatures) - (config.temperature in config.temperatures)) \
         + len(methods.OTHER_METHODS) + 2 + random_init

@@ -86,17 +86,13 @@ def kernel_flops(kind, shape):
 
 
 def peak_rate(kind, shape, dtype, seconds):
-    """Median GFLOP/s of a compiled `kind` op over 5 trials of at least `seconds` each."""
-    rng = np.random.default_rng(0)
+    """Median GFLOP/s of a compiled `kind` op (a `KERNELS` shape) over 5 trials of at
+    least `seconds` each."""
     if kind == "matmul":
-        m, k, n = shape
-        a, b = (tf.constant(rng.normal(size=s), dtype) for s in ((m, k), (k, n)))
-        op = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
+        op = layer_op("matmul", shape, 1, dtype)
     else:
         batch, height, width, c_in, c_out, kernel = shape
-        a = tf.constant(rng.normal(size=(batch, height, width, c_in)), dtype)
-        b = tf.constant(rng.normal(size=(kernel, kernel, c_in, c_out)), dtype)
-        op = tf.function(lambda: tf.reduce_sum(tf.nn.conv2d(a, b, 1, "VALID")))
+        op = layer_op("conv", ((height, width, c_in), (kernel, kernel), (1, 1), "valid", c_out), batch, dtype)
     return op_rate(op, kernel_flops(kind, shape), seconds)
 
 
@@ -167,8 +163,9 @@ def model_roofline(model, batch, dtype, seconds=0.2):
     "distinct_shapes", "flops_share": {kind: share}}`; a training step's flops are
     about 3x the forward's (a backward of twice its cost)."""
     layers = weight_layers(model)
+    distinct = {(kind, key): flops for kind, key, flops in layers}  # the same shape: the same flops and rate
     rates = {(kind, key): op_rate(layer_op(kind, key, batch, dtype), batch * flops, seconds, trials=3)
-             for kind, key, flops in {(k, key): (k, key, f) for k, key, f in layers}.values()}
+             for (kind, key), flops in distinct.items()}
     total = sum(flops for _, _, flops in layers)
     at_peak = sum(flops / rates[(kind, key)] for kind, key, flops in layers)
     shares = {}

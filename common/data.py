@@ -16,7 +16,8 @@ def untuned(dataset):
     The autotuner's background thread sleeps in doubling periods (10 ms, 20 ms, ...
     up to a minute), and on the machines measured here a finished iterator waited
     for that sleep to end: an epoch's seconds came out rounded up to 2.55, 10.24,
-    20.47, 81.9 or 141.9 (`tests/test_training.py`, docs/benchmarks.md). Every
+    20.47, 81.9 or 141.9 (measured in docs/benchmarks.md; `tests/test_training.py`
+    checks that every pipeline carries this option). Every
     pipeline here gathers from arrays in memory, so a fixed parallelism (the cores)
     and a small prefetch lose nothing to tuning."""
     options = tf.data.Options()

@@ -39,6 +39,11 @@ def _section(report, tables, text, lines):
     report.text(text + "\n".join(lines) + "\n" + note)
 
 
+def _error_bars(stds):
+    """Sample stds as error bars: none (0) where one seed gave no std."""
+    return [s if np.isfinite(s) else 0 for s in stds]
+
+
 def _curves(report, root, name, caption, xlabel, ylabel, series, log_x=False):
     """A line figure of the study: `series` is `{label: {x: [values over seeds]}}`,
     drawn as the mean with error bars of the sample std over seeds."""
@@ -46,7 +51,7 @@ def _curves(report, root, name, caption, xlabel, ylabel, series, log_x=False):
     for label, points in series.items():
         xs = sorted(points)
         means, stds = zip(*(mean_std(points[x]) for x in xs))
-        ax.errorbar(xs, means, yerr=[s if np.isfinite(s) else 0 for s in stds], marker="o", capsize=3, label=label)
+        ax.errorbar(xs, means, yerr=_error_bars(stds), marker="o", capsize=3, label=label)
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -81,7 +86,7 @@ def _bars(report, root, name, caption, ylabel, groups, ylim=None):
         at = [(x, *mean_std(bars[label])) for x, bars in enumerate(groups.values()) if label in bars]
         xs, means, stds = zip(*at)
         ax.bar(np.array(xs) + (i - (len(series) - 1) / 2) * width, means, width,
-               yerr=[s if np.isfinite(s) else 0 for s in stds], capsize=3, label=label)
+               yerr=_error_bars(stds), capsize=3, label=label)
     ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
     ax.set_ylabel(ylabel)
     if ylim:

@@ -58,12 +58,14 @@ def run(task, images, labels, checkpoints, seeds):
     logits = np.asarray(reference(images))
     ranked = np.where(np.eye(logits.shape[1], dtype=bool)[labels], -np.inf, logits)
     targets = {"on": labels, "off": ranked.argmax(-1)}
-    rows, shown = [], {"images": np.asarray(images[:SHOWN]), "labels": np.asarray(labels[:SHOWN]),
-                       "epochs": np.array([epoch for epoch, _ in checkpoints])}
+    rows = []
+    shown = {"images": np.asarray(images[:SHOWN]), "labels": np.asarray(labels[:SHOWN]),
+             "epochs": np.array([epoch for epoch, _ in checkpoints])}
     for kind, maps_of in kinds.items():
         maps = {side: maps_of(reference, classes) for side, classes in targets.items()}
         key = kind.replace(" ", "_")
-        shown[f"{key}_ensemble"], epochs = maps["on"][:SHOWN], []
+        shown[f"{key}_ensemble"] = maps["on"][:SHOWN]
+        epochs = []  # each checkpoint's on-target maps of the shown images
         for epoch, model in checkpoints:
             row = {"maps": kind, "epoch": epoch}
             for side, classes in targets.items():
