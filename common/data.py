@@ -10,6 +10,81 @@ from common.errors import DataError
 from common.training import compiled_predictor, predict
 
 
+def _example(mask):
+    """`"index 5"`, `"index (5, 3, 2)"`: the first True position of `mask`."""
+    first = np.argwhere(mask)[0]
+    return f"index {int(first[0])}" if len(first) == 1 else f"index {tuple(int(i) for i in first)}"
+
+
+def check_images(x, where, *, shape=None, to="uint8"):
+    """Image array `x` checked and returned in the pipeline's pixel scale, or a
+    one-line `DataError` starting with `where` (a file and array name, say).
+
+    Accepted: integers within 0..255 (uint8 returned as it is, no copy), and
+    finite floats in [0, 1] (scaled by 255) or in [0, 255]. Refused: NaN or
+    infinite values, integers or floats outside those ranges, non-numeric
+    dtypes, and (with `shape`, the shape of one image) other image shapes.
+    `to="uint8"`: uint8 pixels 0..255 (floats rounded); `to="float"`: float32 in
+    [0, 1]. An all-float array whose largest value is at most 1 is read as [0, 1].
+    """
+    if to not in ("uint8", "float"):
+        raise ValueError(f"to must be 'uint8' or 'float', got {to!r}")
+    x = np.asarray(x)
+    if x.ndim < 1 or len(x) == 0:
+        raise DataError(f"{where}: no images (shape {x.shape}); expected (n, ...) with n > 0")
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise DataError(f"{where}: images of shape {x.shape[1:]}, expected {tuple(shape)} (array shape {x.shape})")
+    if x.dtype == np.uint8:
+        return x if to == "uint8" else x.astype(np.float32) / 255.0
+    if x.dtype.kind in "iu":
+        bad = (x < 0) | (x > 255)
+        if bad.any():
+            raise DataError(f"{where}: {int(bad.sum())} pixel values outside 0..255 (e.g. {x[bad].flat[0]} at "
+                            f"{_example(bad)}); store images as uint8 0..255 or floats in [0, 1]")
+        return x.astype(np.uint8) if to == "uint8" else x.astype(np.float32) / 255.0
+    if x.dtype.kind != "f":
+        raise DataError(f"{where}: images of dtype {x.dtype}; store them as uint8 0..255 or floats in [0, 1]")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = ~finite
+        raise DataError(f"{where}: {int(bad.sum())} pixel values are NaN or infinite (e.g. {x[bad].flat[0]} at "
+                        f"{_example(bad)}); fix or drop those images")
+    low, high = float(x.min()), float(x.max())
+    if low < 0 or high > 255:
+        bad = (x < 0) | (x > 255)
+        raise DataError(f"{where}: float pixels span [{low:g}, {high:g}] ({int(bad.sum())} values outside [0, 255], "
+                        f"e.g. {x[bad].flat[0]:g} at {_example(bad)}); give floats in [0, 1] or [0, 255], or uint8")
+    unit = high <= 1.0
+    if to == "float":
+        return (x if unit else x / 255.0).astype(np.float32)
+    return np.round(x * 255.0 if unit else x).clip(0, 255).astype(np.uint8)
+
+
+def check_labels(y, num_classes, where):
+    """Class labels `y` checked: `(n,)` (or `(n, 1)`, flattened) integers in
+    `0..num_classes-1`; whole-numbered floats are accepted as integers. Returns
+    them (integer arrays as they are, no copy; floats as int32), or raises a
+    one-line `DataError` starting with `where` naming the bad count and an example."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    if y.ndim != 1:
+        raise DataError(f"{where}: labels of shape {y.shape}; expected (n,) class indices 0..{num_classes - 1} "
+                        "(not one-hot)")
+    if y.dtype.kind == "b" or y.dtype.kind not in "iuf":
+        raise DataError(f"{where}: labels of dtype {y.dtype}; expected integer classes 0..{num_classes - 1}")
+    if y.dtype.kind == "f":
+        bad = ~np.isfinite(y) | (y != np.round(np.nan_to_num(y)))
+        if bad.any():
+            raise DataError(f"{where}: {int(bad.sum())} labels are not whole numbers (e.g. {y[bad][0]!r} at "
+                            f"{_example(bad)}); expected integer classes 0..{num_classes - 1}")
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        raise DataError(f"{where}: {int(bad.sum())} labels outside 0..{num_classes - 1} (e.g. {y[bad][0]:g} at "
+                        f"{_example(bad)}); labels must be class indices 0..{num_classes - 1}")
+    return y.astype(np.int32) if y.dtype.kind == "f" else y
+
+
 def untuned(dataset):
     """`dataset` with tf.data's autotuning off (`tf.data.Options().autotune`).
 

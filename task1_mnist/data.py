@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from common.data import check_images, check_labels
 from common.errors import DataError
+from task1_mnist.models import NUM_CLASSES
 
 ENV_VAR = "MNIST_DIR"
 FILE_NAME = "mnist.npz"
@@ -36,7 +38,9 @@ def locate(data_dir=None):
 
 
 def load_mnist(data_dir=None, limit=None):
-    """MNIST as uint8 arrays: `x_train (n, 28, 28, 1)`, `y_train (n,)`, `x_test`, `y_test`,
+    """MNIST as uint8 arrays (a local file's images may also be floats in [0, 1] or
+    [0, 255], scaled here; labels must be integers 0-9: `common.data.check_images`,
+    `check_labels`): `x_train (n, 28, 28, 1)`, `y_train (n,)`, `x_test`, `y_test`,
     and `source` (where they came from, a string).
 
     `limit` keeps the first `limit` training and test examples (quick runs).
@@ -71,7 +75,9 @@ def _read_npz(path):
                 f"{path}: x_{split} has shape {x.shape} and y_{split} {y.shape}; "
                 f"expected (n, 28, 28) images and (n,) labels"
             )
-    arrays["x_train"], arrays["x_test"] = (arrays[k].astype(np.uint8) for k in ("x_train", "x_test"))
+    for split in ("train", "test"):  # the dtype, range and values: one line naming the file and array
+        arrays[f"x_{split}"] = check_images(arrays[f"x_{split}"], f"{path} x_{split}")
+        arrays[f"y_{split}"] = check_labels(arrays[f"y_{split}"], NUM_CLASSES, f"{path} y_{split}")
     return arrays
 
 

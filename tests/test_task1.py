@@ -450,6 +450,59 @@ def test_npz_with_wrong_layout_is_rejected(tmp_path):
         mnist.load_mnist(tmp_path)
 
 
+def write_npz(folder, **changes):
+    """A small valid `mnist.npz` in `folder` with arrays replaced by `changes`."""
+    x = (np.arange(6 * 28 * 28) % 256).astype(np.uint8).reshape(6, 28, 28)
+    arrays = {"x_train": x, "y_train": np.arange(6, dtype=np.uint8), "x_test": x[:4], "y_test": np.arange(4)}
+    arrays.update(changes)
+    np.savez(folder / "mnist.npz", **arrays)
+    return arrays
+
+
+def test_float_images_in_either_scale_are_scaled_to_uint8(tmp_path):
+    x = write_npz(tmp_path)["x_train"]
+    for stored in (x / 255.0, x.astype(np.float32) / 255, x.astype(np.float64), x.astype(np.int16)):
+        write_npz(tmp_path, x_train=stored, x_test=stored[:4])
+        loaded = mnist.load_mnist(tmp_path)
+        assert loaded["x_train"].dtype == np.uint8 and np.array_equal(loaded["x_train"][..., 0], x)
+        assert np.array_equal(loaded["x_test"][..., 0], x[:4])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"x_train": np.full((6, 28, 28), 0.5) * np.array([1, 1, np.nan, 1, 1, np.inf])[:, None, None]},
+     r"x_train: 1568 pixel values are NaN or infinite \(e.g. nan at index \(2, 0, 0\)\)"),
+    ({"x_test": np.full((4, 28, 28), -0.5)}, r"x_test: float pixels span \[-0.5, -0.5\]"),
+    ({"x_train": np.full((6, 28, 28), 300.0)}, "x_train: float pixels span"),
+    ({"x_train": np.full((6, 28, 28), 256, np.int32)}, "x_train: 4704 pixel values outside 0..255"),
+    ({"x_train": np.full((6, 28, 28), "a")}, "x_train: images of dtype <U1"),
+    ({"y_train": np.array([0, 1, 2, 10, 4, 5])}, r"y_train: 1 labels outside 0..9 \(e.g. 10 at index 3\)"),
+    ({"y_test": np.array([0, -1, 2, 3])}, "y_test: 1 labels outside 0..9"),
+    ({"y_test": np.array([0, 1.5, 2, 3])}, "y_test: 1 labels are not whole numbers"),
+    ({"y_test": np.eye(10)[:4]}, r"y_test: labels of shape \(4, 10\)"),
+])
+def test_npz_with_bad_values_is_one_line_naming_the_file(tmp_path, changes, message):
+    write_npz(tmp_path, **changes)
+    with pytest.raises(mnist.DataError, match=message) as err:
+        mnist.load_mnist(tmp_path)
+    assert str(tmp_path / "mnist.npz") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_image_and_label_checks_are_pure_and_copy_nothing_valid():
+    from common.data import check_images, check_labels
+
+    x = np.zeros((3, 28, 28, 1), np.uint8)
+    assert check_images(x, "x", shape=(28, 28, 1)) is x
+    assert check_images(np.full((2, 2), 1.0), "x", to="float").tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    assert check_images(np.full((2, 2), 255.0), "x", to="float").dtype == np.float32
+    with pytest.raises(mnist.DataError, match=r"x: images of shape \(28, 28, 1\), expected \(32, 32, 3\)"):
+        check_images(x, "x", shape=(32, 32, 3))
+    y = np.array([0, 9, 3], np.uint8)
+    assert check_labels(y, 10, "y") is y
+    assert check_labels(np.array([[1.0], [2.0]]), 3, "y").tolist() == [1, 2]
+    with pytest.raises(mnist.DataError, match="y: 1 labels outside 0..1"):
+        check_labels(np.array([0, 1, 2]), 2, "y")
+
+
 def disturb_random_state(seed):
     """Leaves every global generator (Python, NumPy, TensorFlow, Keras) in another state,
     as runs before it in the same process would."""

@@ -74,6 +74,32 @@ def test_unreadable_image_is_named(mhist_dir):
         mhist.load_mhist(mhist_dir)
 
 
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_a_truncated_image_is_named_before_training(mhist_dir, kind):
+    """A truncated PNG or JPEG passes a header check (PIL's `verify()`); the full
+    decode when the folder is indexed finds it and names the file."""
+    from PIL import Image
+
+    path = mhist_dir / "MHIST_007.png"
+    if kind == "jpeg":  # a JPEG under the CSV's .png name, as TensorFlow's decoder accepts
+        Image.open(path).convert("RGB").save(path, format="JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(DataError, match=r"MHIST_007.png: unreadable image \(.*\); replace it") as err:
+        mhist.load_mhist(mhist_dir)
+    assert "\n" not in str(err.value)
+
+
+def test_an_image_damaged_after_indexing_is_named_by_the_decoder(mhist_dir):
+    splits = mhist.load_mhist(mhist_dir)
+    damaged = splits["train"].paths[3]
+    data = open(damaged, "rb").read()
+    with open(damaged, "wb") as handle:
+        handle.write(data[:200])
+    with pytest.raises(DataError, match=f"{damaged}: TensorFlow cannot decode this image"):
+        mhist.decoded(splits["train"], 32)
+
+
 def test_images_subfolder_and_separate_annotations(mhist_dir, tmp_path):
     layout = tmp_path / "official"
     (layout / "images").mkdir(parents=True)
