@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from typing import ClassVar, Optional
 
 from common.errors import ConfigError
@@ -107,6 +108,27 @@ def seed_list(values, flag="--seeds", minimum=1):
     return tuple(values)
 
 
+def check_precision_range(temperatures=(), alphas=()):
+    """Refuses (`ConfigError`, one line) a temperature or hard-label weight at which
+    a loss term underflows in the loss's precision (`losses.temperature_problem`,
+    `losses.weight_problem`: bounds derived from float32's range, not picked).
+    `temperatures`, `alphas`: `{flag: values}`; values that are not numbers are left
+    to the other checks."""
+    from common import losses
+
+    problems = [losses.temperature_problem(float(v), flag) for flag, values in dict(temperatures).items()
+                for v in values if _real(v) and v > 0]
+    problems += [losses.weight_problem(float(v), flag) for flag, values in dict(alphas).items()
+                 for v in values if _real(v) and 0 <= v <= 1]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def _real(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def validate_shared(config, experiments, strategies, image_size):
     """Checks the settings both task configs share (seeds, KD, explanations, ...)."""
     seed_list(config.seeds)
@@ -128,6 +150,8 @@ def validate_shared(config, experiments, strategies, image_size):
     try:
         for t in config.temperatures:
             losses.validate_temperature(t)
+        check_precision_range(temperatures={"--temperature": [config.temperature], "--temperatures": config.temperatures},
+                              alphas={"--alpha": [config.alpha]})
         for name in methods.REGISTRY:  # every method's options as its runs will take them
             methods.make_options(name, dict(config.method_options).get(name, {}), shared)
     except ValueError as err:

@@ -15,6 +15,7 @@ distillation.
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -40,6 +41,62 @@ def validate_alpha(alpha):
             f"alpha must be in [0, 1] (it weights the hard-label term), got {alpha!r}"
         )
     return value
+
+
+LOSS_DTYPE = "float32"  # every loss here computes in float32, under every --precision (logits are cast)
+
+
+def temperature_range(dtype=LOSS_DTYPE):
+    """`(lowest, highest)` temperature at which a softened-logit term (`distillation_loss`)
+    still carries a signal when computed in `dtype`, from that precision's range:
+
+    - highest: `ln(1 / tiny) / eps` (7.3e8 in float32). `ln(1 / tiny)` (87.3) is the
+      widest logit gap whose softmax at T = 1 is not yet exactly one-hot (exp(-gap)
+      is still a normal number); divided by a T above the bound, even that gap
+      falls below the precision's resolution `eps`, so the softened probabilities
+      are uniform up to rounding and the term is exactly 0 or rounding noise
+      (measured: at T = 1e9 a KD loss on logits 10 apart is exactly 0 with zero
+      gradient; at T = 7e8 on logits 87 apart its gradient is 3.8 times off the
+      exact one).
+    - lowest: `sqrt(tiny)` (1.1e-19): below it T², which scales the term, is no
+      longer a normal number and the term is flushed towards 0.
+    """
+    info = np.finfo(dtype)
+    tiny, eps = float(info.tiny), float(info.eps)
+    return math.sqrt(tiny), -math.log(tiny) / eps
+
+
+def temperature_problem(temperature, flag="--temperature", dtype=LOSS_DTYPE):
+    """A one-line message when `temperature` is outside `temperature_range(dtype)`
+    (the term it softens would underflow), else None."""
+    lowest, highest = temperature_range(dtype)
+    info = np.finfo(dtype)
+    if temperature > highest:
+        return (f"{flag} {temperature:g} is above {highest:.2g}, where {dtype} (the precision of the loss) cannot "
+                f"resolve softened probabilities: even logits {-math.log(float(info.tiny)):.1f} apart (the widest gap "
+                f"its softmax resolves at T=1) divided by T fall below its resolution {float(info.eps):.2g}, so the "
+                f"term is 0 or rounding noise; use a temperature below {highest:.2g} (1-20 is usual)")
+    if temperature < lowest:
+        return (f"{flag} {temperature:g} is below {lowest:.2g}, where T² (which scales the term) underflows "
+                f"in {dtype}, the precision of the loss; use a temperature above {lowest:.2g} (1-20 is usual)")
+    return None
+
+
+def weight_problem(alpha, flag="--alpha", dtype=LOSS_DTYPE):
+    """A one-line message when `alpha` (hard-label weight; `1 - alpha` weights
+    distillation) gives a term a nonzero weight too small relative to the other's to
+    survive their sum in `dtype`: below half its resolution `eps`, that term's
+    gradient rounds away when added to one of comparable size. None otherwise;
+    0 and 1 (one term only) are fine."""
+    small, large = sorted((float(alpha), 1.0 - float(alpha)))
+    half_eps = float(np.finfo(dtype).eps) / 2
+    if 0 < small and small < half_eps * large:
+        term = "hard-label" if float(alpha) < 0.5 else "distillation"
+        other = 0 if float(alpha) < 0.5 else 1
+        return (f"{flag} {alpha:.10g} weights the {term} term {small / large:.2g} times the other, below half the "
+                f"resolution of {dtype} ({half_eps:.2g}): its gradient rounds away in the sum; use {flag} {other} "
+                f"to drop that term, or give it a weight of at least {half_eps:.2g} of the other's")
+    return None
 
 
 def teacher_loss(labels, logits):

@@ -79,6 +79,8 @@ class Task1Config(cfg.SharedConfig):
             losses.validate_temperature(self.aux_temperature)
             for a in self.alphas:
                 losses.validate_alpha(a)
+            cfg.check_precision_range(temperatures={"--aux-temperature": [self.aux_temperature]},
+                                      alphas={"--alphas": self.alphas})
         except ValueError as err:
             raise cfg.ConfigError(str(err)) from None
         if "eskd" in self.only:

@@ -171,3 +171,40 @@ def test_losses_of_stacked_members_are_each_members_loss():
             alone = alphas[k] * losses.teacher_loss(labels, member) + (1 - alphas[k]) * losses.distillation_loss(
                 teacher, member, tf.constant(temperature))
         np.testing.assert_allclose(gradients[k], tape.gradient(alone, member).numpy(), rtol=1e-6, atol=1e-8)
+
+
+def kd_gradient(temperature, gap, seed=0):
+    """The KD loss's gradient on student logits (64, 10) against teacher logits scaled to
+    span `gap`, and the exact large-T limit `((s - mean s) - (t - mean t)) / (C B)`."""
+    rng = np.random.default_rng(seed)
+    teacher = rng.normal(size=(64, 10))
+    teacher = tf.constant(teacher / np.ptp(teacher, axis=1, keepdims=True) * gap, tf.float32)
+    student = tf.Variable(rng.normal(size=(64, 10)) * gap / 3, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        loss = losses.distillation_loss(teacher, student, temperature)
+    s, t = student.numpy(), teacher.numpy()
+    exact = ((s - s.mean(1, keepdims=True)) - (t - t.mean(1, keepdims=True))) / 10 / 64
+    return float(loss), tape.gradient(loss, student).numpy(), exact
+
+
+def test_temperature_range_is_where_the_kd_term_stops_carrying_a_signal():
+    lowest, highest = losses.temperature_range("float32")
+    assert highest == pytest.approx(-math.log(np.finfo(np.float32).tiny) / np.finfo(np.float32).eps)  # 7.3e8
+    assert lowest == pytest.approx(math.sqrt(np.finfo(np.float32).tiny))
+    # `--temperature 1e9` (above the bound): logits 10 apart give exactly no KD loss and no gradient
+    loss, gradient, _ = kd_gradient(1e9, 10.0)
+    assert loss == 0 and not gradient.any()
+    # just below the bound, the widest gap float32's softmax resolves (87.3) still moves the student;
+    # well inside it, the gradient is the exact one
+    _, gradient, exact = kd_gradient(highest / 4, -math.log(np.finfo(np.float32).tiny))
+    assert gradient.any()
+    _, gradient, exact = kd_gradient(1e4, 10.0)
+    assert np.linalg.norm(gradient - exact) / np.linalg.norm(exact) < 1e-2
+    assert losses.temperature_problem(1e9) is not None and "7.3e+08" in losses.temperature_problem(1e9)
+    assert losses.temperature_problem(1e-20) is not None and losses.temperature_problem(1e-20).count("\n") == 0
+    assert all(losses.temperature_problem(t) is None for t in (1e-3, 1.0, 4.0, 64.0, 1e6))
+    # a term weighted below half of float32's resolution relative to the other rounds away
+    assert "--alpha 0 " in losses.weight_problem(1e-9) and "--alpha 1 " in losses.weight_problem(1 - 1e-9)
+    assert all(losses.weight_problem(a) is None for a in (0.0, 1e-6, 0.5, 1 - 1e-6, 1.0))
+    ce = tf.constant(0.7)
+    assert float((1 - 1e-9) * ce + 1e-9 * ce) == float(ce)  # what the rule stands for: the small term is lost

@@ -402,6 +402,12 @@ def test_load_real_mnist_shapes(real_mnist_dir):
         (["--data-dir", "/no/such/folder"], "--data-dir"),
         (["--deterministic", "--jit", "on"], "--jit off"),
         (["--fuse-grid", "stacked", "--precision", "mixed_float16"], "one loss scale"),
+        (["--temperature", "1e9"], "--temperature 1e+09 is above 7.3e+08"),
+        (["--temperatures", "1,4,1e12"], "--temperatures 1e+12 is above 7.3e+08"),
+        (["--temperature", "1e-30"], "--temperature 1e-30 is below 1.1e-19"),
+        (["--aux-temperature", "1e10"], "--aux-temperature 1e+10 is above"),
+        (["--alpha", "1e-9"], "--alpha 1e-09 weights the hard-label term"),
+        (["--alphas", "0.5,0.9999999999"], "--alphas 0.9999999999 weights the distillation term"),
     ],
 )
 def test_cli_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
