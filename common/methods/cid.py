@@ -44,6 +44,9 @@ Deployment: `prediction_head` makes g and D part of the trained student, an
 weights, its evaluation, its FLOPs and its TFLite files all include them.
 `Intervention.active` (0 before g trains, 1 after) is saved with them, so a
 student trained for no more than `init_epochs` epochs predicts with z_s.
+`common.deployed.plain_keras` gives the same predictions from Keras'
+built-in layers alone (`Intervention.builtin_outputs`), a `.keras` file that
+loads without this toolkit.
 """
 
 import dataclasses
@@ -118,6 +121,30 @@ class Intervention(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "temperature": self.temperature}
+
+    def builtin_outputs(self, embedding, logits):
+        """This layer's current prediction on symbolic `embedding (batch, d)` and `logits
+        (batch, K)` in Keras' built-in layers only, float32 (`common.deployed.plain_keras`):
+        when `active`, Rescaling(1/T) -> Softmax -> Dense(d, no bias; kernel D (K, d)) the
+        context (batch, d), Concatenate([embedding, context]) (batch, 2d) -> Dense(K; g's
+        kernel (2d, K) and bias); else the logits. Weights are copied: later training of
+        this layer does not change them."""
+        if float(keras.ops.convert_to_numpy(self.active)) <= 0:
+            if logits.dtype == "float32":
+                return logits
+            return keras.layers.Identity(dtype="float32", name=f"{self.name}_logits")(logits)
+        layers = keras.layers
+        dim = int(self.dictionary.shape[-1])
+        scaled = layers.Rescaling(1.0 / self.temperature, dtype="float32", name=f"{self.name}_scale")(logits)
+        probabilities = layers.Softmax(dtype="float32", name=f"{self.name}_probabilities")(scaled)
+        context_layer = layers.Dense(dim, use_bias=False, dtype="float32", name=f"{self.name}_context")
+        context = context_layer(probabilities)
+        joined = layers.Concatenate(dtype="float32", name=f"{self.name}_concat")([embedding, context])
+        head = layers.Dense(self.num_classes, dtype="float32", name=f"{self.name}_g")
+        outputs = head(joined)
+        context_layer.set_weights([keras.ops.convert_to_numpy(self.dictionary)])
+        head.set_weights([keras.ops.convert_to_numpy(w) for w in (self.head.kernel, self.head.bias)])
+        return outputs
 
 
 class Dictionary(keras.layers.Layer):
