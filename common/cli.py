@@ -3,6 +3,7 @@
 import argparse
 import errno
 import os
+import signal
 import sys
 import time
 
@@ -156,14 +157,42 @@ def logger(quiet):
     return log
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a scheduler sends before it kills a job), raised where Ctrl-C's
+    `KeyboardInterrupt` would be, so the same cleanup runs: the epoch being written
+    finishes, the interrupted experiment's `timings.jsonl` entry is written."""
+
+    signal_name = "SIGTERM"
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Installs `handler` for SIGTERM; returns the one it replaced (None where signals
+    cannot be set: outside the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+TERMINATED = 128 + signal.SIGTERM  # 143: the shell's status of a job ended by SIGTERM
+
+
 def main(body):
     """Runs `body()`; a `UserError`, or a write refused by the disk (full, read-only,
-    no permission), becomes one `error: ...` line and exit status 2."""
+    no permission), becomes one `error: ...` line and exit status 2. Ctrl-C (SIGINT)
+    and SIGTERM stop it as one line, after the finished runs and epochs are saved and
+    timed (status 130 and 143)."""
     import logging
 
     import tensorflow as tf
 
     tf.get_logger().setLevel(logging.ERROR)  # retracing notices etc. are not for users
+    previous = _on_sigterm(_terminate)
     try:
         return body()
     except UserError as err:
@@ -176,9 +205,16 @@ def main(body):
         print(f"error: cannot write{where}: {err.strerror}; free some space or choose a writable --out, then run "
               "the same command: finished runs and epochs are kept and it resumes", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM): finished runs and epochs are saved and timed in timings.jsonl; run the same "
+              "command to resume", file=sys.stderr)
+        return TERMINATED
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved; run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def make_config(settings, config_class):

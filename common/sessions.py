@@ -63,8 +63,8 @@ def run_experiments(task, only=None):
 
     Each experiment's wall time and the process's peak memory after it are logged
     and appended to `<out>/timings.jsonl`, also when it stops early (`"finished":
-    false`: interrupted or failed), so the time of every invocation, resumed ones
-    included, is counted.
+    false`, and `"stopped_by"`: `SIGINT`, `SIGTERM` or the error's type), so the
+    time of every invocation, resumed ones included, is counted.
     """
     only = tuple(only or task.config.only)
     outcomes = {}
@@ -73,12 +73,16 @@ def run_experiments(task, only=None):
             continue
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         start = time.perf_counter()
-        finished = False
+        finished, stopped_by = False, None
         try:
             outcomes[name] = task.experiment(name)
             finished = True
+        except BaseException as err:
+            stopped_by = stop_reason(err)
+            raise
         finally:
             timing = {"experiment": name, "seed": task.seed, "started_at": started, "finished": finished,
+                      **({"stopped_by": stopped_by} if stopped_by else {}),
                       "seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(runs.peak_rss_mib(), 1)}
             task.store.root.mkdir(parents=True, exist_ok=True)
             with open(task.store.root / "timings.jsonl", "a") as handle:
@@ -86,3 +90,11 @@ def run_experiments(task, only=None):
         task.log(f"[{name}] experiment finished in {timing['seconds']:.0f}s "
                  f"(peak memory so far {timing['peak_rss_mib']:.0f} MiB)")
     return outcomes
+
+
+def stop_reason(err):
+    """What stopped an experiment, for `timings.jsonl`: the signal (`common.cli.Terminated`
+    names SIGTERM, Ctrl-C is SIGINT) or the error's type."""
+    if isinstance(err, KeyboardInterrupt):
+        return getattr(err, "signal_name", "SIGINT")
+    return type(err).__name__

@@ -584,3 +584,79 @@ def test_the_default_validation_split_scales_with_limit():
 
     share = Task1Config().validation
     assert validation_count(share, 60000) == 5000 and validation_count(share, 3000) == 250
+
+
+class SignalledTask:
+    """A stand-in task whose second experiment is stopped by `signal_number` sent to
+    this very process, as a scheduler's SIGTERM or a Ctrl-C would arrive."""
+
+    experiments = ("first", "second", "third")
+
+    def __init__(self, root, signal_number):
+        from common.results import ResultsStore
+
+        self.store, self.seed, self.signal_number = ResultsStore(root), 0, signal_number
+        self.config = type("Config", (), {"only": self.experiments})()
+        self.log = lambda _message: None
+
+    def experiment(self, name):
+        import os
+        import time
+
+        if name == "second":
+            os.kill(os.getpid(), self.signal_number)
+            time.sleep(5)  # the signal arrives here
+            raise AssertionError("the signal did not stop the experiment")
+        return name
+
+
+@pytest.mark.parametrize("signal_name, status, line", [
+    ("SIGTERM", 143, "terminated (SIGTERM): finished runs and epochs are saved and timed in timings.jsonl"),
+    ("SIGINT", 130, "interrupted: finished runs are saved"),
+])
+def test_sigterm_stops_as_sigint_does_with_its_own_status_and_timings(tmp_path, capsys, signal_name, status, line):
+    import signal
+
+    from common import cli as common_cli
+    from common.sessions import run_experiments
+
+    before = signal.getsignal(signal.SIGTERM)
+    task = SignalledTask(tmp_path, getattr(signal, signal_name))
+    assert common_cli.main(lambda: run_experiments(task)) == status
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(line) and "\n" not in err
+    timings = [json.loads(row) for row in (tmp_path / "timings.jsonl").read_text().splitlines()]
+    assert [(t["experiment"], t["finished"], t.get("stopped_by")) for t in timings] == [
+        ("first", True, None), ("second", False, signal_name)]
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+
+
+@pytest.mark.slow
+def test_a_task1_process_given_sigterm_saves_its_epochs_and_says_so(tmp_path, synthetic_mnist):
+    """The command itself, as a scheduler stops it: SIGTERM mid-training ends it with one
+    line and status 143, the finished experiment and the stopped one are in
+    timings.jsonl, and the same command resumes after the last saved epoch."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    np.savez(tmp_path / "mnist.npz", **{k: v[..., 0] if k.startswith("x") else v for k, v in synthetic_mnist.items()})
+    argv = [sys.executable, str(Path(__file__).resolve().parents[1] / "task1_mnist" / "run.py"), "--data-dir",
+            str(tmp_path), "--out", str(tmp_path / "o"), "--only", "flops,scratch", "--epochs", "200",
+            "--validation", "0", "--jit", "off"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "o" / "scratch-s0" / "resume" / "state.npz"
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert state.exists(), process.communicate()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM)") and "Traceback" not in err
+    timings = [json.loads(row) for row in (tmp_path / "o" / "timings.jsonl").read_text().splitlines()]
+    assert [(t["experiment"], t["finished"], t.get("stopped_by")) for t in timings] == [
+        ("flops", True, None), ("scratch", False, "SIGTERM")]
+    assert state.exists() and not (tmp_path / "o" / "scratch-s0" / "metrics.json").exists()
