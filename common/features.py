@@ -149,7 +149,8 @@ def lift(site, tensor):
             tensor = node.output_tensors[0]
             continue
         training = {k: v for k, v in node.arguments.kwargs.items() if k == "training"}
-        inner = keras.Model(parent.inputs[0], tensor, name=f"{parent.name}_up_to_{site.layer.name}")
+        name = f"{parent.name}_up_to_{site.layer.name}"
+        inner = keras.Model(parent.inputs[0], tensor, name=f"{name}_{keras.backend.get_uid(name)}")
         tensor = inner(node.input_tensors[0], **training)
         second_pass.append(parent.name)
     return tensor, second_pass
@@ -331,7 +332,7 @@ def as_vector(site, tensor, model, role, feature="embedding"):
     if len(shape) == 4:
         vector = keras.ops.mean(tensor, axis=(1, 2))
         return vector, f" -> global average pool {shape_text(vector.shape)}"
-    raise refuse(model, role, feature, f"layer {site.path} gives {shape_text(shape)}, not a vector (batch, D) "
+    raise refuse(model, role, feature, f"layer {site.path} {shape_text(shape)} is not a vector (batch, D) "
                  "or a map (batch, H, W, C)")
 
 
