@@ -6,215 +6,297 @@ any registered method, through `compile` / `fit` / `evaluate` / `predict`.
     distiller.fit(x_train, y_train, epochs=12, batch_size=256, callbacks=[...])
     distiller.student  # the trained student
 
-`fit` takes what Keras' `fit` takes for data: NumPy arrays (or tensors) with
-integer labels, or a `tf.data.Dataset` of `(x, y)` batches. Before training it
-reads the data once and runs the frozen teacher once per example (one pass: a
-dataset's augmentation is drawn once), caching what the method reads of it
-(logits, an embedding, attention maps); every epoch then reshuffles those
-examples with their cached targets, and the teacher never runs per step. With
-`cache_teacher=False` the teacher runs on every batch instead (for data that
-does not fit in memory, or fresh augmentations each epoch).
+`Distiller` is a `keras.Model`: it saves and loads (`save`, `keras.models.load_model`,
+`ModelCheckpoint`), resumes (`BackupAndRestore`, bit for bit), and trains under a
+`tf.distribute` strategy. `fit` takes what Keras' `fit` takes for data (see
+`common.fit_data`): arrays with class indices or one-hot labels, a
+`tf.data.Dataset` of `(x, y)` batches, a `keras.utils.PyDataset`,
+`validation_split`. Before training the frozen teacher runs once per training
+example and what the method reads of it (logits, an embedding, attention maps) is
+cached: beside arrays in memory, or with a streamed dataset in a snapshot on disk;
+the teacher never runs per step. With `cache_teacher=False` it runs on every batch
+instead (a dataset's augmentations are then fresh each epoch).
 
 Each training step is one `tf.GradientTape` step over the method's loss terms
 (`Method.loss_terms`), the same terms the course tasks minimise; `fit`'s logs
 hold each term, the loss and the compiled metrics on the student's logits.
-Feature methods find their layers by name on functional and Sequential models
-(`teacher_features` / `student_features`: `{"embedding": "dense_1"}`); by default
-`"embedding"` is the input of the model's last layer (the penultimate
-activations), `"spatial"` the output of its last layer with a 4-D output, and
-`"hint"` (FitNets) the spatial map where both models have one, else the
-embedding.
+Feature layers are resolved and checked by `common.features` (the penultimate
+`"embedding"`, the last `"spatial"` map with height and width above 1); name
+others with `teacher_features` / `student_features`.
 """
-
-import dataclasses
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from common import deployed, losses, methods, training
-from common.data import untuned
+from common import _features_interim as features
+from common import deployed, fit_data, methods, training
 from common.errors import ConfigError
-from common.methods import at as at_method
-from common.methods import rkd as rkd_method
+from common.method_loss import MethodLoss  # noqa: F401  (re-exported: the library's two entry points)
 
-def layer_output(model, layer):
-    """The symbolic output of `layer` (a name or an index) of a built functional or
-    Sequential `model`; raises `ConfigError` naming the layers when there is none."""
-    try:
-        return (model.get_layer(layer) if isinstance(layer, str) else model.layers[layer]).output
-    except (ValueError, IndexError):
-        names = ", ".join(l.name for l in model.layers)
-        raise ConfigError(f"{model.name} has no layer {layer!r}; its layers are {names}") from None
-
-
-def default_features(model):
-    """`{"embedding", "spatial" (if any)}` symbolic tensors of `model` (see the module docstring)."""
-    found = {"embedding": model.layers[-1].input}
-    maps = [l for l in model.layers if len(l.output.shape) == 4]
-    if maps:
-        found["spatial"] = maps[-1].output
-    return found
-
-
-def feature_model(model, wanted, named=None, hint_from=None):
-    """`x -> {name: tensor}` for each of `wanted` (`"logits"`, `"embedding"`,
-    `"spatial"`, `"hint"`) sharing `model`'s layers; `named` overrides the default
-    layer of a name; `hint_from`: which of `"spatial"` / `"embedding"` is the hint."""
-    named = dict(named or {})
-    if not model.built or not model.inputs:
-        raise ConfigError(f"{model.name} is not a built functional or Sequential model: give it an Input first")
-    defaults = default_features(model)
-    outputs = {}
-    for name in wanted:
-        key = hint_from if name == "hint" and "hint" not in named else name
-        if name == "logits":
-            outputs[name] = model.outputs[0]
-        elif name in named:
-            outputs[name] = layer_output(model, named[name])
-        elif key in named:
-            outputs[name] = layer_output(model, named[key])
-        elif key in defaults:
-            outputs[name] = defaults[key]
-        else:
-            raise ConfigError(f"{model.name} has no 4-D feature map for {name!r}: name a layer, e.g. "
-                              f"features={{'{name}': '<layer name>'}}")
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_features")
+PACKAGE = "kd_toolkit"  # the package name of the toolkit's Keras serializables
 
 
 def method_options(method, options):
-    """The `Options` of registered `method` from `Distiller`'s keyword arguments; a bad
-    or unknown one is a `ConfigError` naming what the method takes."""
+    """The `Options` of registered `method` from keyword arguments; a bad or unknown
+    one is a `ConfigError` naming the Python argument and what the method takes."""
     try:
-        return methods.make_options(method, options)
+        return methods.make_options(method, options, naming=methods.argument_name)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def as_arrays(x, y):
-    """`(x, y)` as NumPy arrays from arrays, tensors or a dataset of `(x, y)` batches
-    (read once, in its order)."""
-    if isinstance(x, tf.data.Dataset):
-        if y is not None:
-            raise ConfigError("give the labels inside the dataset, as (x, y) batches, not as y")
-        xs, ys = [], []
-        for element in x:
-            if not isinstance(element, (tuple, list)) or len(element) != 2:
-                raise ConfigError("a dataset for Distiller.fit must yield (x, y) batches")
-            xs.append(np.asarray(element[0]))
-            ys.append(np.asarray(element[1]))
-        return np.concatenate(xs), np.concatenate(ys)
-    if y is None:
-        raise ConfigError("Distiller.fit needs labels: fit(x, y) or a dataset of (x, y) batches")
-    x, y = np.asarray(x), np.asarray(y)
-    if len(x) != len(y):
-        raise ConfigError(f"x has {len(x)} examples and y {len(y)}; give one label per example")
-    return x, y
+def check_model(model, role):
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f"the {role} must be a keras.Model, got {type(model).__name__}")
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class Distiller(keras.Model):
     """A student that learns from a frozen teacher by registered `method`.
 
     Args:
-      teacher, student: Keras models returning `(batch, classes)` logits (built
-        functional or Sequential models when the method reads features).
+      teacher, student: Keras models returning `(batch, classes)` logits:
+        functional, Sequential or subclassed. A teacher ending in a softmax is
+        read through its logits (`common.features.logits_tensor`, said in one
+        line); a student must return logits.
       method: a registered method's name (`common.methods.REGISTRY`: "kd", "dkd",
         "fitnets", "at", "rkd", "crd", ...).
       teacher_features, student_features: `{output name: layer name or index}`
-        for the feature layers the method reads (defaults: module docstring).
+        for the feature layers the method reads, or (any model) a callable
+        `fn(x, training=False) -> {"logits": ..., "embedding": ...}`; defaults:
+        `common.features`.
       cache_teacher: compute the teacher's targets once per example before
         training (default) or run the teacher on every batch.
+      seed: the seed of the per-epoch example order (default: drawn from NumPy's
+        global generator, so `keras.utils.set_random_seed` fixes it).
+      cache_dir: where a streamed dataset's teacher cache is written (default: the
+        system's temporary folder).
       **options: the method's options (`temperature`, `alpha` for KD; e.g.
-        `nckd_weight` for DKD), checked like the command line's flags.
+        `nckd_weight` for DKD), checked.
 
     Call it (or `predict`) for the student's logits; `evaluate` scores the student.
     `student` is the trained student; for a method with a prediction head (CID) it is
     the given student with that head (`common.deployed.with_head`), which predicts
-    through it.
+    through it; `export_student()` gives it as plain Keras layers.
     """
 
     def __init__(self, teacher, student, method="kd", *, teacher_features=None, student_features=None,
-                 cache_teacher=True, **options):
-        super().__init__(name=f"{method}_distiller")
+                 cache_teacher=True, seed=None, cache_dir=None, name=None, **options):
+        super().__init__(name=name or f"{method}_distiller")
+        check_model(teacher, "teacher")
+        check_model(student, "student")
         self.cls = methods.get(method)
         if self.cls.teacher_objective is not None:
             raise ConfigError(f"{method} trains its own teacher before distilling: train `teacher` with "
                               f"common.training.fit({self.cls.teacher_objective.__name__}(teacher, cuts, branches, "
                               "options), ...) (docs/methods.md), then pass it here with method='kd'")
         self.options = method_options(method, options)
-        self.teacher, self.student = teacher, student
+        self.method_name, self.named = method, {"teacher": teacher_features, "student": student_features}
+        self.cache_teacher, self.cache_dir = bool(cache_teacher), cache_dir
+        self.seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
+        self.teacher, self.given_student = teacher, student
         self.teacher.trainable = False
-        self.cache_teacher = bool(cache_teacher)
-        reads = set(self.cls.teacher_outputs) | set(self.cls.student_outputs)
-        hint_from = None
-        if "hint" in reads:
-            both_maps = all("spatial" in default_features(m) or "spatial" in (named or {})
-                            for m, named in ((teacher, teacher_features), (student, student_features)))
-            hint_from = "spatial" if both_maps else "embedding"
-        self.teacher_outputs = feature_model(teacher, ("logits", *self.cls.teacher_outputs), teacher_features,
-                                             hint_from)
-        self.student_outputs = None
+        hint_from = features.hint_source(teacher, student, teacher_features, student_features) \
+            if "hint" in (*self.cls.teacher_outputs, *self.cls.student_outputs) else None
+        self.teacher_outputs, self.teacher_reads = features.feature_model(
+            teacher, ("logits", *self.cls.teacher_outputs), teacher_features, hint_from, role="teacher")
+        self.student_outputs, self.student_reads = None, {}
         if set(self.cls.student_outputs) - {"logits"}:
-            self.student_outputs = feature_model(student, ("logits", *self.cls.student_outputs), student_features,
-                                                 hint_from)
-        head = self.cls.prediction_head(self.options, int(teacher.outputs[0].shape[-1]))
+            self.student_outputs, self.student_reads = features.feature_model(
+                student, ("logits", *self.cls.student_outputs), student_features, hint_from, role="student")
+        else:
+            features.logits_tensor(student, "student")  # refuses a student that ends in a softmax
+        self.student = student
+        head = self.cls.prediction_head(self.options, self.num_classes)
         if head is not None:  # CID: the trained student predicts through the method's head
             self.student = deployed.with_head(student, head, lambda _: self.student_outputs)
-        self.method = None
+        self.method, self.labels = None, None
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")  # the data order's epoch
         self.term_trackers = []
         self.loss_tracker = keras.metrics.Mean(name="loss")
 
+    @property
+    def num_classes(self):
+        return int(self.teacher.outputs[0].shape[-1]) if self.teacher.outputs else self._probe_classes()
+
+    def _probe_classes(self):
+        if not self.teacher.built:
+            raise ConfigError(f"{self.teacher.name} is not built: call it on a batch, or give it an Input")
+        return int(self.teacher.compute_output_spec(keras.KerasTensor((1, *self.teacher_input_shape()[1:]))).shape[-1])
+
+    def teacher_input_shape(self):
+        build = self.teacher.get_build_config() or {}
+        shape = build.get("input_shape")
+        if shape is None:
+            raise ConfigError(f"{self.teacher.name} has no known input shape: call it on a batch first")
+        return tuple(shape)
+
+    # -- the Keras model protocol ---------------------------------------------------------------
+
     def call(self, x, training=False):
         return self.student(x, training=training)
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """Keras' `compile`, without `loss`: the method's terms are the loss."""
+        if loss is not None:
+            raise ConfigError(f"Distiller.compile takes no loss: the {self.method_name} method's terms are the "
+                              "loss (choose them with the method and its options); drop loss=")
+        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+
+    def get_config(self):
+        named = {role: value for role, value in self.named.items() if value is not None}
+        if any(callable(value) for value in named.values()):
+            raise NotImplementedError("a Distiller given feature callables cannot be serialized; name feature layers "
+                                      "instead, or save the student alone (distiller.export_student().save(...))")
+        return {"name": self.name, "teacher": keras.saving.serialize_keras_object(self.teacher),
+                "student": keras.saving.serialize_keras_object(self.given_student), "method": self.method_name,
+                "options": methods.options_dict(self.options), "teacher_features": self.named["teacher"],
+                "student_features": self.named["student"], "cache_teacher": self.cache_teacher, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        teacher = keras.saving.deserialize_keras_object(config.pop("teacher"))
+        student = keras.saving.deserialize_keras_object(config.pop("student"))
+        return cls(teacher, student, **config.pop("options"), **config)
+
+    def get_build_config(self):
+        """The training labels the method was built for (CRD's memory bank samples by them)."""
+        return None if self.labels is None else {"labels": self.labels.tolist()}
+
+    def build_from_config(self, config):
+        if config and "labels" in config:
+            self.build_method(np.asarray(config["labels"], np.int32))
+
+    def build(self, input_shape=None):
+        if not self.student.built and input_shape is not None:
+            self.student.build(input_shape)
+        self.built = True
+
+    # -- the method and its data ------------------------------------------------------------------
 
     def teacher_targets(self, x, training=False):
         """`{target: tensor}` the method caches of the frozen teacher for inputs `x`."""
         return self.cls.teacher_targets(self.teacher_outputs(x, training=training))
 
     def build_method(self, labels):
-        """Creates the method for a training set of `labels` (once: its extra layers,
-        e.g. FitNets' regressor or CRD's memory banks, are built for it)."""
+        """Creates the method for a training set of `labels` `(n,)`: its extra layers
+        (FitNets' regressor, CRD's memory banks) are built for it, once. `fit` on
+        other labels is refused for a method that keeps state per example (CRD)."""
+        labels = np.asarray(labels, np.int32).reshape(-1)
         if self.method is not None:
+            if self.method.extra_layers and not np.array_equal(labels, self.labels):
+                raise ConfigError(f"this {self.method_name} distiller's state (its extra layers) was built for "
+                                  f"another training set of {len(self.labels)} examples; make a new Distiller "
+                                  "for new data")
             return
-        num_classes = int(self.teacher.outputs[0].shape[-1])
-        context = methods.Context(num_classes=num_classes, num_examples=len(labels),
-                                  labels=np.asarray(labels).reshape(-1).astype(np.int32),
+        context = methods.Context(num_classes=self.num_classes, num_examples=len(labels), labels=labels,
                                   features=self.student_outputs)
-        self.method = self.cls.create(self.student, self.options, context)
+        method = self.cls.create(self.student, self.options, context)
         if not self.cache_teacher:
-            self.method.teacher = self.teacher_outputs  # batches then carry no targets: it runs per step
-        probe = self.teacher_targets(tf.zeros((1, *self.teacher.inputs[0].shape[1:])))
-        self.method.build_extras({name: (None, *value.shape[1:]) for name, value in probe.items()})
-        self.extras = list(self.method.extra_layers)  # tracked: saved with the distiller, built by the optimizer
-        self.term_trackers = [keras.metrics.Mean(name=name) for name in self.method.term_names]
+            method.teacher = self.teacher_outputs  # batches then carry no targets: it runs per step
+        probe = self.teacher_targets(self.probe_input())
+        method.build_extras({name: (None, *value.shape[1:]) for name, value in probe.items()})
+        locked = self._tracker.locked  # a predict() before fit builds (and locks) the model: state may still come
+        self._tracker.unlock()
+        try:
+            self.method, self.labels = method, labels
+            self.extras = list(method.extra_layers)  # tracked: saved with the distiller, built by the optimizer
+            self.term_trackers = [keras.metrics.Mean(name=name) for name in method.term_names]
+        finally:
+            if locked:
+                self._tracker.lock()
+        self.built = True
 
-    def training_data(self, x, y, batch_size, shuffle=True, seed=None):
-        """A dataset of `{"x", "y", "index", "teacher_<target>"}` batches over the examples,
-        the teacher's targets computed once (with `cache_teacher`)."""
-        arrays = {"x": x, "y": y.reshape(-1).astype(np.int32), "index": np.arange(len(y), dtype=np.int32)}
+    def probe_input(self):
+        """One example of the teacher's input (zeros), for shapes."""
+        if self.teacher.inputs:
+            return tf.nest.map_structure(lambda t: tf.zeros((1, *t.shape[1:]), t.dtype),
+                                         self.teacher.inputs if len(self.teacher.inputs) > 1 else self.teacher.inputs[0])
+        return tf.zeros((1, *self.teacher_input_shape()[1:]))
+
+    def check_replicas(self):
+        strategy = self.distribute_strategy
+        if getattr(self.cls, "single_replica", False) and strategy.num_replicas_in_sync > 1:
+            raise ConfigError(f"{self.method_name} keeps per-example state that is not synchronised across "
+                              f"replicas; train it outside the {type(strategy).__name__} scope (one device)")
+
+    def array_targets(self, x):
+        """The teacher's targets for arrays `x`, computed in chunks of 1,024 examples."""
+        predict = tf.function(lambda batch: self.teacher_targets(batch, training=False))
+        n = fit_data.num_examples(x)
+        parts = [predict(tf.nest.map_structure(lambda a: tf.constant(a[i:i + 1024]), x)) for i in range(0, n, 1024)]
+        return {f"teacher_{name}": np.concatenate([p[name].numpy() for p in parts]).astype(np.float32)
+                for name in parts[0]}
+
+    def training_batches(self, x, y, batch_size, shuffle):
+        """`(dataset of {"x", "y", "index", "teacher_<target>"} batches, labels (n,))`."""
+        if isinstance(x, tf.data.Dataset):
+            fit_data.check_batched(x)
+            batches = fit_data.stream_batches(x, self.num_classes)
+            if not (self.cache_teacher and self.cls.target_names()):
+                labels = np.concatenate([b["y"].numpy() for b in batches.map(lambda b: {"y": b["y"]})])
+                return batches, labels
+            folder = fit_data.cache_folder(self.cache_dir)
+            examples, labels = fit_data.cache_on_disk(batches, tf.function(self.teacher_targets), folder)
+            return fit_data.shuffled_stream(examples, batch_size, self.epoch, self.seed), labels
+        arrays = {"x": x, "y": y, "index": np.arange(len(y), dtype=np.int32)}
         if self.cache_teacher and self.cls.target_names():
-            predict = tf.function(lambda batch: self.teacher_targets(batch, training=False))
-            parts = [predict(tf.constant(x[i:i + 1024])) for i in range(0, len(x), 1024)]
-            for name in parts[0]:
-                arrays[f"teacher_{name}"] = np.concatenate([p[name].numpy() for p in parts]).astype(np.float32)
-        dataset = tf.data.Dataset.from_tensor_slices(arrays)
-        if shuffle:
-            dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-        return untuned(dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE))
+            arrays.update(self.array_targets(x))
+        return fit_data.array_batches(arrays, batch_size, self.epoch, shuffle, self.seed), y
 
-    def fit(self, x=None, y=None, batch_size=None, epochs=1, shuffle=True, sample_weight=None, **kwargs):
-        """Keras `fit` over the examples of `(x, y)` (arrays or a dataset of `(x, y)`
-        batches), each carrying its cached teacher targets; other arguments
-        (`validation_data`, `callbacks`, `verbose`, ...) as Keras takes them."""
-        if sample_weight is not None:
-            raise ConfigError("Distiller.fit takes no sample_weight yet; weight the data by repeating examples")
-        x, y = as_arrays(x, y)
-        self.build_method(y)
-        data = self.training_data(x, y, batch_size or 32, shuffle=shuffle)
-        schedule = keras.callbacks.LambdaCallback(  # a method's per-epoch schedule (DKD's warm-up)
-            on_epoch_begin=lambda epoch, logs=None: self.method.begin_epoch(epoch + 1, epochs))
-        callbacks = [schedule, *(kwargs.pop("callbacks", None) or [])]
-        return super().fit(data, epochs=epochs, callbacks=callbacks, shuffle=False, **kwargs)  # shuffled above
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, callbacks=None, validation_split=0.0,
+            validation_data=None, shuffle=True, class_weight=None, sample_weight=None, **kwargs):
+        """Keras `fit` over `(x, y)` (see the module docstring), each example carrying its
+        cached teacher targets; other arguments (`callbacks`, `verbose`,
+        `initial_epoch`, ...) as Keras takes them. `sample_weight` and `class_weight`
+        are refused: the methods' terms are batch means, some relating examples to
+        each other (RKD, CRD)."""
+        if sample_weight is not None or class_weight is not None:
+            raise ConfigError("Distiller.fit takes no sample_weight or class_weight: the methods' terms are batch "
+                              "means, some relating examples to each other; repeat or drop examples instead")
+        if fit_data.is_py_dataset(x):
+            x = fit_data.from_py_dataset(x)
+        if isinstance(x, tf.data.Dataset):
+            if y is not None:
+                raise ConfigError("give the labels inside the dataset, as (x, y) batches, not as y")
+            if validation_split:
+                raise ConfigError("validation_split needs arrays; give a dataset as validation_data instead")
+        else:
+            if y is None:
+                raise ConfigError("Distiller.fit needs labels: fit(x, y) or a dataset of (x, y) batches")
+            x = fit_data.as_numpy(x)
+            if fit_data.num_examples(x) != len(y):
+                raise ConfigError(f"x has {fit_data.num_examples(x)} examples and y {len(y)}; "
+                                  "give one label per example")
+            y = fit_data.labels_of(y, self.num_classes)
+            if validation_split:
+                x, y, validation_data = fit_data.split_validation(x, y, validation_split)
+        self.check_replicas()
+        data, labels = self.training_batches(x, y, batch_size or 32, shuffle)
+        with self.distribute_strategy.scope():  # the method's and optimizer's variables, where the model's live
+            self.build_method(labels)
+            self.build_state(data)
+        schedule = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs=None: self.begin_epoch(epoch, epochs))
+        return super().fit(data, epochs=epochs, callbacks=[schedule, *(callbacks or [])],
+                           validation_data=validation_data, shuffle=False, **kwargs)
+
+    def begin_epoch(self, epoch, epochs):
+        """Before each (0-based) `epoch`: the data order's epoch, the random streams
+        (dropout's, CRD's negatives') and the method's schedule, each a function of
+        the seed and the epoch alone, so a resumed run draws what an uninterrupted one does."""
+        self.epoch.assign(epoch)
+        for i, state in enumerate(v for v in self.variables if v.path.endswith("seed_generator_state")):
+            key = (self.seed * 1_000_003 + epoch * 7_919 + i) % (2**31 - 1)
+            state.assign(tf.cast([key, 0], state.dtype))
+        self.method.begin_epoch(epoch + 1, epochs)
+
+    def build_state(self, data):
+        """Creates the optimizer's and the compiled metrics' variables before Keras'
+        `fit` does (under a strategy it would trace the student on the whole batch dict)."""
+        batch = next(iter(data.take(1)))
+        self._symbolic_build(data_batch=(batch["x"], batch["y"]))
 
     @property
     def metrics(self):
@@ -232,40 +314,15 @@ class Distiller(keras.Model):
     def test_step(self, data):
         """The student alone: its cross-entropy (`loss`) and the compiled metrics."""
         x, y = data[0], data[1]
+        if y.shape.rank == 2 and y.shape[-1] > 1:
+            y = tf.argmax(y, axis=-1)
         logits = self.student(x, training=False)
         self.loss_tracker.update_state(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
         terms = {tracker.name for tracker in self.term_trackers}
         return {k: v for k, v in self.compute_metrics(x, y, logits).items() if k not in terms}
 
+    def export_student(self):
+        """The trained student as a model of Keras' built-in layers (CID's head
+        included), which loads without the toolkit."""
+        return deployed.plain_keras(self.student)
 
-class MethodLoss(keras.distillation.DistillationLoss):
-    """A registered method's distillation term as a `keras.distillation` loss, for
-    users of Keras' own `Distiller` (`distillation_losses=[MethodLoss("rkd")]`).
-
-    Keras passes a distillation loss the teacher's and student's outputs (the
-    final logits, or the layers named by `teacher_layer_name` /
-    `student_layer_name`) and no labels, so only methods whose term needs neither
-    labels nor trained layers of their own fit: `kd` (its T² KL term, without the
-    (1 − α): Keras weighs the student's and the distillation losses itself), `at`
-    (feature maps) and `rkd` (embeddings). Options as `Distiller` takes them.
-    """
-
-    TERMS = {
-        "kd": lambda o, t, s: losses.distillation_loss(t, s, o["temperature"]),
-        "at": lambda o, t, s: o["weight"] * at_method.feature_map_loss(t, s),
-        "rkd": lambda o, t, s: sum(w * part for w, part in zip(
-            (o["distance_weight"], o["angle_weight"]), rkd_method.rkd_losses(t, s))),
-    }
-
-    def __init__(self, method="kd", teacher_layer_name=None, student_layer_name=None, **options):
-        if method not in self.TERMS:
-            raise ConfigError(f"{method!r} needs labels or trained layers that keras.distillation does not give a "
-                              f"loss; use common.distiller.Distiller, or one of {', '.join(self.TERMS)}")
-        self.method, self.teacher_layer_name, self.student_layer_name = method, teacher_layer_name, student_layer_name
-        self.settings = dataclasses.asdict(method_options(method, options))
-
-    def validate_outputs(self, teacher_outputs, student_outputs):
-        """Teacher and student may differ in width (RKD) or map size (AT)."""
-
-    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
-        return self.TERMS[self.method](self.settings, tf.stop_gradient(teacher_outputs), student_outputs)

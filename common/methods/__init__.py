@@ -12,7 +12,8 @@ every run.
 import dataclasses
 import importlib
 
-from common.methods.base import SHARED_OPTIONS, Context, CrossEntropy, Distiller, Method, check_options, option_flag
+from common.methods.base import (SHARED_OPTIONS, Context, CrossEntropy, Distiller, Method, argument_name, check_options,
+                                 option_flag)
 from common.methods.kd import Distillation
 from common.methods.subclass import KnownSubclassTeacher, SubclassDistillation, SubclassTeacher
 
@@ -28,7 +29,8 @@ for _module in MODULES:
 OTHER_METHODS = tuple(name for name in REGISTRY if name != "kd")  # experiments beside the course's `kd`
 
 __all__ = ["REGISTRY", "SHARED_OPTIONS", "Context", "CrossEntropy", "Distiller", "Method", "Distillation", "KnownSubclassTeacher",
-           "SubclassDistillation", "SubclassTeacher", "get", "option_flags", "make_options"]
+           "SubclassDistillation", "SubclassTeacher", "argument_name", "get", "option_flags", "make_options",
+           "options_dict"]
 
 
 def get(name):
@@ -50,7 +52,12 @@ def option_flags():
     return flags
 
 
-def make_options(method, values, shared=None):
+def options_dict(options):
+    """`{field: value}` of an `Options` dataclass (JSON-ready: what a config saves)."""
+    return dataclasses.asdict(options)
+
+
+def make_options(method, values, shared=None, naming=option_flag):
     """`Options(**values)` of `method` (a registered name or a `Distiller` class), checked
     (`check_options`), with each of `shared` (e.g. `{"temperature": 4, "alpha": 0.5}`)
     that the method has and `values` does not give; an int given for a float option
@@ -64,5 +71,5 @@ def make_options(method, values, shared=None):
     given = {**{k: v for k, v in (shared or {}).items() if k in fields}, **values}
     given = {k: float(v) if isinstance(fields[k].default, float) and type(v) is int else v for k, v in given.items()}
     options = cls.Options(**given)
-    check_options(options, cls.name)
+    check_options(options, cls.name, naming)
     return options

@@ -81,13 +81,19 @@ def option_flag(method, field):
     return f"--{field}" if field in SHARED_OPTIONS else f"--{method}-{field.replace('_', '-')}"
 
 
-def check_options(options, method):
+def argument_name(method, field):
+    """The Python keyword argument of option `field` (`Distiller(..., temperature=2)`)."""
+    return field
+
+
+def check_options(options, method, naming=option_flag):
     """Validates a method's `Options` from each field's metadata: a finite number >=
     `minimum` (default 0; > it with `exclusive`) and <= `maximum` (if given), an
     integer >= `minimum` (default 1) when the default is an int. Raises `ValueError`
-    naming the flag (`option_flag`)."""
+    naming the option as `naming(method, field)` says (the CLI flag by default,
+    `argument_name` for Python)."""
     for field in dataclasses.fields(options):
-        value, flag = getattr(options, field.name), option_flag(method, field.name)
+        value, flag = getattr(options, field.name), naming(method, field.name)
         integer = isinstance(field.default, int)
         minimum = field.metadata.get("minimum", 1 if integer else 0)
         maximum = field.metadata.get("maximum", math.inf)
