@@ -29,20 +29,25 @@ what was expected and how to name another layer.
 What the defaults resolve to on `keras.applications` at a 32x32x3 input with
 `classes=10` (tested in tests/test_features.py):
 
-    family            embedding                                spatial
-    MobileNetV2       global_average_pooling2d (batch, 1280)   block_13_expand_relu (batch, 2, 2, 576)
-    MobileNetV3Small  activation after conv_2 (batch, 1, 1,    expanded_conv_7_add (batch, 2, 2, 48)
-                      1024) -> squeeze (batch, 1024), before
-                      the dropout
-    ResNet50V2        avg_pool (batch, 2048)                   conv4_block6_out (batch, 2, 2, 1024)
-    DenseNet121       avg_pool (batch, 1024)                   pool4_pool (batch, 2, 2, 512)
-    EfficientNetB0    avg_pool (batch, 1280), before           block5c_add (batch, 2, 2, 112)
-                      top_dropout
-    ConvNeXtTiny      convnext_tiny_head_layernorm (batch, 768) convnext_tiny_stage_2_block_8_identity
-                                                               (batch, 2, 2, 384)
+    family            embedding                                   spatial
+    MobileNetV2       global_average_pooling2d (batch, 1280)      block_13_expand_relu (batch, 2, 2, 576)
+    MobileNetV3Small  the activation after conv_2 (batch, 1, 1,   the activation after expanded_conv_8_expand_bn
+                      1024) -> squeeze (batch, 1024), before the  (batch, 2, 2, 288)
+                      dropout (auto-named: activation_<n>)        (auto-named: activation_<n>)
+    ResNet50V2        avg_pool (batch, 2048)                      conv4_block6_1_relu (batch, 2, 2, 256)
+    DenseNet121       avg_pool (batch, 1024)                      pool4_conv (batch, 2, 2, 512)
+    EfficientNetB0    avg_pool (batch, 1280), before top_dropout  block6a_expand_activation (batch, 2, 2, 672)
+    ConvNeXtTiny      convnext_tiny_head_layernorm (batch, 768)   convnext_tiny_stage_2_block_8_identity
+                                                                  (batch, 2, 2, 384)
 
-At 32x32 these networks end in 1x1 maps, so the spatial map is the last stage
-with a 2x2 map. An `include_top=False` base nested in a Sequential or functional
+With `classifier_activation="softmax"` the embedding and spatial map are the
+same and the logits are exact: the input of MobileNetV3Small's separate softmax
+layer `predictions`, the others' Dense `predictions` (ConvNeXt's
+`convnext_tiny_head_dense`) recomputed without its softmax.
+
+At 32x32 these networks end in 1x1 maps, so the spatial map is the last 2x2
+map, often inside the block that downsamples it to 1x1 (the rule takes the
+last such layer, not the last block output). An `include_top=False` base nested in a Sequential or functional
 model with pooling and a Dense head resolves to the same layers; when the base's
 own output is 1x1 its inner map is read by applying the base's layers up to it
 to the tensor that feeds the base (`"mobilenetv2_1.00_32/block_13_expand_relu"`),
@@ -99,6 +104,12 @@ class Site:
 
 
 # The graph
+
+
+# The walks below read Keras' own graph bookkeeping, as `keras.Function` does: a
+# symbolic tensor's `_keras_history` (the layer and which of its calls made it) and
+# a layer's `_inbound_nodes` (its calls). A layer's public `.output` is its first
+# call's only, and a nested model's `.input` its own Input, not what feeds it.
 
 
 def producer(tensor, parents=()):
@@ -186,9 +197,7 @@ def find_site(model, layer, role="teacher", feature="embedding"):
         except IndexError:
             raise refuse(model, role, feature, f"has no layer index {layer} ({len(model.layers)} layers)") from None
         matches = [s for s in everything if s.layer is target and not s.parents]
-    elif "/" in str(layer):
-        matches = [s for s in everything if s.path == layer]
-    else:
+    else:  # a path, else the name of a layer at any depth (names have no "/")
         matches = [s for s in everything if s.path == layer] or [s for s in everything if s.layer.name == layer]
     if len({s.path for s in matches}) > 1:
         raise refuse(model, role, feature, f"{layer!r} names {len(matches)} layers, give its path",
@@ -239,12 +248,13 @@ def head(model):
         if is_nested(site.layer):
             trail.append(site)
             site = producer(site.layer.outputs[0], site.parents + ((site.layer, site.node),))
-        elif softmax is None and softmax_layer(site.layer) or pass_through(site.layer):
-            softmax = site if softmax_layer(site.layer) else softmax
-            trail.append(site)
-            site = producer(site.node.input_tensors[0], site.parents)
-        else:
+            continue
+        if softmax is None and softmax_layer(site.layer):
+            softmax = site
+        elif not pass_through(site.layer):
             return Head(site, softmax, tuple(trail))
+        trail.append(site)
+        site = producer(site.node.input_tensors[0], site.parents)
 
 
 def output_tensor(model, role):
@@ -257,6 +267,11 @@ def output_tensor(model, role):
         raise FeatureError(f"{role} {model.name}: its output {shape_text(output.shape)} is not (batch, classes) "
                            "logits; end the model with a Dense layer or a Flatten after the classifier")
     return output
+
+
+def classes_of(shape, classes):
+    """Whether `shape` is `(batch, 1, ..., 1, classes)`: the logits, maybe with unit axes."""
+    return shape[-1] == classes and all(d == 1 for d in shape[1:-1])
 
 
 def as_classes(tensor, classes):
@@ -300,10 +315,11 @@ def logits_tensor(model, role="teacher"):
     if role == "student":
         raise FeatureError(f"student {model.name}: its output is a softmax ({where.path}), but a trained student must "
                            "return logits; build it with classifier_activation=None or a Dense without activation")
-    if found.softmax is not None and not found.softmax.parents:
+    if found.softmax is not None and not found.softmax.parents and classes_of(found.softmax.output.shape, classes):
         logits = as_classes(found.softmax.node.input_tensors[0], classes)
         return logits, f"{role} {model.name}: read the logits at the input of its softmax layer {where.path} (exact)"
-    if found.softmax is None and exact_pre_activation(found.classifier):
+    if found.softmax is None and exact_pre_activation(found.classifier) and classes_of(
+            found.classifier.output.shape, classes):
         logits = as_classes(pre_activation(found.classifier.layer, found.classifier.node.input_tensors[0]), classes)
         return logits, (f"{role} {model.name}: recomputed the logits of {where.path} without its softmax "
                         "from its input, kernel and bias (exact)")
@@ -354,19 +370,19 @@ def classifier(model, role="teacher"):
     if not isinstance(site.layer, (keras.layers.Dense, keras.layers.Conv2D)) or site.output.shape[-1] != classes:
         raise refuse(model, role, "embedding", f"its logits come from {site_text(site)} "
                      f"({type(site.layer).__name__}), not a Dense or Conv2D classifier of {classes} classes, so "
-                     "the embedding before it is not known", candidates(model, role, vectors=True))
+                     "the embedding before it is not known", candidates(model, vectors=True))
     return site
 
 
-def logits_sites(model, role="teacher"):
+def logits_sites(model):
     """The Sites that are the logits: the classifier (when found) and every layer after it."""
     found = head(model)
     return {id(s.node) for s in (found.classifier, *found.trail)} | {id(producer(model.outputs[0]).node)}
 
 
-def candidates(model, role, vectors=False, count=4):
+def candidates(model, vectors=False, count=4):
     """The last `count` Sites with a usable map (or, with `vectors`, a vector or map) output."""
-    logits = logits_sites(model, role)
+    logits = logits_sites(model)
     usable = [s for s in sites(model) if id(s.node) not in logits and len(s.node.output_tensors) == 1
               and (len(s.output.shape) in ((2, 4) if vectors else (4,)))
               and (vectors or spatial_map(s.output.shape))]
@@ -382,9 +398,9 @@ def embedding_tensor(model, layer=None, role="teacher"):
         site = representation(producer(found.node.input_tensors[0], found.parents))
     else:
         site = find_site(model, layer, role, "embedding")
-        if id(site.node) in logits_sites(model, role):
+        if id(site.node) in logits_sites(model):
             raise refuse(model, role, "embedding", f"layer {site_text(site)} is the logits, not the representation "
-                         "before them", candidates(model, role, vectors=True))
+                         "before them", candidates(model, vectors=True))
     tensor, second_pass = lift(site, site.output)
     vector, done = as_vector(site, tensor, model, role)
     return vector, site_text(site) + done + passes_text(second_pass)
@@ -419,6 +435,13 @@ def feature_maps(model):
 def spatial_tensor(model, layer=None, role="teacher"):
     """`(map, description)`: the symbolic `(batch, H, W, C)` map, H, W > 1, of the last
     such layer of `model` (module docstring) or of `layer` (a name, path or index)."""
+    site = spatial_site(model, layer, role)
+    tensor, second_pass = lift(site, site.output)
+    return tensor, site_text(site) + passes_text(second_pass)
+
+
+def spatial_site(model, layer=None, role="teacher"):
+    """The Site `spatial_tensor` reads."""
     if layer is None:
         maps = feature_maps(model)
         if not maps:
@@ -428,15 +451,14 @@ def spatial_tensor(model, layer=None, role="teacher"):
     else:
         site = find_site(model, layer, role, "spatial")
         shape = site.output.shape
-        if id(site.node) in logits_sites(model, role):
+        if id(site.node) in logits_sites(model):
             raise refuse(model, role, "spatial", f"layer {site_text(site)} is the logits, not a feature map",
                          feature_maps(model)[-3:])
         if not spatial_map(shape):
             what = "a 1x1 map" if unit_map(shape) else "not a map"
             raise refuse(model, role, "spatial", f"layer {site_text(site)} is {what}, not (batch, H, W, C) with "
                          "H, W > 1", feature_maps(model)[-3:])
-    tensor, second_pass = lift(site, site.output)
-    return tensor, site_text(site) + passes_text(second_pass)
+    return site
 
 
 def has_spatial(model, named=None):
@@ -445,7 +467,7 @@ def has_spatial(model, named=None):
         return False
     named = dict(named or {}) if not callable(named) else {}
     try:
-        spatial_tensor(model, named.get("spatial"))
+        spatial_site(model, named.get("spatial"))
     except ConfigError:
         return False
     return True
@@ -500,6 +522,10 @@ def feature_model(model, wanted, named=None, hint_from=None, role="teacher"):
     if unknown:
         raise FeatureError(f"unknown feature {unknown[0]!r}; features are {', '.join(FEATURES)}")
     inputs = graph_inputs(model)
+    if inputs is None and named and not callable(named):
+        raise FeatureError(f"{role} {model.name} has no layers to name (a subclassed model): return a dict "
+                           f"{{'logits': ..., 'embedding': ...}} from its call, or pass a callable "
+                           f"{role}_features=fn with fn(x, training=False) returning that dict")
     if callable(named) or inputs is None:
         features = CallFeatures(model, wanted, named if callable(named) else None, hint_from, role)
         return features, features.descriptions
