@@ -178,19 +178,24 @@ def test_small_models_read_their_layers_outputs_before_dropout():
 
 def test_a_separate_or_fused_softmax_is_undone_exactly():
     keras.utils.set_random_seed(0)
-    x = np.random.default_rng(2).normal(size=(4, 6)).astype("float32")
+    rng = np.random.default_rng(2)
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
     separate = keras.Model(inputs, keras.layers.Activation("softmax", name="probs")(
         keras.layers.Dense(3, name="dense_logits")(hidden)))
     fused = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="fused")(hidden))
-    for model, layer in ((separate, "probs"), (fused, "fused")):
+    maps = keras.Input((4, 4, 2))
+    conv = keras.layers.Conv2D(3, 4, activation="softmax", name="conv_probs")(maps)
+    fused_conv = keras.Model(maps, keras.layers.Flatten()(conv))
+    for model, layer in ((separate, "probs"), (fused, "fused"), (fused_conv, "conv_probs")):
+        x = rng.normal(size=(4, *model.inputs[0].shape[1:])).astype("float32")
         logits, note = features.logits_tensor(model, "teacher")
         assert layer in note and "exact" in note, note
-        computed = keras.Model(inputs, logits)(x)
+        computed = keras.Model(model.inputs[0], logits)(x)
         np.testing.assert_allclose(keras.ops.softmax(computed), model(x), atol=1e-6)
-        feature_model, described = features.feature_model(model, ("embedding",))
-        assert described == {"embedding": "hidden (batch, 8)"}
+    feature_model, described = features.feature_model(fused, ("embedding",))
+    assert described == {"embedding": "hidden (batch, 8)"}
+    one_line_refusal(lambda: features.feature_model(fused, ("logits",), role="student"), "student", "fused")
 
 
 def test_wrong_layers_are_refused_in_one_line():
@@ -248,3 +253,12 @@ def test_a_subclassed_model_gives_logits_or_its_dict_or_a_callables_features():
     feature_model, _ = features.feature_model(plain, ("logits", "embedding"))
     one_line_refusal(lambda: feature_model(x), "subclassed", "embedding", "return a dict",
                      "teacher_features=fn")
+    one_line_refusal(lambda: features.feature_model(plain, ("embedding",), {"embedding": "dense"}, role="student"),
+                     "subclassed", "student_features=fn")
+
+
+def test_a_layer_index_names_the_layer_at_that_position():
+    cnn, _ = small_models()
+    _, described = features.feature_model(cnn, ("embedding", "spatial"), {"embedding": -2, "spatial": 0})
+    assert described == {"embedding": "penultimate (batch, 16)", "spatial": "conv (batch, 10, 10, 4)"}
+    one_line_refusal(lambda: features.embedding_tensor(cnn, -1), "out (batch, 2)", "is the logits")
