@@ -140,8 +140,9 @@ def test_a_wrapped_softmax_application_reads_log_probabilities_and_its_inner_emb
     out = feature_model(images(), training=False)
     assert "log-probabilities" in described["logits"], described
     np.testing.assert_allclose(keras.ops.softmax(out["logits"]), model(images()), atol=1e-5)
-    assert re.fullmatch(f"{inner.name}/activation(_\\d+)? \\(batch, 1, 1, 1024\\) -> squeeze \\(batch, 1024\\) "
-                        f"\\(a second pass through {inner.name}'s layers up to it\\)", described["embedding"]), described
+    expected = (f"{inner.name}/activation(_\\d+)? \\(batch, 1, 1, 1024\\) -> squeeze \\(batch, 1024\\) "
+                f"\\(a second pass through {inner.name}'s layers up to it\\)")
+    assert re.fullmatch(expected, described["embedding"]), described
 
 
 def small_models():
