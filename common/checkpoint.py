@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.results import ensure_space, write_arrays_atomic
+from common.results import ensure_space, npz_problem, state_check, write_arrays_atomic
 
 
 def _sublayers(layer):
@@ -134,6 +134,11 @@ class EpochCheckpoint:
         """Restores model and (built) optimizer; returns the saved history, or [] if none
         (or if the saved state belongs to another architecture)."""
         if not self.path.exists():
+            return []
+        problem = npz_problem(self.path, state_check)  # `ResultsStore.resume_dir` sets such a run aside first
+        if problem:
+            if log is not None:
+                log(f"ignoring damaged saved epoch state: {problem}; training from epoch 1")
             return []
         with np.load(self.path) as saved:
             stored = {name[4:]: saved[name] for name in saved.files if name.startswith("var:")}

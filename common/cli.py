@@ -246,8 +246,9 @@ def run_task(config, title, experiments):
 def summary_table(store):
     """The store's finished runs as an aligned text table."""
     records = store.records()
+    damaged = "".join(f"\nskipped {path}: {problem}" for path, problem in store.damaged.items())
     if not records:
-        return f"no finished runs in {store.root}"
+        return f"no finished runs in {store.root}" + damaged
     metrics = [m for m in ("val_accuracy", "test_accuracy", "val_auc", "test_auc") if any(m in r for r in records)]
     header = ["run", *metrics, "params", "flops", "wall_s"]
     rows = [
@@ -262,4 +263,4 @@ def summary_table(store):
     ]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header, *rows]]
-    return f"Finished runs in {store.root} (summary.csv):\n" + "\n".join(lines)
+    return f"Finished runs in {store.root} (summary.csv):\n" + "\n".join(lines) + damaged

@@ -9,7 +9,8 @@ import numpy as np
 
 from common import training
 from common.metrics import expected_calibration_error, top1_agreement
-from common.results import write_arrays_atomic, write_csv_atomic, write_json_atomic
+from common.results import (notice, npz_problem, test_outputs_check, write_arrays_atomic, write_csv_atomic,
+                            write_json_atomic)
 
 
 def held_out(predictor, eval_sets):
@@ -45,7 +46,10 @@ def final_metrics(run_dir, outputs, split_metrics, teacher_dir=None):
             write_arrays_atomic(run_dir / "test_outputs.npz",
                                 {"logits": logits.astype(np.float32), "labels": labels.astype(np.int32)})
             source = teacher_dir / "test_outputs.npz" if teacher_dir is not None else None
-            if source is not None and source.exists():
+            problem = npz_problem(source, test_outputs_check) if source is not None else None
+            if problem:
+                notice(f"{problem}; test_fidelity of {run_dir.name} not recorded")
+            elif source is not None and source.exists():
                 with np.load(source) as saved:
                     metrics["test_fidelity"] = top1_agreement(logits, saved["logits"])
                 metrics["distilled_from"] = teacher_dir.name

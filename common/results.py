@@ -5,9 +5,16 @@ means the run finished), `ROOT/<run>/model.weights.h5`, and `ROOT/summary.csv`
 with one row per finished run. Re-running skips a finished run whose identity
 (the settings that define it) matches, and refuses to mix runs whose identity
 differs.
+
+Every file read back is checked first (`record_problem`, `weights_problem`,
+`npz_problem`, ...): a run folder holding a damaged one (truncated, empty,
+garbage) is set aside as `ROOT/<run>.damaged-<UTC time>/`, kept for inspection,
+with one line saying what was found, and the run is trained again; no other file
+is touched.
 """
 
 import csv
+import datetime
 import errno
 import hashlib
 import io
@@ -17,7 +24,9 @@ import os
 import re
 import shutil
 import statistics
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +113,155 @@ def write_atomic(path, write, mode="w"):
         raise
 
 
+DAMAGED = ".damaged-"  # a set-aside run folder: `<run>.damaged-<UTC time>`
+
+
+def is_set_aside(folder):
+    """Whether `folder` is a run folder set aside as damaged (never read as a run)."""
+    return DAMAGED in Path(folder).name
+
+
+def notice(message):
+    """One line on stderr, shown also under `--quiet`: something on disk was not as
+    written and what was done about it."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _why(err):
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def read_json(path):
+    """`(value, None)` of JSON file `path`, or `(None, problem)` when it is empty or
+    not JSON (truncated, garbage); a missing file raises `FileNotFoundError`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None, f"{path} is not text"
+    if not text.strip():
+        return None, f"{path} is empty"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, f"{path} is not valid JSON (truncated or garbage: {err.msg} at line {err.lineno})"
+
+
+def record_problem(path, name=None):
+    """Why `metrics.json` at `path` is not a run's record (of run `name`), or None;
+    None for a missing file (an unfinished run)."""
+    return read_record(path, name)[1] if Path(path).exists() else None
+
+
+def read_record(path, name=None):
+    """`(record, None)` of the `metrics.json` at `path` (of run `name`), or `(None, problem)`."""
+    record, problem = read_json(path)
+    if problem:
+        return None, problem
+    if not isinstance(record, dict) or not isinstance(record.get("identity"), dict) or "run" not in record:
+        return None, f"{path} is not a run record (no run name or identity)"
+    if name is not None and record["run"] != name:
+        return None, f"{path} is the record of run {record['run']!r}, not of {name!r}"
+    return record, None
+
+
+def weights_problem(path):
+    """Why the Keras weights file `path` cannot be loaded (missing, empty, not HDF5,
+    truncated: every array is read), or None."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        return f"{path} is missing"
+    if path.stat().st_size == 0:
+        return f"{path} is empty"
+    arrays = []
+    try:
+        with h5py.File(path, "r") as handle:
+            handle.visititems(lambda _name, item: arrays.append(item[()]) if isinstance(item, h5py.Dataset) else None)
+    except Exception as err:  # h5py raises OSError, KeyError, RuntimeError... for a damaged file
+        return f"{path} is not a readable weights file ({_why(err)})"
+    if not arrays:
+        return f"{path} holds no weights"
+    return None
+
+
+def npz_problem(path, check=None):
+    """Why `.npz` file `path` cannot be read in full (empty, not a zip, truncated, a
+    bad checksum: every array is read), or what `check(arrays)` (a dict) says about
+    its contents; None when it is fine or missing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.stat().st_size == 0:
+        return f"{path} is empty"
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {key: saved[key] for key in saved.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        return f"{path} is not a readable .npz file (truncated or garbage: {_why(err)})"
+    problem = check(arrays) if check is not None else None
+    return f"{path} {problem}" if problem else None
+
+
+def test_outputs_check(arrays):
+    """`npz_problem`'s check of `test_outputs.npz`: `(n, classes)` float logits and `(n,)` labels."""
+    logits, labels = arrays.get("logits"), arrays.get("labels")
+    if logits is None or labels is None:
+        return "lacks its logits or labels"
+    if logits.ndim != 2 or labels.ndim != 1 or len(logits) != len(labels) or logits.dtype.kind != "f":
+        return f"holds logits {logits.shape} {logits.dtype} and labels {labels.shape}: not (n, classes) and (n,)"
+    return None
+
+
+def state_check(arrays):
+    """`npz_problem`'s check of a resume `state.npz`: variables and a JSON history list."""
+    if not any(key.startswith("var:") for key in arrays) or "history" not in arrays:
+        return "lacks its variables or history"
+    try:
+        history = json.loads(str(arrays["history"]))
+    except json.JSONDecodeError:
+        return "holds a history that is not JSON"
+    return None if isinstance(history, list) else "holds a history that is not a list"
+
+
+def append_line(path, text):
+    """Appends one line to `path` (`timings.jsonl`); a torn last line left by a killed
+    writer is ended first, so the new line stands alone and readers skip only the
+    torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        torn = False
+        if handle.tell():
+            handle.seek(-1, os.SEEK_END)
+            torn = handle.read(1) != b"\n"
+        handle.write((("\n" if torn else "") + text.rstrip("\n") + "\n").encode())
+
+
+def read_jsonl(path):
+    """`(entries, problems)` of a JSON-lines file: the lines that are JSON objects,
+    and a line per other one (a torn or garbage line), never an exception."""
+    entries, problems = [], []
+    try:
+        lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as err:
+        return [], [f"{path}: {_why(err)}"]
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            problems.append(f"{path} line {number} is not a JSON object (torn or garbage)")
+    return entries, problems
+
+
 def save_weights(model, path):
     """`model.save_weights(path)` after checking that the weights fit on its disk."""
     ensure_space(path, 4 * sum(int(np.prod(v.shape)) for v in model.weights) + 2**20)  # float32 and h5 headers
@@ -179,6 +337,8 @@ class ResultsStore:
 
     def __init__(self, root):
         self.root = Path(root)
+        self.damaged = {}  # `{path: problem}` of damaged records `records` left out
+        self._sound = set()  # files found sound: (path, size, mtime), checked once per process
 
     def prepare(self):
         """Creates `root` if needed and checks that files can be written there, so a
@@ -202,27 +362,89 @@ class ResultsStore:
     def resume_dir(self, name, identity):
         """`<run>/resume/`, where an unfinished run keeps its last finished epoch
         (see `common.training.EpochCheckpoint`). Saved epochs of other settings
-        are discarded, so a resumed run always continues its own settings."""
+        are discarded, so a resumed run always continues its own settings; a
+        damaged `identity.json` or `state.npz` sets the run folder aside
+        (`set_aside`), so the run starts over."""
         folder = self.run_dir(name) / "resume"
         marker = folder / "identity.json"
-        if folder.exists() and (not marker.exists() or json.loads(marker.read_text()) != _jsonable(identity)):
+        if self._resume_problem(name):
+            self.set_aside(name, lambda: self._resume_problem(name))
+        if folder.exists() and (not marker.exists() or read_json(marker)[0] != _jsonable(identity)):
             shutil.rmtree(folder)
         if not marker.exists():
             write_json_atomic(marker, identity)
         return folder
 
+    def _resume_problem(self, name):
+        folder = self.run_dir(name) / "resume"
+        marker = folder / "identity.json"
+        problem = read_json(marker)[1] if marker.exists() else None
+        return problem or self._checked_once(folder / "state.npz", lambda path: npz_problem(path, state_check))
+
+    def _checked_once(self, path, check):
+        """`check(path)`, run once per process for an unchanged file (its size and time)."""
+        try:
+            stat = Path(path).stat()
+        except FileNotFoundError:
+            return check(path)
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key in self._sound:
+            return None
+        problem = check(path)
+        if problem is None:
+            self._sound.add(key)
+        return problem
+
+    def run_problem(self, name):
+        """Why the files of finished run `name` cannot be used (its record, weights or
+        test outputs damaged), or None. Missing weights are not judged here: the
+        caller that needs them says so (`Recipes.train`)."""
+        folder = self.run_dir(name)
+        weights = self.weights_path(name)
+        return (self._checked_once(folder / "metrics.json", lambda path: record_problem(path, name))
+                or (self._checked_once(weights, weights_problem) if weights.exists() else None)
+                or self._checked_once(folder / "test_outputs.npz", lambda path: npz_problem(path, test_outputs_check)))
+
+    def set_aside(self, name, problem_now):
+        """Moves the folder of run `name` to `<run>.damaged-<UTC time>/` (kept for
+        inspection) and says so in one line, when `problem_now()` (checked again
+        under a lock, as another process may have set it aside and trained it
+        again meanwhile) still finds a damaged file. Returns whether it moved it."""
+        from common import locks
+
+        folder = self.run_dir(name)
+        with locks.hold(self.root, f"{name}.set-aside"):
+            problem = problem_now() if folder.exists() else None
+            if problem is None:
+                return False
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            target, n = folder.with_name(f"{name}{DAMAGED}{stamp}"), 1
+            while target.exists():
+                n += 1
+                target = folder.with_name(f"{name}{DAMAGED}{stamp}-{n}")
+            folder.rename(target)
+        notice(f"{problem}; set the run aside as {target} (kept for inspection) and training {name} again")
+        return True
+
     def load(self, name):
-        """The record of a finished run, or None."""
+        """The record of a finished run, or None (also when its `metrics.json` is
+        damaged: the run is then set aside, to be trained again)."""
         path = self.run_dir(name) / "metrics.json"
         if not path.exists():
             return None
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        record, problem = read_record(path, name)
+        if problem is None:
+            return record
+        self.set_aside(name, lambda: record_problem(path, name))
+        return None
 
     def finished(self, name, identity):
         """The finished record of `name` if its identity matches `identity`, else None.
 
-        Raises `ResultsConflict` when a finished run of that name has another identity.
+        A finished run whose record, weights or test outputs are damaged (or whose
+        weights are missing) is set aside (`set_aside`) and None returned, so it is
+        trained again. Raises `ResultsConflict` when a finished run of that name has
+        another identity.
         """
         record = self.load(name)
         if record is None:
@@ -239,6 +461,9 @@ class ResultsStore:
                 f"{self.run_dir(name)} holds a finished run with other settings ({diff}); "
                 f"use another --out or delete that folder"
             )
+        if self.run_problem(name) is not None:
+            self.set_aside(name, lambda: self.run_problem(name))
+            return None
         return record
 
     def save(self, name, record):
@@ -249,11 +474,19 @@ class ResultsStore:
         self.write_summary()
 
     def records(self):
-        """All finished records under root, sorted by run name."""
+        """All finished records under root, sorted by run name. A damaged
+        `metrics.json` is left out (and left where it is: readers such as the report
+        must not move files) and named in `damaged`, `{path: problem}`; set-aside
+        folders are never read."""
         found = []
         for path in sorted(self.root.glob("*/metrics.json")):
-            with open(path, encoding="utf-8") as handle:
-                found.append(json.load(handle))
+            if is_set_aside(path.parent):
+                continue
+            record, problem = read_record(path, path.parent.name)
+            if problem:
+                self.damaged[str(path)] = problem
+                continue
+            found.append(record)
         return found
 
     def write_summary(self):

@@ -10,7 +10,7 @@ import json
 import time
 
 from common import device, locks, runs
-from common.results import ResultsStore
+from common.results import ResultsStore, append_line
 from common.workspaces import Workspaces
 
 
@@ -84,9 +84,7 @@ def run_experiments(task, only=None):
             timing = {"experiment": name, "seed": task.seed, "started_at": started, "finished": finished,
                       **({"stopped_by": stopped_by} if stopped_by else {}),
                       "seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(runs.peak_rss_mib(), 1)}
-            task.store.root.mkdir(parents=True, exist_ok=True)
-            with open(task.store.root / "timings.jsonl", "a") as handle:
-                handle.write(json.dumps(timing) + "\n")
+            append_line(task.store.root / "timings.jsonl", json.dumps(timing))  # a torn last line ended first
         task.log(f"[{name}] experiment finished in {timing['seconds']:.0f}s "
                  f"(peak memory so far {timing['peak_rss_mib']:.0f} MiB)")
     return outcomes

@@ -5,7 +5,11 @@
 Reads `RESULTS/task1` (and `RESULTS/task2` when present): every run's
 `metrics.json` and the experiment tables next to them. Writes PNG figures into
 `OUT/<task>/` and `OUT/REPORT.md`. Nothing is retrained; a missing result is
-skipped with a note in the summary, never a crash.
+skipped with a note in the summary, never a crash. A damaged file (a truncated or
+garbage `metrics.json`, `test_outputs.npz`, `grid-s*.json`, a torn line of
+`timings.jsonl`, ...) is skipped and named, in the report and on stdout; a
+section that still cannot be built is skipped with its reason. A missing
+`--results` folder, or one without finished runs, is an error (exit status 2).
 """
 
 import argparse
@@ -27,12 +31,41 @@ if __package__ in (None, ""):
 
 from common import methods  # noqa: E402
 from common.metrics import reliability, top1_agreement  # noqa: E402
-from common.results import ResultsStore, mean_std, seed_group  # noqa: E402
+from common.results import (ResultsStore, is_set_aside, mean_std, npz_problem, read_json, read_jsonl, seed_group,  # noqa: E402
+                            test_outputs_check)
 from reports.per_class import per_class_table  # noqa: E402
 from reports.studies import studies  # noqa: E402
 
 DPI = 110
 MODEL_LABELS = {"teacher": "teacher", "kd_student": "KD student", "scratch_student": "scratch student"}
+
+
+DAMAGED = {}  # `{path: problem}` of the damaged files skipped while building the current report
+
+
+def damaged(path, problem):
+    """Notes that damaged file `path` was skipped (`problem` says how it is damaged)."""
+    DAMAGED[str(path)] = problem
+
+
+def json_file(path):
+    """The value of JSON file `path`, or None (noted in `DAMAGED`) when it is damaged."""
+    value, problem = read_json(path)
+    if problem:
+        damaged(path, problem)
+    return value
+
+
+def guarded(report, what, function, *args):
+    """`function(*args)`, or, when it fails on something it read, a note that `what`
+    was skipped and why: one bad file costs its section, never the report."""
+    try:
+        return function(*args)
+    except Exception as err:  # noqa: BLE001 -- any failure of one section
+        reason = str(err).splitlines()[0] if str(err) else ""
+        report.skip(what, f"could not be built from the saved files: {type(err).__name__}"
+                    + (f": {reason}" if reason else ""))
+        return None
 
 
 class Report:
@@ -43,6 +76,7 @@ class Report:
         self.sections = []
         self.notes = []
         self.figures = []
+        self.damaged = DAMAGED
 
     def figure(self, fig, task, name, caption):
         path = self.out_dir / task / f"{name}.png"
@@ -65,6 +99,9 @@ class Report:
         parts += self.sections
         if self.notes:
             parts += ["## Not in this report\n", "\n".join(self.notes) + "\n"]
+        if self.damaged:
+            parts += ["## Damaged files skipped\n", "\n".join(f"- {problem}" for problem in self.damaged.values())
+                      + "\n"]
         path = self.out_dir / "REPORT.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(parts), encoding="utf-8")
@@ -215,28 +252,37 @@ HEADLINE = [  # headline_key -> label (filled from the first run's identity)
 ]
 
 
-def task1(report, root, metric="test_accuracy"):
+def finished_records(root):
+    """The sound run records under `root`; damaged ones are noted (`DAMAGED`), never moved."""
     store = ResultsStore(root)
     records = store.records()
+    for path, problem in store.damaged.items():
+        damaged(path, problem)
+    return records
+
+
+def task1(report, root, metric="test_accuracy"):
+    records = finished_records(root)
     if not records:
         report.skip("Task 1", f"no finished runs in {root}")
         return
     report.text("## Task 1: MNIST" + (" (SYNTHETIC data)" if is_synthetic(records) else "") + "\n")
-    headline_table(report, grouped(records, metric, headline_key), records)
-    quality(report, root, records, HEADLINE, headline_key, "task1")
-    per_class_table(report, records, headline_key)
-    grid_figures(report, records, metric, root)
-    bars(report, grouped(records, metric))
-    learning_curves(report, records)
-    methods_table(report, root, records, metric, headline_key, "task1")
-    deployment_table(report, root, metric)
-    eskd_table(report, root, records)
-    studies(report, root)
-    entropy_figure(report, root)
-    flops_table(report, root / "flops.csv")
+    guarded(report, "Task 1 headline table", lambda: headline_table(report, grouped(records, metric, headline_key),
+                                                                    records))
+    guarded(report, "Task 1 quality", quality, report, root, records, HEADLINE, headline_key, "task1")
+    guarded(report, "Task 1 per-class table", per_class_table, report, records, headline_key)
+    guarded(report, "Task 1 grid", grid_figures, report, records, metric, root)
+    guarded(report, "Task 1 bars", lambda: bars(report, grouped(records, metric)))
+    guarded(report, "Task 1 learning curves", learning_curves, report, records)
+    guarded(report, "Task 1 methods table", methods_table, report, root, records, metric, headline_key, "task1")
+    guarded(report, "Task 1 deployment table", deployment_table, report, root, metric)
+    guarded(report, "Task 1 eskd table", eskd_table, report, root, records)
+    guarded(report, "Task 1 studies", studies, report, root)
+    guarded(report, "Task 1 teacher entropy", entropy_figure, report, root)
+    guarded(report, "Task 1 FLOPs table", flops_table, report, root / "flops.csv")
     for kind in ("lime", "occlusion"):
-        explanation_panel(report, root / "explain", kind, "task1")
-    cost_table(report, root, records)
+        guarded(report, f"{kind} panels (task1)", explanation_panel, report, root / "explain", kind, "task1")
+    guarded(report, "Task 1 cost", cost_table, report, root, records)
 
 
 def headline_table(report, stats, records):
@@ -258,6 +304,10 @@ def outputs_of(root, run):
     """`(logits, labels)` a run saved on the test set (`test_outputs.npz`), or None."""
     path = root / run / "test_outputs.npz"
     if not path.exists():
+        return None
+    problem = npz_problem(path, test_outputs_check)
+    if problem:
+        damaged(path, problem)
         return None
     with np.load(path) as saved:
         return saved["logits"], saved["labels"]
@@ -434,7 +484,15 @@ def kd_cells(records, metric, seeds=None):
 
 
 def grid_figures(report, records, metric, root):
-    grids = {int(p.stem.split("-s")[-1]): json.loads(p.read_text()) for p in sorted(root.glob("grid-s*.json"))}
+    grids = {}
+    for path in sorted(root.glob("grid-s*.json")):
+        grid = json_file(path)
+        if grid is not None and not (isinstance(grid, dict) and isinstance(grid.get("best"), dict)
+                                     and isinstance(grid.get("cells"), list)):
+            damaged(path, f"{path} is not a grid table (no best cell or cells)")
+            grid = None
+        if grid is not None:
+            grids[int(path.stem.split("-s")[-1])] = grid
     # Only the seeds that ran the whole grid: a cell run for more seeds (T=4, alpha=0.5) is not averaged differently.
     seeds = set(grids) or None
     records = [r for r in records if seeds is None or r.get("seed") in seeds]
@@ -600,10 +658,19 @@ def cost_table(report, root, records):
         report.skip(f"cost ({root.name})", "no timings.jsonl")
         return
     totals = {}
-    for line in path.read_text().splitlines():
-        entry = json.loads(line)
+    entries, problems = read_jsonl(path)
+    for problem in problems:
+        damaged(path, problem)
+    for entry in entries:
+        if not (isinstance(entry.get("experiment"), str) and isinstance(entry.get("seconds"), (int, float))
+                and isinstance(entry.get("peak_rss_mib"), (int, float))):
+            damaged(path, f"{path}: an entry lacks experiment, seconds or peak_rss_mib: {json.dumps(entry)[:80]}")
+            continue
         seconds, peak = totals.get(entry["experiment"], (0.0, 0.0))
         totals[entry["experiment"]] = (seconds + entry["seconds"], max(peak, entry["peak_rss_mib"]))
+    if not totals:
+        report.skip(f"cost ({root.name})", f"no readable entry in {path}")
+        return
     rows = ["| experiment | wall time (min) | peak memory (GiB) |", "|---|---:|---:|"]
     rows += [f"| {name} | {seconds / 60:.1f} | {peak / 1024:.1f} |" for name, (seconds, peak) in totals.items()]
     rows += [f"| **all** | {sum(t[0] for t in totals.values()) / 60:.1f} | "
@@ -636,8 +703,14 @@ def explanation_panel(report, folder, kind, task):
         report.skip(f"{kind} panels ({task})", f"no {folder}/{kind}-s*.npz")
         return
     path = files[0]
+    problem = npz_problem(path)
+    record = json_file(path.with_suffix(".json")) if path.with_suffix(".json").exists() else None
+    if problem or not isinstance(record, dict):
+        if problem:
+            damaged(path, problem)
+        report.skip(f"{kind} panels ({task})", f"{path.name} or its .json is missing or damaged")
+        return
     data = np.load(path)
-    record = json.loads(path.with_suffix(".json").read_text())
     models = record["settings"]["models"]
     if kind == "lime" and "segments" in data.files and max(len(np.unique(s)) for s in data["segments"]) < 2:
         report.skip(f"{kind} panels ({task})", f"{path.name}: the segmentation found one superpixel per image "
@@ -712,7 +785,7 @@ HEADLINE_TASK2 = [  # headline_key of fine-tuned runs -> label
 
 
 def task2(report, root):
-    records = ResultsStore(root).records()
+    records = finished_records(root)
     if not records:
         report.skip("Task 2", f"no finished runs in {root}")
         return
@@ -773,7 +846,11 @@ def task2(report, root):
     if len(cells) >= 2:
         choices = []
         for path in sorted(root.glob("tcurve-s*.json")):
-            saved = json.loads(path.read_text())
+            saved = json_file(path)
+            if not (isinstance(saved, dict) and isinstance(saved.get("best"), dict)):
+                if saved is not None:
+                    damaged(path, f"{path} is not a T-curve table (no best cell)")
+                continue
             chosen_by = saved.get("chosen_by", "test_auc")
             choices.append(f"{path.stem.split('-')[-1].replace('s', 'seed ')}: T={saved['best']['temperature']:g} "
                            f"by {chosen_by.replace('_', ' ')}" + (" (on the TEST set: no validation split)"
@@ -785,26 +862,27 @@ def task2(report, root):
         report.text(settings_line(kd_runs))
     else:
         report.skip("Task 2 T curve", "fewer than two temperatures among the fine-tuned KD runs")
-    quality(report, root, records, HEADLINE_TASK2, finetuned, "task2")
-    methods_table(report, root, records, "test_auc", finetuned, "task2")
-    deployment_table(report, root, "test_auc")
-    studies(report, root)
-    flops_table(report, root / "flops.csv")
+    guarded(report, "Task 2 quality", quality, report, root, records, HEADLINE_TASK2, finetuned, "task2")
+    guarded(report, "Task 2 methods table", methods_table, report, root, records, "test_auc", finetuned, "task2")
+    guarded(report, "Task 2 deployment table", deployment_table, report, root, "test_auc")
+    guarded(report, "Task 2 studies", studies, report, root)
+    guarded(report, "Task 2 FLOPs table", flops_table, report, root / "flops.csv")
     for kind in ("lime", "occlusion"):
-        explanation_panel(report, root / "explain", kind, "task2")
-    cost_table(report, root, records)
+        guarded(report, f"{kind} panels (task2)", explanation_panel, report, root / "explain", kind, "task2")
+    guarded(report, "Task 2 cost", cost_table, report, root, records)
 
 
 def make_report(results_dir, out_dir):
     """Writes figures and `REPORT.md`; returns the Report (paths, notes)."""
     results_dir = Path(results_dir)
+    DAMAGED.clear()
     report = Report(out_dir)
     if (results_dir / "task1").is_dir():
-        task1(report, results_dir / "task1")
+        guarded(report, "Task 1", task1, report, results_dir / "task1")
     else:
         report.skip("Task 1", f"no {results_dir / 'task1'}")
     if (results_dir / "task2").is_dir():
-        task2(report, results_dir / "task2")
+        guarded(report, "Task 2", task2, report, results_dir / "task2")
     else:
         report.skip("Task 2", f"no {results_dir / 'task2'}")
     synthetic = any(is_synthetic(ResultsStore(results_dir / t).records()) for t in ("task1", "task2"))
@@ -817,10 +895,22 @@ def main(argv=None):
     parser.add_argument("--results", default="results", help="results root holding task1/ and task2/")
     parser.add_argument("--out", default="reports", help="folder for figures and REPORT.md")
     args = parser.parse_args(argv)
+    results = Path(args.results)
+    if not results.is_dir():
+        print(f"error: --results {results}: no such folder; give the folder holding task1/ and task2/ "
+              "(the parent of the tasks' --out)", file=sys.stderr)
+        return 2
+    if not any(not is_set_aside(path.parent) for path in results.glob("task[12]/*/metrics.json")):
+        print(f"error: --results {results} holds no finished runs (no task1/<run>/metrics.json or "
+              "task2/<run>/metrics.json); run the tasks with --out under it first, or point --results there",
+              file=sys.stderr)
+        return 2
     report = make_report(args.results, args.out)
     print(f"wrote {report.path} and {len(report.figures)} figures")
     for note in report.notes:
         print(note)
+    for problem in report.damaged.values():
+        print(f"skipped damaged file: {problem}")
     return 0
 
 

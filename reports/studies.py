@@ -1,12 +1,10 @@
 """The report's research-studies section (`docs/studies.md`): each study's saved
 tables (`<study>-s<seed>.json`), mean ± std over seeds."""
 
-import json
-
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common.results import mean_std
+from common.results import mean_std, npz_problem, read_json
 
 
 STEMS = ("missing", "smoothed_teacher", "data_efficiency", "ensemble", "teacher_capacity", "attributions",
@@ -24,7 +22,13 @@ def _mean(values, scale=1.0, digits=2):
 def _tables(report, root, stem, title, only):
     """Every seed's saved table of study `stem`; none: a note in the report (`title`,
     and the `--only` that makes them) and an empty list."""
-    tables = [json.loads(path.read_text()) for path in sorted(root.glob(f"{stem}-s*.json"))]
+    tables = []
+    for path in sorted(root.glob(f"{stem}-s*.json")):
+        table, problem = read_json(path)
+        if problem or not isinstance(table, dict):
+            report.damaged[str(path)] = problem or f"{path} is not a study table (a JSON object)"
+        else:
+            tables.append(table)
     if not tables:
         report.skip(title, f"no {stem}-s*.json (run --only {only})")
     return tables
@@ -333,6 +337,10 @@ def explanation_dynamics(report, root):
 def _dynamics_maps(report, root, path, kinds):
     """The figure of maps across checkpoints: per kind of map and shown image, the
     image, the ensemble's on-target map, then the teacher's after up to 4 epochs."""
+    problem = npz_problem(path)
+    if problem:
+        report.damaged[str(path)] = problem
+        return
     with np.load(path) as saved:
         arrays = {name: saved[name] for name in saved.files}
     epochs = arrays["epochs"]

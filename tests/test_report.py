@@ -211,3 +211,46 @@ def test_methods_and_deployment_tables(tmp_path):
     deployment = text[text.index("### Deployment"):]
     assert "| kd | int8 | 10 | 20 | 1 | 0.100 [0.090–0.120] | 98.00 | 97.90 | +0.10 ± 0.10 |" in deployment
     assert "ai-edge-litert 2.3.0" in deployment
+
+
+def test_damaged_files_are_named_and_skipped_and_the_report_still_renders(tmp_path, capsys):
+    """One bad file of each kind: the report names each, leaves the folder as it is,
+    still renders every figure the sound files make, and exits 0."""
+    from reports.make_report import main
+
+    results = tmp_path / "results"
+    fabricate(results)
+    root = results / "task1"
+    (root / "scratch-s1" / "metrics.json").write_text('{"run": "scratch-s1", "identi')  # truncated
+    (root / "kd-T1-a0.2-s0" / "metrics.json").write_text("{}")
+    (root / "kd-T4-a0.5-s1" / "test_outputs.npz").write_bytes(b"PK\x03\x04 garbage")
+    (root / "grid-s1.json").write_bytes(b"\x00garbage")
+    with open(root / "timings.jsonl", "a") as handle:
+        handle.write('{"experiment": "kd", "seed": 1, "seco')  # torn last line
+    files = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert main(["--results", str(results), "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    damaged = [line for line in out.splitlines() if line.startswith("skipped damaged file: ")]
+    assert len(damaged) == 5, out
+    for name in ("scratch-s1/metrics.json", "kd-T1-a0.2-s0/metrics.json", "kd-T4-a0.5-s1/test_outputs.npz",
+                 "grid-s1.json", "timings.jsonl line 4"):
+        assert any(f"{root}/{name}" in line for line in damaged), (name, damaged)
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    assert "## Damaged files skipped" in text and "grid-s1.json" in text
+    assert "| teacher | 99.10 ± 0.14 (n=2) |" in text  # the sound runs, as before
+    assert "| **all** | 4.0 | 1.5 |" in text  # the torn line left out, the others counted
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == files  # a reader moves nothing
+    figures = {p.name for p in (tmp_path / "report" / "task1").glob("*.png")}
+    assert {"t_curve.png", "grid_heatmap.png", "reliability.png", "lime_panel.png"} <= figures
+
+
+def test_a_missing_or_empty_results_folder_is_an_error(tmp_path, capsys):
+    from reports.make_report import main
+
+    assert main(["--results", str(tmp_path / "no-such"), "--out", str(tmp_path / "r")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "empty" / "task1").mkdir(parents=True)
+    assert main(["--results", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no finished runs" in err and "\n" not in err
+    assert not (tmp_path / "r").exists()

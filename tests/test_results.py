@@ -37,7 +37,7 @@ def test_atomic_array_writes(tmp_path):
 def test_resume_state_of_other_settings_is_discarded(tmp_path):
     store = ResultsStore(tmp_path)
     folder = store.resume_dir("kd-s0", {"epochs": 12})
-    (folder / "state.npz").write_bytes(b"epoch 3")
+    write_arrays_atomic(folder / "state.npz", {"var:x": np.ones(1), "history": np.array("[]")})
     assert store.resume_dir("kd-s0", {"epochs": 12}) == folder and (folder / "state.npz").exists()
     store.resume_dir("kd-s0", {"epochs": 20})
     assert not (folder / "state.npz").exists()
