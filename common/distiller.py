@@ -25,12 +25,13 @@ Feature layers are resolved and checked by `common.features` (the penultimate
 others with `teacher_features` / `student_features`.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from common import _features_interim as features
-from common import deployed, fit_data, methods, training
+from common import deployed, features, fit_data, methods, training
 from common.errors import ConfigError
 from common.method_loss import MethodLoss  # noqa: F401  (re-exported: the library's two entry points)
 
@@ -101,15 +102,22 @@ class Distiller(keras.Model):
             if "hint" in (*self.cls.teacher_outputs, *self.cls.student_outputs) else None
         self.teacher_outputs, self.teacher_reads = features.feature_model(
             teacher, ("logits", *self.cls.teacher_outputs), teacher_features, hint_from, role="teacher")
+        note = features.logits_tensor(teacher)[1] if features.graph_inputs(teacher) else None
+        if note:  # a softmax output, read through its logits: say how
+            warnings.warn(note, stacklevel=2)
         self.student_outputs, self.student_reads = None, {}
         if set(self.cls.student_outputs) - {"logits"}:
             self.student_outputs, self.student_reads = features.feature_model(
                 student, ("logits", *self.cls.student_outputs), student_features, hint_from, role="student")
-        else:
+        elif features.graph_inputs(student) is not None:
             features.logits_tensor(student, "student")  # refuses a student that ends in a softmax
         self.student = student
-        head = self.cls.prediction_head(self.options, self.num_classes)
+        self._num_classes = int(teacher.outputs[0].shape[-1]) if features.graph_inputs(teacher) else None
+        head = self.cls.prediction_head(self.options, self._num_classes or 0)
         if head is not None:  # CID: the trained student predicts through the method's head
+            if features.graph_inputs(student) is None or self._num_classes is None:
+                raise ConfigError(f"{method} builds a prediction head onto the student: give functional or "
+                                  "Sequential teacher and student models (with an Input)")
             self.student = deployed.with_head(student, head, lambda _: self.student_outputs)
         self.method, self.labels = None, None
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")  # the data order's epoch
@@ -118,19 +126,17 @@ class Distiller(keras.Model):
 
     @property
     def num_classes(self):
-        return int(self.teacher.outputs[0].shape[-1]) if self.teacher.outputs else self._probe_classes()
+        """Classes of the teacher's logits (a subclassed teacher's from its first call)."""
+        if self._num_classes is None:
+            raise ConfigError(f"{self.teacher.name} has no known output yet: fit it or call it on a batch first")
+        return self._num_classes
 
-    def _probe_classes(self):
-        if not self.teacher.built:
-            raise ConfigError(f"{self.teacher.name} is not built: call it on a batch, or give it an Input")
-        return int(self.teacher.compute_output_spec(keras.KerasTensor((1, *self.teacher_input_shape()[1:]))).shape[-1])
-
-    def teacher_input_shape(self):
-        build = self.teacher.get_build_config() or {}
-        shape = build.get("input_shape")
-        if shape is None:
-            raise ConfigError(f"{self.teacher.name} has no known input shape: call it on a batch first")
-        return tuple(shape)
+    def find_classes(self, x):
+        """Classes of the teacher's logits, from one example of `x` when the teacher has no graph."""
+        if self._num_classes is None:
+            sample = tf.nest.map_structure(lambda a: a[:1], x)
+            self._num_classes = int(self.teacher_outputs(sample, training=False)["logits"].shape[-1])
+            self.sample = sample
 
     # -- the Keras model protocol ---------------------------------------------------------------
 
@@ -143,6 +149,13 @@ class Distiller(keras.Model):
             raise ConfigError(f"Distiller.compile takes no loss: the {self.method_name} method's terms are the "
                               "loss (choose them with the method and its options); drop loss=")
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config):
+        """Compiles a loaded distiller as it was compiled (Keras skips this for a custom `compile`)."""
+        config = keras.saving.deserialize_keras_object({k: v for k, v in config.items() if k != "loss"})
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def get_config(self):
         named = {role: value for role, value in self.named.items() if value is not None}
@@ -163,11 +176,12 @@ class Distiller(keras.Model):
 
     def get_build_config(self):
         """The training labels the method was built for (CRD's memory bank samples by them)."""
-        return None if self.labels is None else {"labels": self.labels.tolist()}
+        if self.method is not None:
+            return {"labels": None if self.labels is None else self.labels.tolist()}
 
     def build_from_config(self, config):
         if config and "labels" in config:
-            self.build_method(np.asarray(config["labels"], np.int32))
+            self.build_method(config["labels"])
 
     def build(self, input_shape=None):
         if not self.student.built and input_shape is not None:
@@ -184,20 +198,28 @@ class Distiller(keras.Model):
         """Creates the method for a training set of `labels` `(n,)`: its extra layers
         (FitNets' regressor, CRD's memory banks) are built for it, once. `fit` on
         other labels is refused for a method that keeps state per example (CRD)."""
-        labels = np.asarray(labels, np.int32).reshape(-1)
+        labels = None if labels is None else np.asarray(labels, np.int32).reshape(-1)
         if self.method is not None:
-            if self.method.extra_layers and not np.array_equal(labels, self.labels):
+            if self.method.extra_layers and labels is not None and not np.array_equal(labels, self.labels):
                 raise ConfigError(f"this {self.method_name} distiller's state (its extra layers) was built for "
                                   f"another training set of {len(self.labels)} examples; make a new Distiller "
                                   "for new data")
             return
-        context = methods.Context(num_classes=self.num_classes, num_examples=len(labels), labels=labels,
-                                  features=self.student_outputs)
+        context = methods.Context(num_classes=self.num_classes, num_examples=0 if labels is None else len(labels),
+                                  labels=labels, features=self.student_outputs)
         method = self.cls.create(self.student, self.options, context)
         if not self.cache_teacher:
             method.teacher = self.teacher_outputs  # batches then carry no targets: it runs per step
         probe = self.teacher_targets(self.probe_input())
-        method.build_extras({name: (None, *value.shape[1:]) for name, value in probe.items()})
+        if isinstance(self.student_outputs, features.CallFeatures):  # shapes known only from a call
+            self.student_outputs.output = self.student_outputs(self.probe_input())
+        try:
+            method.build_extras({name: (None, *value.shape[1:]) for name, value in probe.items()})
+        except ValueError as err:
+            if labels is not None:
+                raise
+            raise ConfigError(f"{self.method_name} needs the training labels before training ({err}); give arrays, "
+                              "or keep cache_teacher=True so a dataset is read once first") from None
         locked = self._tracker.locked  # a predict() before fit builds (and locks) the model: state may still come
         self._tracker.unlock()
         try:
@@ -210,11 +232,13 @@ class Distiller(keras.Model):
         self.built = True
 
     def probe_input(self):
-        """One example of the teacher's input (zeros), for shapes."""
-        if self.teacher.inputs:
-            return tf.nest.map_structure(lambda t: tf.zeros((1, *t.shape[1:]), t.dtype),
-                                         self.teacher.inputs if len(self.teacher.inputs) > 1 else self.teacher.inputs[0])
-        return tf.zeros((1, *self.teacher_input_shape()[1:]))
+        """One example of the teacher's input (zeros), for shapes: from its `Input`, or
+        the first training example for a model without a graph."""
+        inputs = features.graph_inputs(self.teacher)
+        if inputs is None:
+            return self.sample
+        return tf.nest.map_structure(lambda t: tf.zeros((1, *t.shape[1:]), t.dtype),
+                                     inputs if len(inputs) > 1 else inputs[0])
 
     def check_replicas(self):
         strategy = self.distribute_strategy
@@ -233,18 +257,16 @@ class Distiller(keras.Model):
     def training_batches(self, x, y, batch_size, shuffle):
         """`(dataset of {"x", "y", "index", "teacher_<target>"} batches, labels (n,))`."""
         if isinstance(x, tf.data.Dataset):
-            fit_data.check_batched(x)
             batches = fit_data.stream_batches(x, self.num_classes)
             if not (self.cache_teacher and self.cls.target_names()):
-                labels = np.concatenate([b["y"].numpy() for b in batches.map(lambda b: {"y": b["y"]})])
-                return batches, labels
+                return batches, None  # no pass before training: the method gets no labels
             folder = fit_data.cache_folder(self.cache_dir)
-            examples, labels = fit_data.cache_on_disk(batches, tf.function(self.teacher_targets), folder)
-            return fit_data.shuffled_stream(examples, batch_size, self.epoch, self.seed), labels
+            examples, labels, size = fit_data.cache_on_disk(batches, tf.function(self.teacher_targets), folder)
+            return fit_data.shuffled_stream(examples, batch_size or size, self.epoch, self.seed), labels
         arrays = {"x": x, "y": y, "index": np.arange(len(y), dtype=np.int32)}
         if self.cache_teacher and self.cls.target_names():
             arrays.update(self.array_targets(x))
-        return fit_data.array_batches(arrays, batch_size, self.epoch, shuffle, self.seed), y
+        return fit_data.array_batches(arrays, batch_size or 32, self.epoch, shuffle, self.seed), y
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, callbacks=None, validation_split=0.0,
             validation_data=None, shuffle=True, class_weight=None, sample_weight=None, **kwargs):
@@ -263,6 +285,8 @@ class Distiller(keras.Model):
                 raise ConfigError("give the labels inside the dataset, as (x, y) batches, not as y")
             if validation_split:
                 raise ConfigError("validation_split needs arrays; give a dataset as validation_data instead")
+            fit_data.check_batched(x)
+            self.find_classes(next(iter(x.take(1)))[0])
         else:
             if y is None:
                 raise ConfigError("Distiller.fit needs labels: fit(x, y) or a dataset of (x, y) batches")
@@ -270,11 +294,12 @@ class Distiller(keras.Model):
             if fit_data.num_examples(x) != len(y):
                 raise ConfigError(f"x has {fit_data.num_examples(x)} examples and y {len(y)}; "
                                   "give one label per example")
+            self.find_classes(x)
             y = fit_data.labels_of(y, self.num_classes)
             if validation_split:
                 x, y, validation_data = fit_data.split_validation(x, y, validation_split)
         self.check_replicas()
-        data, labels = self.training_batches(x, y, batch_size or 32, shuffle)
+        data, labels = self.training_batches(x, y, batch_size, shuffle)
         with self.distribute_strategy.scope():  # the method's and optimizer's variables, where the model's live
             self.build_method(labels)
             self.build_state(data)

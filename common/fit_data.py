@@ -145,14 +145,18 @@ def one_hot_to_index(batch, num_classes):
 
 
 def stream_batches(dataset, num_classes):
-    """A user's `(x, y)` dataset as `{"x", "y", "index"}` batches, read afresh each epoch."""
-    return indexed_batches(dataset).map(lambda b: one_hot_to_index(b, num_classes))
+    """A user's `(x, y)` dataset as `{"x", "y", "index"}` batches, read afresh each epoch
+    (its number of batches kept where the dataset knows it)."""
+    batches = indexed_batches(dataset).map(lambda b: one_hot_to_index(b, num_classes))
+    count = int(dataset.cardinality())
+    return batches.apply(tf.data.experimental.assert_cardinality(count)) if count >= 0 else batches
 
 
 def cache_on_disk(batches, targets_fn, folder):
     """Runs `targets_fn(x) -> {target: (b, ...)}` once over `batches` (`{"x", "y",
     "index"}`) and saves the examples with their `"teacher_<target>"` values as a
-    `tf.data` snapshot in `folder`; returns `(dataset of single examples, labels (n,))`."""
+    `tf.data` snapshot in `folder`; returns `(dataset of single examples, labels (n,),
+    the first batch's size)`."""
     labels = []
 
     def with_targets():
@@ -161,7 +165,7 @@ def cache_on_disk(batches, targets_fn, folder):
             targets = targets_fn(batch["x"])
             yield {**batch, **{f"teacher_{k}": v for k, v in targets.items()}}
 
-    probe = next(iter(batches))
+    probe = next(iter(batches.take(1)))
     spec = {k: tf.TensorSpec((None, *v.shape[1:]), v.dtype) for k, v in probe.items() if k != "x"}
     spec["x"] = tf.nest.map_structure(lambda v: tf.TensorSpec((None, *v.shape[1:]), v.dtype), probe["x"])
     for name, value in targets_fn(probe["x"]).items():
@@ -169,7 +173,7 @@ def cache_on_disk(batches, targets_fn, folder):
     tf.data.Dataset.from_generator(with_targets, output_signature=spec).unbatch().save(folder)
     if not labels:
         raise DataError("the dataset is empty")
-    return tf.data.Dataset.load(folder), np.concatenate(labels)
+    return tf.data.Dataset.load(folder), np.concatenate(labels), len(probe["y"])
 
 
 def shuffled_stream(examples, batch_size, epoch, seed=0, buffer_bytes=SHUFFLE_BYTES):
@@ -185,7 +189,11 @@ def shuffled_stream(examples, batch_size, epoch, seed=0, buffer_bytes=SHUFFLE_BY
         order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(chunk["y"])[0]), seed=key)
         return tf.nest.map_structure(lambda t: tf.gather(t, order), chunk)
 
-    return untuned(examples.batch(window).enumerate().map(permute).unbatch().batch(batch_size).prefetch(2))
+    batches = examples.batch(window).enumerate().map(permute).unbatch().batch(batch_size)
+    count = int(examples.cardinality())
+    if count >= 0:
+        batches = batches.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
+    return untuned(batches.prefetch(2))
 
 
 def cache_folder(folder=None):

@@ -140,7 +140,7 @@ def test_bad_input_is_one_clear_error():
         Distiller(teacher, student, "kdd")
     with pytest.raises(ConfigError, match="has no layer 'nope'"):
         Distiller(teacher, student, "rkd", teacher_features={"embedding": "nope"})
-    with pytest.raises(ConfigError, match="no 4-D feature map"):
+    with pytest.raises(ConfigError, match=r"has no layer with a \(batch, H, W, C\) output with H, W > 1"):
         Distiller(teacher, student, "at")
     with pytest.raises(ConfigError, match="needs labels"):
         MethodLoss("dkd")

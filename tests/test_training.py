@@ -473,7 +473,7 @@ def test_every_pipeline_runs_without_tf_data_autotuning(tmp_path):
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from conftest import make_mhist
-    from common.distiller import Distiller
+    from common import fit_data
     from task2_mhist import data as mhist
 
     arrays = {"x": np.arange(10, dtype=np.float32), "y": np.arange(10) % 2}
@@ -482,7 +482,8 @@ def test_every_pipeline_runs_without_tf_data_autotuning(tmp_path):
     assert [b["x"].numpy().tolist() for b in dataset] == [(b["x"] * 2).numpy().tolist() for b in tuned]
     split = mhist.load_mhist(make_mhist(tmp_path / "mhist"))["train"]
     pipelines = [dataset, mhist.dataset(split, 32, 8, shuffle=True, augment=True)]
-    teacher, student = (keras.Sequential([keras.Input((1,)), keras.layers.Dense(2)]) for _ in range(2))
-    pipelines.append(Distiller(teacher, student, "kd").training_data(arrays["x"][:, None], arrays["y"], 4))
+    epoch = tf.Variable(0, dtype=tf.int64)
+    pipelines.append(fit_data.array_batches(arrays, 4, epoch))
+    pipelines.append(fit_data.shuffled_stream(tf.data.Dataset.from_tensor_slices(arrays), 4, epoch))
     assert all(p.options().autotune.enabled is False for p in pipelines)
     assert mhist.decoded(split, 32).shape == (len(split), 32, 32, 3)
