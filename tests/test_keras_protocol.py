@@ -264,3 +264,59 @@ def test_keras_distiller_holding_a_method_loss_saves_and_loads(tmp_path):
     loaded = keras.models.load_model(tmp_path / "k.keras")
     assert loaded.distillation_losses[0].options.temperature == 3.0
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), keras_distiller.predict(x, verbose=0))
+
+
+# -- models nobody here wrote -----------------------------------------------------------------------
+
+class Subclassed(keras.Model):
+    """A subclassed model in the style of Keras' own distillation tests; with
+    `features`, its call returns `{"logits", "embedding"}`."""
+
+    def __init__(self, width, features=False, **kwargs):
+        super().__init__(**kwargs)
+        self.flatten = keras.layers.Flatten()
+        self.hidden = keras.layers.Dense(width, activation="relu")
+        self.out = keras.layers.Dense(3)
+        self.features = features
+
+    def call(self, x, training=False):
+        embedding = self.hidden(self.flatten(x))
+        logits = self.out(embedding)
+        return {"logits": logits, "embedding": embedding} if self.features else logits
+
+
+def test_subclassed_teacher_and_student_for_logits_and_through_a_dict_for_features():
+    x, y = data()
+    keras.utils.set_random_seed(0)
+    distiller = Distiller(Subclassed(12), Subclassed(8), "dkd", seed=1)
+    distiller.compile(optimizer="adam", metrics=["accuracy"])
+    history = distiller.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0] and distiller.num_classes == 3
+
+    teacher, student = Subclassed(12, features=True), Subclassed(8)
+    with pytest.raises(ConfigError, match="subclassed model.*return a dict"):
+        Distiller(teacher, student, "rkd").fit(x, y, epochs=1, verbose=0)
+    body = Subclassed(8)
+    student_features = lambda x, training=False: {"logits": body(x, training=training),  # noqa: E731
+                                                  "embedding": body.hidden(body.flatten(x))}
+    distiller = Distiller(teacher, body, "rkd", student_features=student_features, seed=1)
+    distiller.compile(optimizer="adam")
+    terms = distiller.fit(x, y, epochs=1, batch_size=16, verbose=0).history
+    assert terms["distance"][0] > 0 and terms["angle"][0] > 0
+    with pytest.raises(NotImplementedError, match="feature callables cannot be serialized"):
+        distiller.get_config()
+
+
+def test_a_softmax_teacher_is_read_through_its_logits_and_a_softmax_student_refused():
+    x, y = data()
+    teacher, student = models()
+    probabilities = keras.Sequential([keras.Input((6, 6, 1)), *teacher.layers[:-1],
+                                      keras.layers.Dense(3, activation="softmax")])
+    probabilities.layers[-1].set_weights(teacher.layers[-1].get_weights())
+    with pytest.warns(UserWarning, match="recomputed the logits"):
+        distiller = Distiller(probabilities, student, "kd")
+    np.testing.assert_allclose(distiller.teacher_targets(x)["logits"], teacher(x), rtol=1e-5, atol=1e-6)
+    soft_student = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(), keras.layers.Dense(3),
+                                     keras.layers.Softmax()])
+    with pytest.raises(ConfigError, match="a trained student must return logits"):
+        Distiller(teacher, soft_student, "kd")
