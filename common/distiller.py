@@ -323,6 +323,13 @@ class Distiller(keras.Model):
         batch = next(iter(data.take(1)))
         self._symbolic_build(data_batch=(batch["x"], batch["y"]))
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' build of an unbuilt model under a strategy, skipped once `build_state`
+        has built everything: it would reduce a distributed batch of the method's dict,
+        which `MultiWorkerMirroredStrategy` cannot."""
+        if self.method is None or not self.optimizer.built:
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     @property
     def metrics(self):
         """Each loss term, the loss, then the compiled metrics (not Keras' own loss tracker)."""
@@ -334,7 +341,14 @@ class Distiller(keras.Model):
         for tracker, value in zip(self.term_trackers, terms.values()):
             tracker.update_state(value)
         self.loss_tracker.update_state(loss)
-        return self.compute_metrics(batch["x"], batch["y"], logits)
+        return self.across_workers(self.compute_metrics(batch["x"], batch["y"], logits))
+
+    def across_workers(self, logs):
+        """`logs` as `(1,)` tensors under `MultiWorkerMirroredStrategy`, whose reduction in
+        Keras 3.15's `fit` averages along axis 0 and fails on scalars; as they are elsewhere."""
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
     def test_step(self, data):
         """The student alone: its cross-entropy (`loss`) and the compiled metrics."""
@@ -344,7 +358,7 @@ class Distiller(keras.Model):
         logits = self.student(x, training=False)
         self.loss_tracker.update_state(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
         terms = {tracker.name for tracker in self.term_trackers}
-        return {k: v for k, v in self.compute_metrics(x, y, logits).items() if k not in terms}
+        return self.across_workers({k: v for k, v in self.compute_metrics(x, y, logits).items() if k not in terms})
 
     def export_student(self):
         """The trained student as a model of Keras' built-in layers (CID's head

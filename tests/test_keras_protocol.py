@@ -137,6 +137,39 @@ def test_mirrored_strategy_on_two_cpus_trains_as_one_device(method):
 
 
 @pytest.mark.slow
+def test_multi_worker_mirrored_strategy_two_processes_train_as_one_device():
+    """Two worker processes on 127.0.0.1 (`TF_CONFIG`) end with the one-device weights.
+    Plain Keras 3.15 `fit` fails under this strategy (it reduces a distributed batch
+    and scalar logs along axis 0); `Distiller` builds before Keras' `fit` and logs
+    `(1,)` tensors there."""
+    import socket
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    script = str(ROOT / "tests" / "multiworker_distiller.py")
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    processes = [subprocess.Popen([sys.executable, script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**env, "TF_CONFIG": json.dumps({
+                                      "cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})})
+                 for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-1500:] for _, err in outputs]
+    alone = run_python(script)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    expected = json.loads(alone.stdout.splitlines()[-1])
+    for out, _ in outputs:
+        result = json.loads(out.splitlines()[-1])
+        assert result["replicas"] == 2
+        np.testing.assert_allclose(result["loss"], expected["loss"], rtol=1e-5)
+        for got, want in zip(result["weights"], expected["weights"]):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_a_memory_bank_under_mirrored_strategy_is_one_line():
     done = run_python(str(ROOT / "tests" / "distributed_distiller.py"), "crd")
     assert done.returncode == 0, done.stderr[-2000:]
