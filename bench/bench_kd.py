@@ -60,6 +60,9 @@ def parse_args(argv=None):
                         help="trained teacher; trained for 1 epoch when the file is missing")
     parser.add_argument("--limit", type=int, help="use the first N images only (smoke test)")
     parser.add_argument("--steps-per-call", type=int, default=8, help="steps per compiled call of the extra row")
+    parser.add_argument("--library-rounds", type=int, default=0,
+                        help="only compare the library's Distiller.fit with the toolkit's loop, in this many "
+                             "interleaved rounds (written to bench/results/library_vs_loop.json)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/kd_mnist.json"))
     return parser.parse_args(argv)
 
@@ -151,8 +154,10 @@ def main(argv=None):
             optimizer.apply_gradients(zip(grads, student.trainable_variables))
         return time.perf_counter() - start
 
-    rows = []
     t, alpha, epochs = 4.0, 0.5, args.epochs
+    if args.library_rounds:
+        return library_against_loop(args, toolkit, library, test_accuracy, t, alpha, epochs, n)
+    rows = []
     print(f"KD student, T={t:g} alpha={alpha:g}, {epochs} epochs of {n} images ...", flush=True)
     seconds, student = toolkit(t, alpha, epochs)
     rows.append(row("toolkit (cached teacher logits, compiled step)", seconds, epochs * n, test_accuracy(student)))
@@ -210,6 +215,40 @@ def main(argv=None):
     write_json_atomic(args.out, result)
     print(format_table(result))
     print(f"written to {args.out}")
+    return 0
+
+
+def library_against_loop(args, toolkit, library, test_accuracy, t, alpha, epochs, n):
+    """The library's `Distiller.fit` against the toolkit's compiled loop on the same KD
+    student, in `--library-rounds` interleaved rounds (each round runs both, so a
+    slower moment of the machine costs both); medians written to
+    `bench/results/library_vs_loop.json`."""
+    import statistics
+
+    times = {"toolkit": [], "library": []}
+    accuracy = {}
+    for round_ in range(args.library_rounds):
+        for name, train in (("toolkit", toolkit), ("library", library)):
+            seconds, student = train(t, alpha, epochs)
+            times[name].append(seconds)
+            accuracy[name] = test_accuracy(student)
+            print(f"round {round_ + 1}: {name} {seconds:.1f} s", flush=True)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    result = {
+        "benchmark": "KD student on MNIST: common.distiller.Distiller.fit against common.training.fit",
+        "command": "python bench/bench_kd.py " + " ".join(sys.argv[1:]),
+        "settings": {"temperature": t, "alpha": alpha, "epochs": epochs, "batch_size": 256, "train_images": n},
+        "environment": runs.environment(),
+        "seconds": times, "median_seconds": median,
+        "images_per_s": {name: epochs * n / seconds for name, seconds in median.items()},
+        "library_relative_speed": median["toolkit"] / median["library"],
+        "test_accuracy_last_round": accuracy,
+    }
+    out = ROOT / "bench/results/library_vs_loop.json"
+    write_json_atomic(out, result)
+    print(f"library / toolkit speed: {result['library_relative_speed']:.3f} "
+          f"({result['images_per_s']['library']:,.0f} against {result['images_per_s']['toolkit']:,.0f} images/s)")
+    print(f"written to {out}")
     return 0
 
 
