@@ -141,7 +141,9 @@ class Distiller(keras.Model):
     # -- the Keras model protocol ---------------------------------------------------------------
 
     def call(self, x, training=False):
-        return self.student(x, training=training)
+        """The student's `(batch, classes)` logits (of a dict-returning student, its `"logits"`)."""
+        outputs = self.student(x, training=training)
+        return outputs["logits"] if isinstance(outputs, dict) else outputs
 
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
         """Keras' `compile`, without `loss`: the method's terms are the loss."""
@@ -184,8 +186,7 @@ class Distiller(keras.Model):
             self.build_method(config["labels"])
 
     def build(self, input_shape=None):
-        if not self.student.built and input_shape is not None:
-            self.student.build(input_shape)
+        """Nothing to create: the student builds on its first call, the method in `fit`."""
         self.built = True
 
     # -- the method and its data ------------------------------------------------------------------
@@ -355,7 +356,7 @@ class Distiller(keras.Model):
         x, y = data[0], data[1]
         if y.shape.rank == 2 and y.shape[-1] > 1:
             y = tf.argmax(y, axis=-1)
-        logits = self.student(x, training=False)
+        logits = self(x, training=False)
         self.loss_tracker.update_state(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
         terms = {tracker.name for tracker in self.term_trackers}
         return self.across_workers({k: v for k, v in self.compute_metrics(x, y, logits).items() if k not in terms})

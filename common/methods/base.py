@@ -39,6 +39,8 @@ class Method:
         """`(outputs, class_logits)`: the model's raw outputs (what is distilled) and
         the `(batch, classes)` logits used for labels, accuracy and prediction."""
         outputs = self.model(x, training=training)
+        if isinstance(outputs, dict):  # a model returning its features beside its logits
+            outputs = outputs["logits"]
         return outputs, outputs
 
     def class_logits(self, x, training=False):
@@ -207,7 +209,7 @@ class Distiller(Method):
     def student(self, x, training):
         """`{output: tensor}` of the student: `"logits"` always, features when it reads any."""
         if set(self.student_outputs) <= {"logits"}:
-            return {"logits": self.model(x, training=training)}
+            return {"logits": self.forward(x, training=training)[0]}
         if self.student_features is None:
             raise ValueError(f"{type(self).__name__} reads the student's {', '.join(self.student_outputs)}: "
                              "pass Context(features=...)")
