@@ -263,13 +263,25 @@ def read_jsonl(path):
 
 
 def save_weights(model, path):
-    """`model.save_weights(path)` after checking that the weights fit on its disk."""
+    """`model.save_weights(path)` after checking that the weights fit on its disk,
+    written to a temporary name beside `path` and moved into place (`os.replace`):
+    `path` is the old file or the complete new one, and two writers never open one
+    HDF5 file (h5py's file lock refused the second: `BlockingIOError`)."""
+    path = Path(path)
     ensure_space(path, 4 * sum(int(np.prod(v.shape)) for v in model.weights) + 2**20)  # float32 and h5 headers
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.weights.h5")  # Keras' suffix
+    os.close(fd)
     try:
-        model.save_weights(path)
+        model.save_weights(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
     except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
         if err.errno in FULL or "No space left" in str(err):
             raise disk_full(path) from None
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -91,3 +91,31 @@ def test_out_that_is_a_file_or_unwritable_is_refused(tmp_path):
         ResultsStore("/proc/kd-results").prepare()
     ResultsStore(tmp_path / "new" / "deep").prepare()
     assert (tmp_path / "new" / "deep").is_dir()
+
+
+def test_weights_are_written_to_a_temporary_name_and_moved_into_place(tmp_path):
+    """Another process holding the old weights file open (reading it, or writing it) no
+    longer makes h5py refuse the write (`BlockingIOError: unable to lock file`)."""
+    import subprocess
+    import sys
+
+    import keras
+
+    from common.results import save_weights
+
+    path = tmp_path / "run" / "model.weights.h5"
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    save_weights(model, path)
+    reader = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r'); "
+                               "print('open', flush=True); time.sleep(60)", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        model.layers[0].kernel.assign(np.ones((3, 2)))
+        save_weights(model, path)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.weights.h5"]  # no temporary file left
+    loaded = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    loaded.load_weights(path)
+    np.testing.assert_array_equal(loaded.layers[0].kernel.numpy(), np.ones((3, 2)))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from common import locks
 from task1_mnist import run as cli
@@ -93,3 +94,70 @@ def test_an_unwritable_file_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write {tmp_path / 'x.npz'}: No space left on device") and "\n" not in err
 
+
+
+GRID = dict(temperatures=(1.0, 4.0), alphas=(0.2, 0.8), only=("grid",), fuse_grid="on", epochs=2)
+
+
+def second_process(tmp_path, data):
+    """The same grid as `GRID`, by the command line, on the same `--out` (float32, as
+    a test's in-process run trains)."""
+    command = [sys.executable, "task1_mnist/run.py", "--data-dir", str(data), "--out", str(tmp_path / "out"),
+               "--only", "grid", "--fuse-grid", "on", "--temperatures", "1,4", "--alphas", "0.2,0.8", "--epochs", "2",
+               "--batch-size", "64", "--validation", "64", "--precision", "float32", "--seeds", "0"]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_line(process, pattern, seen):
+    """Reads `process`'s output until a line matches `pattern` (lines kept in `seen`)."""
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return
+    raise AssertionError(f"the second process ended without {pattern!r}:\n{''.join(seen)[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["before training", "mid-training", "while recording"])
+def test_a_second_process_reaching_a_fused_grid_waits_and_trains_nothing(tmp_path, synthetic_mnist, monkeypatch,
+                                                                         point):
+    """A second process started at `point` of the first's fused group waits on the group's
+    lock (named after every cell, finished or not), then finds each cell recorded:
+    each cell is trained and recorded once, and its files are the first process's."""
+    from common import runs
+    from task1_mnist import data as mnist
+    from task1_mnist.experiments import Task1
+    from tests.test_task1 import small_config
+
+    data = mnist_file(tmp_path, synthetic_mnist)
+    second, seen = [], []
+
+    def start_second():
+        if not second:
+            second.append(second_process(tmp_path, data))
+            wait_for_line(second[0], r"\[fused-\w+-s0\] being trained by pid", seen)  # it waits on the group
+
+    def log(message):
+        if (point == "before training" and "] training 4 runs in one" in message) or (
+                point == "mid-training" and "[fused-" in message and "] epoch 1/2" in message):
+            start_second()
+
+    finish = runs.finish
+
+    def finish_then_start(*args, **kwargs):
+        record = finish(*args, **kwargs)
+        if point == "while recording" and args[1].startswith("kd-"):
+            start_second()  # one cell recorded, three to go (the teacher was recorded before)
+        return record
+
+    monkeypatch.setattr(runs, "finish", finish_then_start)
+    Task1(small_config(tmp_path, **GRID), arrays=mnist.load_mnist(data), log=log).run()
+    out = tmp_path / "out"
+    records = {p: p.read_bytes() for p in sorted(out.glob("kd-*/*")) if p.is_file()}
+    assert len([p for p in records if p.name == "metrics.json"]) == 4
+    output = "".join(seen) + second[0].communicate(timeout=300)[0]
+    assert second[0].returncode == 0, output[-3000:]
+    assert "] training" not in output and "recorded" not in output, output[-3000:]  # nothing trained twice
+    assert {p: p.read_bytes() for p in sorted(out.glob("kd-*/*")) if p.is_file()} == records
+    assert not list(out.glob("fused-*"))  # no stray group folder

@@ -238,6 +238,50 @@ def test_a_fused_grid_killed_mid_training_resumes(tmp_path, synthetic_mnist, fus
         assert [h.get("resumed", False) for h in resumed["history"]] == [True, True, False]
 
 
+def test_a_fused_grid_stopped_while_recording_records_the_rest_as_the_same_group(tmp_path, synthetic_mnist,
+                                                                                monkeypatch):
+    """Killed after 2 of its 4 cells were recorded, the group is resumed as the group of
+    4 it was (its members kept in its folder; a group of the 2 left would round
+    otherwise) and records only the 2, as the uninterrupted group did; the 2 recorded
+    are not written again."""
+    from common import runs
+
+    grid = dict(temperatures=(1.0, 4.0), alphas=(0.2, 0.8), only=("grid",), epochs=2, fuse_grid="on")
+    finish, calls = runs.finish, []
+
+    def killed_after_two_records(*args, **kwargs):
+        if args[1].startswith("kd-"):  # the grid's cells (the teacher is recorded first)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            calls.append(args[1])
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "finish", killed_after_two_records)
+    with pytest.raises(KeyboardInterrupt):
+        Task1(small_config(tmp_path / "killed", **grid), arrays=synthetic_mnist).run()
+    monkeypatch.setattr(runs, "finish", finish)
+    out = tmp_path / "killed" / "out"
+    first = {name: (out / name / "metrics.json").read_bytes() for name in calls}
+    (group,) = out.glob("fused-*")
+    assert json.loads((group / "members.json").read_text()) == [f"kd-T{t}-a{a}-s0" for t in (1, 4) for a in (0.2, 0.8)]
+    messages = []
+    Task1(small_config(tmp_path / "killed", **grid), arrays=synthetic_mnist, log=messages.append).run()
+    assert any("training 4 runs in one looped step" in m for m in messages)
+    assert any("recorded 2 of its 4 runs" in m for m in messages)
+    assert {name: (out / name / "metrics.json").read_bytes() for name in calls} == first
+    Task1(small_config(tmp_path / "whole", **grid), arrays=synthetic_mnist).run()
+    for name in (f"kd-T{t}-a{a}-s0" for t in (1, 4) for a in (0.2, 0.8)):
+        resumed, whole = (json.loads((tmp_path / d / "out" / name / "metrics.json").read_text())
+                          for d in ("killed", "whole"))
+        assert resumed["fused"]["runs"] == whole["fused"]["runs"] == 4
+        assert resumed["test_accuracy"] == whole["test_accuracy"]
+        assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in whole["history"]],
+                                                                        rel=1e-6)
+        for a, b in zip(*(weights_of(tmp_path / d / "out" / name / "model.weights.h5") for d in ("killed", "whole"))):
+            np.testing.assert_array_equal(a, b)
+    assert not list(out.glob("fused-*"))
+
+
 def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path, synthetic_mnist):
     def killed_after_epoch_2(message):
         if "[scratch-s0] epoch 2/3" in message:
