@@ -24,10 +24,16 @@ def _open(path):
 
 
 def _mark(handle):
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
+    """Writes the holder into the lock file; a failed write (a full disk) names the file."""
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+    except OSError as err:
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror, str(handle.name)) from None
 
 
 def _holder(handle):

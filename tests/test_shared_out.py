@@ -161,3 +161,29 @@ def test_a_second_process_reaching_a_fused_grid_waits_and_trains_nothing(tmp_pat
     assert "] training" not in output and "recorded" not in output, output[-3000:]  # nothing trained twice
     assert {p: p.read_bytes() for p in sorted(out.glob("kd-*/*")) if p.is_file()} == records
     assert not list(out.glob("fused-*"))  # no stray group folder
+
+
+def test_a_disk_full_before_the_first_run_names_the_lock_file(tmp_path, monkeypatch, capsys):
+    """Creating a lock file needs no free block, writing its holder does: a disk full
+    before the first run is one line naming that file."""
+    import errno
+
+    from common import cli as common_cli
+
+    class FullDisk:
+        def __init__(self, path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a+", encoding="utf-8")
+            self.name = self.file.name
+
+        def __getattr__(self, attribute):
+            return getattr(self.file, attribute)
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(locks, "_open", FullDisk)
+    assert common_cli.main(lambda: locks.claim(tmp_path, "seed-0")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot write {locks.lock_path(tmp_path, 'seed-0')}: No space left on device")
+    assert "\n" not in err
