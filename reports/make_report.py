@@ -100,8 +100,10 @@ class Report:
         if self.notes:
             parts += ["## Not in this report\n", "\n".join(self.notes) + "\n"]
         if self.damaged:
-            parts += ["## Damaged files skipped\n", "\n".join(f"- {problem}" for problem in self.damaged.values())
-                      + "\n"]
+            parts += ["## Damaged files skipped\n", "Left out of this report. Rerunning the task command that wrote "
+                      "them sets a damaged run aside and trains it again, and rewrites a damaged table "
+                      "(`grid-s*.json`, a study's) when its experiment runs.\n",
+                      "\n".join(f"- {problem}" for problem in self.damaged.values()) + "\n"]
         path = self.out_dir / "REPORT.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(parts), encoding="utf-8")
