@@ -44,12 +44,11 @@ def check_images(x, where, *, shape=None, to="uint8"):
         return x.astype(np.uint8) if to == "uint8" else x.astype(np.float32) / 255.0
     if x.dtype.kind != "f":
         raise DataError(f"{where}: images of dtype {x.dtype}; store them as uint8 0..255 or floats in [0, 1]")
-    finite = np.isfinite(x)
-    if not finite.all():
-        bad = ~finite
+    low, high = float(x.min()), float(x.max())  # NaN and infinities show in these: two passes, no mask
+    if not (np.isfinite(low) and np.isfinite(high)):
+        bad = ~np.isfinite(x)
         raise DataError(f"{where}: {int(bad.sum())} pixel values are NaN or infinite (e.g. {x[bad].flat[0]} at "
                         f"{_example(bad)}); fix or drop those images")
-    low, high = float(x.min()), float(x.max())
     if low < 0 or high > 255:
         bad = (x < 0) | (x > 255)
         raise DataError(f"{where}: float pixels span [{low:g}, {high:g}] ({int(bad.sum())} values outside [0, 255], "
@@ -57,7 +56,12 @@ def check_images(x, where, *, shape=None, to="uint8"):
     unit = high <= 1.0
     if to == "float":
         return (x if unit else x / 255.0).astype(np.float32)
-    return np.round(x * 255.0 if unit else x).clip(0, 255).astype(np.uint8)
+    scaled = x.astype(np.float32)  # one copy (float32 holds k/255 * 255 to well within 0.5), then in place
+    if unit:
+        scaled *= 255
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def check_labels(y, num_classes, where):
