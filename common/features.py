@@ -37,8 +37,8 @@ What the defaults resolve to on `keras.applications` at a 32x32x3 input with
     ResNet50V2        avg_pool (batch, 2048)                      conv4_block6_1_relu (batch, 2, 2, 256)
     DenseNet121       avg_pool (batch, 1024)                      pool4_conv (batch, 2, 2, 512)
     EfficientNetB0    avg_pool (batch, 1280), before top_dropout  block6a_expand_activation (batch, 2, 2, 672)
-    ConvNeXtTiny      convnext_tiny_head_layernorm (batch, 768)   convnext_tiny_stage_2_block_8_identity
-                                                                  (batch, 2, 2, 384)
+    ConvNeXtTiny      convnext_tiny_head_layernorm (batch, 768)   the `add` closing stage 2's last block
+                                                                  (batch, 2, 2, 384) (a keras.ops op: add_<n>)
 
 With `classifier_activation="softmax"` the embedding and spatial map are the
 same and the logits are exact: the input of MobileNetV3Small's separate softmax
@@ -132,8 +132,9 @@ def graph_inputs(model):
 
 
 def sites(model, parents=()):
-    """Every `Site` of `model`'s graph in its topological order (`model.layers`), the
-    input layers excepted; a nested model's sites come just before its own."""
+    """Every `Site` of `model`'s graph in its topological order (`model.operations`:
+    its layers and the `keras.ops` between them, such as a residual block's closing
+    `add`), the input layers excepted; a nested model's sites come just before its own."""
     in_graph, pending = set(), list(model.outputs)
     while pending:
         site = producer(pending.pop(), parents)
@@ -141,7 +142,7 @@ def sites(model, parents=()):
             in_graph.add(id(site.node))
             pending.extend(site.node.input_tensors)
     found = []
-    for layer in model.layers:
+    for layer in getattr(model, "operations", None) or model.layers:
         for node in layer._inbound_nodes:
             if id(node) in in_graph and not isinstance(layer, keras.layers.InputLayer):
                 if is_nested(layer):
