@@ -292,6 +292,7 @@ class Distiller(keras.Model):
             if y is None:
                 raise ConfigError("Distiller.fit needs labels: fit(x, y) or a dataset of (x, y) batches")
             x = fit_data.as_numpy(x)
+            fit_data.check_inputs(x)
             if fit_data.num_examples(x) != len(y):
                 raise ConfigError(f"x has {fit_data.num_examples(x)} examples and y {len(y)}; "
                                   "give one label per example")

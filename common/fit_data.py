@@ -46,6 +46,18 @@ def labels_of(y, num_classes, where="y"):
     return check_labels(y, num_classes, where).astype(np.int32)
 
 
+def check_inputs(x, where="x"):
+    """Refuses, in one line, inputs that are not numbers or hold NaN or infinite values
+    (any model's inputs: no image range is assumed)."""
+    for i, leaf in enumerate(tf.nest.flatten(x)):
+        name = where if len(tf.nest.flatten(x)) == 1 else f"{where} input {i}"
+        if leaf.dtype.kind not in "biuf":
+            raise DataError(f"{name}: inputs of dtype {leaf.dtype}; give numbers (e.g. float32 or uint8)")
+        if leaf.dtype.kind == "f" and not np.isfinite(leaf).all():
+            bad = int((~np.isfinite(leaf)).sum())
+            raise DataError(f"{name}: {bad} values are NaN or infinite; fix or drop those examples")
+
+
 def num_examples(x):
     """Examples in array-like `x` (a dict or list of arrays for several inputs)."""
     sizes = {len(leaf) for leaf in tf.nest.flatten(x)}

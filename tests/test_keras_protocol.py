@@ -253,6 +253,8 @@ def test_epochs_see_the_examples_in_new_orders_from_the_seed():
     (lambda d, x, y: d.fit(x, np.full((len(y), 3), 1 / 3)), "not one-hot"),
     (lambda d, x, y: d.fit(x, y + 5), "labels outside 0..2"),
     (lambda d, x, y: d.fit(x, y[:10]), "one label per example"),
+    (lambda d, x, y: d.fit(np.where(x > 0.99, np.nan, x), y), "values are NaN or infinite"),
+    (lambda d, x, y: Distiller(d.teacher, d.given_student, "kd", temperature=1e9), "temperature 1e\\+09 is above"),
     (lambda d, x, y: d.compile("adam", loss="mse"), "takes no loss"),
     (lambda d, x, y: d.fit(tf.data.Dataset.from_tensor_slices((x, y, y)).batch(8)), "no sample weights"),
 ])

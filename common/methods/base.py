@@ -13,6 +13,8 @@ import math
 
 import tensorflow as tf
 
+from common import losses
+
 
 class Method:
     """Base class: the trained model and the loss terms of one batch.
@@ -68,8 +70,6 @@ class CrossEntropy(Method):
     term_names = ("ce",)
 
     def loss_terms(self, batch, training=True):
-        from common import losses
-
         _, logits = self.forward(batch["x"], training=training)
         return {"ce": losses.teacher_loss(batch["y"], logits)}, logits
 
@@ -106,18 +106,24 @@ def check_options(options, method, naming=option_flag):
             kind = "an integer" if integer else "a number"
             bound = f" and <= {maximum:g}" if maximum < math.inf else ""
             raise ValueError(f"{flag} must be {kind} {'>' if exclusive else '>='} {minimum:g}{bound}, got {value!r}")
+        precision = field.metadata.get("precision_check")  # a term that would underflow in the loss's precision
+        problem = precision(value, flag) if precision is not None else None
+        if problem:
+            raise ValueError(problem)
 
 
 def temperature_field(default=4.0):
     """The `temperature` option of a logit method (T > 0, set by `--temperature`)."""
     return dataclasses.field(default=default, metadata={"help": "temperature T of the softened logits",
-                                                        "exclusive": True})
+                                                        "exclusive": True,
+                                                        "precision_check": losses.temperature_problem})
 
 
 def alpha_field(default=0.5):
     """The `alpha` option of a method with a hard-label term (0 <= α <= 1, set by `--alpha`)."""
     return dataclasses.field(default=default, metadata={
-        "help": "weight of the hard-label loss; 1 - alpha weights distillation", "maximum": 1.0})
+        "help": "weight of the hard-label loss; 1 - alpha weights distillation", "maximum": 1.0,
+        "precision_check": losses.weight_problem})
 
 
 @dataclasses.dataclass(frozen=True)
