@@ -1,6 +1,10 @@
 """The report generator on a small fabricated results folder."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -173,7 +177,7 @@ def test_synthetic_data_and_degenerate_explanations_are_said(tmp_path):
 
 
 def test_noise_call_uses_two_standard_errors():
-    from reports.make_report import noise_call
+    from reports.sections import noise_call
 
     kd = [0.980, 0.982, 0.984]  # mean 0.982, sample var 4e-6
     # se = sqrt(4e-6/3 + 4e-6/3) = 0.001633: 2 se = 0.003266
@@ -254,3 +258,39 @@ def test_a_missing_or_empty_results_folder_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "holds no finished runs" in err and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_report_imports_neither_tensorflow_nor_keras(tmp_path):
+    """The report reads results, not models: rendering one in a fresh interpreter (the
+    registry's names read for the method filters) leaves TensorFlow and Keras unimported."""
+    fabricate(tmp_path / "results")
+    fabricate_task2(tmp_path / "results")
+    argv = ["reports/make_report.py", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "report")]
+    code = (f"import runpy, sys\nsys.argv = {argv!r}\ntry:\n"
+            "    runpy.run_path('reports/make_report.py', run_name='__main__')\n"
+            "except SystemExit as done:\n    assert done.code == 0, done.code\n"
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "False False", done.stdout
+    assert "| teacher ResNet50V2 |" in (tmp_path / "report" / "REPORT.md").read_text()
+
+
+def test_the_registry_read_without_importing_it_matches_the_registry():
+    """`reports.registry` reads names, summaries and option defaults from the source of
+    `common/methods/`: the same as the imported registry, in its order."""
+    import dataclasses
+
+    from common import methods
+    from reports import registry
+
+    assert list(registry.methods()) == list(methods.REGISTRY)
+    for name, cls in methods.REGISTRY.items():
+        entry = registry.methods()[name]
+        assert entry.summary == cls.summary and entry.module == cls.__module__.rsplit(".", 1)[-1]
+        assert entry.options == {f.name: f.default for f in dataclasses.fields(cls.Options)}, name
+    assert registry.shared_options() == methods.SHARED_OPTIONS
