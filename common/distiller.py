@@ -119,7 +119,7 @@ class Distiller(keras.Model):
                 raise ConfigError(f"{method} builds a prediction head onto the student: give functional or "
                                   "Sequential teacher and student models (with an Input)")
             self.student = deployed.with_head(student, head, lambda _: self.student_outputs)
-        self.method, self.labels = None, None
+        self.method, self.labels, self.sample = None, None, None
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")  # the data order's epoch
         self.term_trackers = []
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -198,11 +198,12 @@ class Distiller(keras.Model):
     def build_method(self, labels):
         """Creates the method for a training set of `labels` `(n,)`: its extra layers
         (FitNets' regressor, CRD's memory banks) are built for it, once. `fit` on
-        other labels is refused for a method that keeps state per example (CRD)."""
+        other labels is refused for a method that keeps state per example (CRD:
+        `per_example`)."""
         labels = None if labels is None else np.asarray(labels, np.int32).reshape(-1)
         if self.method is not None:
-            if self.method.extra_layers and labels is not None and not np.array_equal(labels, self.labels):
-                raise ConfigError(f"this {self.method_name} distiller's state (its extra layers) was built for "
+            if self.cls.per_example and labels is not None and not np.array_equal(labels, self.labels):
+                raise ConfigError(f"this {self.method_name} distiller keeps state per training example, built for "
                                   f"another training set of {len(self.labels)} examples; make a new Distiller "
                                   "for new data")
             return
@@ -237,15 +238,17 @@ class Distiller(keras.Model):
         the first training example for a model without a graph."""
         inputs = features.graph_inputs(self.teacher)
         if inputs is None:
+            if self.sample is None:
+                raise ConfigError(f"{self.teacher.name} has no Input: fit the distiller on data first")
             return self.sample
         return tf.nest.map_structure(lambda t: tf.zeros((1, *t.shape[1:]), t.dtype),
                                      inputs if len(inputs) > 1 else inputs[0])
 
     def check_replicas(self):
         strategy = self.distribute_strategy
-        if getattr(self.cls, "single_replica", False) and strategy.num_replicas_in_sync > 1:
-            raise ConfigError(f"{self.method_name} keeps per-example state that is not synchronised across "
-                              f"replicas; train it outside the {type(strategy).__name__} scope (one device)")
+        if self.cls.single_replica and strategy.num_replicas_in_sync > 1:
+            raise ConfigError(f"{self.method_name} cannot be split across replicas: {self.cls.single_replica}; "
+                              f"train it outside the {type(strategy).__name__} scope (one device)")
 
     def array_targets(self, x):
         """The teacher's targets for arrays `x`, computed in chunks of 1,024 examples."""

@@ -218,8 +218,8 @@ class Recipes(TaskInterface):
 
     def factory(self, cls, settings=None, make=None):
         """A `MethodFactory` for method class `cls` with `settings` (`method_settings`)."""
-        if getattr(cls, "single_replica", False) and self.strategy.num_replicas_in_sync > 1:
-            raise ConfigError(f"{cls.name} keeps a memory bank that is not synchronised across replicas; "
+        if cls.single_replica and self.strategy.num_replicas_in_sync > 1:
+            raise ConfigError(f"{cls.name} cannot be split across replicas: {cls.single_replica}; "
                               "run it with --distribute none")
         return MethodFactory(cls, settings if settings is not None else self.method_settings(cls), self.context, make)
 

@@ -178,6 +178,8 @@ class Distiller(Method):
     student_outputs = ("logits",)
     teacher_objective = None  # a method that trains its own teacher (SFTN): that teacher's Method class
     teacher_settings = ()  # the options that shape that teacher (its run's identity)
+    per_example = False  # keeps state per training example (by "index": CRD's memory bank), built for one set
+    single_replica = ""  # why the method cannot be split across replicas of a tf.distribute strategy ("": it can)
 
     def __init__(self, student, options=None, context=None, teacher=None, **values):
         """`values`: options given by name (`temperature=2`), over `options`' (default: the defaults)."""

@@ -199,7 +199,7 @@ class CID(Distiller):
     term_names = ("kd", "ce", "sample", "class")
     teacher_outputs = ("logits", "embedding")
     student_outputs = ("logits", "embedding")
-    single_replica = True  # the dictionary's sums are not synchronised across replicas
+    single_replica = "its class dictionary's sums are not synchronised across replicas"
 
     @classmethod
     def prediction_head(cls, options, num_classes):

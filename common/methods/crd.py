@@ -184,7 +184,8 @@ class CRD(Distiller):
     term_names = ("ce", "crd")
     teacher_outputs = ("embedding",)
     student_outputs = ("logits", "embedding")
-    single_replica = True
+    single_replica = "its memory banks are not synchronised across replicas"
+    per_example = True
 
     def __init__(self, student, options=None, context=None, teacher=None):
         super().__init__(student, options, context, teacher)

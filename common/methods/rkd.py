@@ -99,6 +99,8 @@ class RKD(Distiller):
     term_names = ("ce", "distance", "angle")
     teacher_outputs = ("embedding",)
     student_outputs = ("logits", "embedding")
+    single_replica = ("its terms relate every pair and triple of the batch, and each replica would see only its "
+                      "share (measured: weights 0.35 apart after 2 epochs on 2 replicas)")
 
     def loss_terms(self, batch, training=True):
         outputs = self.student(batch["x"], training)
