@@ -9,8 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from common.results import (DAMAGED, ResultsStore, append_line, read_jsonl, write_arrays_atomic,
-                            write_json_atomic)
+from common.results import DAMAGED, ResultsStore, append_line, read_jsonl, write_arrays_atomic
 
 IDENTITY = {"experiment": "scratch", "seed": 0, "epochs": 2}
 
@@ -106,7 +105,7 @@ def test_sound_files_are_read_as_they_are_and_set_aside_folders_never(tmp_path, 
 
 
 def test_records_skip_and_name_a_damaged_record_without_moving_it(tmp_path):
-    store = fabricate(tmp_path)
+    fabricate(tmp_path)
     damage(tmp_path / "teacher-s0" / "metrics.json", "garbage")
     before = snapshot(tmp_path)
     reader = ResultsStore(tmp_path)
