@@ -188,6 +188,7 @@ def family_method_cases():
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, method", family_method_cases())
 def test_an_application_teacher_distils_a_small_cnn_by_every_method(family, method):
     teacher = application(family)
@@ -215,6 +216,7 @@ def softmax_cases():
             for family in TABLE]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", softmax_cases())
 def test_a_softmax_teacher_is_read_through_its_logits_with_one_warning(family):
     teacher = application(family, "softmax")

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from common import batchnorm
@@ -13,6 +14,7 @@ def bn_model(seed=0):
                              keras.layers.ReLU(), keras.layers.Dense(2)])
 
 
+@pytest.mark.slow
 def test_a_short_run_predicts_what_it_learned_after_recalibration():
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(512, 8)) * 3 + 10).astype("float32")  # far from the initial mean 0, variance 1

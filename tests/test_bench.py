@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
+@pytest.mark.slow
 def test_bench_kd_smoke(tmp_path, real_mnist_dir):
     import bench_kd
 
@@ -30,6 +31,7 @@ def test_bench_kd_smoke(tmp_path, real_mnist_dir):
         assert grid[f"{form}_first_epoch_seconds"] > 0 and grid[f"{form}_speedup"] > 0
 
 
+@pytest.mark.slow
 def test_bench_fused_forms_smoke(tmp_path):
     import bench_fused_forms
 
@@ -44,6 +46,7 @@ def test_bench_fused_forms_smoke(tmp_path):
         assert forms["alone"]["graph_ops"] < forms[stacked]["graph_ops"] < forms["looped"]["graph_ops"]
 
 
+@pytest.mark.slow
 def test_bench_finetune_smoke(tmp_path, mhist_dir, tiny_architectures):  # the wiring; real bases: test_task2
     import bench_finetune
 
@@ -101,6 +104,7 @@ def test_a_models_roofline_weighs_each_layer_by_its_flops():
     assert found["flops_share"]["conv"] == pytest.approx(2 * 64 * 27 / total) and found["peak_gflops"] > 0
 
 
+@pytest.mark.slow
 def test_bench_shared_steps_smoke(tmp_path, mhist_dir):
     import bench_shared_steps
 
@@ -116,6 +120,7 @@ def test_bench_shared_steps_smoke(tmp_path, mhist_dir):
     assert all(run["later_cores_busy"] is None for run in result["shared"]["runs"].values())  # 1-epoch runs
 
 
+@pytest.mark.slow
 def test_bench_mhist_smoke(tmp_path, mhist_dir, tiny_architectures):
     import bench_mhist
 
@@ -146,6 +151,7 @@ def test_run_times_of_a_results_folder(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_roofline_smoke(tmp_path):
     import roofline
 
@@ -170,6 +176,7 @@ def test_roofline_smoke(tmp_path):
     assert core["seconds_at_peak"] > 0 and core["seconds_at_achieved"] > 0
 
 
+@pytest.mark.slow
 def test_step_profile_smoke(tmp_path):
     import step_profile
 

@@ -171,6 +171,7 @@ def test_task1_retrains_exactly_the_damaged_run_to_the_same_weights(tmp_path, sy
         assert len(list((case / "out").glob(f"{run}{DAMAGED}*"))) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file", ["resume/state.npz", "resume/identity.json"])
 def test_task1_a_damaged_resume_state_starts_the_run_over(tmp_path, synthetic_mnist, capsys, file):
     from tests.test_task1 import small_config

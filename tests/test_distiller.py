@@ -52,6 +52,7 @@ def models(seed=0):
     return teacher, student, counter
 
 
+@pytest.mark.slow
 def test_the_readme_python_example_runs(capsys):
     readme = (ROOT / "README.md").read_text()
     start = readme.index("```python", readme.index("## Your own models, from Python")) + len("```python")
@@ -62,6 +63,7 @@ def test_the_readme_python_example_runs(capsys):
 
 @pytest.mark.parametrize("method, options", [("kd", {"temperature": 2.0, "alpha": 0.3}), ("dkd", {}),
                                              ("fitnets", {}), ("rkd", {}), ("crd", {"negatives": 32, "dim": 8})])
+@pytest.mark.slow
 def test_fit_trains_the_student_with_cached_teacher_outputs(method, options):
     x, y = data()
     teacher, student, counter = models()
@@ -79,6 +81,7 @@ def test_fit_trains_the_student_with_cached_teacher_outputs(method, options):
     np.testing.assert_allclose(distiller.predict(x[:5], verbose=0), student(x[:5]).numpy(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_plain_dataset_and_the_teacher_per_step():
     x, y = data()
     teacher, student, counter = models()
@@ -89,6 +92,7 @@ def test_a_plain_dataset_and_the_teacher_per_step():
     assert float(counter.calls.numpy()) >= 2 * 256 / 64  # now it runs on every batch (the dataset's own batches)
 
 
+@pytest.mark.slow
 def test_the_training_step_minimises_the_methods_terms():
     """One step's logged terms are the method's `loss_terms` on the same batch."""
     x, y = data(32)
@@ -148,6 +152,7 @@ def test_bad_input_is_one_clear_error():
         Distiller(teacher, student).fit(*data(8)[:1], np.zeros(3))
 
 
+@pytest.mark.slow
 def test_the_package_installs_and_imports_from_any_folder(tmp_path):
     """`pip install .` builds the library (pyproject.toml) and it imports elsewhere."""
     import shutil

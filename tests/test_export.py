@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 
 from common import export
 
@@ -12,6 +13,7 @@ def dense_model(width):
     return keras.Model(inputs, keras.layers.Dense(10)(hidden))
 
 
+@pytest.mark.slow
 def test_time_files_ranks_a_larger_model_slower_and_reports_quartiles():
     images = np.random.default_rng(0).random((32, 64), np.float32)
     contents = {"small": export.convert(dense_model(8), "float32"),

@@ -68,6 +68,7 @@ def one_line_refusal(call, *names):
     return message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", APPLICATIONS)
 def test_an_application_resolves_its_penultimate_vector_and_last_map(family):
     model = application(family)
@@ -81,6 +82,7 @@ def test_an_application_resolves_its_penultimate_vector_and_last_map(family):
 
 @pytest.mark.parametrize("family, softmax", [("ResNet50V2", "predictions"), ("MobileNetV3Small", "predictions"),
                                              ("ConvNeXtTiny", "convnext_tiny_head_dense")])
+@pytest.mark.slow
 def test_a_softmax_teacher_gives_exact_logits_and_a_softmax_student_is_refused(family, softmax):
     model = application(family, "softmax")
     feature_model, described = features.feature_model(model, ("logits", "embedding"), role="teacher")
@@ -105,6 +107,7 @@ def nested(family, form):
     return keras.Model(x, keras.layers.Dense(10, name="head")(hidden), name=f"{family}_functional")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["sequential", "functional"])
 @pytest.mark.parametrize("family", APPLICATIONS)
 def test_a_nested_base_resolves_to_its_pooled_output_and_its_last_map(family, form):

@@ -68,6 +68,7 @@ def test_stacked_dense_maps_each_member_as_its_model_and_round_trips_weights(bat
                                                                            "dense2_bias"]
 
 
+@pytest.mark.slow
 @PRODUCTS
 def test_stacked_and_looped_members_train_as_each_would_alone(batched):
     alone = []
@@ -87,6 +88,7 @@ def test_stacked_and_looped_members_train_as_each_would_alone(batched):
     assert not np.allclose(alone[0][0][0], alone[2][0][0], atol=1e-3)
 
 
+@pytest.mark.slow
 @PRODUCTS
 def test_stacked_members_of_several_methods_train_as_each_would_alone(batched):
     def members():  # KD cells in one loss group (not adjacent: gathered), a CE run in its own
@@ -129,6 +131,7 @@ def test_loss_groups_join_runs_of_one_stackable_method_and_signature():
     assert loss_groups(members) == [[0, 2], [1, 6], [3], [4], [5]]
 
 
+@pytest.mark.slow
 @PRODUCTS
 def test_a_stacked_xla_step_trains_like_the_plain_one(batched):
     plain, compiled = Stacked(kd_members(), batched=batched), Stacked(kd_members(), batched=batched)
@@ -180,6 +183,7 @@ def test_stacked_products_are_batched_exactly_when_a_gpu_is_visible():
     assert batched_products() is gpu and StackedDense([mlp(0), mlp(1)]).batched is gpu
 
 
+@pytest.mark.slow
 @PRODUCTS
 def test_fused_task1_students_match_their_lone_runs(batched):
     # The course's student, cells with alpha 0.8 (whose 1 - alpha rounds differently from a

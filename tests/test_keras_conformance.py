@@ -182,6 +182,7 @@ def test_keras_distiller_refuses_objects_that_are_not_models(keras_setup):
         keras.distillation.Distiller(keras_setup["teacher"], "not_a_model", keras_setup["loss"])
 
 
+@pytest.mark.slow
 def test_keras_distiller_several_method_losses_with_weights(keras_setup):
     """<- TestDistiller.test_multi_distillation_loss_functionality; the combined
     loss is also checked against its terms computed by hand."""
@@ -212,6 +213,7 @@ def test_keras_distiller_needs_one_weight_per_loss(keras_setup):
                                      distillation_loss_weights=[1.0], student_loss_weight=0.5)
 
 
+@pytest.mark.slow
 def test_keras_distiller_student_loss_weight_zero_and_one(keras_setup):
     """<- TestDistiller.test_student_loss_weighting; at 0 the student's loss is
     not computed (logged 0), at 1 the distillation loss is not."""
@@ -228,6 +230,7 @@ def test_keras_distiller_student_loss_weight_zero_and_one(keras_setup):
     assert history_1["distillation_loss"] == [0.0] and history_1["student_loss"][0] > 0
 
 
+@pytest.mark.slow
 def test_keras_distiller_full_training_workflow():
     """<- TestDistiller.test_full_training_workflow (the teacher is also checked unchanged)"""
     seeded(42)
@@ -344,6 +347,7 @@ def test_keras_distiller_kd_end_to_end(end_to_end):
     assert isinstance(distiller.student, keras.Model) and distiller.student is end_to_end["student"]
 
 
+@pytest.mark.slow
 def test_keras_distiller_rkd_on_named_layers_end_to_end(end_to_end):
     """<- TestEndToEndDistillation.test_feature_distillation_end_to_end, with RKD on
     the first Dense layers' outputs in place of an MSE FeatureDistillation."""
@@ -463,6 +467,7 @@ def test_distiller_student_loss_only_and_distillation_only(ours, alpha, zero_ter
     np.testing.assert_allclose(history["loss"][0], history[other_term][0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_distiller_full_training_workflow():
     """<- TestDistiller.test_full_training_workflow, subclassed models and validation_data"""
     seeded(42)
@@ -583,6 +588,7 @@ def test_distiller_at_on_named_conv_layers_end_to_end():
     assert history["at"][0] > 0
 
 
+@pytest.mark.slow
 def test_distiller_feature_method_on_subclassed_models():
     """Keras' subclassed `SimpleTeacher` / `SimpleStudent` with a feature method:
     the teacher's call returns {"logits", "embedding"}, the student's embedding
@@ -601,6 +607,7 @@ def test_distiller_feature_method_on_subclassed_models():
     assert distiller.predict(x[:4], verbose=0).shape == (4, CLASSES)
 
 
+@pytest.mark.slow
 def test_distiller_student_returning_a_dict_trains_with_metrics():
     seeded()
     x, y = arrays(40)

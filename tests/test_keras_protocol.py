@@ -54,6 +54,7 @@ def run_python(script, *args, cwd=ROOT, pythonpath=str(ROOT)):
 
 @pytest.mark.parametrize("method, options", [("kd", {"temperature": 3.0}), ("crd", {"negatives": 16, "dim": 8}),
                                              ("fitnets", {})])
+@pytest.mark.slow
 def test_save_and_load_model_keep_the_method_and_its_state(tmp_path, method, options):
     distiller = fitted(method, **options)
     distiller.save(tmp_path / "d.keras")
@@ -67,6 +68,7 @@ def test_save_and_load_model_keep_the_method_and_its_state(tmp_path, method, opt
     loaded.fit(x, y, epochs=1, batch_size=16, verbose=0)  # trains on, with its optimizer's state
 
 
+@pytest.mark.slow
 def test_get_config_round_trips():
     distiller = fitted("dkd", nckd_weight=4.0)
     config = distiller.get_config()
@@ -75,6 +77,7 @@ def test_get_config_round_trips():
     assert again.get_config()["options"] == config["options"] and again.seed == distiller.seed
 
 
+@pytest.mark.slow
 def test_model_checkpoint_whole_model_and_weights_only(tmp_path):
     x, y = data()
     teacher, student = models()
@@ -93,6 +96,7 @@ def test_model_checkpoint_whole_model_and_weights_only(tmp_path):
     np.testing.assert_array_equal(other.predict(x, verbose=0), distiller.predict(x, verbose=0))
 
 
+@pytest.mark.slow
 def test_predict_and_call_before_fit_are_harmless():
     x, y = data()
     teacher, student = models()
@@ -180,6 +184,7 @@ def test_a_method_that_cannot_be_split_across_replicas_is_one_line(method, why):
 
 # -- what fit takes ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_validation_split_one_hot_labels_and_tensorboard(tmp_path):
     x, y = data()
     teacher, student = models()
@@ -192,6 +197,7 @@ def test_validation_split_one_hot_labels_and_tensorboard(tmp_path):
     assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_a_py_dataset_and_a_streamed_dataset(tmp_path):
     x, y = data()
 
@@ -220,6 +226,7 @@ def counting_dataset(x, y, reads):
     return tf.data.Dataset.from_generator(examples, output_signature=spec).batch(16)
 
 
+@pytest.mark.slow
 def test_a_dataset_is_read_once_with_the_cache_and_each_epoch_without():
     x, y = data()
     for cache, expected in ((True, len(y)), (False, 3 * len(y))):  # (+ batches read ahead for shapes)
@@ -269,6 +276,7 @@ def test_what_fit_cannot_take_is_one_line(call, match):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_stateful_method_refuses_other_data():
     distiller = fitted("crd", negatives=16, dim=8)
     x, y = data()
@@ -289,6 +297,7 @@ def test_method_loss_takes_only_what_its_term_uses_and_names_python_arguments():
     assert again.options == loss.options and again.teacher_layer_name == "dense"
 
 
+@pytest.mark.slow
 def test_keras_distiller_holding_a_method_loss_saves_and_loads(tmp_path):
     x, y = data()
     teacher, student = models()
@@ -321,6 +330,7 @@ class Subclassed(keras.Model):
         return {"logits": logits, "embedding": embedding} if self.features else logits
 
 
+@pytest.mark.slow
 def test_subclassed_teacher_and_student_for_logits_and_through_a_dict_for_features():
     x, y = data()
     keras.utils.set_random_seed(0)

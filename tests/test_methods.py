@@ -198,6 +198,7 @@ def test_registry_lists_each_method_with_validated_options():
         methods.make_options("crd", {"tau": 0.0})
 
 
+@pytest.mark.slow
 def test_the_readme_walk_through_adds_a_method(tmp_path, synthetic_mnist):
     """README's "Adding a method": its file plus one word in MODULES, in a fresh copy of
     the project, gives a method that `--help` lists, `--only` trains and records, and

@@ -163,6 +163,7 @@ def test_cid_dictionary_is_the_references_running_mean_and_folds_once(batch):
     np.testing.assert_allclose(method.intervention.dictionary.numpy(), 0.25 * first + 0.75 * second, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cid_student_resumes_with_its_dictionary(tmp_path):
     """Stopped after epoch 2 of 3 and resumed in fresh objects, a CID run ends with the
     weights (head and dictionary included) of an uninterrupted one."""
@@ -181,6 +182,7 @@ def test_cid_student_resumes_with_its_dictionary(tmp_path):
     assert np.abs(resumed.get_layer("cid_intervention").dictionary.numpy()).sum() > 0
 
 
+@pytest.mark.slow
 def test_cid_through_the_keras_distiller_predicts_with_its_head():
     from common.distiller import Distiller
 
@@ -275,6 +277,7 @@ def test_sftn_student_distils_by_kd():
         methods.make_options("sftn", {"branch_temperature": 0.0})
 
 
+@pytest.mark.slow
 def test_sftn_teacher_resumes_with_its_branches(tmp_path):
     """Stopped after epoch 2 of 3 and resumed in fresh objects, the SFTN teacher and its
     branches (the method's extra layers, in the resume state) end as an uninterrupted run's."""

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from conftest import make_mhist, write_keras_weights
 
@@ -28,6 +29,7 @@ def run(command, tmp_path):
     return done
 
 
+@pytest.mark.slow
 def test_the_task1_quick_try_and_the_report(tmp_path, real_mnist_dir):
     commands = quick_commands()
     try_task1 = next(c for c in commands if "task1_mnist/run.py" in c and "--limit" in c)
@@ -41,6 +43,7 @@ def test_the_task1_quick_try_and_the_report(tmp_path, real_mnist_dir):
     assert "| KD student (T=4, alpha=0.5) |" in text and "data: mnist.npz (first 3000" in text
 
 
+@pytest.mark.slow
 def test_the_task2_quick_try(tmp_path):
     from task2_mhist import models
 

@@ -321,6 +321,7 @@ def test_crd_negatives_are_other_classes_never_the_anchor(negatives):
     assert memory.replace.any() == (negatives == 150)
 
 
+@pytest.mark.slow
 def test_crd_negatives_are_uniform_over_the_other_classes():
     labels = np.array([0] * 10 + [1] * 20 + [2] * 30)
     memory = crd.ContrastMemory(labels=labels, dim=4, temperature=0.07, negatives=12)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from common.results import ResultsStore, write_csv_atomic
 from reports.make_report import make_report
@@ -77,6 +78,7 @@ def fabricate(root):
     return accuracies
 
 
+@pytest.mark.slow
 def test_report_writes_every_figure_and_matching_numbers(tmp_path):
     accuracies = fabricate(tmp_path / "results")
     report = make_report(tmp_path / "results", tmp_path / "report")
@@ -217,6 +219,7 @@ def test_methods_and_deployment_tables(tmp_path):
     assert "ai-edge-litert 2.3.0" in deployment
 
 
+@pytest.mark.slow
 def test_damaged_files_are_named_and_skipped_and_the_report_still_renders(tmp_path, capsys):
     """One bad file of each kind: the report names each, leaves the folder as it is,
     still renders every figure the sound files make, and exits 0."""
@@ -263,6 +266,7 @@ def test_a_missing_or_empty_results_folder_is_an_error(tmp_path, capsys):
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_report_imports_neither_tensorflow_nor_keras(tmp_path):
     """The report reads results, not models: rendering one in a fresh interpreter (the
     registry's names read for the method filters) leaves TensorFlow and Keras unimported."""

@@ -39,6 +39,7 @@ def test_locks_wait_for_the_holder_and_die_with_it(tmp_path):
     assert locks.claim(tmp_path, "run") is not None
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_out_train_each_run_once(tmp_path, synthetic_mnist):
     command = [sys.executable, "task1_mnist/run.py", "--data-dir", str(mnist_file(tmp_path, synthetic_mnist)),
                "--out", str(tmp_path / "out"), "--only", "teacher,kd,scratch,dkd", "--seeds", "0,1",
@@ -56,6 +57,7 @@ def test_two_processes_on_one_out_train_each_run_once(tmp_path, synthetic_mnist)
     assert firsts == {"0", "1"}  # each process took a seed of its own first
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, synthetic_mnist, monkeypatch, capsys):
     """The disk 'fills up' once the first epoch's state is on disk: the second epoch's
     saves (its kept weights, then its state) fail with one line naming the file and

@@ -35,6 +35,7 @@ def test_the_transfer_set_loses_exactly_the_missing_class():
     assert kept["x"].tolist() == [0, 20, 40, 50]
 
 
+@pytest.mark.slow
 def test_missing_class_study_end_to_end(tmp_path, synthetic_mnist):
     config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "teacher,missing", "--missing-class", "3",
                                "--missing-teachers", "course,small", "--epochs", "2", "--batch-size", "64",
@@ -80,6 +81,7 @@ def test_missing_teachers_are_the_capacity_presets():
         cli.parse_config(["--missing-teachers", "small,huge"])
 
 
+@pytest.mark.slow
 def test_smoothed_teacher_study_end_to_end(tmp_path, synthetic_mnist):
     config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "smoothed", "--ls-epsilon", "0.2",
                                "--epochs", "2", "--batch-size", "64", "--validation", "64", "-q"])
@@ -96,6 +98,7 @@ def test_smoothed_teacher_study_end_to_end(tmp_path, synthetic_mnist):
     assert rows[3]["test_accuracy"] == student["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_the_report_shows_each_studys_table(tmp_path, synthetic_mnist):
     from reports.make_report import make_report
 
@@ -128,6 +131,7 @@ def test_transfer_subsets_take_the_first_of_each_class_in_order():
     np.testing.assert_allclose(de.soft_target_entropies(views, 1.0), [de.soft_target_entropies(logits, 1.0).mean()] * 2)
 
 
+@pytest.mark.slow
 def test_data_efficiency_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch):
     from task1_mnist.experiments import Task1
 
@@ -147,6 +151,7 @@ def test_data_efficiency_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch
     assert record["distilled_from"] == "teacher-s0"
 
 
+@pytest.mark.slow
 def test_ensemble_study_end_to_end(tmp_path, synthetic_mnist):
     from common.metrics import top1_agreement
     from common.studies.ensemble import mean_logits
@@ -179,6 +184,7 @@ def test_ensemble_study_end_to_end(tmp_path, synthetic_mnist):
         cli.parse_config(["--ensemble-seeds", "1"])
 
 
+@pytest.mark.slow
 def test_teacher_capacity_study_end_to_end(tmp_path, synthetic_mnist):
     from task1_mnist import models
 
@@ -240,6 +246,7 @@ def test_foreground_share_and_the_paired_test():
     assert ig.paired_comparison(np.ones(3), np.ones(3))["wilcoxon_p"] is None
 
 
+@pytest.mark.slow
 def test_attributions_study_end_to_end(tmp_path, synthetic_mnist):
     config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "attributions", "--attribution-images", "50",
                                "--epochs", "1", "--batch-size", "64", "--validation", "64", "-q"])
@@ -274,6 +281,7 @@ def test_noisy_labels_flip_exactly_the_share_to_other_classes():
     assert np.array_equal(noisy_labels(labels, 0.0, 10, seed=0), labels)
 
 
+@pytest.mark.slow
 def test_label_noise_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch):
     from task1_mnist.experiments import Task1
 
@@ -324,6 +332,7 @@ def test_noisy_images_add_clipped_gaussian_noise_of_the_given_std():
     assert np.array_equal(noisy_images(flat, 0.0, seed=0), flat)
 
 
+@pytest.mark.slow
 def test_image_noise_study_distils_from_the_teachers_outputs_on_the_noisy_images(tmp_path, synthetic_mnist, monkeypatch):
     from common.studies.training_noise import noisy_images
     from task1_mnist.experiments import Task1
@@ -372,6 +381,7 @@ def test_the_configs_studies_are_the_tasks():
     assert Task1Config().only == COURSE  # studies run only when named
 
 
+@pytest.mark.slow
 def test_epochs_to_reach_and_the_per_class_table(tmp_path, synthetic_mnist):
     from reports.make_report import make_report
     from reports.per_class import epochs_to_reach
@@ -404,6 +414,7 @@ def test_dynamics_occlusion_maps_are_the_explain_modules_per_class():
         np.testing.assert_allclose(found, explain.occlusion_map(softmax, image, label, 4, 2, 0.0), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_pearson_rows_match_numpy_and_the_dynamics_study_end_to_end(tmp_path, synthetic_mnist):
     from common.studies.explanation_dynamics import pearson_rows
 

@@ -22,6 +22,7 @@ def small_config(tmp_path, **overrides):
     return Task1Config(**settings)
 
 
+@pytest.mark.slow
 def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist):
     config = small_config(tmp_path)
     results = run_all(config, arrays=synthetic_mnist)[0]
@@ -103,6 +104,7 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
     assert not any("epoch 1/" in m for m in messages)
 
 
+@pytest.mark.slow
 def test_eskd_uses_the_checkpoint_of_the_requested_epoch(tmp_path, synthetic_mnist):
     config = small_config(tmp_path, epochs=3, teacher_epochs=(1,), only=("eskd",))
     task = Task1(config, arrays=synthetic_mnist)
@@ -119,6 +121,7 @@ def test_eskd_uses_the_checkpoint_of_the_requested_epoch(tmp_path, synthetic_mni
         task.checkpoint_model(name, 2)
 
 
+@pytest.mark.slow
 def test_chain_of_one_link_is_plain_kd(tmp_path, synthetic_mnist):
     from task1_mnist.models import build_student
 
@@ -140,6 +143,7 @@ def test_chain_of_one_link_is_plain_kd(tmp_path, synthetic_mnist):
     assert task.evaluate(student)["test_accuracy"] == record["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_seeds_give_mean_and_std(tmp_path, synthetic_mnist):
     config = small_config(tmp_path, seeds=(0, 1), only=("scratch",))
     run_all(config, arrays=synthetic_mnist)
@@ -151,6 +155,7 @@ def test_seeds_give_mean_and_std(tmp_path, synthetic_mnist):
     assert float(row["test_accuracy_std"]) == pytest.approx(np.std(accs, ddof=1), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_interrupted_grid_resumes_only_missing_cells(tmp_path, synthetic_mnist):
     config = small_config(tmp_path, temperatures=(2.0, 8.0), only=("grid",))
     Task1(config, arrays=synthetic_mnist).run()
@@ -169,6 +174,7 @@ def weights_of(path):
     return model.get_weights()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fuse_grid, form", [("on", "looped"), ("stacked", "stacked")])
 def test_a_fused_grid_trains_each_cell_as_it_would_alone(tmp_path, synthetic_mnist, fuse_grid, form):
     # Looped cells run alone's very ops; stacked ones on a CPU run alone's matrix products
@@ -207,6 +213,7 @@ def test_a_fused_grid_trains_each_cell_as_it_would_alone(tmp_path, synthetic_mni
     assert "kd-T4-a0.2-s0" in next(m for m in messages if "] training:" in m)
 
 
+@pytest.mark.slow
 def test_the_course_kd_run_trains_as_a_cell_of_the_fused_grid(tmp_path, synthetic_mnist):
     messages = []
     config = small_config(tmp_path, fuse_grid="on", temperatures=(1.0, 4.0), alphas=(0.2, 0.5), only=("kd", "grid"))
@@ -217,6 +224,7 @@ def test_the_course_kd_run_trains_as_a_cell_of_the_fused_grid(tmp_path, syntheti
     assert "kd-T4-a0.5-s0" in [c["run"] for c in outcome["grid"]["cells"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fuse_grid", ["on", "stacked"])
 def test_a_fused_grid_killed_mid_training_resumes(tmp_path, synthetic_mnist, fuse_grid):
     def killed_after_epoch_2(message):
@@ -238,6 +246,7 @@ def test_a_fused_grid_killed_mid_training_resumes(tmp_path, synthetic_mnist, fus
         assert [h.get("resumed", False) for h in resumed["history"]] == [True, True, False]
 
 
+@pytest.mark.slow
 def test_a_fused_grid_stopped_while_recording_records_the_rest_as_the_same_group(tmp_path, synthetic_mnist,
                                                                                 monkeypatch):
     """Killed after 2 of its 4 cells were recorded, the group is resumed as the group of
@@ -282,6 +291,7 @@ def test_a_fused_grid_stopped_while_recording_records_the_rest_as_the_same_group
     assert not list(out.glob("fused-*"))
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path, synthetic_mnist):
     def killed_after_epoch_2(message):
         if "[scratch-s0] epoch 2/3" in message:
@@ -308,6 +318,7 @@ def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path, synthet
     assert [t["finished"] for t in timings] == [False, True]  # the killed invocation is counted too
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(methods.REGISTRY))
 def test_each_method_killed_mid_run_resumes_with_its_extra_variables(method, tmp_path, synthetic_mnist):
     """Every registered method: killed after epoch 2 of 3, the rerun continues from the
@@ -340,6 +351,7 @@ def test_each_method_killed_mid_run_resumes_with_its_extra_variables(method, tmp
     assert resumed["test_accuracy"] == whole["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_export_measures_each_tflite_file_against_its_keras_model(tmp_path, synthetic_mnist):
     config = small_config(tmp_path, only=("teacher", "kd", "scratch", "dkd", "export"))
     rows = run_all(config, arrays=synthetic_mnist)[0]["export"]
@@ -381,6 +393,7 @@ def test_export_measures_each_tflite_file_against_its_keras_model(tmp_path, synt
     assert {r["latency_ms_median"] for r in again}.isdisjoint(r["latency_ms_median"] for r in rows)
 
 
+@pytest.mark.slow
 def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist, repeatable_gpu):
     records = []
     for folder in ("a", "b"):
@@ -390,6 +403,7 @@ def test_same_seed_repeats_a_run_exactly(tmp_path, synthetic_mnist, repeatable_g
     assert records[0]["test_accuracy"] == records[1]["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_recipe_matches_default(tmp_path, synthetic_mnist, repeatable_gpu):
     records = []
     for strategy in ("none", "mirrored"):
@@ -399,6 +413,7 @@ def test_mirrored_strategy_recipe_matches_default(tmp_path, synthetic_mnist, rep
     assert records[1]["history"][-1]["loss"] == pytest.approx(records[0]["history"][-1]["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fuse_grid", ["on", "stacked"])
 def test_a_fused_grid_under_a_mirrored_strategy_matches_default(tmp_path, synthetic_mnist, repeatable_gpu, fuse_grid):
     for strategy in ("none", "mirrored"):
@@ -412,6 +427,7 @@ def test_a_fused_grid_under_a_mirrored_strategy_matches_default(tmp_path, synthe
         assert records[1]["history"][-1]["loss"] == pytest.approx(records[0]["history"][-1]["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_real_mnist_slice_end_to_end(tmp_path, real_mnist_dir, capsys):
     status = cli.main(
         ["--data-dir", str(real_mnist_dir), "--out", str(tmp_path / "r"), "--limit", "1024", "--validation", "100",
@@ -562,6 +578,7 @@ def disturb_random_state(seed):
     np.random.default_rng(seed).random(seed % 7 + 1)
 
 
+@pytest.mark.slow
 def test_a_run_alone_equals_the_same_run_after_others(tmp_path, synthetic_mnist):
     disturb_random_state(123)
     alone = Task1(small_config(tmp_path / "alone", only=("scratch",)), arrays=synthetic_mnist).run()["scratch"]
@@ -601,6 +618,7 @@ def test_a_diverging_run_is_an_error_and_is_not_recorded(tmp_path, synthetic_mni
     assert cli.main(argv) == 2  # a rerun trains (and fails) again: nothing was marked finished
 
 
+@pytest.mark.slow
 def test_explanations_belong_to_the_runs_they_explain(tmp_path, synthetic_mnist):
     config = small_config(tmp_path, only=("occlusion",), explain_images=1)
     run_all(config, arrays=synthetic_mnist)

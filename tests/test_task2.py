@@ -38,6 +38,7 @@ def tiny_config(tmp_path, data_dir, **overrides):
     return Task2Config(**settings)
 
 
+@pytest.mark.slow
 def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_architectures):
     config = tiny_config(tmp_path, mhist_dir)
     results = run_all(config)[0]
@@ -105,6 +106,7 @@ def fe_head_weights(out):
     return model.get_layer("logits").get_weights()
 
 
+@pytest.mark.slow
 def test_feature_extraction_on_cached_features_equals_training_on_images(tmp_path, mhist_dir, tiny_architectures):
     """Same examples, views, dropout and updates: only the frozen base's work is saved."""
     settings = dict(phase="feature-extraction", only=("teacher",), fe_epochs=2)
@@ -118,6 +120,7 @@ def test_feature_extraction_on_cached_features_equals_training_on_images(tmp_pat
     assert not (tmp_path / "direct" / "out" / "cache").exists()
 
 
+@pytest.mark.slow
 def test_students_from_one_base_share_its_features(tmp_path, mhist_dir, tiny_architectures):
     messages = []
     config = tiny_config(tmp_path, mhist_dir, phase="feature-extraction", only=("kd", "scratch"), feature_cache="on")
@@ -128,6 +131,7 @@ def test_students_from_one_base_share_its_features(tmp_path, mhist_dir, tiny_arc
     assert (auto(fe_epochs=1), auto(fe_epochs=8), auto(fe_epochs=1, augment=False)) == (False, True, True)
 
 
+@pytest.mark.slow
 def test_feature_extraction_phase_only_then_finetune_resumes(tmp_path, mhist_dir):
     config = tiny_config(tmp_path, mhist_dir, phase="feature-extraction", only=("teacher",))
     run_all(config)
@@ -147,6 +151,7 @@ def test_cli_errors(tmp_path, mhist_dir, capsys):
     assert "alpha" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_alone_equals_the_same_run_after_others(tmp_path, mhist_dir, tiny_architectures):
     from tests.test_task1 import disturb_random_state
 
@@ -158,6 +163,7 @@ def test_a_run_alone_equals_the_same_run_after_others(tmp_path, mhist_dir, tiny_
     assert (alone["test_auc"], alone["test_accuracy"]) == (after["test_auc"], after["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_every_experiment_end_to_end_with_a_pretrained_weights_folder(tmp_path, mhist_dir, tiny_architectures):
     """The default path: pretrained bases (here a --weights folder of Keras-named files
     with random values), every experiment in one invocation, then a report."""
@@ -186,6 +192,7 @@ def test_every_experiment_end_to_end_with_a_pretrained_weights_folder(tmp_path, 
     assert "epochs feature-extraction 1, finetune 1" in text and "image px 32" in text
 
 
+@pytest.mark.slow
 def test_cli_with_a_real_mobilenetv2_weights_folder(tmp_path, mhist_dir, capsys):
     """The issue's command: a real MobileNetV2 no-top file, `--only scratch`, finishes."""
     from tests.conftest import write_keras_weights
@@ -198,6 +205,7 @@ def test_cli_with_a_real_mobilenetv2_weights_folder(tmp_path, mhist_dir, capsys)
     assert record["params"] == models.build(models.STUDENT, "none", 32).count_params() and record["flops"] > 0
 
 
+@pytest.mark.slow
 def test_only_the_last_few_trained_models_stay_in_memory(tmp_path, mhist_dir, tiny_architectures):
     task = Task2(tiny_config(tmp_path, mhist_dir, only=("teacher", "kd", "scratch", "lime")))
     task.run()
@@ -227,6 +235,7 @@ def test_two_builds_of_a_model_share_compiled_steps(tmp_path, tiny_architectures
     assert structure(first) != structure(models.build(models.STUDENT, weights, 32, num_outputs=4))
 
 
+@pytest.mark.slow
 def test_data_efficiency_streams_the_chosen_examples(tmp_path, mhist_dir, tiny_architectures, monkeypatch):
     """Task 2's transfer subsets: each run streams N examples of each class, repeated to
     the training set's size, through both phases (feature extraction on cached
@@ -261,6 +270,7 @@ def test_data_efficiency_streams_the_chosen_examples(tmp_path, mhist_dir, tiny_a
     assert record["distilled_from"] == "teacher-ft-s0" and rows[1]["test_auc"] == record["test_auc"]
 
 
+@pytest.mark.slow
 def test_the_studies_that_apply_run_end_to_end(tmp_path, mhist_dir, tiny_architectures):
     """KD from a label-smoothed teacher, from an ensemble of two seeds' teachers and
     from a DenseNet121 teacher, each through both phases (`docs/studies.md`)."""

@@ -189,6 +189,7 @@ def test_feature_stream_shows_the_same_examples_and_views_as_the_image_stream(mh
         mhist.dataset(splits["train"], 32, 8, augment=True, features=features[:, :1])
 
 
+@pytest.mark.slow
 def test_split_at_base_composes_to_the_model():
     model = models.build("mobilenetv2", "none", 32)
     features, head = models.split_at_base(model)
@@ -202,6 +203,7 @@ def test_split_at_base_composes_to_the_model():
     assert models.weights_fingerprint(model) != before  # the head is the model's own layer
 
 
+@pytest.mark.slow
 def test_phase_switch_freezes_and_unfreezes():
     model = models.build("mobilenetv2", "none", 32)
     models.set_base_trainable(model, False)
@@ -210,6 +212,7 @@ def test_phase_switch_freezes_and_unfreezes():
     assert len(model.trainable_variables) == 2 + len(models.base_of(model).trainable_variables) > 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pretrained", [True, False])
 def test_batchnorm_statistics_fine_tune_only_without_pretrained_weights(tmp_path, pretrained):
     weights = "none"
@@ -232,6 +235,7 @@ def test_batchnorm_statistics_fine_tune_only_without_pretrained_weights(tmp_path
     assert statistics_change() is not pretrained
 
 
+@pytest.mark.slow
 def test_weights_from_a_saved_file(tmp_path):
     source = models.build("mobilenetv2", "none", 32)
     path = tmp_path / "base.weights.h5"
@@ -270,6 +274,7 @@ def test_imagenet_download_failure_names_the_way_out(monkeypatch):
     assert keras  # the real constructor is restored by monkeypatch
 
 
+@pytest.mark.slow
 def test_weights_of_another_architecture_are_a_short_error(tmp_path, capsys):
     path = tmp_path / "resnet.weights.h5"
     models.base_of(models.build(models.TEACHER, "none", 32)).save_weights(path)

@@ -248,6 +248,7 @@ def test_several_steps_per_call_give_the_same_updates(steps_per_call):
     assert [h["loss"] for h in several_history] == [h["loss"] for h in single_history]
 
 
+@pytest.mark.slow
 def test_an_xla_compiled_step_trains_like_the_plain_one():
     arrays = blobs(120)  # 3 full batches and a partial one, which takes the step without XLA
 
@@ -261,6 +262,7 @@ def test_an_xla_compiled_step_trains_like_the_plain_one():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_trains_and_resumes(precision, tmp_path):
     """16-bit compute, float32 variables and losses; float16 scales its loss (Keras'
@@ -338,6 +340,7 @@ def test_xla_flag_is_added_unless_the_user_set_it(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=2 --xla_gpu_enable_triton_gemm=false"
 
 
+@pytest.mark.slow
 def test_runs_sharing_a_workspace_train_as_alone():
     # Three KD students (different seeds, T and alpha; a Dropout layer's RNG state and
     # an odd last batch included) trained one after another in one workspace get the
@@ -377,6 +380,7 @@ def test_runs_sharing_a_workspace_train_as_alone():
     assert shared[0][0].variables[0] is not shared[1][0].variables[0]  # each run keeps its own model
 
 
+@pytest.mark.slow
 def test_workspace_is_not_shared_across_structures_or_unsigned_methods():
     from common.workspaces import structure
 
@@ -395,6 +399,7 @@ def test_workspace_is_not_shared_across_structures_or_unsigned_methods():
     assert structure(tiny_model(0)) != structure(wide)
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_a_workspace_resumes_without_one(tmp_path):
     # The resume state is keyed by each variable's place in the model, so a run begun
     # with shared steps continues under --no-share-steps (and the other way round).
