@@ -8,7 +8,7 @@ trainable (the fine-tuning phase), cross-entropy, Adam, at `--batch-size` and
 
 - `anchor`: one compiled train step on a single batch that stays on the device,
   repeated: what the hardware does for this model with no input pipeline at all;
-- `toolkit`: `common.training.fit` on Task 2's pipeline (uint8 images decoded once,
+- `toolkit`: `kdtoolkit.training.fit` on Task 2's pipeline (uint8 images decoded once,
   turned into random dihedral views on the device);
 - `keras_fit`: `Model.compile` + `Model.fit` on the same batches, what a user would
   write;
@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import cli  # noqa: E402
+from kdtoolkit import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
@@ -52,10 +52,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import roofline  # noqa: E402  (bench/, beside this file)
-from common import config as cfg  # noqa: E402
-from common import device, methods, runs, training  # noqa: E402
-from common.data import validation_count  # noqa: E402
-from common.results import write_json_atomic  # noqa: E402
+from kdtoolkit import config as cfg  # noqa: E402
+from kdtoolkit import device, methods, runs, training  # noqa: E402
+from kdtoolkit.data import validation_count  # noqa: E402
+from kdtoolkit.results import write_json_atomic  # noqa: E402
 from task2_mhist import data as mhist  # noqa: E402
 from task2_mhist import models  # noqa: E402
 from task2_mhist.config import Task2Config  # noqa: E402

@@ -3,9 +3,9 @@
 Three ways to train the same MLP student from the same CNN teacher on the same
 data, in one process, at the same T, alpha, batch size, optimizer and epochs:
 
-- `toolkit`: `common.training.fit` with the teacher's logits computed once
+- `toolkit`: `kdtoolkit.training.fit` with the teacher's logits computed once
   (the precomputation is included in the timing);
-- `library`: the toolkit's own `common.distiller.Distiller` + `compile` + `fit`
+- `library`: the toolkit's own `kdtoolkit.distiller.Distiller` + `compile` + `fit`
   (Keras' loop over the toolkit's step, teacher logits cached once, included);
 - `keras_distiller`: `keras.distillation.Distiller` + `compile` + `fit`, which runs
   the teacher on every step;
@@ -15,7 +15,7 @@ data, in one process, at the same T, alpha, batch size, optimizer and epochs:
 The toolkit also runs with several steps per compiled call and with an XLA-compiled
 step (`--steps-per-call`, `--jit on` of the task commands). Then the T x alpha
 grid (scaled down: `--grid-cells` cells of `--epochs` epochs): the toolkit cell by
-cell, the toolkit with the cells fused in one step in both forms of `common.fused`
+cell, the toolkit with the cells fused in one step in both forms of `kdtoolkit.fused`
 (looped: one model per cell, `--fuse-grid on`; stacked: the cells' weights stacked,
 `--fuse-grid stacked`), and Distiller. Writes `bench/results/kd_mnist.json`
 and prints a table.
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import cli  # noqa: E402
+from kdtoolkit import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
@@ -39,11 +39,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from common import data as common_data  # noqa: E402
-from common import device, losses, methods, runs, training  # noqa: E402
-from common.distiller import Distiller  # noqa: E402
-from common.fused import Fused, Stacked  # noqa: E402
-from common.results import write_json_atomic  # noqa: E402
+from kdtoolkit import data as common_data  # noqa: E402
+from kdtoolkit import device, losses, methods, runs, training  # noqa: E402
+from kdtoolkit.distiller import Distiller  # noqa: E402
+from kdtoolkit.fused import Fused, Stacked  # noqa: E402
+from kdtoolkit.results import write_json_atomic  # noqa: E402
 from task1_mnist import data as mnist  # noqa: E402
 from task1_mnist.models import build_student, build_teacher  # noqa: E402
 
@@ -98,7 +98,7 @@ def main(argv=None):
         return time.perf_counter() - start, student
 
     def toolkit_fused(cells, epochs, logits, form):
-        """The cells' students in one compiled step (`common.fused`; `form` is `Fused`
+        """The cells' students in one compiled step (`kdtoolkit.fused`; `form` is `Fused`
         or `Stacked`); returns (students, seconds of the first epoch, which traces the
         step, and of the last)."""
         students = []
@@ -166,7 +166,7 @@ def main(argv=None):
         seconds, student = toolkit(t, alpha, epochs, **options)
         rows.append(row(label, seconds, epochs * n, test_accuracy(student)))
     seconds, student = library(t, alpha, epochs)
-    rows.append(row("common.distiller.Distiller.fit (cached teacher logits)", seconds, epochs * n,
+    rows.append(row("kdtoolkit.distiller.Distiller.fit (cached teacher logits)", seconds, epochs * n,
                     test_accuracy(student)))
     seconds, student = keras_distiller(t, alpha, epochs)
     rows.append(row("keras.distillation.Distiller.fit", seconds, epochs * n, test_accuracy(student)))
@@ -202,7 +202,7 @@ def main(argv=None):
         "kd_student": rows,
         "speedup_vs_distiller": by["toolkit"]["images_per_s"] / by["keras.distillation.Distiller.fit"]["images_per_s"],
         "speedup_vs_eager": by["toolkit"]["images_per_s"] / by["plain"]["images_per_s"],
-        "library_speedup_vs_distiller": (by["common.distiller.Distiller.fit"]["images_per_s"]
+        "library_speedup_vs_distiller": (by["kdtoolkit.distiller.Distiller.fit"]["images_per_s"]
                                          / by["keras.distillation.Distiller.fit"]["images_per_s"]),
         "grid": {
             "toolkit_seconds": grid_ours_s, "distiller_seconds": grid_keras_s, "speedup": grid_keras_s / grid_ours_s,
@@ -235,7 +235,7 @@ def library_against_loop(args, toolkit, library, test_accuracy, t, alpha, epochs
             print(f"round {round_ + 1}: {name} {seconds:.1f} s", flush=True)
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {
-        "benchmark": "KD student on MNIST: common.distiller.Distiller.fit against common.training.fit",
+        "benchmark": "KD student on MNIST: kdtoolkit.distiller.Distiller.fit against kdtoolkit.training.fit",
         "command": "python bench/bench_kd.py " + " ".join(sys.argv[1:]),
         "settings": {"temperature": t, "alpha": alpha, "epochs": epochs, "batch_size": 256, "train_images": n},
         "environment": runs.environment(),

@@ -8,7 +8,7 @@ one process, at one image size:
   once per image and view; that computation is timed separately), giving the
   break-even epoch count;
 - a fine-tuning KD epoch of the MobileNetV2 student: teacher logits cached once per
-  image and view (`common.training.fit` with `"teacher_logits"` in the batches) vs a
+  image and view (`kdtoolkit.training.fit` with `"teacher_logits"` in the batches) vs a
   live teacher on every step (what `keras.distillation.Distiller` does).
 
 Epoch seconds are steady-state (the first epoch, which traces the step, is left
@@ -29,15 +29,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import cli  # noqa: E402
+from kdtoolkit import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
 import keras  # noqa: E402
 
-from common import methods, runs, training  # noqa: E402
+from kdtoolkit import methods, runs, training  # noqa: E402
 from bench.run_times import later_epochs  # noqa: E402
-from common.results import write_json_atomic  # noqa: E402
+from kdtoolkit.results import write_json_atomic  # noqa: E402
 from task2_mhist import models  # noqa: E402
 from task2_mhist import data as mhist  # noqa: E402
 from task2_mhist.config import Task2Config  # noqa: E402

@@ -7,9 +7,9 @@ warm-up), each stage containing the one before:
 
 - `forward`: the method's loss terms (the model's forward pass and the loss);
 - `gradients`: + the backward pass (`tf.GradientTape.gradient`);
-- `step`: + Adam's update: `common.training.descend`, the toolkit's step;
+- `step`: + Adam's update: `kdtoolkit.training.descend`, the toolkit's step;
 - `step (XLA)`: the same step XLA-compiled;
-- `fit`: the toolkit's whole loop per step (`common.training.fit` over a
+- `fit`: the toolkit's whole loop per step (`kdtoolkit.training.fit` over a
   `tf.data` pipeline of 32 batches, its metrics and per-call Python), the last
   of 3 epochs.
 
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import cli  # noqa: E402
+from kdtoolkit import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
@@ -43,9 +43,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from common import data as common_data  # noqa: E402
-from common import device, methods, runs, training  # noqa: E402
-from common.results import write_json_atomic  # noqa: E402
+from kdtoolkit import data as common_data  # noqa: E402
+from kdtoolkit import device, methods, runs, training  # noqa: E402
+from kdtoolkit.results import write_json_atomic  # noqa: E402
 from task1_mnist.models import build_student, build_teacher  # noqa: E402
 
 BATCH = 256

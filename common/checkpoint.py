@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.results import ensure_space, npz_problem, state_check, write_arrays_atomic
+from kdtoolkit.results import ensure_space, npz_problem, state_check, write_arrays_atomic
 
 
 def _sublayers(layer):
@@ -116,7 +116,7 @@ class EpochCheckpoint:
     def save(self, history):
         """Copies the state to host memory now and writes it in a background thread, so
         training goes on while the file is written; a write waits for the previous
-        one, and `wait` for the last (`common.training.fit` calls it before it returns
+        one, and `wait` for the last (`kdtoolkit.training.fit` calls it before it returns
         or raises, so an interrupted run keeps every epoch it reported)."""
         arrays = {f"var:{key}": np.array(v) for key, v in self.variables.items()}  # copies: training goes on
         arrays["history"] = np.array(json.dumps(history))

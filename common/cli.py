@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from common.errors import UserError
+from kdtoolkit.errors import UserError
 
 
 def import_tensorflow_quietly():
@@ -96,7 +96,7 @@ def add_shared_arguments(parser, defaults, experiments):
 
 def add_method_arguments(parser, defaults):
     """`--chain-method` and every registered method's options, `--<method>-<option>`."""
-    from common import methods
+    from kdtoolkit import methods
 
     group = parser.add_argument_group(
         "distillation methods", "each registered method is an experiment (--only NAME): "
@@ -236,7 +236,7 @@ def run_task(config, title, experiments):
 
     log = logger(config.quiet)
     log(f"{title} config:\n" + config.describe())
-    from common.results import ResultsStore
+    from kdtoolkit.results import ResultsStore
 
     importlib.import_module(experiments).run_all(config, log=log)
     print(summary_table(ResultsStore(config.out)))

@@ -5,7 +5,7 @@ import json
 import math
 from typing import ClassVar, Optional
 
-from common.errors import ConfigError
+from kdtoolkit.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ class SharedConfig(BaseConfig):
         raise NotImplementedError
 
     def __post_init__(self):
-        from common.distribute import STRATEGIES
+        from kdtoolkit.distribute import STRATEGIES
 
         validate_shared(self, self.experiments, STRATEGIES, self.input_size())
 
@@ -114,7 +114,7 @@ def check_precision_range(temperatures=(), alphas=()):
     `losses.weight_problem`: bounds derived from float32's range, not picked).
     `temperatures`, `alphas`: `{flag: values}`; values that are not numbers are left
     to the other checks."""
-    from common import losses
+    from kdtoolkit import losses
 
     problems = [losses.temperature_problem(float(v), flag) for flag, values in dict(temperatures).items()
                 for v in values if _real(v) and v > 0]
@@ -144,7 +144,7 @@ def validate_shared(config, experiments, strategies, image_size):
         raise ConfigError(f"--occlusion-patch {config.occlusion_patch} is larger than the {image_size}-pixel images")
     if not config.temperatures:
         raise ConfigError("--temperatures must list at least one value")
-    from common import losses, methods
+    from kdtoolkit import losses, methods
 
     shared = {"temperature": config.temperature, "alpha": config.alpha}
     try:
@@ -165,7 +165,7 @@ def validate_shared(config, experiments, strategies, image_size):
     if not config.per_class or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in config.per_class):
         raise ConfigError(f"--per-class must list counts >= 1, got {config.per_class!r}")
     choices("distribute", (config.distribute,), strategies, "--distribute")
-    from common import device
+    from kdtoolkit import device
 
     choices("precision", (config.precision,), device.PRECISION_CHOICES, "--precision")
     choices("jit", (config.jit,), device.JIT, "--jit")

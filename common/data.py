@@ -6,8 +6,8 @@ import hashlib
 import numpy as np
 import tensorflow as tf
 
-from common.errors import DataError
-from common.training import compiled_predictor, predict
+from kdtoolkit.errors import DataError
+from kdtoolkit.training import compiled_predictor, predict
 
 
 def _example(mask):

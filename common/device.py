@@ -10,7 +10,7 @@
   exact float32, as a CPU computes.
 - `precision`: Keras' global dtype policy, `float32` or mixed (`mixed_bfloat16`,
   `mixed_float16`: layers compute in 16 bits and keep float32 variables; losses
-  and softmax are computed in float32 in `common.losses`, and float16 training
+  and softmax are computed in float32 in `kdtoolkit.losses`, and float16 training
   scales its loss, see `optimizer`), or `auto`: bfloat16 where the device computes
   it natively (`resolve_precision`). Models built afterwards use it.
 - `jit` (`use_jit`): XLA compilation of the training step: `on`, `off`, or `auto`

@@ -9,7 +9,7 @@ any registered method, through `compile` / `fit` / `evaluate` / `predict`.
 `Distiller` is a `keras.Model`: it saves and loads (`save`, `keras.models.load_model`,
 `ModelCheckpoint`), resumes (`BackupAndRestore`, bit for bit), and trains under a
 `tf.distribute` strategy. `fit` takes what Keras' `fit` takes for data (see
-`common.fit_data`): arrays with class indices or one-hot labels, a
+`kdtoolkit.fit_data`): arrays with class indices or one-hot labels, a
 `tf.data.Dataset` of `(x, y)` batches, a `keras.utils.PyDataset`,
 `validation_split`. Before training the frozen teacher runs once per training
 example and what the method reads of it (logits, an embedding, attention maps) is
@@ -20,7 +20,7 @@ instead (a dataset's augmentations are then fresh each epoch).
 Each training step is one `tf.GradientTape` step over the method's loss terms
 (`Method.loss_terms`), the same terms the course tasks minimise; `fit`'s logs
 hold each term, the loss and the compiled metrics on the student's logits.
-Feature layers are resolved and checked by `common.features` (the penultimate
+Feature layers are resolved and checked by `kdtoolkit.features` (the penultimate
 `"embedding"`, the last `"spatial"` map with height and width above 1); name
 others with `teacher_features` / `student_features`.
 """
@@ -31,9 +31,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import deployed, features, fit_data, methods, training
-from common.errors import ConfigError
-from common.method_loss import MethodLoss  # noqa: F401  (re-exported: the library's two entry points)
+from kdtoolkit import deployed, features, fit_data, methods, training
+from kdtoolkit.errors import ConfigError
+from kdtoolkit.method_loss import MethodLoss  # noqa: F401  (re-exported: the library's two entry points)
 
 PACKAGE = "kd_toolkit"  # the package name of the toolkit's Keras serializables
 
@@ -59,14 +59,14 @@ class Distiller(keras.Model):
     Args:
       teacher, student: Keras models returning `(batch, classes)` logits:
         functional, Sequential or subclassed. A teacher ending in a softmax is
-        read through its logits (`common.features.logits_tensor`, said in one
+        read through its logits (`kdtoolkit.features.logits_tensor`, said in one
         line); a student must return logits.
-      method: a registered method's name (`common.methods.REGISTRY`: "kd", "dkd",
+      method: a registered method's name (`kdtoolkit.methods.REGISTRY`: "kd", "dkd",
         "fitnets", "at", "rkd", "crd", ...).
       teacher_features, student_features: `{output name: layer name or index}`
         for the feature layers the method reads, or (any model) a callable
         `fn(x, training=False) -> {"logits": ..., "embedding": ...}`; defaults:
-        `common.features`.
+        `kdtoolkit.features`.
       cache_teacher: compute the teacher's targets once per example before
         training (default) or run the teacher on every batch.
       seed: the seed of the per-epoch example order (default: drawn from NumPy's
@@ -78,7 +78,7 @@ class Distiller(keras.Model):
 
     Call it (or `predict`) for the student's logits; `evaluate` scores the student.
     `student` is the trained student; for a method with a prediction head (CID) it is
-    the given student with that head (`common.deployed.with_head`), which predicts
+    the given student with that head (`kdtoolkit.deployed.with_head`), which predicts
     through it; `export_student()` gives it as plain Keras layers.
     """
 
@@ -90,7 +90,7 @@ class Distiller(keras.Model):
         self.cls = methods.get(method)
         if self.cls.teacher_objective is not None:
             raise ConfigError(f"{method} trains its own teacher before distilling: train `teacher` with "
-                              f"common.training.fit({self.cls.teacher_objective.__name__}(teacher, cuts, branches, "
+                              f"kdtoolkit.training.fit({self.cls.teacher_objective.__name__}(teacher, cuts, branches, "
                               "options), ...) (docs/methods.md), then pass it here with method='kd'")
         self.options = method_options(method, options)
         self.method_name, self.named = method, {"teacher": teacher_features, "student": student_features}
@@ -341,7 +341,7 @@ class Distiller(keras.Model):
         return [*self.term_trackers, self.loss_tracker, *(m for m in super().metrics if m.name != "loss")]
 
     def train_step(self, batch):
-        """The toolkit's training step (`common.training.descend`), under Keras' `fit`."""
+        """The toolkit's training step (`kdtoolkit.training.descend`), under Keras' `fit`."""
         terms, loss, logits, _ = training.descend(self.method, self.optimizer, batch, self.method.trainable_variables)
         for tracker, value in zip(self.term_trackers, terms.values()):
             tracker.update_state(value)

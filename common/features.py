@@ -70,7 +70,7 @@ import difflib
 import keras
 import numpy as np
 
-from common.errors import ConfigError
+from kdtoolkit.errors import ConfigError
 
 FEATURES = ("logits", "embedding", "spatial", "hint")
 PASS_THROUGH = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.GaussianNoise,

@@ -1,4 +1,4 @@
-"""What `common.distiller.Distiller.fit` takes, turned into the batches its step trains on.
+"""What `kdtoolkit.distiller.Distiller.fit` takes, turned into the batches its step trains on.
 
 A user gives `fit` what Keras' `fit` takes: arrays (or tensors, or a dict of
 them for a model with named inputs) with labels, a `tf.data.Dataset` of
@@ -27,8 +27,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.data import check_labels, untuned
-from common.errors import ConfigError, DataError
+from kdtoolkit.data import check_labels, untuned
+from kdtoolkit.errors import ConfigError, DataError
 
 SHUFFLE_BYTES = 256 * 2**20  # the window a streamed (disk-cached) dataset is shuffled within
 

@@ -1,4 +1,4 @@
-"""Several runs of one seed trained together in one compiled step (`common.fused`),
+"""Several runs of one seed trained together in one compiled step (`kdtoolkit.fused`),
 each recorded as the run it would be alone: Task 1's fused grid.
 """
 
@@ -8,16 +8,16 @@ import time
 
 import keras
 
-from common import device, locks, runs, training
-from common.fused import fuse
-from common.results import identity_hash, read_json, write_json_atomic
+from kdtoolkit import device, locks, runs, training
+from kdtoolkit.fused import fuse
+from kdtoolkit.results import identity_hash, read_json, write_json_atomic
 
 
 def distil_fused(task, students, parent, stack=False, **fit_options):
     """Distils the unfinished of `students`, `[(spec, build, factory)]` as
     `Recipes.distil` takes them, all from `parent()`, together (`task`: the
-    `common.recipes.Recipes` of one seed): one compiled step per
-    batch trains them all (`common.fused.fuse`; with `stack`, their weights
+    `kdtoolkit.recipes.Recipes` of one seed): one compiled step per
+    batch trains them all (`kdtoolkit.fused.fuse`; with `stack`, their weights
     stacked when the architecture allows). Each starts from the weights
     and sees the batches it would alone (its seed is set before it is built, the
     shuffle is the seed's), so each is recorded as the run `distil` would

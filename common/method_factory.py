@@ -2,13 +2,13 @@
 
 import dataclasses
 
-from common import deployed
+from kdtoolkit import deployed
 
 
 class MethodFactory:
     """A registered method class `cls` (or `make(model, context)`) with its `settings`
     (its `Options` as a dict: the run's identity part). `context(model, features)`
-    gives the task's `common.methods.Context` for `model` (with its feature model
+    gives the task's `kdtoolkit.methods.Context` for `model` (with its feature model
     when `features`). Its extra layers are built for the teacher's target shapes,
     `teacher_shapes`, set once the targets are computed
     (`TargetCache.for_factories`), which also sets `parent_name`: the run it
@@ -25,7 +25,7 @@ class MethodFactory:
 
     def deployable(self, build):
         """`build` (`() -> student`), or, for a method with a prediction head (CID),
-        `() -> the student with that head` (`common.deployed.with_head`)."""
+        `() -> the student with that head` (`kdtoolkit.deployed.with_head`)."""
         if self.make is not None or self.cls.prediction_head(self.options(), 1) is None:
             return build
 

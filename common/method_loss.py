@@ -14,41 +14,33 @@ is Keras' `student_loss_weight` and not an option here), `at` (feature maps) and
 import keras
 import tensorflow as tf
 
-from common import losses, methods
-from common.errors import ConfigError
-from common.methods import at as at_method
-from common.methods import rkd as rkd_method
+from kdtoolkit import methods
+from kdtoolkit.errors import ConfigError
 
 PACKAGE = "kd_toolkit"
 
 
-def kd_term(options, teacher, student):
-    return losses.distillation_loss(teacher, student, options.temperature)
+def label_free_term(method):
+    """The `LabelFreeTerm` that registered `method` declares itself (not inherited: SFTN
+    is KD from a teacher it trains), or None."""
+    return vars(methods.REGISTRY[method]).get("label_free_term") if method in methods.REGISTRY else None
 
 
-def at_term(options, teacher, student):
-    return options.weight * at_method.feature_map_loss(teacher, student)
-
-
-def rkd_term(options, teacher, student):
-    distance, angle = rkd_method.rkd_losses(teacher, student)
-    return options.distance_weight * distance + options.angle_weight * angle
-
-
-TERMS = {"kd": (kd_term, ("temperature",)), "at": (at_term, ("weight",)),
-         "rkd": (rkd_term, ("distance_weight", "angle_weight"))}  # method: (term, the options it uses)
+def label_free_methods():
+    """The registered methods that declare a `label_free_term` (kd, at, rkd)."""
+    return tuple(name for name in methods.REGISTRY if label_free_term(name) is not None)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class MethodLoss(keras.distillation.DistillationLoss):
     """Registered `method`'s label-free distillation term (see the module docstring);
-    options by name as `common.distiller.Distiller` takes them, checked."""
+    options by name as `kdtoolkit.distiller.Distiller` takes them, checked."""
 
     def __init__(self, method="kd", teacher_layer_name=None, student_layer_name=None, **options):
-        if method not in TERMS:
+        if method not in label_free_methods():
             raise ConfigError(f"{method!r} needs labels or trained layers that keras.distillation does not give a "
-                              f"loss; use common.distiller.Distiller, or one of {', '.join(TERMS)}")
-        term, uses = TERMS[method]
+                              f"loss; use kdtoolkit.distiller.Distiller, or one of {', '.join(label_free_methods())}")
+        term, uses = label_free_term(method).function, label_free_term(method).options
         unused = sorted(set(options) - set(uses))
         if unused:
             raise ConfigError(f"MethodLoss({method!r}) takes {', '.join(uses)}, not {', '.join(unused)}"
@@ -72,7 +64,7 @@ class MethodLoss(keras.distillation.DistillationLoss):
         return self.term(self.options, tf.stop_gradient(teacher_outputs), student_outputs)
 
     def get_config(self):
-        used = TERMS[self.method][1]
+        used = label_free_term(self.method).options
         return {"method": self.method, "teacher_layer_name": self.teacher_layer_name,
                 "student_layer_name": self.student_layer_name,
                 **{k: v for k, v in methods.options_dict(self.options).items() if k in used}}

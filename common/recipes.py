@@ -1,7 +1,7 @@
 """The course's experiments on any task: recorded runs, distillation and chains.
 
 A task subclasses `Recipes` and defines the members of
-`common.task_interface.TaskInterface` (its data, models, metrics and schedule).
+`kdtoolkit.task_interface.TaskInterface` (its data, models, metrics and schedule).
 `Recipes` composes the parts that do the work: a `ResultsStore` (records), a
 `ModelCache` (trained models), a `TargetCache` (frozen teachers' outputs), the
 shared compiled steps (`Workspaces`), and names each run by a `RunSpec`.
@@ -11,17 +11,17 @@ import dataclasses
 
 import keras
 
-from common import deployed, device, evaluation, methods, runs, sessions, training
-from common.distribute import make_strategy, results_root
-from common.errors import ConfigError, DataError
-from common.explanations import explain_seed
-from common.method_factory import MethodFactory
-from common.model_cache import ModelCache
-from common.results import ResultsStore
-from common.run_spec import RunSpec, method_stem, run_name, run_tag
-from common.task_interface import TaskInterface
-from common.teacher_targets import TargetCache
-from common.workspaces import Workspaces
+from kdtoolkit import deployed, device, evaluation, methods, runs, sessions, training
+from kdtoolkit.distribute import make_strategy, results_root
+from kdtoolkit.errors import ConfigError, DataError
+from kdtoolkit.explanations import explain_seed
+from kdtoolkit.method_factory import MethodFactory
+from kdtoolkit.model_cache import ModelCache
+from kdtoolkit.results import ResultsStore
+from kdtoolkit.run_spec import RunSpec, method_stem, run_name, run_tag
+from kdtoolkit.task_interface import TaskInterface
+from kdtoolkit.teacher_targets import TargetCache
+from kdtoolkit.workspaces import Workspaces
 
 
 def deployable(make_method, build):
@@ -51,15 +51,15 @@ class Recipes(TaskInterface):
         self.store = ResultsStore(results_root(config.out, self.strategy))
         self.models = ModelCache(self.kept_models, self.build_in_scope, self.store.weights_path)
         self.targets = TargetCache(self.compute_targets, self.feature_model, self.per_view)
-        self.workspaces = Workspaces()  # `common.sessions.run_all` shares one across seeds
+        self.workspaces = Workspaces()  # `kdtoolkit.sessions.run_all` shares one across seeds
 
     @classmethod
     def run_all(cls, config, data=None, log=None):
-        """Every selected experiment for every seed (`common.sessions.run_all`)."""
+        """Every selected experiment for every seed (`kdtoolkit.sessions.run_all`)."""
         return sessions.run_all(cls, config, data, log)
 
     def run(self, only=None):
-        """This seed's selected experiments, timed (`common.sessions.run_experiments`)."""
+        """This seed's selected experiments, timed (`kdtoolkit.sessions.run_experiments`)."""
         return sessions.run_experiments(self, only)
 
     def for_seed(self, seed):
@@ -163,7 +163,7 @@ class Recipes(TaskInterface):
 
     def step_options(self):
         """`fit` options from the config: XLA (`--jit`), `--steps-per-call`, and the
-        shared compiled steps (`common.workspaces`)."""
+        shared compiled steps (`kdtoolkit.workspaces`)."""
         return {"jit": device.use_jit(self.config.jit), "steps_per_call": self.config.steps_per_call,
                 "workspaces": self.workspaces if self.config.share_steps else None}
 
@@ -184,17 +184,17 @@ class Recipes(TaskInterface):
         return evaluation.held_out(predictor, eval_sets or self.eval_sets)
 
     def evaluate(self, predictor, eval_sets=None):
-        """Per-epoch held-out metrics (`common.evaluation.epoch_metrics`)."""
+        """Per-epoch held-out metrics (`kdtoolkit.evaluation.epoch_metrics`)."""
         return evaluation.epoch_metrics(predictor, eval_sets or self.eval_sets, self.split_metrics)
 
     def final_metrics(self, name, outputs, teacher=None):
-        """Run `name`'s recorded metrics (`common.evaluation.final_metrics`); `teacher`:
+        """Run `name`'s recorded metrics (`kdtoolkit.evaluation.final_metrics`); `teacher`:
         the run it was distilled from."""
         return evaluation.final_metrics(self.store.run_dir(name), outputs, self.split_metrics,
                                         self.store.run_dir(teacher) if teacher else None)
 
     def save_sweep(self, name, rows, metric, keys):
-        """Writes sweep `name`'s rows with the best one (`common.evaluation.save_sweep`)."""
+        """Writes sweep `name`'s rows with the best one (`kdtoolkit.evaluation.save_sweep`)."""
         return evaluation.save_sweep(self.store.root, name, self.seed, rows, metric, keys, self.eval_sets, self.log)
 
     # -- distillation ---------------------------------------------------------------
@@ -208,7 +208,7 @@ class Recipes(TaskInterface):
         return dataclasses.asdict(methods.make_options(cls, {**own, **overrides}, shared))
 
     def context(self, model, features=False):
-        """The `common.methods.Context` of a method training `model` on this task."""
+        """The `kdtoolkit.methods.Context` of a method training `model` on this task."""
         found = None
         if features:
             found = deployed.student_features(model)
@@ -307,8 +307,8 @@ class Recipes(TaskInterface):
 
     def export(self):
         """TFLite files of the teacher and every finished student of this seed,
-        measured (`common.deployment.export_seed`); returns the rows."""
-        from common.deployment import export_seed
+        measured (`kdtoolkit.deployment.export_seed`); returns the rows."""
+        from kdtoolkit.deployment import export_seed
 
         return export_seed(self)
 

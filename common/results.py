@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
+from kdtoolkit.errors import UserError
 
 SUMMARY_COLUMNS = (
     "run",
@@ -373,7 +373,7 @@ class ResultsStore:
 
     def resume_dir(self, name, identity):
         """`<run>/resume/`, where an unfinished run keeps its last finished epoch
-        (see `common.training.EpochCheckpoint`). Saved epochs of other settings
+        (see `kdtoolkit.training.EpochCheckpoint`). Saved epochs of other settings
         are discarded, so a resumed run always continues its own settings; a
         damaged `identity.json` or `state.npz` sets the run folder aside
         (`set_aside`), so the run starts over."""
@@ -422,7 +422,7 @@ class ResultsStore:
         inspection) and says so in one line, when `problem_now()` (checked again
         under a lock, as another process may have set it aside and trained it
         again meanwhile) still finds a damaged file. Returns whether it moved it."""
-        from common import locks
+        from kdtoolkit import locks
 
         folder = self.run_dir(name)
         with locks.hold(self.root, f"{name}.set-aside"):

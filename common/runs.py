@@ -10,15 +10,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import device, locks
-from common.flops import count_flops
-from common.results import identity_hash, save_weights
-from common.training import TrainingDiverged
+from kdtoolkit import device, locks
+from kdtoolkit.flops import count_flops
+from kdtoolkit.results import identity_hash, save_weights
+from kdtoolkit.training import TrainingDiverged
 
 
 def environment():
     """Library versions, devices (GPU names, CUDA and cuDNN when a GPU is used) and
-    the `common.device` settings in force, stored with every run for reproducibility."""
+    the `kdtoolkit.device` settings in force, stored with every run for reproducibility."""
     gpus = tf.config.list_physical_devices("GPU")
     found = {
         "python": platform.python_version(),
@@ -66,7 +66,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
     """Trains and records run `name`, or loads it when it already finished.
 
     Args:
-      store: a `common.results.ResultsStore`.
+      store: a `kdtoolkit.results.ResultsStore`.
       name: run folder name, unique within the store.
       identity: dict of the settings that define this run (experiment, seed,
         epochs, T, alpha, data fingerprint, ...); a finished run with another
@@ -79,7 +79,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
         per-example arrays; `train` turns them into a dataset after the seed is
         set, so shuffles and views depend on the run's seed alone.
       train: `(model, training input) -> history`, the per-epoch list from
-        `common.training.fit` (or the concatenation of several phases).
+        `kdtoolkit.training.fit` (or the concatenation of several phases).
       evaluate: `(model) -> dict` of metrics (at least `test_accuracy`).
       log: optional `callable(str)` for progress.
       about: optional dict saved with the record as it is (e.g. `"data"`: where the
@@ -90,7 +90,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
       from disk when the run was already finished).
 
     Several processes may share `store`: the run is trained under its lock
-    (`common.locks.hold`), so a second process waits for it and then loads it.
+    (`kdtoolkit.locks.hold`), so a second process waits for it and then loads it.
 
     Raises:
       TrainingDiverged: the loss became non-finite; nothing is saved as finished.

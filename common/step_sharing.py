@@ -1,17 +1,16 @@
-"""Which training objectives the speed machinery may share a compiled step between,
-and how: the only place that knows it, so a method itself is just its name,
-options, the outputs it reads, its extra layers and its loss terms.
+"""Which runs share a compiled step, read from each method class's own
+`shared_step` (`kdtoolkit.methods.base.SharedStep`).
 
-Runs of one registered class here, of equal `signature` and model structure,
-share one compiled step and predictor (`common.workspaces`); the class's
-`runtime` floats are read as variables there, so one step serves every value
-(KD's T and alpha: a T-curve's students). A `stackable` class's loss terms
-broadcast over fused members (`common.fused.loss_groups`): given a model that
-returns `(members, batch, classes)` logits and each `runtime` setting as a
-`(members,)` tensor, every term comes back `(members,)`.
+Runs of one method class, of equal `signature` and model structure, share one
+compiled step and predictor (`kdtoolkit.workspaces`); the class's `runtime`
+floats are read as variables there, so one step serves every value (KD's T and
+alpha: a T-curve's students). A `stackable` class's loss terms broadcast over
+fused members (`kdtoolkit.fused.loss_groups`): given a model that returns
+`(members, batch, classes)` logits and each `runtime` setting as a `(members,)`
+tensor, every term comes back `(members,)`.
 
-Classes are matched exactly, not by inheritance: a subclass may change the loss
-and shares nothing until it is registered here too.
+`shared_step` is read from the class itself, not inherited: a subclass may
+change the loss and shares nothing until it declares its own.
 """
 
 import copy
@@ -19,47 +18,26 @@ import dataclasses
 
 import tensorflow as tf
 
-from common.methods.base import CrossEntropy
-from common.methods.kd import Distillation
-from common.methods.subclass import KnownSubclassTeacher, SubclassDistillation, SubclassTeacher
 
-
-@dataclasses.dataclass(frozen=True)
-class Sharing:
-    """`signature(method)`: what the loss graph depends on beyond the model, the class
-    and `runtime`, as a hashable value; `runtime`: float attributes read as
-    variables; `stackable`: its terms broadcast over fused members."""
-
-    signature: object
-    runtime: tuple = ()
-    stackable: bool = False
-
-
-SHARING = {
-    CrossEntropy: Sharing(lambda m: (), stackable=True),
-    # A teacher that runs per step (no cached targets) is part of the step.
-    Distillation: Sharing(lambda m: (id(m.teacher),), runtime=("temperature", "alpha"), stackable=True),
-    KnownSubclassTeacher: Sharing(lambda m: (m.num_classes,)),
-    SubclassTeacher: Sharing(lambda m: (m.num_classes, m.aux_weight, m.aux_temperature)),
-    SubclassDistillation: Sharing(lambda m: (m.num_classes, id(m.teacher)), runtime=("temperature", "alpha")),
-}
+def _sharing(method):
+    return vars(type(method)).get("shared_step")
 
 
 def signature(method):
     """`method`'s signature (`Sharing.signature`), or None: its step is not shared."""
-    sharing = SHARING.get(type(method))
+    sharing = _sharing(method)
     return None if sharing is None else sharing.signature(method)
 
 
 def runtime_settings(method):
     """The float attributes of `method` that a shared step reads as variables."""
-    sharing = SHARING.get(type(method))
+    sharing = _sharing(method)
     return () if sharing is None else sharing.runtime
 
 
 def stackable(method):
     """Whether `method`'s loss terms broadcast over fused members (see the module)."""
-    sharing = SHARING.get(type(method))
+    sharing = _sharing(method)
     return sharing is not None and sharing.stackable
 
 

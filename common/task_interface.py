@@ -1,4 +1,4 @@
-"""What a course task provides to the shared recipes (`common.recipes.Recipes`).
+"""What a course task provides to the shared recipes (`kdtoolkit.recipes.Recipes`).
 
 A task is its data, its held-out sets, its model builders, its metrics and its
 training schedule; everything else (recorded runs, cached teacher outputs,
@@ -10,7 +10,7 @@ class TaskInterface:
     """The members a task defines (Task 1: `task1_mnist.experiments.Task1`)."""
 
     experiments = ()  # every experiment of the task, in the order `run` calls them
-    studies = {}  # name -> `task -> outcome`: the research studies among the experiments (`common.studies`)
+    studies = {}  # name -> `task -> outcome`: the research studies among the experiments (`kdtoolkit.studies`)
     num_classes = None  # classes of the labels
     eval_sets = {}  # split name ("val", "test") -> held-out dataset of {"x", "y"} batches
     per_view = False  # whether cached teacher outputs have a views axis (Task 2's dihedral views)
@@ -82,7 +82,7 @@ class TaskInterface:
 
     def fit_model(self, name, model, make_method, arrays, resume_dir, **options):
         """Trains `make_method(model)` (the task may wrap part of `model`) with
-        `common.training.fit` on a shuffled dataset of `arrays` that it builds (after
+        `kdtoolkit.training.fit` on a shuffled dataset of `arrays` that it builds (after
         the run's seed is set), saving and resuming epochs in `resume_dir`; returns
         the per-epoch history."""
         raise NotImplementedError
@@ -96,7 +96,7 @@ class TaskInterface:
         return {}
 
     def student_branches(self, teacher):
-        """`(cuts, branches)` for SFTN (`common.methods.sftn`): `cuts` is `x -> {"logits",
+        """`(cuts, branches)` for SFTN (`kdtoolkit.methods.sftn`): `cuts` is `x -> {"logits",
         "cut_1", ...}` over `teacher`'s layers, `branches[i - 1]` a new model from cut i
         through a transform into fresh copies of the student's blocks after that cut,
         to `(batch, classes)` logits."""

@@ -5,7 +5,7 @@ index, and by view where the task augments); what a method caches is its
 `teacher_targets` (logits, an embedding, attention maps).
 """
 
-from common import methods
+from kdtoolkit import methods
 
 
 class TargetCache:

@@ -11,8 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.checkpoint import EpochCheckpoint
-from common.errors import UserError
+from kdtoolkit.checkpoint import EpochCheckpoint
+from kdtoolkit.errors import UserError
 
 
 def compiled_predictor(logits_fn):
@@ -90,7 +90,7 @@ class StepMeans(keras.metrics.Metric):
 
 def descend(method, optimizer, batch, variables):
     """One gradient step of `method` on `batch`: the step both training loops run
-    (`make_train_step` here, `common.distiller.Distiller.train_step` under Keras'
+    (`make_train_step` here, `kdtoolkit.distiller.Distiller.train_step` under Keras'
     `fit`). Returns `(terms, loss, class logits, local batch size)`.
 
     Under a `tf.distribute` strategy each replica computes the mean loss of its
@@ -127,13 +127,13 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
 
     `means` tracks each loss term, `"loss"` (their sum) and `"train_accuracy"` (one
     per model, `"<prefix>train_accuracy"`, when the method trains several and
-    returns their logits by prefix: `common.fused`), averaged over the examples seen since the last reset.
+    returns their logits by prefix: `kdtoolkit.fused`), averaged over the examples seen since the last reset.
     Each step is `descend` (see there for `tf.distribute`). The model must have
     been built under `strategy.scope()`.
     """
     strategy = strategy or tf.distribute.get_strategy()
     variables = method.trainable_variables
-    prefixes = getattr(method, "prefixes", ("",))  # several models' (`common.fused`), or one
+    prefixes = getattr(method, "prefixes", ("",))  # several models' (`kdtoolkit.fused`), or one
     with strategy.scope():
         means = StepMeans([*method.term_names, "loss", *(f"{p}train_accuracy" for p in prefixes)])
         optimizer.build(variables)
@@ -220,7 +220,7 @@ def fit(
     """Trains `method.model` for `epochs` passes over `train_data`.
 
     Args:
-      method: a `common.methods.Method`.
+      method: a `kdtoolkit.methods.Method`.
       train_data: `tf.data.Dataset` of batch dicts (reshuffled by the dataset itself).
       epochs: number of passes, >= 1.
       optimizer: a `keras.optimizers.Optimizer`, used as it is (created under
@@ -234,7 +234,7 @@ def fit(
         skips it.
       strategy: optional `tf.distribute.Strategy` the model was built under; each
         batch of `train_data` is the global batch, split across its replicas.
-      resume_dir: optional folder for a `common.checkpoint.EpochCheckpoint`:
+      resume_dir: optional folder for a `kdtoolkit.checkpoint.EpochCheckpoint`:
         training continues after the last epoch saved there, and saves every
         epoch. The dataset is first advanced by the finished epochs (its shuffles
         and random views are drawn per pass), so a resumed run sees the data an
@@ -242,7 +242,7 @@ def fit(
       jit, steps_per_call: see `make_train_step`; neither changes the updates.
       prepare: see `make_train_step` (the same function must be given to
         `evaluate`'s predictions if its batches need it).
-      workspaces: optional `common.workspaces.Workspaces`: the run trains in the
+      workspaces: optional `kdtoolkit.workspaces.Workspaces`: the run trains in the
         workspace of its structure, whose compiled step earlier runs of the same
         structure traced (and XLA compiled); `method.model` gets the weights after
         every epoch and `optimizer` the final state. The updates are the same.

@@ -4,7 +4,7 @@ explanation panels (LIME, occlusion)."""
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common.results import mean_std, npz_problem
+from kdtoolkit.results import mean_std, npz_problem
 from reports.document import number
 from reports.read import damaged, json_file
 

@@ -6,7 +6,7 @@ import csv
 
 import numpy as np
 
-from common.results import ResultsStore, npz_problem, read_json, test_outputs_check
+from kdtoolkit.results import ResultsStore, npz_problem, read_json, test_outputs_check
 
 
 DAMAGED = {}  # `{path: problem}` of the damaged files skipped while building the current report

@@ -4,8 +4,8 @@ a table."""
 
 from pathlib import Path
 
-from common.metrics import top1_agreement
-from common.results import mean_std, seed_group
+from kdtoolkit.metrics import top1_agreement
+from kdtoolkit.results import mean_std, seed_group
 from reports import registry
 from reports.read import outputs_of
 

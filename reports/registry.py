@@ -1,12 +1,12 @@
 """The method registry's names, summaries and option defaults, read from the source
 of `common/methods/` without importing it (importing builds on TensorFlow).
 
-The registry itself stays the one list: `MODULES` in `common/methods/__init__.py`,
-and in each listed file the class `METHOD = <class>` names, with its `name`,
-`summary` and `Options` (a dataclass whose fields have constant defaults, given
-directly, through `dataclasses.field(default=...)` or through a helper such as
-`temperature_field()` that returns one). This module parses those files with
-`ast` and evaluates only constant expressions; anything else is an error naming
+The registry is the files themselves: every module of `common/methods/` whose
+name does not start with `_`, and in it each class decorated with `@register`,
+with its `name`, `summary` and `Options` (a dataclass whose fields have constant
+defaults, given directly, through `dataclasses.field(default=...)` or through a
+helper such as `temperature_field()` that returns one). This module parses those
+files with `ast` and evaluates only constant expressions; anything else is an error naming
 the file and line. `tests/test_report.py` checks the result against the imported
 registry.
 """
@@ -17,7 +17,7 @@ import functools
 import importlib.util
 from pathlib import Path
 
-PACKAGE = "common.methods"
+PACKAGE = "kdtoolkit.methods"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,19 +32,19 @@ class MethodEntry:
 
 
 def methods_folder():
-    """The folder of `common.methods`, found without running its `__init__`."""
+    """The folder of `kdtoolkit.methods`, found without running its `__init__`."""
     spec = importlib.util.find_spec(PACKAGE.split(".")[0])
     return Path(spec.origin).parent / PACKAGE.split(".")[1]
 
 
 class _Source:
-    """One parsed module of `common.methods`."""
+    """One parsed module of `kdtoolkit.methods`."""
 
     def __init__(self, folder, module):
         self.path = folder / f"{module}.py"
         self.tree = ast.parse(self.path.read_text(encoding="utf-8"), filename=str(self.path))
         self.top = {}  # module-level name -> its node (class, function or assigned value)
-        self.imported = {}  # name -> (module of common.methods, name there)
+        self.imported = {}  # name -> (module of kdtoolkit.methods, name there)
         for node in self.tree.body:
             if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
                 self.top[node.name] = node
@@ -146,24 +146,25 @@ class _Reader:
 @functools.lru_cache(maxsize=None)
 def _read(folder):
     reader = _Reader(folder)
-    registry = reader.source("__init__")
-    if "MODULES" not in registry.top:
-        raise registry.error(registry.tree, "no MODULES")
     entries = {}
-    for module in reader.constant(registry, registry.top["MODULES"]):
-        source = reader.source(module)
-        if "METHOD" not in source.top:
-            raise source.error(source.tree, "no METHOD = <class>")
-        cls_source, cls = reader.resolve(source, source.top["METHOD"])
-        values = {}
-        for attribute in ("name", "summary", "Options"):
-            found = reader.attribute(cls_source, cls, attribute)
-            if found is None:
-                raise cls_source.error(cls, f"{cls.name} has no {attribute}")
-            values[attribute] = found
-        name = reader.constant(*values["name"])
-        entries[name] = MethodEntry(name, module, reader.constant(*values["summary"]),
-                                    reader.fields(*reader.resolve(*values["Options"])))
+    for path in sorted(folder.glob("*.py")):
+        if path.stem.startswith("_"):
+            continue
+        source = reader.source(path.stem)
+        for cls in source.top.values():
+            if not (isinstance(cls, ast.ClassDef) and any(ast.unparse(d).split(".")[-1] == "register"
+                                                          for d in cls.decorator_list)):
+                continue
+            values = {}
+            for attribute in ("name", "summary", "Options"):
+                found = reader.attribute(source, cls, attribute)
+                if found is None:
+                    raise source.error(cls, f"{cls.name} has no {attribute}")
+                values[attribute] = found
+            name = reader.constant(*values["name"])
+            entries[name] = MethodEntry(name, path.stem, reader.constant(*values["summary"]),
+                                        reader.fields(*reader.resolve(*values["Options"])))
+    entries = dict(sorted(entries.items()))
     base = reader.source("base")
     return entries, reader.constant(base, base.top["SHARED_OPTIONS"])
 

@@ -7,8 +7,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from common.metrics import reliability
-from common.results import mean_std, read_jsonl
+from kdtoolkit.metrics import reliability
+from kdtoolkit.results import mean_std, read_jsonl
 from reports import registry
 from reports.document import fmt
 from reports.read import damaged, outputs_of, read_csv

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from common.data import check_images, check_labels
-from common.errors import DataError
+from kdtoolkit.data import check_images, check_labels
+from kdtoolkit.errors import DataError
 from task1_mnist.models import NUM_CLASSES
 
 ENV_VAR = "MNIST_DIR"
@@ -39,7 +39,7 @@ def locate(data_dir=None):
 
 def load_mnist(data_dir=None, limit=None):
     """MNIST as uint8 arrays (a local file's images may also be floats in [0, 1] or
-    [0, 255], scaled here; labels must be integers 0-9: `common.data.check_images`,
+    [0, 255], scaled here; labels must be integers 0-9: `kdtoolkit.data.check_images`,
     `check_labels`): `x_train (n, 28, 28, 1)`, `y_train (n,)`, `x_test`, `y_test`,
     and `source` (where they came from, a string).
 

@@ -1,8 +1,8 @@
 """Task 1 recipes: teacher, KD, scratch, T x alpha grid, FLOPs, soft-target entropy,
 subclass KD, teacher-assistant KD chains and early-stopped teachers.
 
-Every recipe trains through `common.training.fit` and records through
-`common.runs.run`, so each run is resumable and carries its config, seed,
+Every recipe trains through `kdtoolkit.training.fit` and records through
+`kdtoolkit.runs.run`, so each run is resumable and carries its config, seed,
 versions, history and timings. A frozen model's logits on the training set are
 computed once and reused by every student distilled from it (MNIST has no
 augmentation, so they never change).
@@ -10,15 +10,15 @@ augmentation, so they never change).
 
 import numpy as np
 
-from common import data as common_data
-from common import explain, losses, methods, runs, training
-from common.errors import DataError
-from common.fused_runs import distil_fused
-from common.metrics import class_metrics
-from common.recipes import Recipes
-from common.results import save_weights, write_csv_atomic
-from common.run_spec import method_stem, run_tag
-from common.studies import (attributions, data_efficiency, ensemble, explanation_dynamics, missing_class,
+from kdtoolkit import data as common_data
+from kdtoolkit import explain, losses, methods, runs, training
+from kdtoolkit.errors import DataError
+from kdtoolkit.fused_runs import distil_fused
+from kdtoolkit.metrics import class_metrics
+from kdtoolkit.recipes import Recipes
+from kdtoolkit.results import save_weights, write_csv_atomic
+from kdtoolkit.run_spec import method_stem, run_tag
+from kdtoolkit.studies import (attributions, data_efficiency, ensemble, explanation_dynamics, missing_class,
                             smoothed_teacher, teacher_capacity, training_noise)
 from task1_mnist import data as mnist
 from task1_mnist import models
@@ -27,7 +27,7 @@ from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, buil
 EVAL_BATCH = 1024
 
 
-STUDY_RUNS = {  # `common.studies` on Task 1, run by name (`--only`); see docs/studies.md
+STUDY_RUNS = {  # `kdtoolkit.studies` on Task 1, run by name (`--only`); see docs/studies.md
     "missing": lambda task: missing_class.run(task, task.config.missing_class, build_student, {
         size: teacher_capacity.preset_teacher(task, size, models.TEACHER_PRESETS[size])
         for size in task.config.missing_teachers}),
@@ -115,7 +115,7 @@ class Task1(Recipes):
 
     def split_metrics(self, split, logits, labels, summary):
         """Accuracy; with `summary`, on the test split also the confusion matrix and
-        per-class precision, recall and F1 (`common.metrics.class_metrics`)."""
+        per-class precision, recall and F1 (`kdtoolkit.metrics.class_metrics`)."""
         metrics = {f"{split}_accuracy": training.accuracy(logits, labels)}
         if summary and split == "test":
             metrics.update(class_metrics(labels, logits, NUM_CLASSES, prefix=split))

@@ -80,7 +80,7 @@ def build_student(num_outputs=NUM_CLASSES, name="student"):
 
 
 def student_branches(teacher, num_outputs=NUM_CLASSES):
-    """SFTN's cuts and student branches (`common.methods.sftn`) for the CNN teacher and
+    """SFTN's cuts and student branches (`kdtoolkit.methods.sftn`) for the CNN teacher and
     the MLP student, each split into three blocks:
 
     - teacher: conv blocks 1-2 (to `"spatial"`, 11x11x64) | Flatten, Dense 128

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from common.data import untuned
-from common.errors import DataError
+from kdtoolkit.data import untuned
+from kdtoolkit.errors import DataError
 from task2_mhist import synthetic
 
 CSV_NAME = "annotations.csv"
@@ -59,7 +59,7 @@ def fingerprint(splits):
     """16 hex digits over every split's image names, labels, votes and file sizes
     in bytes: a synthetic folder with the real names and labels differs from the
     real images (their files differ in size), and so do two image sets of one CSV."""
-    from common.data import fingerprint as digest
+    from kdtoolkit.data import fingerprint as digest
 
     parts = []
     for name in sorted(splits):
@@ -72,7 +72,7 @@ def fingerprint(splits):
 def hold_out(splits, validation):
     """`splits` with a `"val"` split of `validation` training images (a count or a
     fraction below 1) taken out of `"train"`, stratified by label; unchanged for 0."""
-    from common.data import stratified_split, validation_count
+    from kdtoolkit.data import stratified_split, validation_count
 
     count = validation_count(validation, len(splits["train"]))
     if not count:

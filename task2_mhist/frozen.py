@@ -9,8 +9,8 @@ only its head.
 
 import numpy as np
 
-from common import training
-from common.results import write_arrays_atomic
+from kdtoolkit import training
+from kdtoolkit.results import write_arrays_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
 

@@ -16,8 +16,8 @@ import warnings
 import keras
 from keras import layers
 
-from common import deployed
-from common.errors import DataError
+from kdtoolkit import deployed
+from kdtoolkit.errors import DataError
 
 # name -> (constructor, preprocessing mode of keras.applications)
 ARCHITECTURES = {
@@ -149,7 +149,7 @@ def resolve_weights(weights, architecture, image_size=224):
 
 def base_of(model):
     """The `keras.applications` base inside `model` (unwrapped from `InferenceMode`;
-    `model` may be a student with a method's prediction head, `common.deployed`)."""
+    `model` may be a student with a method's prediction head, `kdtoolkit.deployed`)."""
     inner = deployed.student_features(model)
     layer = (model if inner is None else inner).get_layer(BASE_NAME)
     return layer.base if isinstance(layer, InferenceMode) else layer
@@ -176,7 +176,7 @@ def feature_model(model):
 
 
 def student_branches(teacher, width=1280, num_outputs=2, dropout=0.2):
-    """SFTN's cut and student branch (`common.methods.sftn`): both models are split
+    """SFTN's cut and student branch (`kdtoolkit.methods.sftn`): both models are split
     into two blocks, base (to the pooled features) | head (Dropout, Dense logits),
     so there is one cut, the teacher's pooled features (2,048 for ResNet50V2). Its
     branch is the transform Dense `width` + BatchNorm + ReLU (into MobileNetV2's

@@ -6,7 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from common import device  # noqa: E402
+from kdtoolkit import device  # noqa: E402
 
 device.configure()  # memory growth: several test processes can share one GPU
 

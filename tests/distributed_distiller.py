@@ -19,8 +19,8 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.distiller import Distiller  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
+from kdtoolkit.distiller import Distiller  # noqa: E402
+from kdtoolkit.errors import ConfigError  # noqa: E402
 
 
 def train(strategy, method):

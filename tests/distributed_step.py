@@ -13,8 +13,8 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import data as common_data  # noqa: E402
-from common import device, methods, training  # noqa: E402
+from kdtoolkit import data as common_data  # noqa: E402
+from kdtoolkit import device, methods, training  # noqa: E402
 
 device.configure()  # memory growth: on a GPU machine this process otherwise takes all the GPU's memory
 

@@ -15,7 +15,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from common.distiller import Distiller  # noqa: E402
+from kdtoolkit.distiller import Distiller  # noqa: E402
 
 strategy = (tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ
             else tf.distribute.OneDeviceStrategy("/cpu:0"))

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.distiller import Distiller  # noqa: E402
+from kdtoolkit.distiller import Distiller  # noqa: E402
 
 OPTIONS = {"crd": {"negatives": 16, "dim": 8}, "cid": {"init_epochs": 1}, "dkd": {"warmup": 2}}
 

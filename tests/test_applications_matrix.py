@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import methods
-from common.distiller import Distiller
-from common.errors import ConfigError
+from kdtoolkit import methods
+from kdtoolkit.distiller import Distiller
+from kdtoolkit.errors import ConfigError
 
 SHAPE = (32, 32, 3)
 FAST_FAMILY = "MobileNetV3Small"

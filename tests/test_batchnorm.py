@@ -1,11 +1,11 @@
-"""BatchNorm statistics re-estimated after a short run (`common.batchnorm`)."""
+"""BatchNorm statistics re-estimated after a short run (`kdtoolkit.batchnorm`)."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import batchnorm
+from kdtoolkit import batchnorm
 
 
 def bn_model(seed=0):

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from common.results import DAMAGED, ResultsStore, append_line, read_jsonl, write_arrays_atomic
+from kdtoolkit.results import DAMAGED, ResultsStore, append_line, read_jsonl, write_arrays_atomic
 
 IDENTITY = {"experiment": "scratch", "seed": 0, "epochs": 2}
 

@@ -1,6 +1,6 @@
 """Every distilled student saves as `.keras` and loads, and predicts the same, in a
 fresh Python process where this toolkit cannot be imported (only Keras and NumPy):
-CID's student through `common.deployed.plain_keras`, every other method's as
+CID's student through `kdtoolkit.deployed.plain_keras`, every other method's as
 it is."""
 
 import json
@@ -13,9 +13,9 @@ import keras
 import numpy as np
 import pytest
 
-from common import deployed
-from common.distiller import Distiller
-from common.methods import REGISTRY, cid
+from kdtoolkit import deployed
+from kdtoolkit.distiller import Distiller
+from kdtoolkit.methods import REGISTRY, cid
 
 CLASSES = 3
 OPTIONS = {"crd": {"negatives": 32, "dim": 8}}  # CRD's memory bank: fewer negatives than examples
@@ -25,12 +25,14 @@ EPOCHS = {"cid": 2}  # CID's head g trains (and its `active` turns 1) from the e
 LOADER = textwrap.dedent("""
     import json, sys
     import keras, numpy as np
+    # A process where the toolkit is not installed: drop the editable install's finder (requirements.txt's `-e .`).
+    sys.meta_path = [finder for finder in sys.meta_path if "editable" not in getattr(finder, "__module__", "")]
     try:
-        import common
+        import kdtoolkit
     except ImportError:
         pass
     else:
-        sys.exit(f"the toolkit is importable here: {common.__file__}")
+        sys.exit(f"the toolkit is importable here: {kdtoolkit.__file__}")
     x = np.load("x.npy")
     names = json.loads(sys.argv[1])
     predictions = {name: keras.models.load_model(f"{name}.keras").predict(x, verbose=0) for name in names}

@@ -1,4 +1,4 @@
-"""The library entry point: `common.distiller.Distiller` on a user's own models,
+"""The library entry point: `kdtoolkit.distiller.Distiller` on a user's own models,
 and the methods as `keras.distillation` losses."""
 
 from pathlib import Path
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import losses
-from common.distiller import Distiller, MethodLoss
-from common.errors import ConfigError
+from kdtoolkit import losses
+from kdtoolkit.distiller import Distiller, MethodLoss
+from kdtoolkit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_method_loss_rkd_on_named_layers():
     value = float(keras_distiller.compute_loss(x=x, y=np.zeros(16, "int32"), y_pred=student(x)))
     features = keras.Model(teacher.inputs, teacher.get_layer("penultimate").output)(x)
     hidden = keras.Model(student.inputs, student.get_layer("hidden").output)(x)
-    from common.methods import rkd
+    from kdtoolkit.methods import rkd
 
     distance, angle = rkd.rkd_losses(features, hidden)
     np.testing.assert_allclose(value, 25 * float(distance) + 50 * float(angle), rtol=1e-5)
@@ -165,9 +165,10 @@ def test_the_package_installs_and_imports_from_any_folder(tmp_path):
     built = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
                             "--target", str(target), str(source)], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
-    assert (target / "common" / "methods" / "crd.py").exists()
-    probe = subprocess.run([sys.executable, "-c", "import common.distiller, common.methods, task1_mnist.experiments; "
-                            "print(sorted(common.methods.REGISTRY))"], cwd=tmp_path,
+    assert (target / "kdtoolkit" / "methods" / "crd.py").exists()
+    assert not {"common", "task1_mnist", "task2_mhist", "reports"} & {path.name for path in target.iterdir()}
+    probe = subprocess.run([sys.executable, "-c", "import kdtoolkit.distiller, kdtoolkit.methods; "
+                            "print(kdtoolkit.__file__, sorted(kdtoolkit.methods.REGISTRY))"], cwd=tmp_path,
                            env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr[-2000:]
-    assert "'crd'" in probe.stdout
+    assert probe.stdout.startswith(str(target / "kdtoolkit")) and "'crd'" in probe.stdout

@@ -28,7 +28,7 @@ def test_mirrored_two_replicas_match_one_device():
 def test_only_the_chief_writes_results(tmp_path):
     from types import SimpleNamespace
 
-    from common.distribute import is_chief, results_root
+    from kdtoolkit.distribute import is_chief, results_root
 
     def strategy(task_type, task_id, jobs):
         spec = SimpleNamespace(as_dict=lambda: {job: ["host:1"] for job in jobs})

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common import explain
+from kdtoolkit import explain
 
 
 def digit(seed=0):

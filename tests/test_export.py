@@ -1,10 +1,10 @@
-"""TFLite latency timing (`common.export.time_files`) on small Keras models."""
+"""TFLite latency timing (`kdtoolkit.export.time_files`) on small Keras models."""
 
 import keras
 import numpy as np
 import pytest
 
-from common import export
+from kdtoolkit import export
 
 
 def dense_model(width):

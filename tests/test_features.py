@@ -1,4 +1,4 @@
-"""`common.features`: which tensor of a model each feature resolves to, on
+"""`kdtoolkit.features`: which tensor of a model each feature resolves to, on
 `keras.applications` families and small models, and the one-line refusals."""
 
 import functools
@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from common import features
-from common.errors import ConfigError
+from kdtoolkit import features
+from kdtoolkit.errors import ConfigError
 
 SHAPE = (32, 32, 3)
 APPLICATIONS = {  # family: (constructor, embedding, spatial) as resolved at 32x32 (common/features.py's table)

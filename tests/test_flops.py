@@ -4,7 +4,7 @@ import keras
 import pytest
 from keras import layers
 
-from common.flops import count_flops
+from kdtoolkit.flops import count_flops
 from task1_mnist.models import build_student, build_teacher
 
 

@@ -1,4 +1,4 @@
-"""Several runs trained as one (`common.fused`): the looped and the stacked forms."""
+"""Several runs trained as one (`kdtoolkit.fused`): the looped and the stacked forms."""
 
 from functools import partial
 
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import data as common_data
-from common import losses, methods, training
-from common.fused import Fused, Stacked, StackedDense, batched_products, can_stack, fuse, loss_groups
-from common.methods.fitnets import FitNets
+from kdtoolkit import data as common_data
+from kdtoolkit import losses, methods, training
+from kdtoolkit.fused import Fused, Stacked, StackedDense, batched_products, can_stack, fuse, loss_groups
+from kdtoolkit.methods.fitnets import FitNets
 
 CELLS = [(1.0, 0.2), (4.0, 0.5), (16.0, 0.9)]
 # StackedDense's two ways: one batched matrix product per layer (GPUs), one per member (CPUs).

@@ -8,11 +8,11 @@ Source: keras-team/keras, `keras/src/distillation/distiller_test.py` (class
 older `strategies_test.py` (the `strategy=` API) is not adapted: that API is gone.
 Each Keras test becomes plain pytest functions in two groups:
 
-1. `keras.distillation.Distiller` holding `common.method_loss.MethodLoss` where
+1. `keras.distillation.Distiller` holding `kdtoolkit.method_loss.MethodLoss` where
    Keras' tests hold `LogitsDistillation` (logits: "kd") or
    `FeatureDistillation` (named layers: "rkd" on Dense outputs, "at" on Conv2D
    maps). Names start with `test_keras_distiller_` / `test_method_loss_`.
-2. The toolkit's `common.distiller.Distiller` in place of Keras' Distiller: the
+2. The toolkit's `kdtoolkit.distiller.Distiller` in place of Keras' Distiller: the
    same scenarios in its API (one method per distiller, KD's `alpha` in place of
    `student_loss_weight`, `compile` without a loss, `ConfigError` for bad input).
    Names start with `test_distiller_`.
@@ -29,7 +29,7 @@ Deliberately left out:
   and `LogitsDistillation(loss="kl_divergence")`: `MethodLoss` computes one
   method's term and has no `loss` argument.
 - Keras' private feature extractors for group 2 (`_teacher_feature_extractor`):
-  the toolkit's Distiller reads features through `common.features`; its public
+  the toolkit's Distiller reads features through `kdtoolkit.features`; its public
   `teacher_reads` / `student_reads` are checked instead.
 - Several losses with weights for group 2: a toolkit Distiller runs one method,
   whose terms are weighted by the method's own options.
@@ -43,10 +43,10 @@ import keras
 import numpy as np
 import pytest
 
-from common import losses
-from common.distiller import Distiller, MethodLoss
-from common.errors import ConfigError
-from common.methods import rkd as rkd_method
+from kdtoolkit import losses
+from kdtoolkit.distiller import Distiller, MethodLoss
+from kdtoolkit.errors import ConfigError
+from kdtoolkit.methods import rkd as rkd_method
 
 CLASSES = 10
 
@@ -372,7 +372,7 @@ def test_keras_distiller_at_on_named_conv_layers_end_to_end():
     distiller = keras_distiller(teacher, student, loss, student_loss_weight=0.0)
     maps = [keras.Model(m.inputs[0], m.get_layer(f"{role}_conv").output)(x) for m, role in
             ((teacher, "teacher"), (student, "student"))]
-    from common.methods import at as at_method
+    from kdtoolkit.methods import at as at_method
 
     np.testing.assert_allclose(float(distiller.compute_loss(x=x, y=y, y_pred=student(x), training=False)),
                                100.0 * float(at_method.feature_map_loss(*maps)), rtol=1e-5)

@@ -1,4 +1,4 @@
-"""`common.distiller.Distiller` behaves as a `keras.Model` behaves: saving and
+"""`kdtoolkit.distiller.Distiller` behaves as a `keras.Model` behaves: saving and
 loading, Keras' checkpoint callbacks, a resumed run after `kill -9`,
 `tf.distribute`, and what Keras' `fit` takes."""
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common.distiller import Distiller, MethodLoss
-from common.errors import ConfigError, DataError
+from kdtoolkit.distiller import Distiller, MethodLoss
+from kdtoolkit.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,7 +240,7 @@ def test_a_dataset_is_read_once_with_the_cache_and_each_epoch_without():
 
 
 def test_epochs_see_the_examples_in_new_orders_from_the_seed():
-    from common import fit_data
+    from kdtoolkit import fit_data
 
     epoch = tf.Variable(0, dtype=tf.int64)
     arrays = {"y": np.arange(20, dtype=np.int32)}

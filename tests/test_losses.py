@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import losses
+from kdtoolkit import losses
 
 pytestmark = pytest.mark.usefixtures("exact_float32")  # hand values: no TF32 rounding on GPUs
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from common.metrics import binary_metrics
+from kdtoolkit.metrics import binary_metrics
 
 
 def hand_auc(labels, scores):
@@ -37,7 +37,7 @@ def test_accuracy_f1_and_confusion_by_hand():
 
 
 def test_expected_calibration_error_hand_values():
-    from common.metrics import expected_calibration_error, reliability
+    from kdtoolkit.metrics import expected_calibration_error, reliability
 
     # Two examples, 2 classes. Confidences: softmax([ln 3, 0]) = 0.75 (right), softmax([0, ln 9]) = 0.9 (wrong).
     logits = np.log(np.array([[3.0, 1.0], [1.0, 9.0]]))
@@ -56,7 +56,7 @@ def test_expected_calibration_error_hand_values():
 
 
 def test_top1_agreement():
-    from common.metrics import top1_agreement
+    from kdtoolkit.metrics import top1_agreement
 
     a = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 0.0], [0.0, 5.0, 1.0]])
     b = np.array([[9.0, 0.0, 0.0], [0.0, 3.0, 1.0], [2.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
@@ -66,7 +66,7 @@ def test_top1_agreement():
 def test_class_metrics_match_sklearn_on_every_class_including_one_never_predicted():
     from sklearn import metrics as sk
 
-    from common.metrics import class_metrics
+    from kdtoolkit.metrics import class_metrics
 
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 4, 200)

@@ -16,7 +16,7 @@ def test_models_output_logits_per_class():
 
 
 def test_assistant_size():
-    from common.flops import count_flops
+    from kdtoolkit.flops import count_flops
     from task1_mnist.models import build_assistant
 
     assert build_assistant().count_params() == 108_618

@@ -7,8 +7,8 @@ import keras
 import pytest
 import tensorflow as tf
 
-from common import device
-from common.results import ResultsConflict
+from kdtoolkit import device
+from kdtoolkit.results import ResultsConflict
 
 pytestmark = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="reads the CPU's flags")
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import deployed, methods, training
-from common import data as common_data
-from common.methods import cid, extractive, sftn
+from kdtoolkit import deployed, methods, training
+from kdtoolkit import data as common_data
+from kdtoolkit.methods import cid, extractive, sftn
 from tests.test_reference import (CLASSES, RTOL, context, feature_model, np_cross_entropy, np_kd, np_log_softmax,
                                   student_model)
 
@@ -184,7 +184,7 @@ def test_cid_student_resumes_with_its_dictionary(tmp_path):
 
 @pytest.mark.slow
 def test_cid_through_the_keras_distiller_predicts_with_its_head():
-    from common.distiller import Distiller
+    from kdtoolkit.distiller import Distiller
 
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0, 1, (64, 6, 6, 1)).astype(np.float32), np.arange(64) % 3
@@ -293,8 +293,8 @@ def test_sftn_teacher_resumes_with_its_branches(tmp_path):
 
 
 def test_the_keras_distiller_refuses_sftn_with_the_way_out():
-    from common.distiller import Distiller
-    from common.errors import ConfigError
+    from kdtoolkit.distiller import Distiller
+    from kdtoolkit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trains its own teacher.*SFTNTeacher.*method='kd'"):
         Distiller(student_model(1), student_model(2), "sftn")

@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 import keras
 
-from common import methods
-from common.methods import at, crd, dkd, fitnets, kd, rkd
+from kdtoolkit import methods
+from kdtoolkit.methods import at, crd, dkd, fitnets, kd, rkd
 
 pytestmark = pytest.mark.usefixtures("exact_float32")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.results import ResultsStore, write_csv_atomic
+from kdtoolkit.results import ResultsStore, write_csv_atomic
 from reports.make_report import make_report
 
 DATA = {"source": "fake/mnist.npz", "fingerprint": "0123abcd", "synthetic": False, "train": 55000,
@@ -289,7 +289,7 @@ def test_the_registry_read_without_importing_it_matches_the_registry():
     `common/methods/`: the same as the imported registry, in its order."""
     import dataclasses
 
-    from common import methods
+    from kdtoolkit import methods
     from reports import registry
 
     assert list(registry.methods()) == list(methods.REGISTRY)

@@ -5,7 +5,7 @@ import pytest
 
 import numpy as np
 
-from common.results import ResultsConflict, ResultsStore, write_array_atomic, write_arrays_atomic, write_json_atomic
+from kdtoolkit.results import ResultsConflict, ResultsStore, write_array_atomic, write_arrays_atomic, write_json_atomic
 
 
 def test_atomic_json_write_leaves_no_temporary_files(tmp_path):
@@ -70,7 +70,7 @@ def test_result_files_follow_the_umask_and_summary_follows_every_run(tmp_path):
     import os
     import stat
 
-    from common import results
+    from kdtoolkit import results
 
     store = ResultsStore(tmp_path)
     store.save("a-s0", {"run": "a-s0", "test_accuracy": 0.5, "identity": {"experiment": "a", "seed": 0}})
@@ -82,7 +82,7 @@ def test_result_files_follow_the_umask_and_summary_follows_every_run(tmp_path):
 
 
 def test_out_that_is_a_file_or_unwritable_is_refused(tmp_path):
-    from common.errors import UserError
+    from kdtoolkit.errors import UserError
 
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="is a file, not a folder"):
@@ -101,7 +101,7 @@ def test_weights_are_written_to_a_temporary_name_and_moved_into_place(tmp_path):
 
     import keras
 
-    from common.results import save_weights
+    from kdtoolkit.results import save_weights
 
     path = tmp_path / "run" / "model.weights.h5"
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])

@@ -6,10 +6,10 @@ import dataclasses
 import keras
 import pytest
 
-from common import methods, step_sharing
-from common.methods.dkd import DKD
-from common.results import identity_hash
-from common.run_spec import RunSpec, method_stem, run_tag
+from kdtoolkit import methods, step_sharing
+from kdtoolkit.methods.dkd import DKD
+from kdtoolkit.results import identity_hash
+from kdtoolkit.run_spec import RunSpec, method_stem, run_tag
 from task1_mnist import run as cli
 from task1_mnist.experiments import Task1
 

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from common import device, methods, training
-from common.fused import batched_products
-from common.metrics import expected_calibration_error
+from kdtoolkit import device, methods, training
+from kdtoolkit.fused import batched_products
+from kdtoolkit.metrics import expected_calibration_error
 from task1_mnist import data as mnist
 from task1_mnist import run as cli
 from task1_mnist.config import Task1Config
@@ -133,7 +133,7 @@ def test_chain_of_one_link_is_plain_kd(tmp_path, synthetic_mnist):
     # ...and it equals KD done by hand with the same seed, data order and loss.
     import keras
 
-    from common import methods, runs, training
+    from kdtoolkit import methods, runs, training
 
     logits = task.logits_of(*task.teacher_model())
     runs.set_seed(0)
@@ -253,7 +253,7 @@ def test_a_fused_grid_stopped_while_recording_records_the_rest_as_the_same_group
     4 it was (its members kept in its folder; a group of the 2 left would round
     otherwise) and records only the 2, as the uninterrupted group did; the 2 recorded
     are not written again."""
-    from common import runs
+    from kdtoolkit import runs
 
     grid = dict(temperatures=(1.0, 4.0), alphas=(0.2, 0.8), only=("grid",), epochs=2, fuse_grid="on")
     finish, calls = runs.finish, []
@@ -360,7 +360,7 @@ def test_export_measures_each_tflite_file_against_its_keras_model(tmp_path, synt
         (m, v) for m in ("teacher", "kd", "scratch", "dkd") for v in ("float32", "dynamic_int8", "int8")}
     task = Task1(config, arrays=synthetic_mnist)
     images, labels = task.test_arrays()
-    from common import export
+    from kdtoolkit import export
     from task1_mnist.models import build_student
 
     with device.dtype_policy("float32"):  # as exported, whatever precision the run trained at (default: auto)
@@ -554,7 +554,7 @@ def test_npz_with_bad_values_is_one_line_naming_the_file(tmp_path, changes, mess
 
 
 def test_image_and_label_checks_are_pure_and_copy_nothing_valid():
-    from common.data import check_images, check_labels
+    from kdtoolkit.data import check_images, check_labels
 
     x = np.zeros((3, 28, 28, 1), np.uint8)
     assert check_images(x, "x", shape=(28, 28, 1)) is x
@@ -641,7 +641,7 @@ def test_help_shows_defaults_as_typed(capsys):
 
 
 def test_the_default_validation_split_scales_with_limit():
-    from common.data import validation_count
+    from kdtoolkit.data import validation_count
     from task1_mnist.config import Task1Config
 
     share = Task1Config().validation
@@ -655,7 +655,7 @@ class SignalledTask:
     experiments = ("first", "second", "third")
 
     def __init__(self, root, signal_number):
-        from common.results import ResultsStore
+        from kdtoolkit.results import ResultsStore
 
         self.store, self.seed, self.signal_number = ResultsStore(root), 0, signal_number
         self.config = type("Config", (), {"only": self.experiments})()
@@ -679,8 +679,8 @@ class SignalledTask:
 def test_sigterm_stops_as_sigint_does_with_its_own_status_and_timings(tmp_path, capsys, signal_name, status, line):
     import signal
 
-    from common import cli as common_cli
-    from common.sessions import run_experiments
+    from kdtoolkit import cli as common_cli
+    from kdtoolkit.sessions import run_experiments
 
     before = signal.getsignal(signal.SIGTERM)
     task = SignalledTask(tmp_path, getattr(signal, signal_name))

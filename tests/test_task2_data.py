@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common.errors import DataError
+from kdtoolkit.errors import DataError
 from tests.conftest import write_keras_weights
 from task2_mhist import data as mhist
 from task2_mhist import models

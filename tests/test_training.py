@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import data as common_data
-from common import losses, methods, step_sharing, training
-from common.workspaces import Workspaces
+from kdtoolkit import data as common_data
+from kdtoolkit import losses, methods, step_sharing, training
+from kdtoolkit.workspaces import Workspaces
 
 
 def blobs(n=256, seed=0):
@@ -197,7 +197,7 @@ def test_epoch_state_is_saved_after_on_epoch_end(tmp_path):
 
 
 def test_resume_state_is_keyed_by_structure_not_by_keras_auto_names(tmp_path):
-    from common.checkpoint import EpochCheckpoint, variable_keys
+    from kdtoolkit.checkpoint import EpochCheckpoint, variable_keys
 
     def state(model):
         optimizer = keras.optimizers.Adam()
@@ -267,7 +267,7 @@ def test_an_xla_compiled_step_trains_like_the_plain_one():
 def test_mixed_precision_trains_and_resumes(precision, tmp_path):
     """16-bit compute, float32 variables and losses; float16 scales its loss (Keras'
     LossScaleOptimizer), whose state the epoch checkpoint keeps too."""
-    from common import device
+    from kdtoolkit import device
 
     device.configure(precision=precision)
     try:
@@ -289,7 +289,7 @@ def test_mixed_precision_trains_and_resumes(precision, tmp_path):
         assert model.layers[0].compute_dtype == precision.split("_")[1] and model.layers[0].kernel.dtype == "float32"
         assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
         assert history[-1]["test_accuracy"] > 0.95 and np.isfinite(history[-1]["loss"])
-        # Killed and resumed in one shared workspace (common.workspaces), whose loss
+        # Killed and resumed in one shared workspace (kdtoolkit.workspaces), whose loss
         # scale state is copied like Adam's: the weights of the run without either.
         spaces = Workspaces()
         with pytest.raises(KeyboardInterrupt):
@@ -314,7 +314,7 @@ def test_only_full_batches_take_the_xla_step():
 
 def test_auto_jit_is_on_with_a_gpu_unless_deterministic(monkeypatch):
     # Seen on an H100: a deterministic XLA step fails (no deterministic MaxPool gradient).
-    from common import device
+    from kdtoolkit import device
 
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
     monkeypatch.setitem(device._state, "deterministic", False)
@@ -327,7 +327,7 @@ def test_auto_jit_is_on_with_a_gpu_unless_deterministic(monkeypatch):
 
 
 def test_xla_flag_is_added_unless_the_user_set_it(monkeypatch):
-    from common import device
+    from kdtoolkit import device
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     device.use_xla_flag(device.TRITON_GEMM_OFF)
@@ -382,7 +382,7 @@ def test_runs_sharing_a_workspace_train_as_alone():
 
 @pytest.mark.slow
 def test_workspace_is_not_shared_across_structures_or_unsigned_methods():
-    from common.workspaces import structure
+    from kdtoolkit.workspaces import structure
 
     class Unsigned(methods.CrossEntropy):  # a subclass may change the loss: shared only once in step_sharing
         pass
@@ -463,7 +463,7 @@ def test_kd_weights_are_the_same_for_a_number_and_a_variable():
     batch = {**arrays, "teacher_logits": np.asarray(tiny_model(1)(arrays["x"]))}
     student = tiny_model(0)
     number = methods.Distillation(student, temperature=3.0, alpha=0.8)
-    variable = step_sharing.rebind(number, student)  # T and alpha as float32 variables (common.workspaces)
+    variable = step_sharing.rebind(number, student)  # T and alpha as float32 variables (kdtoolkit.workspaces)
     terms = [method.loss_terms(batch, training=False)[0] for method in (number, variable)]
     for name in ("ce", "kd"):
         assert float(terms[0][name]) == float(terms[1][name]), name
@@ -471,14 +471,14 @@ def test_kd_weights_are_the_same_for_a_number_and_a_variable():
 
 def test_every_pipeline_runs_without_tf_data_autotuning(tmp_path):
     """tf.data's autotuner made finished iterators wait out its doubling sleeps (epochs
-    rounded up to 2.55, 10.24, 20.47 s ... on these machines; `common.data.untuned`):
+    rounded up to 2.55, 10.24, 20.47 s ... on these machines; `kdtoolkit.data.untuned`):
     the training, held-out, image-decoding and Distiller pipelines all turn it off, and
     the batches are those of the tuned pipeline."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from conftest import make_mhist
-    from common import fit_data
+    from kdtoolkit import fit_data
     from task2_mhist import data as mhist
 
     arrays = {"x": np.arange(10, dtype=np.float32), "y": np.arange(10) % 2}

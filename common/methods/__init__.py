@@ -3,34 +3,32 @@
 A method is a `Distiller` subclass in `common/methods/<name>.py` holding its pure
 loss functions, its named loss terms, its `Options` (hyperparameters, which
 become CLI flags `--<name>-<field>`), the model outputs it reads and any extra
-trainable variables, and ends with `METHOD = <its class>`. Adding the file's name
-to `MODULES` below makes it an experiment of both tasks (`--only <name>`): the
+trainable variables, decorated with `@register`. Importing this package imports
+every module of this folder (those whose name starts with `_` excepted), so the
+file alone makes the method an experiment of both tasks (`--only <name>`): the
 student distilled with it from the seed's teacher, resumable and recorded like
-every run.
+every run. `REGISTRY` is in alphabetical order of the methods' names.
 """
 
 import dataclasses
 import importlib
+import pkgutil
 
-from common.methods.base import (SHARED_OPTIONS, Context, CrossEntropy, Distiller, Method, argument_name, check_options,
-                                 option_flag)
-from common.methods.kd import Distillation
-from common.methods.subclass import KnownSubclassTeacher, SubclassDistillation, SubclassTeacher
+from kdtoolkit.methods import base
+from kdtoolkit.methods.base import (SHARED_OPTIONS, Context, CrossEntropy, Distiller, LabelFreeTerm, Method,
+                                    SharedStep, argument_name, check_options, option_flag, register)
+from kdtoolkit.methods.kd import Distillation
+from kdtoolkit.methods.subclass import KnownSubclassTeacher, SubclassDistillation, SubclassTeacher
 
-MODULES = ("kd", "dkd", "fitnets", "at", "rkd", "crd", "ls", "cid", "extractive", "sftn")
-
-REGISTRY = {}
-for _module in MODULES:
-    _cls = importlib.import_module(f"common.methods.{_module}").METHOD
-    if _cls.name in REGISTRY:
-        raise ValueError(f"two methods are named {_cls.name!r} ({REGISTRY[_cls.name].__module__} and {_module}); "
-                         "rename one")
-    REGISTRY[_cls.name] = _cls
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+REGISTRY = dict(sorted(base.REGISTRY.items()))
 OTHER_METHODS = tuple(name for name in REGISTRY if name != "kd")  # experiments beside the course's `kd`
 
-__all__ = ["REGISTRY", "SHARED_OPTIONS", "Context", "CrossEntropy", "Distiller", "Method", "Distillation", "KnownSubclassTeacher",
-           "SubclassDistillation", "SubclassTeacher", "argument_name", "get", "option_flags", "make_options",
-           "options_dict"]
+__all__ = ["REGISTRY", "SHARED_OPTIONS", "Context", "CrossEntropy", "Distiller", "LabelFreeTerm", "Method",
+           "SharedStep", "Distillation", "KnownSubclassTeacher", "SubclassDistillation", "SubclassTeacher",
+           "argument_name", "get", "option_flags", "make_options", "options_dict", "register"]
 
 
 def get(name):

@@ -34,8 +34,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from common import losses
-from common.methods.base import Distiller
+from kdtoolkit import losses
+from kdtoolkit.methods.base import Distiller, LabelFreeTerm, register
 
 
 def adaptive_pool_matrix(size_in, size_out):
@@ -104,6 +104,7 @@ class ATOptions:
     weight: float = dataclasses.field(default=1000.0, metadata={"help": "beta; the loss is beta times the map MSE"})
 
 
+@register
 class AttentionTransfer(Distiller):
     """Logged terms: `ce` and `at` (already multiplied by β). The teacher's
     attention maps, not its feature maps, are what is cached per example."""
@@ -114,6 +115,8 @@ class AttentionTransfer(Distiller):
     term_names = ("ce", "at")
     teacher_outputs = ("spatial",)
     student_outputs = ("logits", "spatial")
+    label_free_term = LabelFreeTerm(lambda options, teacher, student: options.weight * feature_map_loss(
+        teacher, student), ("weight",))
 
     @classmethod
     def teacher_targets(cls, outputs):
@@ -134,6 +137,3 @@ class AttentionTransfer(Distiller):
         at = attention_loss(teacher_map, outputs["spatial"])
         return {"ce": losses.teacher_loss(batch["y"], outputs["logits"]),
                 "at": self.options.weight * at}, outputs["logits"]
-
-
-METHOD = AttentionTransfer

@@ -13,7 +13,49 @@ import math
 
 import tensorflow as tf
 
-from common import losses
+from kdtoolkit import losses
+
+
+REGISTRY = {}  # name -> method class, filled by `register` as `kdtoolkit.methods` imports each method file
+
+
+def register(cls):
+    """Class decorator of a method file: adds the `Distiller` subclass `cls` to the
+    registry under `cls.name` (an experiment of both tasks, `--only <name>`)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name: set `name = \"...\"` to register it")
+    if REGISTRY.get(cls.name, cls) is not cls:
+        raise ValueError(f"two methods are named {cls.name!r} ({REGISTRY[cls.name].__module__} and "
+                         f"{cls.__module__}); rename one")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedStep:
+    """How runs of one method class may share a compiled step (`kdtoolkit.step_sharing`).
+
+    `signature(method)`: what the loss graph depends on beyond the model, the class
+    and `runtime`, as a hashable value (runs of equal signature and model structure
+    share one step); `runtime`: float options read as variables there, so one step
+    serves every value (KD's T and alpha); `stackable`: the loss terms broadcast
+    over fused members (`kdtoolkit.fused`).
+    """
+
+    signature: object
+    runtime: tuple = ()
+    stackable: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelFreeTerm:
+    """A method's distillation term without labels or trained layers, as a
+    `keras.distillation` loss (`kdtoolkit.method_loss.MethodLoss`):
+    `function(options, teacher_output, student_output) -> scalar`, and the option
+    names it uses."""
+
+    function: object
+    options: tuple
 
 
 class Method:
@@ -23,11 +65,14 @@ class Method:
     each is logged). `extra_layers` are layers the method trains or updates beside
     the model (a regressor, projection heads, a memory bank): their variables are
     trained with the model's and saved in every epoch checkpoint, but are not part
-    of the model that is kept.
+    of the model that is kept. `shared_step` (a `SharedStep`, or None: every run
+    compiles its own) is read from the class itself, not inherited: a subclass that
+    changes the loss shares nothing until it declares its own.
     """
 
     term_names = ()
     extra_layers = ()
+    shared_step = None
 
     def __init__(self, model):
         self.model = model
@@ -53,13 +98,13 @@ class Method:
         raise NotImplementedError
 
     def epoch_line(self, record, epochs):
-        """The progress line of one epoch's record (`common.training.format_epoch`)."""
-        from common.training import format_epoch
+        """The progress line of one epoch's record (`kdtoolkit.training.format_epoch`)."""
+        from kdtoolkit.training import format_epoch
 
         return format_epoch(record, epochs, self.term_names)
 
     def begin_epoch(self, epoch, epochs):
-        """Called by `common.training.fit` before each epoch (1-based) of `epochs`,
+        """Called by `kdtoolkit.training.fit` before each epoch (1-based) of `epochs`,
         resumed ones included: a method with a schedule (DKD's warm-up) sets its
         variables here. Nothing by default."""
 
@@ -68,6 +113,7 @@ class CrossEntropy(Method):
     """Supervised training on hard labels: a teacher, or a student from scratch."""
 
     term_names = ("ce",)
+    shared_step = SharedStep(lambda method: (), stackable=True)
 
     def loss_terms(self, batch, training=True):
         _, logits = self.forward(batch["x"], training=training)
@@ -180,6 +226,7 @@ class Distiller(Method):
     teacher_settings = ()  # the options that shape that teacher (its run's identity)
     per_example = False  # keeps state per training example (by "index": CRD's memory bank), built for one set
     single_replica = ""  # why the method cannot be split across replicas of a tf.distribute strategy ("": it can)
+    label_free_term = None  # a `LabelFreeTerm`: the method as a keras.distillation loss (kd, at, rkd); not inherited
 
     def __init__(self, student, options=None, context=None, teacher=None, **values):
         """`values`: options given by name (`temperature=2`), over `options`' (default: the defaults)."""
@@ -234,7 +281,7 @@ class Distiller(Method):
     @classmethod
     def prediction_head(cls, options, num_classes):
         """A layer `[embedding, logits] -> class logits` that becomes part of the trained
-        student (`common.deployed.with_head`), or None: the student predicts with its
+        student (`kdtoolkit.deployed.with_head`), or None: the student predicts with its
         own logits (every method but CID)."""
         return None
 

@@ -44,7 +44,7 @@ Deployment: `prediction_head` makes g and D part of the trained student, an
 weights, its evaluation, its FLOPs and its TFLite files all include them.
 `Intervention.active` (0 before g trains, 1 after) is saved with them, so a
 student trained for no more than `init_epochs` epochs predicts with z_s.
-`common.deployed.plain_keras` gives the same predictions from Keras'
+`kdtoolkit.deployed.plain_keras` gives the same predictions from Keras'
 built-in layers alone (`Intervention.builtin_outputs`), a `.keras` file that
 loads without this toolkit.
 """
@@ -54,8 +54,8 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from common import losses
-from common.methods.base import Distiller, temperature_field
+from kdtoolkit import losses
+from kdtoolkit.methods.base import Distiller, register, temperature_field
 
 
 def normalised_mse(regressed, teacher_features):
@@ -124,7 +124,7 @@ class Intervention(keras.layers.Layer):
 
     def builtin_outputs(self, embedding, logits):
         """This layer's current prediction on symbolic `embedding (batch, d)` and `logits
-        (batch, K)` in Keras' built-in layers only, float32 (`common.deployed.plain_keras`):
+        (batch, K)` in Keras' built-in layers only, float32 (`kdtoolkit.deployed.plain_keras`):
         when `active`, Rescaling(1/T) -> Softmax -> Dense(d, no bias; kernel D (K, d)) the
         context (batch, d), Concatenate([embedding, context]) (batch, 2d) -> Dense(K; g's
         kernel (2d, K) and bias); else the logits. Weights are copied: later training of
@@ -189,6 +189,7 @@ class CIDOptions:
         "help": "u: the dictionary is u * old + (1 - u) * the last epoch's", "maximum": 1.0})
 
 
+@register
 class CID(Distiller):
     """Logged terms: `kd`, `ce` (the head's, 0 before it trains), `sample` and `class`, each weighted."""
 
@@ -239,7 +240,7 @@ class CID(Distiller):
     def loss_terms(self, batch, training=True):
         if self.intervention is None:
             raise ValueError("cid trains a student that predicts through its Intervention layer: build it with "
-                             "common.deployed.with_head(student, CID.prediction_head(...), feature_model)")
+                             "kdtoolkit.deployed.with_head(student, CID.prediction_head(...), feature_model)")
         o = self.options
         outputs, targets = self.student(batch["x"], training), self.targets(batch)
         logits, features = tf.cast(outputs["logits"], tf.float32), tf.cast(outputs["embedding"], tf.float32)
@@ -255,6 +256,3 @@ class CID(Distiller):
             "class": o.class_weight * class_similarity_loss(features, targets["embedding"], labels),
         }
         return terms, tf.where(active > 0, head_logits, logits)
-
-
-METHOD = CID

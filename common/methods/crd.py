@@ -48,8 +48,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import losses
-from common.methods.base import Distiller
+from kdtoolkit import losses
+from kdtoolkit.methods.base import Distiller, register
 
 
 def nce_loss(positive, negatives, num_examples):
@@ -175,6 +175,7 @@ class CRDOptions:
     negatives: int = dataclasses.field(default=4096, metadata={"help": "K, negatives per anchor"})
 
 
+@register
 class CRD(Distiller):
     """Logged terms: `ce` and `crd` (already multiplied by β)."""
 
@@ -205,6 +206,3 @@ class CRD(Distiller):
         crd = self.memory.loss(outputs["embedding"], self.targets(batch)["embedding"], batch["index"])
         return {"ce": losses.teacher_loss(batch["y"], outputs["logits"]),
                 "crd": self.options.weight * crd}, outputs["logits"]
-
-
-METHOD = CRD

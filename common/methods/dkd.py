@@ -26,8 +26,8 @@ import dataclasses
 
 import tensorflow as tf
 
-from common import losses
-from common.methods.base import Distiller, temperature_field
+from kdtoolkit import losses
+from kdtoolkit.methods.base import Distiller, register, temperature_field
 
 
 def dkd_parts(labels, student_logits, teacher_logits, temperature):
@@ -68,6 +68,7 @@ def warmup_scale(epoch, epochs, warmup):
 
 
 
+@register
 class DKD(Distiller):
     """Logged terms: `ce`, `tckd` and `nckd` (each already weighted, warmed up and
     scaled by T²)."""
@@ -92,6 +93,3 @@ class DKD(Distiller):
         return {"ce": losses.teacher_loss(batch["y"], logits),
                 "tckd": self.options.tckd_weight * scale * tckd,
                 "nckd": self.options.nckd_weight * scale * nckd}, logits
-
-
-METHOD = DKD

@@ -34,8 +34,8 @@ import dataclasses
 
 import tensorflow as tf
 
-from common import losses
-from common.methods.base import Distiller, alpha_field, temperature_field
+from kdtoolkit import losses
+from kdtoolkit.methods.base import Distiller, alpha_field, register, temperature_field
 
 
 def distinctive_target(teacher_logits, temperature, smoothing=0.0):
@@ -66,6 +66,7 @@ class ExtractiveOptions:
     alpha: float = alpha_field()
 
 
+@register
 class ExtractiveKD(Distiller):
     """Logged terms: `ce` and `extractive` (already weighted by α and 1 − α)."""
 
@@ -81,6 +82,3 @@ class ExtractiveKD(Distiller):
         target = distinctive_target(self.targets(batch)["logits"], o.temperature, o.epsilon)
         return {"ce": o.alpha * losses.teacher_loss(batch["y"], logits),
                 "extractive": (1.0 - o.alpha) * extractive_loss(target, logits, o.student_temperature)}, logits
-
-
-METHOD = ExtractiveKD

@@ -35,8 +35,8 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from common import losses
-from common.methods.base import Distiller
+from kdtoolkit import losses
+from kdtoolkit.methods.base import Distiller, register
 
 
 def hint_loss(teacher_hint, student_regressed):
@@ -78,6 +78,7 @@ class FitNetsOptions:
     weight: float = dataclasses.field(default=100.0, metadata={"help": "beta, weight of the hint loss"})
 
 
+@register
 class FitNets(Distiller):
     """Logged terms: `ce` and `hint` (already multiplied by β)."""
 
@@ -106,6 +107,3 @@ class FitNets(Distiller):
         hint = hint_loss(self.targets(batch)["hint"], regressed)
         return {"ce": losses.teacher_loss(batch["y"], outputs["logits"]),
                 "hint": self.options.weight * hint}, outputs["logits"]
-
-
-METHOD = FitNets

@@ -3,15 +3,15 @@
     L = α · CE(y, softmax(z_s)) + (1 − α) · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))
 
 z_s, z_t: student and teacher logits; T: `--temperature`; α: `--alpha`. The loss
-functions are `common.losses.teacher_loss` and `common.losses.distillation_loss`.
+functions are `kdtoolkit.losses.teacher_loss` and `kdtoolkit.losses.distillation_loss`.
 """
 
 import dataclasses
 
 import tensorflow as tf
 
-from common import losses
-from common.methods.base import Distiller, alpha_field, temperature_field
+from kdtoolkit import losses
+from kdtoolkit.methods.base import Distiller, LabelFreeTerm, SharedStep, alpha_field, register, temperature_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +20,7 @@ class KDOptions:
     alpha: float = alpha_field()
 
 
+@register
 class Distillation(Distiller):
     """Hinton KD; the two weighted parts are logged as `ce` and `kd` (their sum is
     exactly `losses.student_loss`). `teacher` is only needed when batches carry no
@@ -29,6 +30,10 @@ class Distillation(Distiller):
     summary = "KD (Hinton et al. 2015): alpha CE + (1 - alpha) T^2 KL of softened logits (--temperature, --alpha)"
     Options = KDOptions
     term_names = ("ce", "kd")
+    # A teacher that runs per step (no cached targets) is part of the step.
+    shared_step = SharedStep(lambda method: (id(method.teacher),), runtime=("temperature", "alpha"), stackable=True)
+    label_free_term = LabelFreeTerm(lambda options, teacher, student: losses.distillation_loss(
+        teacher, student, options.temperature), ("temperature",))
 
     def __init__(self, student, options=None, context=None, teacher=None, **values):
         super().__init__(student, options, context, teacher, **values)
@@ -45,6 +50,3 @@ class Distillation(Distiller):
             "ce": alpha * losses.teacher_loss(batch["y"], logits),
             "kd": (1.0 - alpha) * losses.distillation_loss(self.teacher_logits(batch), outputs, self.temperature),
         }, logits
-
-
-METHOD = Distillation

@@ -19,7 +19,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from common.methods.base import Distiller
+from kdtoolkit.methods.base import Distiller, register
 
 
 def smoothed_cross_entropy(labels, logits, epsilon):
@@ -36,6 +36,7 @@ class LSOptions:
     epsilon: float = dataclasses.field(default=0.1, metadata={"help": "label smoothing epsilon", "maximum": 1.0})
 
 
+@register
 class LabelSmoothing(Distiller):
     """Logged term: `ls_ce`, the smoothed cross-entropy (the whole loss)."""
 
@@ -48,6 +49,3 @@ class LabelSmoothing(Distiller):
     def loss_terms(self, batch, training=True):
         logits = self.student(batch["x"], training)["logits"]
         return {"ls_ce": smoothed_cross_entropy(batch["y"], logits, self.options.epsilon)}, logits
-
-
-METHOD = LabelSmoothing

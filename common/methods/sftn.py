@@ -30,9 +30,9 @@ import dataclasses
 
 import tensorflow as tf
 
-from common import losses
-from common.methods.base import Method
-from common.methods.kd import Distillation, KDOptions
+from kdtoolkit import losses
+from kdtoolkit.methods.base import Method, register
+from kdtoolkit.methods.kd import Distillation, KDOptions
 
 
 def branch_kl(branch_logits, teacher_logits, temperature):
@@ -79,6 +79,7 @@ class SFTNOptions(KDOptions):
         "help": "tau, temperature of the branches' KL", "exclusive": True})
 
 
+@register
 class SFTN(Distillation):
     """Stage 2 is KD (its loss terms `ce` and `kd`); `teacher_objective` is stage 1."""
 
@@ -88,6 +89,3 @@ class SFTN(Distillation):
     Options = SFTNOptions
     teacher_objective = SFTNTeacher
     teacher_settings = ("teacher_weight", "branch_ce_weight", "branch_kl_weight", "branch_temperature")
-
-
-METHOD = SFTN

@@ -1,14 +1,14 @@
 """Subclass distillation (Müller, Kornblith & Hinton 2020) and its known-subclass
-variant; the formulas and loss functions are in `common.losses`.
+variant; the formulas and loss functions are in `kdtoolkit.losses`.
 
 A model with C classes and S subclasses per class outputs C·S class-major logits
 and predicts classes through their logsumexp. These are task recipes (`skd`),
 since each needs a teacher of its own, not the task's ordinary teacher.
 """
 
-from common import losses
-from common.methods.base import Method
-from common.methods.kd import Distillation
+from kdtoolkit import losses
+from kdtoolkit.methods.base import Method, SharedStep
+from kdtoolkit.methods.kd import Distillation
 
 
 class SubclassMethod(Method):
@@ -30,6 +30,7 @@ class SubclassTeacher(SubclassMethod):
     """
 
     term_names = ("ce", "aux")
+    shared_step = SharedStep(lambda method: (method.num_classes, method.aux_weight, method.aux_temperature))
 
     def __init__(self, model, num_classes, aux_weight=1.0, aux_temperature=1.0):
         super().__init__(model, num_classes)
@@ -51,6 +52,8 @@ class SubclassDistillation(SubclassMethod, Distillation):
     `"teacher_logits"` in the batch are the teacher's `(batch, C·S)` subclass logits.
     """
 
+    shared_step = SharedStep(lambda method: (method.num_classes, id(method.teacher)), runtime=("temperature", "alpha"))
+
     def __init__(self, student, num_classes, options=None, teacher=None, **values):
         Distillation.__init__(self, student, options, teacher=teacher, **values)
         self.num_classes = int(num_classes)
@@ -64,6 +67,7 @@ class KnownSubclassTeacher(SubclassMethod):
     cross-entropy over the `C·S` subclass logits; predicts classes via logsumexp."""
 
     term_names = ("ce",)
+    shared_step = SharedStep(lambda method: (method.num_classes,))
 
     def loss_terms(self, batch, training=True):
         subclass_logits, logits = self.forward(batch["x"], training=training)

@@ -14,9 +14,9 @@ metric is the task's (`test_accuracy`; Task 2: `test_auc`).
 import numpy as np
 import tensorflow as tf
 
-from common import training
-from common.metrics import top1_agreement
-from common.studies import save_table
+from kdtoolkit import training
+from kdtoolkit.metrics import top1_agreement
+from kdtoolkit.studies import save_table
 
 
 def mean_logits(members):
@@ -28,7 +28,7 @@ def mean_logits(members):
 
 
 def run(task, seeds):
-    """The study on `task` (a `common.recipes.Recipes`) with the teachers of `seeds`;
+    """The study on `task` (a `kdtoolkit.recipes.Recipes`) with the teachers of `seeds`;
     writes `ensemble-s<seed>.csv` and `.json`; returns the rows."""
     members = [task.for_seed(seed).teacher_model() for seed in seeds]
     tag = "m" + ".".join(str(seed) for seed in seeds)

@@ -5,20 +5,20 @@ similar an example is to the other classes, the information distillation
 transfers: Müller et al. found that teachers trained with label smoothing are
 better alone but distil worse students. This study trains a second teacher of
 the same architecture and schedule with the `ls` objective
-(`common.methods.ls`, ε = `--ls-epsilon`), distils a student from it by KD at
+(`kdtoolkit.methods.ls`, ε = `--ls-epsilon`), distils a student from it by KD at
 the config's T and alpha, and puts both teachers and both students side by side
 with each teacher's soft-target entropy at T (how much "dark knowledge" its
 softened outputs carry); the metric is the task's (`test_accuracy`; Task 2:
 `test_auc`).
 """
 
-from common import losses, methods
-from common.methods.ls import LabelSmoothing
-from common.studies import save_table
+from kdtoolkit import losses, methods
+from kdtoolkit.methods.ls import LabelSmoothing
+from kdtoolkit.studies import save_table
 
 
 def run(task, build_teacher):
-    """The study on `task` (a `common.recipes.Recipes`): writes
+    """The study on `task` (a `kdtoolkit.recipes.Recipes`): writes
     `smoothed_teacher-s<seed>.csv` and `.json`; returns the rows."""
     options = methods.make_options("ls", dict(task.config.method_options).get("ls", {}))
     tag = f"e{options.epsilon:g}"

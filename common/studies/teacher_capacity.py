@@ -13,8 +13,8 @@ mean entropy of its softened outputs at T on the training set, and its
 student's test metric and agreement with it.
 """
 
-from common import losses, methods
-from common.studies import save_table
+from kdtoolkit import losses, methods
+from kdtoolkit.studies import save_table
 
 
 def preset_teacher(task, preset, build, course="course"):
@@ -33,7 +33,7 @@ def preset_teacher(task, preset, build, course="course"):
 
 
 def run(task, presets, course="course"):
-    """The study on `task` (a `common.recipes.Recipes`) over `presets` (`{name: build}`;
+    """The study on `task` (a `kdtoolkit.recipes.Recipes`) over `presets` (`{name: build}`;
     `course`: the preset that is the task's own teacher). Writes
     `teacher_capacity-s<seed>.csv` and `.json`; returns the rows."""
     temperature = task.method_settings(methods.Distillation)["temperature"]
