@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdtoolkit import cli  # noqa: E402
+from kdtoolkit.runner import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
@@ -52,10 +52,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import roofline  # noqa: E402  (bench/, beside this file)
-from kdtoolkit import config as cfg  # noqa: E402
-from kdtoolkit import device, methods, runs, training  # noqa: E402
+from kdtoolkit.runner import config as cfg  # noqa: E402
+from kdtoolkit import device, methods, training
+from kdtoolkit.runner import runs  # noqa: E402
 from kdtoolkit.data import validation_count  # noqa: E402
-from kdtoolkit.results import write_json_atomic  # noqa: E402
+from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
 from task2_mhist import data as mhist  # noqa: E402
 from task2_mhist import models  # noqa: E402
 from task2_mhist.config import Task2Config  # noqa: E402

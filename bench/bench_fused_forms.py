@@ -1,4 +1,4 @@
-"""Benchmark: the two forms of a fused grid (`kdtoolkit.fused`), first step and steady steps.
+"""Benchmark: the two forms of a fused grid (`kdtoolkit.speed.fused`), first step and steady steps.
 
 Builds `--cells` Task 1 MLP students (KD at the default grid's T and alpha, one
 seed), fuses them looped (`Fused`, `--fuse-grid on`) and stacked (`Stacked`,
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdtoolkit import cli  # noqa: E402
+from kdtoolkit.runner import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
@@ -30,9 +30,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kdtoolkit import data as common_data  # noqa: E402
-from kdtoolkit import device, methods, runs, training  # noqa: E402
-from kdtoolkit.fused import Fused, Stacked  # noqa: E402
-from kdtoolkit.results import write_json_atomic  # noqa: E402
+from kdtoolkit import device, methods, training
+from kdtoolkit.runner import runs  # noqa: E402
+from kdtoolkit.speed.fused import Fused, Stacked  # noqa: E402
+from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
 from task1_mnist.models import build_student  # noqa: E402
 
 TEMPERATURES, ALPHAS = (1.0, 2.0, 4.0, 16.0, 32.0, 64.0), (0.2, 0.5, 0.8)

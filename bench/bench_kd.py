@@ -15,7 +15,7 @@ data, in one process, at the same T, alpha, batch size, optimizer and epochs:
 The toolkit also runs with several steps per compiled call and with an XLA-compiled
 step (`--steps-per-call`, `--jit on` of the task commands). Then the T x alpha
 grid (scaled down: `--grid-cells` cells of `--epochs` epochs): the toolkit cell by
-cell, the toolkit with the cells fused in one step in both forms of `kdtoolkit.fused`
+cell, the toolkit with the cells fused in one step in both forms of `kdtoolkit.speed.fused`
 (looped: one model per cell, `--fuse-grid on`; stacked: the cells' weights stacked,
 `--fuse-grid stacked`), and Distiller. Writes `bench/results/kd_mnist.json`
 and prints a table.
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdtoolkit import cli  # noqa: E402
+from kdtoolkit.runner import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
@@ -40,10 +40,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kdtoolkit import data as common_data  # noqa: E402
-from kdtoolkit import device, losses, methods, runs, training  # noqa: E402
+from kdtoolkit import device, losses, methods, training
+from kdtoolkit.runner import runs  # noqa: E402
 from kdtoolkit.distiller import Distiller  # noqa: E402
-from kdtoolkit.fused import Fused, Stacked  # noqa: E402
-from kdtoolkit.results import write_json_atomic  # noqa: E402
+from kdtoolkit.speed.fused import Fused, Stacked  # noqa: E402
+from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
 from task1_mnist import data as mnist  # noqa: E402
 from task1_mnist.models import build_student, build_teacher  # noqa: E402
 
@@ -98,7 +99,7 @@ def main(argv=None):
         return time.perf_counter() - start, student
 
     def toolkit_fused(cells, epochs, logits, form):
-        """The cells' students in one compiled step (`kdtoolkit.fused`; `form` is `Fused`
+        """The cells' students in one compiled step (`kdtoolkit.speed.fused`; `form` is `Fused`
         or `Stacked`); returns (students, seconds of the first epoch, which traces the
         step, and of the last)."""
         students = []

@@ -29,15 +29,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdtoolkit import cli  # noqa: E402
+from kdtoolkit.runner import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
 import keras  # noqa: E402
 
-from kdtoolkit import methods, runs, training  # noqa: E402
+from kdtoolkit import methods, training
+from kdtoolkit.runner import runs  # noqa: E402
 from bench.run_times import later_epochs  # noqa: E402
-from kdtoolkit.results import write_json_atomic  # noqa: E402
+from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
 from task2_mhist import models  # noqa: E402
 from task2_mhist import data as mhist  # noqa: E402
 from task2_mhist.config import Task2Config  # noqa: E402

@@ -1,4 +1,4 @@
-"""Benchmark: Task 2 runs sharing compiled training steps (`kdtoolkit.workspaces`) or not.
+"""Benchmark: Task 2 runs sharing compiled training steps (`kdtoolkit.speed.workspaces`) or not.
 
 Runs the Task 2 command twice on an MHIST-layout folder, each in its own process
 and results folder: with the default shared steps, then with `--no-share-steps`
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.run_times import run_times  # noqa: E402
-from kdtoolkit.results import write_json_atomic  # noqa: E402
+from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
 
 
 def parse_args(argv=None):

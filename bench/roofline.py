@@ -9,7 +9,7 @@ In one process, at each precision:
   (median of 5 trials after a warm-up);
 - achieved: the toolkit's compiled training step (`kdtoolkit.training.fit`) for the
   CNN teacher (cross-entropy), the KD student (cached teacher logits) and a fused
-  grid of `--grid-cells` KD cells (`kdtoolkit.fused`), on random MNIST-shaped data
+  grid of `--grid-cells` KD cells (`kdtoolkit.speed.fused`), on random MNIST-shaped data
   (speed does not depend on the values): images/s of the last epoch, times the
   training FLOPs per image (3 x the forward FLOPs at batch 1: forward plus a
   backward of twice its cost), and the cores kept busy (CPU seconds / seconds);
@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdtoolkit import cli  # noqa: E402
+from kdtoolkit.runner import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
@@ -45,9 +45,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kdtoolkit import data as common_data  # noqa: E402
-from kdtoolkit import device, methods, runs, training  # noqa: E402
-from kdtoolkit.fused import Fused  # noqa: E402
-from kdtoolkit.results import write_json_atomic  # noqa: E402
+from kdtoolkit import device, methods, training
+from kdtoolkit.runner import runs  # noqa: E402
+from kdtoolkit.speed.fused import Fused  # noqa: E402
+from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
 from task1_mnist.config import Task1Config  # noqa: E402
 from task1_mnist.models import build_student, build_teacher  # noqa: E402
 

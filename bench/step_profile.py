@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdtoolkit import cli  # noqa: E402
+from kdtoolkit.runner import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 
@@ -44,8 +44,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kdtoolkit import data as common_data  # noqa: E402
-from kdtoolkit import device, methods, runs, training  # noqa: E402
-from kdtoolkit.results import write_json_atomic  # noqa: E402
+from kdtoolkit import device, methods, training
+from kdtoolkit.runner import runs  # noqa: E402
+from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
 from task1_mnist.models import build_student, build_teacher  # noqa: E402
 
 BATCH = 256

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtoolkit.results import ensure_space, npz_problem, state_check, write_arrays_atomic
+from kdtoolkit.files import ensure_space, npz_problem, state_check, write_arrays_atomic
 
 
 def _sublayers(layer):

@@ -4,7 +4,7 @@ Shapes: `labels` is `(batch,)` integer class ids; every `*_logits` argument is
 `(batch, classes)` unnormalised scores. Each loss returns the batch mean as a
 scalar `float32` tensor. `teacher_loss` and `distillation_loss` also take the
 student logits of several models at once, `(members, batch, classes)` (fused
-runs, `kdtoolkit.fused`), and then return each member's batch mean,
+runs, `kdtoolkit.speed.fused`), and then return each member's batch mean,
 `(members,)`; `distillation_loss`'s temperature may then be `(members,)` too.
 
 Convention (Hinton et al. 2015; the course and keras.io use it too): in

@@ -127,13 +127,13 @@ def make_train_step(method, optimizer, strategy=None, element_spec=None, jit=Fal
 
     `means` tracks each loss term, `"loss"` (their sum) and `"train_accuracy"` (one
     per model, `"<prefix>train_accuracy"`, when the method trains several and
-    returns their logits by prefix: `kdtoolkit.fused`), averaged over the examples seen since the last reset.
+    returns their logits by prefix: `kdtoolkit.speed.fused`), averaged over the examples seen since the last reset.
     Each step is `descend` (see there for `tf.distribute`). The model must have
     been built under `strategy.scope()`.
     """
     strategy = strategy or tf.distribute.get_strategy()
     variables = method.trainable_variables
-    prefixes = getattr(method, "prefixes", ("",))  # several models' (`kdtoolkit.fused`), or one
+    prefixes = getattr(method, "prefixes", ("",))  # several models' (`kdtoolkit.speed.fused`), or one
     with strategy.scope():
         means = StepMeans([*method.term_names, "loss", *(f"{p}train_accuracy" for p in prefixes)])
         optimizer.build(variables)
@@ -242,7 +242,7 @@ def fit(
       jit, steps_per_call: see `make_train_step`; neither changes the updates.
       prepare: see `make_train_step` (the same function must be given to
         `evaluate`'s predictions if its batches need it).
-      workspaces: optional `kdtoolkit.workspaces.Workspaces`: the run trains in the
+      workspaces: optional `kdtoolkit.speed.workspaces.Workspaces`: the run trains in the
         workspace of its structure, whose compiled step earlier runs of the same
         structure traced (and XLA compiled); `method.model` gets the weights after
         every epoch and `optimizer` the final state. The updates are the same.

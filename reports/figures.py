@@ -4,7 +4,8 @@ explanation panels (LIME, occlusion)."""
 import matplotlib.pyplot as plt
 import numpy as np
 
-from kdtoolkit.results import mean_std, npz_problem
+from kdtoolkit.files import npz_problem
+from kdtoolkit.runner.results import mean_std
 from reports.document import number
 from reports.read import damaged, json_file
 

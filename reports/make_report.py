@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdtoolkit.results import ResultsStore, is_set_aside  # noqa: E402
+from kdtoolkit.runner.results import ResultsStore, is_set_aside  # noqa: E402
 from reports.document import Report, guarded  # noqa: E402
 from reports.read import DAMAGED  # noqa: E402
 from reports.records import is_synthetic  # noqa: E402

@@ -2,7 +2,7 @@
 recall (its test accuracy) and F1 for the teacher, the KD student and the
 scratch student, and the epochs each took to reach a test accuracy."""
 
-from kdtoolkit.results import mean_std
+from kdtoolkit.runner.results import mean_std
 
 LEVELS = (0.97, 0.98, 0.99)  # test accuracies whose first epoch is reported
 

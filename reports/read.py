@@ -6,7 +6,8 @@ import csv
 
 import numpy as np
 
-from kdtoolkit.results import ResultsStore, npz_problem, read_json, test_outputs_check
+from kdtoolkit.files import npz_problem, read_json
+from kdtoolkit.runner.results import ResultsStore, test_outputs_check
 
 
 DAMAGED = {}  # `{path: problem}` of the damaged files skipped while building the current report

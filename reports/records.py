@@ -5,7 +5,7 @@ a table."""
 from pathlib import Path
 
 from kdtoolkit.metrics import top1_agreement
-from kdtoolkit.results import mean_std, seed_group
+from kdtoolkit.runner.results import mean_std, seed_group
 from reports import registry
 from reports.read import outputs_of
 

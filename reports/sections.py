@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from kdtoolkit.metrics import reliability
-from kdtoolkit.results import mean_std, read_jsonl
+from kdtoolkit.files import read_jsonl
+from kdtoolkit.runner.results import mean_std
 from reports import registry
 from reports.document import fmt
 from reports.read import damaged, outputs_of, read_csv

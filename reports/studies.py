@@ -4,7 +4,8 @@ tables (`<study>-s<seed>.json`), mean ± std over seeds."""
 import matplotlib.pyplot as plt
 import numpy as np
 
-from kdtoolkit.results import mean_std, npz_problem, read_json
+from kdtoolkit.files import npz_problem, read_json
+from kdtoolkit.runner.results import mean_std
 
 
 STEMS = ("missing", "smoothed_teacher", "data_efficiency", "ensemble", "teacher_capacity", "attributions",
@@ -284,7 +285,7 @@ NOISE_SECTIONS = {  # table stem: (heading, --only, level column, its scale, wha
 
 def training_noise(report, root, stem):
     """Teacher, KD and scratch test accuracy against the level of one corruption of
-    the training set (`NOISE_SECTIONS`, `kdtoolkit.studies.training_noise`)."""
+    the training set (`NOISE_SECTIONS`, `kdtoolkit.runner.studies.training_noise`)."""
     heading, only, column, scale, what = NOISE_SECTIONS[stem]
     tables = _tables(report, root, stem, heading.lower(), only)
     if not tables:

@@ -6,7 +6,7 @@ explanations and cost."""
 import matplotlib.pyplot as plt
 import numpy as np
 
-from kdtoolkit.results import mean_std
+from kdtoolkit.runner.results import mean_std
 from reports.document import fmt, guarded
 from reports.figures import explanation_panel, t_curve_figure
 from reports.per_class import per_class_table

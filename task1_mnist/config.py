@@ -2,14 +2,14 @@
 
 import dataclasses
 
-from kdtoolkit import config as cfg
+from kdtoolkit.runner import config as cfg
 from kdtoolkit import losses, methods
 
 COURSE = (
     "teacher", "kd", "scratch", "grid", "flops", "entropy", *methods.OTHER_METHODS, "skd", "takd", "eskd", "export",
     "lime", "occlusion",
 )
-# research studies (`kdtoolkit.studies`): run when named in --only
+# research studies (`kdtoolkit.runner.studies`): run when named in --only
 STUDIES = ("missing", "smoothed", "efficiency", "ensemble", "capacity", "attributions", "noise", "corruption",
            "dynamics")
 EXPERIMENTS = (*COURSE, *STUDIES)
@@ -24,7 +24,7 @@ class Task1Config(cfg.SharedConfig):
     """Settings of a Task 1 invocation (shared ones in `SharedConfig`); validated on construction.
 
     `fuse_grid`: whether the grid's students train together in one compiled step
-    (`Task1.fuses_grid`): `on`, `stacked` (their weights stacked: `kdtoolkit.fused`),
+    (`Task1.fuses_grid`): `on`, `stacked` (their weights stacked: `kdtoolkit.speed.fused`),
     `off`, or `auto` (see there).
     """
 

@@ -2,7 +2,7 @@
 subclass KD, teacher-assistant KD chains and early-stopped teachers.
 
 Every recipe trains through `kdtoolkit.training.fit` and records through
-`kdtoolkit.runs.run`, so each run is resumable and carries its config, seed,
+`kdtoolkit.runner.runs.run`, so each run is resumable and carries its config, seed,
 versions, history and timings. A frozen model's logits on the training set are
 computed once and reused by every student distilled from it (MNIST has no
 augmentation, so they never change).
@@ -11,14 +11,16 @@ augmentation, so they never change).
 import numpy as np
 
 from kdtoolkit import data as common_data
-from kdtoolkit import explain, losses, methods, runs, training
+from kdtoolkit import losses, methods, training
+from kdtoolkit.deploy import explain
+from kdtoolkit.runner import runs
 from kdtoolkit.errors import DataError
-from kdtoolkit.fused_runs import distil_fused
+from task1_mnist.fused_runs import distil_fused
 from kdtoolkit.metrics import class_metrics
-from kdtoolkit.recipes import Recipes
-from kdtoolkit.results import save_weights, write_csv_atomic
-from kdtoolkit.run_spec import method_stem, run_tag
-from kdtoolkit.studies import (attributions, data_efficiency, ensemble, explanation_dynamics, missing_class,
+from kdtoolkit.runner.recipes import Recipes
+from kdtoolkit.files import save_weights, write_csv_atomic
+from kdtoolkit.runner.run_spec import method_stem, run_tag
+from kdtoolkit.runner.studies import (attributions, data_efficiency, ensemble, explanation_dynamics, missing_class,
                             smoothed_teacher, teacher_capacity, training_noise)
 from task1_mnist import data as mnist
 from task1_mnist import models
@@ -27,7 +29,7 @@ from task1_mnist.models import NUM_CLASSES, build_assistant, build_student, buil
 EVAL_BATCH = 1024
 
 
-STUDY_RUNS = {  # `kdtoolkit.studies` on Task 1, run by name (`--only`); see docs/studies.md
+STUDY_RUNS = {  # `kdtoolkit.runner.studies` on Task 1, run by name (`--only`); see docs/studies.md
     "missing": lambda task: missing_class.run(task, task.config.missing_class, build_student, {
         size: teacher_capacity.preset_teacher(task, size, models.TEACHER_PRESETS[size])
         for size in task.config.missing_teachers}),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kdtoolkit import cli  # noqa: E402
+from kdtoolkit.runner import cli  # noqa: E402
 
 cli.import_tensorflow_quietly()
 from task1_mnist.config import EXPERIMENTS, FUSE_GRID, Task1Config  # noqa: E402

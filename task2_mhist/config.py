@@ -3,12 +3,12 @@
 import dataclasses
 from typing import Optional
 
-from kdtoolkit import config as cfg
+from kdtoolkit.runner import config as cfg
 from kdtoolkit import methods
 
 COURSE = ("teacher", "kd", "scratch", "tcurve", "pretrained", *methods.OTHER_METHODS, "skd", "takd", "flops",
           "export", "lime", "occlusion")
-STUDIES = ("smoothed", "efficiency", "ensemble", "capacity")  # research studies (`kdtoolkit.studies`): run when named in --only
+STUDIES = ("smoothed", "efficiency", "ensemble", "capacity")  # research studies (`kdtoolkit.runner.studies`): run when named in --only
 EXPERIMENTS = (*COURSE, *STUDIES)
 PHASES = ("feature-extraction", "finetune", "all")
 FEATURE_CACHE = ("auto", "on", "off")

@@ -17,12 +17,15 @@ import math
 
 import numpy as np
 
-from kdtoolkit import batchnorm, explain, methods, runs, training
+from kdtoolkit import methods, training
+from kdtoolkit.deploy import explain
+from kdtoolkit.runner import runs
+from task2_mhist import batchnorm
 from kdtoolkit.metrics import binary_metrics
-from kdtoolkit.recipes import Recipes, deployable
-from kdtoolkit.run_spec import run_tag
-from kdtoolkit.studies import data_efficiency, ensemble, smoothed_teacher, teacher_capacity
-from kdtoolkit.results import write_csv_atomic
+from kdtoolkit.runner.recipes import Recipes, deployable
+from kdtoolkit.runner.run_spec import run_tag
+from kdtoolkit.runner.studies import data_efficiency, ensemble, smoothed_teacher, teacher_capacity
+from kdtoolkit.files import write_csv_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
 from task2_mhist.frozen import FrozenOutputs, inference_batch
@@ -31,7 +34,7 @@ from task2_mhist.frozen import FrozenOutputs, inference_batch
 NUM_CLASSES = len(mhist.CLASSES)
 
 
-STUDY_RUNS = {  # `kdtoolkit.studies` that apply to Task 2, a binary task; see docs/studies.md
+STUDY_RUNS = {  # `kdtoolkit.runner.studies` that apply to Task 2, a binary task; see docs/studies.md
     "smoothed": lambda task: smoothed_teacher.run(task, task.builder(models.TEACHER)),
     "efficiency": lambda task: data_efficiency.run(task, task.config.per_class, task.student_builder()),
     "ensemble": lambda task: ensemble.run(task, task.config.ensemble_seeds),
@@ -196,7 +199,7 @@ class Task2(Recipes):
             moved = batchnorm.recalibrate(model, self.train_dataset(extra), prepare=mhist.show)
             self.log(f"[{name}] BatchNorm statistics of {moved} layers re-estimated over the training set: after "
                      f"{steps} steps their moving averages still weighed their start by "
-                     f"{batchnorm.start_weight(steps):.0%} (kdtoolkit.batchnorm)")
+                     f"{batchnorm.start_weight(steps):.0%} (task2_mhist.batchnorm)")
         return history
 
     def train_model(self, spec, build, make_method, train_data, learning_rate):

@@ -10,7 +10,7 @@ only its head.
 import numpy as np
 
 from kdtoolkit import training
-from kdtoolkit.results import write_arrays_atomic
+from kdtoolkit.files import write_arrays_atomic
 from task2_mhist import data as mhist
 from task2_mhist import models
 

@@ -1,11 +1,11 @@
-"""BatchNorm statistics re-estimated after a short run (`kdtoolkit.batchnorm`)."""
+"""BatchNorm statistics re-estimated after a short run (`task2_mhist.batchnorm`)."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from kdtoolkit import batchnorm
+from task2_mhist import batchnorm
 
 
 def bn_model(seed=0):

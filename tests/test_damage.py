@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from kdtoolkit.results import DAMAGED, ResultsStore, append_line, read_jsonl, write_arrays_atomic
+from kdtoolkit.files import append_line, read_jsonl, write_arrays_atomic
+from kdtoolkit.runner.results import DAMAGED, ResultsStore
 
 IDENTITY = {"experiment": "scratch", "seed": 0, "epochs": 2}
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kdtoolkit import explain
+from kdtoolkit.deploy import explain
 
 
 def digit(seed=0):

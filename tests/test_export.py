@@ -1,10 +1,10 @@
-"""TFLite latency timing (`kdtoolkit.export.time_files`) on small Keras models."""
+"""TFLite latency timing (`kdtoolkit.deploy.export.time_files`) on small Keras models."""
 
 import keras
 import numpy as np
 import pytest
 
-from kdtoolkit import export
+from kdtoolkit.deploy import export
 
 
 def dense_model(width):

@@ -1,4 +1,4 @@
-"""Several runs trained as one (`kdtoolkit.fused`): the looped and the stacked forms."""
+"""Several runs trained as one (`kdtoolkit.speed.fused`): the looped and the stacked forms."""
 
 from functools import partial
 
@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from kdtoolkit import data as common_data
 from kdtoolkit import losses, methods, training
-from kdtoolkit.fused import Fused, Stacked, StackedDense, batched_products, can_stack, fuse, loss_groups
+from kdtoolkit.speed.fused import Fused, Stacked, StackedDense, batched_products, can_stack, fuse, loss_groups
 from kdtoolkit.methods.fitnets import FitNets
 
 CELLS = [(1.0, 0.2), (4.0, 0.5), (16.0, 0.9)]

@@ -245,7 +245,7 @@ def test_the_readme_walk_through_adds_a_method(tmp_path, synthetic_mnist):
 
 
 def test_a_method_named_like_an_experiment_is_refused():
-    from kdtoolkit.recipes import Recipes
+    from kdtoolkit.runner.recipes import Recipes
 
     methods.REGISTRY["export"] = methods.REGISTRY["dkd"]
     try:

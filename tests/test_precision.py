@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from kdtoolkit import device
-from kdtoolkit.results import ResultsConflict
+from kdtoolkit.runner.results import ResultsConflict
 
 pytestmark = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="reads the CPU's flags")
 

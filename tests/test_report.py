@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdtoolkit.results import ResultsStore, write_csv_atomic
+from kdtoolkit.files import write_csv_atomic
+from kdtoolkit.runner.results import ResultsStore
 from reports.make_report import make_report
 
 DATA = {"source": "fake/mnist.npz", "fingerprint": "0123abcd", "synthetic": False, "train": 55000,

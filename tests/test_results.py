@@ -5,7 +5,8 @@ import pytest
 
 import numpy as np
 
-from kdtoolkit.results import ResultsConflict, ResultsStore, write_array_atomic, write_arrays_atomic, write_json_atomic
+from kdtoolkit.files import write_array_atomic, write_arrays_atomic, write_json_atomic
+from kdtoolkit.runner.results import ResultsConflict, ResultsStore
 
 
 def test_atomic_json_write_leaves_no_temporary_files(tmp_path):
@@ -70,12 +71,12 @@ def test_result_files_follow_the_umask_and_summary_follows_every_run(tmp_path):
     import os
     import stat
 
-    from kdtoolkit import results
+    from kdtoolkit import files
 
     store = ResultsStore(tmp_path)
     store.save("a-s0", {"run": "a-s0", "test_accuracy": 0.5, "identity": {"experiment": "a", "seed": 0}})
     mode = stat.S_IMODE((tmp_path / "a-s0" / "metrics.json").stat().st_mode)
-    assert mode == 0o666 & ~results._UMASK and results._UMASK == os.umask(results._UMASK)
+    assert mode == 0o666 & ~files._UMASK and files._UMASK == os.umask(files._UMASK)
     assert [r["run"] for r in csv.DictReader(open(tmp_path / "summary.csv"))] == ["a-s0"]  # no write_summary call
     store.save("b-s0", {"run": "b-s0", "test_accuracy": 0.7, "identity": {"experiment": "b", "seed": 0}})
     assert [r["run"] for r in csv.DictReader(open(tmp_path / "summary.csv"))] == ["a-s0", "b-s0"]
@@ -101,7 +102,7 @@ def test_weights_are_written_to_a_temporary_name_and_moved_into_place(tmp_path):
 
     import keras
 
-    from kdtoolkit.results import save_weights
+    from kdtoolkit.files import save_weights
 
     path = tmp_path / "run" / "model.weights.h5"
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])

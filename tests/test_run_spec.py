@@ -6,10 +6,11 @@ import dataclasses
 import keras
 import pytest
 
-from kdtoolkit import methods, step_sharing
+from kdtoolkit import methods
+from kdtoolkit.speed import step_sharing
 from kdtoolkit.methods.dkd import DKD
-from kdtoolkit.results import identity_hash
-from kdtoolkit.run_spec import RunSpec, method_stem, run_tag
+from kdtoolkit.files import identity_hash
+from kdtoolkit.runner.run_spec import RunSpec, method_stem, run_tag
 from task1_mnist import run as cli
 from task1_mnist.experiments import Task1
 

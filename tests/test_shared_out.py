@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdtoolkit import locks
+from kdtoolkit.runner import locks
 from task1_mnist import run as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def test_locks_wait_for_the_holder_and_die_with_it(tmp_path):
     assert "pid" in locks.lock_path(tmp_path, "run").read_text()
     locks.release(held)
     child = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                              "from kdtoolkit import locks; h = locks.claim(sys.argv[2], 'run'); print(h is not None, "
+                              "from kdtoolkit.runner import locks; h = locks.claim(sys.argv[2], 'run'); print(h is not None, "
                               "flush=True); time.sleep(60)", str(ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "True"
     assert locks.claim(tmp_path, "run") is None
@@ -71,7 +71,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, synthetic_mnist, 
         found = real(path)
         return Usage(found.total, found.used, 2**20) if state.exists() else found
 
-    monkeypatch.setattr("kdtoolkit.results.shutil.disk_usage", usage)
+    monkeypatch.setattr("kdtoolkit.files.shutil.disk_usage", usage)
     argv = ["--data-dir", str(mnist_file(tmp_path, synthetic_mnist)), "--out", str(out), "--only", "teacher",
             "--epochs", "3", "--batch-size", "64", "--validation", "64", "--quiet"]
     assert cli.main(argv) == 2
@@ -81,7 +81,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, synthetic_mnist, 
     assert "resumes" in err
     with np.load(state) as saved:
         assert len(json.loads(str(saved["history"]))) == 1  # epoch 1 kept
-    monkeypatch.setattr("kdtoolkit.results.shutil.disk_usage", real)
+    monkeypatch.setattr("kdtoolkit.files.shutil.disk_usage", real)
     assert cli.main(argv[:-1]) == 0
     assert "resuming after epoch 1/3" in capsys.readouterr().out
     assert (out / "teacher-s0" / "metrics.json").exists()
@@ -91,7 +91,7 @@ def test_an_unwritable_file_is_one_line(tmp_path, monkeypatch, capsys):
     def refuse(*_args, **_kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "x.npz"))
 
-    monkeypatch.setattr(cli.cli, "run_task", refuse)  # task1_mnist.run calls kdtoolkit.cli.run_task
+    monkeypatch.setattr(cli.cli, "run_task", refuse)  # task1_mnist.run calls kdtoolkit.runner.cli.run_task
     assert cli.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write {tmp_path / 'x.npz'}: No space left on device") and "\n" not in err
@@ -127,7 +127,7 @@ def test_a_second_process_reaching_a_fused_grid_waits_and_trains_nothing(tmp_pat
     """A second process started at `point` of the first's fused group waits on the group's
     lock (named after every cell, finished or not), then finds each cell recorded:
     each cell is trained and recorded once, and its files are the first process's."""
-    from kdtoolkit import runs
+    from kdtoolkit.runner import runs
     from task1_mnist import data as mnist
     from task1_mnist.experiments import Task1
     from tests.test_task1 import small_config
@@ -170,7 +170,7 @@ def test_a_disk_full_before_the_first_run_names_the_lock_file(tmp_path, monkeypa
     before the first run is one line naming that file."""
     import errno
 
-    from kdtoolkit import cli as common_cli
+    from kdtoolkit.runner import cli as common_cli
 
     class FullDisk:
         def __init__(self, path):

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from kdtoolkit.studies import missing_class
+from kdtoolkit.runner.studies import missing_class
 from task1_mnist import run as cli
 from task1_mnist.experiments import run_all
 
@@ -117,7 +117,7 @@ def test_the_report_shows_each_studys_table(tmp_path, synthetic_mnist):
 
 
 def test_transfer_subsets_take_the_first_of_each_class_in_order():
-    from kdtoolkit.studies import data_efficiency as de
+    from kdtoolkit.runner.studies import data_efficiency as de
 
     labels = np.array([0, 1, 0, 1, 0, 2])
     assert de.per_class_subset(labels, 2, np.arange(6)).tolist() == [0, 1, 2, 3, 5]  # class 2 has only one
@@ -154,7 +154,7 @@ def test_data_efficiency_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch
 @pytest.mark.slow
 def test_ensemble_study_end_to_end(tmp_path, synthetic_mnist):
     from kdtoolkit.metrics import top1_agreement
-    from kdtoolkit.studies.ensemble import mean_logits
+    from kdtoolkit.runner.studies.ensemble import mean_logits
     from task1_mnist.models import build_teacher
 
     config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "ensemble", "--ensemble-seeds", "0,1",
@@ -212,7 +212,7 @@ def test_teacher_capacity_study_end_to_end(tmp_path, synthetic_mnist):
 def test_integrated_gradients_of_a_linear_model_are_input_times_weight_and_complete():
     import keras
 
-    from kdtoolkit.studies import attributions as ig
+    from kdtoolkit.runner.studies import attributions as ig
 
     rng = np.random.default_rng(0)
     linear = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
@@ -236,7 +236,7 @@ def test_integrated_gradients_of_a_linear_model_are_input_times_weight_and_compl
 
 
 def test_foreground_share_and_the_paired_test():
-    from kdtoolkit.studies import attributions as ig
+    from kdtoolkit.runner.studies import attributions as ig
 
     a = np.array([[[1.0, -3.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
     mask = np.array([[[True, False], [False, False]], [[True, True], [True, True]]])
@@ -269,7 +269,7 @@ def test_attributions_study_end_to_end(tmp_path, synthetic_mnist):
 
 
 def test_noisy_labels_flip_exactly_the_share_to_other_classes():
-    from kdtoolkit.studies.training_noise import noisy_labels
+    from kdtoolkit.runner.studies.training_noise import noisy_labels
 
     labels = np.arange(1000) % 10
     noisy = noisy_labels(labels, 0.3, 10, seed=0)
@@ -317,7 +317,7 @@ def test_label_noise_study_end_to_end(tmp_path, synthetic_mnist, monkeypatch):
 
 
 def test_noisy_images_add_clipped_gaussian_noise_of_the_given_std():
-    from kdtoolkit.studies.training_noise import noisy_images
+    from kdtoolkit.runner.studies.training_noise import noisy_images
 
     flat = np.full((200, 28, 28, 1), 128, np.uint8)
     noisy = noisy_images(flat, 0.1, seed=0)
@@ -334,7 +334,7 @@ def test_noisy_images_add_clipped_gaussian_noise_of_the_given_std():
 
 @pytest.mark.slow
 def test_image_noise_study_distils_from_the_teachers_outputs_on_the_noisy_images(tmp_path, synthetic_mnist, monkeypatch):
-    from kdtoolkit.studies.training_noise import noisy_images
+    from kdtoolkit.runner.studies.training_noise import noisy_images
     from task1_mnist.experiments import Task1
 
     config = cli.parse_config(["--out", str(tmp_path / "out"), "--only", "corruption", "--image-noise", "0,0.5",
@@ -402,8 +402,8 @@ def test_epochs_to_reach_and_the_per_class_table(tmp_path, synthetic_mnist):
 def test_dynamics_occlusion_maps_are_the_explain_modules_per_class():
     import keras
 
-    from kdtoolkit import explain
-    from kdtoolkit.studies.explanation_dynamics import occlusion
+    from kdtoolkit.deploy import explain
+    from kdtoolkit.runner.studies.explanation_dynamics import occlusion
 
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
     images = np.random.default_rng(0).random((2, 8, 8, 1), np.float32)
@@ -416,7 +416,7 @@ def test_dynamics_occlusion_maps_are_the_explain_modules_per_class():
 
 @pytest.mark.slow
 def test_pearson_rows_match_numpy_and_the_dynamics_study_end_to_end(tmp_path, synthetic_mnist):
-    from kdtoolkit.studies.explanation_dynamics import pearson_rows
+    from kdtoolkit.runner.studies.explanation_dynamics import pearson_rows
 
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(4, 3, 3)), rng.normal(size=(4, 3, 3))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kdtoolkit import device, methods, training
-from kdtoolkit.fused import batched_products
+from kdtoolkit.speed.fused import batched_products
 from kdtoolkit.metrics import expected_calibration_error
 from task1_mnist import data as mnist
 from task1_mnist import run as cli
@@ -133,7 +133,8 @@ def test_chain_of_one_link_is_plain_kd(tmp_path, synthetic_mnist):
     # ...and it equals KD done by hand with the same seed, data order and loss.
     import keras
 
-    from kdtoolkit import methods, runs, training
+    from kdtoolkit import methods, training
+    from kdtoolkit.runner import runs
 
     logits = task.logits_of(*task.teacher_model())
     runs.set_seed(0)
@@ -253,7 +254,7 @@ def test_a_fused_grid_stopped_while_recording_records_the_rest_as_the_same_group
     4 it was (its members kept in its folder; a group of the 2 left would round
     otherwise) and records only the 2, as the uninterrupted group did; the 2 recorded
     are not written again."""
-    from kdtoolkit import runs
+    from kdtoolkit.runner import runs
 
     grid = dict(temperatures=(1.0, 4.0), alphas=(0.2, 0.8), only=("grid",), epochs=2, fuse_grid="on")
     finish, calls = runs.finish, []
@@ -360,7 +361,7 @@ def test_export_measures_each_tflite_file_against_its_keras_model(tmp_path, synt
         (m, v) for m in ("teacher", "kd", "scratch", "dkd") for v in ("float32", "dynamic_int8", "int8")}
     task = Task1(config, arrays=synthetic_mnist)
     images, labels = task.test_arrays()
-    from kdtoolkit import export
+    from kdtoolkit.deploy import export
     from task1_mnist.models import build_student
 
     with device.dtype_policy("float32"):  # as exported, whatever precision the run trained at (default: auto)
@@ -655,7 +656,7 @@ class SignalledTask:
     experiments = ("first", "second", "third")
 
     def __init__(self, root, signal_number):
-        from kdtoolkit.results import ResultsStore
+        from kdtoolkit.runner.results import ResultsStore
 
         self.store, self.seed, self.signal_number = ResultsStore(root), 0, signal_number
         self.config = type("Config", (), {"only": self.experiments})()
@@ -679,8 +680,8 @@ class SignalledTask:
 def test_sigterm_stops_as_sigint_does_with_its_own_status_and_timings(tmp_path, capsys, signal_name, status, line):
     import signal
 
-    from kdtoolkit import cli as common_cli
-    from kdtoolkit.sessions import run_experiments
+    from kdtoolkit.runner import cli as common_cli
+    from kdtoolkit.runner.sessions import run_experiments
 
     before = signal.getsignal(signal.SIGTERM)
     task = SignalledTask(tmp_path, getattr(signal, signal_name))

@@ -224,7 +224,7 @@ def test_two_builds_of_a_model_share_compiled_steps(tmp_path, tiny_architectures
     # base's own with Keras' per-process layer names: those must not tell builds apart.
     from tests.conftest import write_keras_weights
 
-    from kdtoolkit.workspaces import structure
+    from kdtoolkit.speed.workspaces import structure
 
     weights = "none"
     if pretrained:

@@ -8,8 +8,9 @@ import pytest
 import tensorflow as tf
 
 from kdtoolkit import data as common_data
-from kdtoolkit import losses, methods, step_sharing, training
-from kdtoolkit.workspaces import Workspaces
+from kdtoolkit import losses, methods, training
+from kdtoolkit.speed import step_sharing
+from kdtoolkit.speed.workspaces import Workspaces
 
 
 def blobs(n=256, seed=0):
@@ -289,7 +290,7 @@ def test_mixed_precision_trains_and_resumes(precision, tmp_path):
         assert model.layers[0].compute_dtype == precision.split("_")[1] and model.layers[0].kernel.dtype == "float32"
         assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
         assert history[-1]["test_accuracy"] > 0.95 and np.isfinite(history[-1]["loss"])
-        # Killed and resumed in one shared workspace (kdtoolkit.workspaces), whose loss
+        # Killed and resumed in one shared workspace (kdtoolkit.speed.workspaces), whose loss
         # scale state is copied like Adam's: the weights of the run without either.
         spaces = Workspaces()
         with pytest.raises(KeyboardInterrupt):
@@ -382,7 +383,7 @@ def test_runs_sharing_a_workspace_train_as_alone():
 
 @pytest.mark.slow
 def test_workspace_is_not_shared_across_structures_or_unsigned_methods():
-    from kdtoolkit.workspaces import structure
+    from kdtoolkit.speed.workspaces import structure
 
     class Unsigned(methods.CrossEntropy):  # a subclass may change the loss: shared only once in step_sharing
         pass
@@ -463,7 +464,7 @@ def test_kd_weights_are_the_same_for_a_number_and_a_variable():
     batch = {**arrays, "teacher_logits": np.asarray(tiny_model(1)(arrays["x"]))}
     student = tiny_model(0)
     number = methods.Distillation(student, temperature=3.0, alpha=0.8)
-    variable = step_sharing.rebind(number, student)  # T and alpha as float32 variables (kdtoolkit.workspaces)
+    variable = step_sharing.rebind(number, student)  # T and alpha as float32 variables (kdtoolkit.speed.workspaces)
     terms = [method.loss_terms(batch, training=False)[0] for method in (number, variable)]
     for name in ("ce", "kd"):
         assert float(terms[0][name]) == float(terms[1][name]), name

@@ -33,13 +33,13 @@ def register(cls):
 
 @dataclasses.dataclass(frozen=True)
 class SharedStep:
-    """How runs of one method class may share a compiled step (`kdtoolkit.step_sharing`).
+    """How runs of one method class may share a compiled step (`kdtoolkit.speed.step_sharing`).
 
     `signature(method)`: what the loss graph depends on beyond the model, the class
     and `runtime`, as a hashable value (runs of equal signature and model structure
     share one step); `runtime`: float options read as variables there, so one step
     serves every value (KD's T and alpha); `stackable`: the loss terms broadcast
-    over fused members (`kdtoolkit.fused`).
+    over fused members (`kdtoolkit.speed.fused`).
     """
 
     signature: object

@@ -9,8 +9,8 @@ import numpy as np
 
 from kdtoolkit import training
 from kdtoolkit.metrics import expected_calibration_error, top1_agreement
-from kdtoolkit.results import (notice, npz_problem, test_outputs_check, write_arrays_atomic, write_csv_atomic,
-                            write_json_atomic)
+from kdtoolkit.files import notice, npz_problem, write_arrays_atomic, write_csv_atomic, write_json_atomic
+from kdtoolkit.runner.results import test_outputs_check
 
 
 def held_out(predictor, eval_sets):
@@ -21,7 +21,7 @@ def held_out(predictor, eval_sets):
 def epoch_metrics(predictor, eval_sets, split_metrics):
     """Per-epoch held-out metrics (`val_accuracy`, `test_accuracy`, ...) of a predictor;
     of each model, under its prefix (`0/test_accuracy`), when it returns a dict of
-    `{prefix: logits}` (`kdtoolkit.fused`)."""
+    `{prefix: logits}` (`kdtoolkit.speed.fused`)."""
     metrics = {}
     for split, (outputs, labels) in held_out(predictor, eval_sets).items():
         for prefix, logits in (outputs.items() if isinstance(outputs, dict) else [("", outputs)]):

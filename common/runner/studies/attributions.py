@@ -22,8 +22,8 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from kdtoolkit.results import write_arrays_atomic
-from kdtoolkit.studies import save_table
+from kdtoolkit.files import write_arrays_atomic
+from kdtoolkit.runner.studies import save_table
 
 FOREGROUND = 0.1  # MNIST pixels in [0, 1] above this are ink
 STEPS = 32
@@ -87,7 +87,7 @@ def paired_comparison(first, second):
 
 
 def run(task, images, labels, num_classes):
-    """The study on `task` (a `kdtoolkit.recipes.Recipes`): integrated gradients of the
+    """The study on `task` (a `kdtoolkit.runner.recipes.Recipes`): integrated gradients of the
     teacher, the KD student and the scratch student on `images` (`(n, H, W, C)` in
     the models' input scale, foreground = pixels above `FOREGROUND`) with their
     `labels`. Writes `attributions-s<seed>.csv` (per model and class: images and

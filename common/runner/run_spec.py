@@ -1,14 +1,14 @@
 """What one run is: its readable name and its identity, both derived here.
 
 A run folder's name (`kd-T4-a0.5-s0`) is for people; its identity (the settings
-that define it, hashed into `identity_hash`) is what `kdtoolkit.results` checks, so
+that define it, hashed into `identity_hash`) is what `kdtoolkit.runner.results` checks, so
 a finished run with other settings is never mistaken for this one. Both come
 from one frozen `RunSpec`, so they cannot drift apart.
 """
 
 import dataclasses
 
-from kdtoolkit.results import identity_hash
+from kdtoolkit.files import identity_hash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ class RunSpec:
 
     @property
     def identity(self):
-        """`{"experiment", "seed", **settings}`: what `kdtoolkit.results` records and checks."""
+        """`{"experiment", "seed", **settings}`: what `kdtoolkit.runner.results` records and checks."""
         return {"experiment": self.experiment, "seed": self.seed, **self.settings}
 
     @property

@@ -14,7 +14,7 @@ student's test metric and agreement with it.
 """
 
 from kdtoolkit import losses, methods
-from kdtoolkit.studies import save_table
+from kdtoolkit.runner.studies import save_table
 
 
 def preset_teacher(task, preset, build, course="course"):
@@ -33,7 +33,7 @@ def preset_teacher(task, preset, build, course="course"):
 
 
 def run(task, presets, course="course"):
-    """The study on `task` (a `kdtoolkit.recipes.Recipes`) over `presets` (`{name: build}`;
+    """The study on `task` (a `kdtoolkit.runner.recipes.Recipes`) over `presets` (`{name: build}`;
     `course`: the preset that is the task's own teacher). Writes
     `teacher_capacity-s<seed>.csv` and `.json`; returns the rows."""
     temperature = task.method_settings(methods.Distillation)["temperature"]

@@ -1,4 +1,4 @@
-"""What a course task provides to the shared recipes (`kdtoolkit.recipes.Recipes`).
+"""What a course task provides to the shared recipes (`kdtoolkit.runner.recipes.Recipes`).
 
 A task is its data, its held-out sets, its model builders, its metrics and its
 training schedule; everything else (recorded runs, cached teacher outputs,
@@ -10,7 +10,7 @@ class TaskInterface:
     """The members a task defines (Task 1: `task1_mnist.experiments.Task1`)."""
 
     experiments = ()  # every experiment of the task, in the order `run` calls them
-    studies = {}  # name -> `task -> outcome`: the research studies among the experiments (`kdtoolkit.studies`)
+    studies = {}  # name -> `task -> outcome`: the research studies among the experiments (`kdtoolkit.runner.studies`)
     num_classes = None  # classes of the labels
     eval_sets = {}  # split name ("val", "test") -> held-out dataset of {"x", "y"} batches
     per_view = False  # whether cached teacher outputs have a views axis (Task 2's dihedral views)

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from kdtoolkit import training
 from kdtoolkit.metrics import top1_agreement
-from kdtoolkit.studies import save_table
+from kdtoolkit.runner.studies import save_table
 
 
 def mean_logits(members):
@@ -28,7 +28,7 @@ def mean_logits(members):
 
 
 def run(task, seeds):
-    """The study on `task` (a `kdtoolkit.recipes.Recipes`) with the teachers of `seeds`;
+    """The study on `task` (a `kdtoolkit.runner.recipes.Recipes`) with the teachers of `seeds`;
     writes `ensemble-s<seed>.csv` and `.json`; returns the rows."""
     members = [task.for_seed(seed).teacher_model() for seed in seeds]
     tag = "m" + ".".join(str(seed) for seed in seeds)

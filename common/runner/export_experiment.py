@@ -3,19 +3,21 @@
 `export_seed` is the `export` experiment of both tasks (`--only export`).
 """
 
-from kdtoolkit import export, methods, runs
-from kdtoolkit.results import write_csv_atomic, write_json_atomic
+from kdtoolkit import methods
+from kdtoolkit.deploy import export
+from kdtoolkit.runner import runs
+from kdtoolkit.files import write_csv_atomic, write_json_atomic
 
 LATENCY_COLUMNS = ("latency_ms_median", "latency_ms_q1", "latency_ms_q3")
 
 
 def export_seed(task):
     """TFLite files of the teacher and of every finished student of one seed (`task`:
-    a `kdtoolkit.recipes.Recipes`; KD, scratch and each registered method at the
+    a `kdtoolkit.runner.recipes.Recipes`; KD, scratch and each registered method at the
     configured settings), as float32, dynamic-range int8 and full int8
-    (`kdtoolkit.export`), measured on the whole test set: test metric against the
+    (`kdtoolkit.deploy.export`), measured on the whole test set: test metric against the
     Keras model's, size, CPU latency per image (median and quartiles over
-    interleaved rounds, `kdtoolkit.export.time_files`). Writes `export/<run>/<variant>.tflite`
+    interleaved rounds, `kdtoolkit.deploy.export.time_files`). Writes `export/<run>/<variant>.tflite`
     (+ `.json` with its measurement, reused when the file is unchanged) and
     `export-s<seed>.csv`; returns the rows."""
     images, labels = task.test_arrays()

@@ -14,11 +14,11 @@ softened outputs carry); the metric is the task's (`test_accuracy`; Task 2:
 
 from kdtoolkit import losses, methods
 from kdtoolkit.methods.ls import LabelSmoothing
-from kdtoolkit.studies import save_table
+from kdtoolkit.runner.studies import save_table
 
 
 def run(task, build_teacher):
-    """The study on `task` (a `kdtoolkit.recipes.Recipes`): writes
+    """The study on `task` (a `kdtoolkit.runner.recipes.Recipes`): writes
     `smoothed_teacher-s<seed>.csv` and `.json`; returns the rows."""
     options = methods.make_options("ls", dict(task.config.method_options).get("ls", {}))
     tag = f"e{options.epsilon:g}"

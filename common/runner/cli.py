@@ -236,7 +236,7 @@ def run_task(config, title, experiments):
 
     log = logger(config.quiet)
     log(f"{title} config:\n" + config.describe())
-    from kdtoolkit.results import ResultsStore
+    from kdtoolkit.runner.results import ResultsStore
 
     importlib.import_module(experiments).run_all(config, log=log)
     print(summary_table(ResultsStore(config.out)))

@@ -10,9 +10,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kdtoolkit import device, locks
+from kdtoolkit import device
+from kdtoolkit.runner import locks
 from kdtoolkit.flops import count_flops
-from kdtoolkit.results import identity_hash, save_weights
+from kdtoolkit.files import identity_hash, save_weights
 from kdtoolkit.training import TrainingDiverged
 
 
@@ -66,7 +67,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
     """Trains and records run `name`, or loads it when it already finished.
 
     Args:
-      store: a `kdtoolkit.results.ResultsStore`.
+      store: a `kdtoolkit.runner.results.ResultsStore`.
       name: run folder name, unique within the store.
       identity: dict of the settings that define this run (experiment, seed,
         epochs, T, alpha, data fingerprint, ...); a finished run with another
@@ -90,7 +91,7 @@ def run(store, name, *, identity, config, build, data, train, evaluate, log=None
       from disk when the run was already finished).
 
     Several processes may share `store`: the run is trained under its lock
-    (`kdtoolkit.locks.hold`), so a second process waits for it and then loads it.
+    (`kdtoolkit.runner.locks.hold`), so a second process waits for it and then loads it.
 
     Raises:
       TrainingDiverged: the loss became non-finite; nothing is saved as finished.

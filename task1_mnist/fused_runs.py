@@ -1,4 +1,4 @@
-"""Several runs of one seed trained together in one compiled step (`kdtoolkit.fused`),
+"""Several runs of one seed trained together in one compiled step (`kdtoolkit.speed.fused`),
 each recorded as the run it would be alone: Task 1's fused grid.
 """
 
@@ -8,16 +8,17 @@ import time
 
 import keras
 
-from kdtoolkit import device, locks, runs, training
-from kdtoolkit.fused import fuse
-from kdtoolkit.results import identity_hash, read_json, write_json_atomic
+from kdtoolkit import device, training
+from kdtoolkit.runner import locks, runs
+from kdtoolkit.speed.fused import fuse
+from kdtoolkit.files import identity_hash, read_json, write_json_atomic
 
 
 def distil_fused(task, students, parent, stack=False, **fit_options):
     """Distils the unfinished of `students`, `[(spec, build, factory)]` as
     `Recipes.distil` takes them, all from `parent()`, together (`task`: the
-    `kdtoolkit.recipes.Recipes` of one seed): one compiled step per
-    batch trains them all (`kdtoolkit.fused.fuse`; with `stack`, their weights
+    `kdtoolkit.runner.recipes.Recipes` of one seed): one compiled step per
+    batch trains them all (`kdtoolkit.speed.fused.fuse`; with `stack`, their weights
     stacked when the architecture allows). Each starts from the weights
     and sees the batches it would alone (its seed is set before it is built, the
     shuffle is the seed's), so each is recorded as the run `distil` would

@@ -28,9 +28,9 @@ import math
 import keras
 import tensorflow as tf
 
-from kdtoolkit import step_sharing
+from kdtoolkit.speed import step_sharing
 from kdtoolkit.methods.base import Distiller, Method
-from kdtoolkit.workspaces import structure
+from kdtoolkit.speed.workspaces import structure
 
 
 class Members(keras.layers.Layer):
@@ -50,14 +50,14 @@ def reads_model_output(member):
 
 def shares_loss(member):
     """Whether `member`'s loss can be computed with others' in one call: its method
-    is `stackable` and shareable (`kdtoolkit.step_sharing`) and `reads_model_output`."""
+    is `stackable` and shareable (`kdtoolkit.speed.step_sharing`) and `reads_model_output`."""
     return step_sharing.stackable(member) and step_sharing.signature(member) is not None \
         and reads_model_output(member)
 
 
 def loss_groups(members):
     """Lists of member indices whose loss terms one call computes for all: members
-    that `shares_loss` of one `kdtoolkit.step_sharing.loss_key` (e.g. KD cells that
+    that `shares_loss` of one `kdtoolkit.speed.step_sharing.loss_key` (e.g. KD cells that
     differ in T and alpha), in member order; every other member alone."""
     groups = {}
     for index, member in enumerate(members):
@@ -122,7 +122,7 @@ class Fused(Method):
     def grouped_terms(self, batch, training, outputs=None):
         """`loss_terms` from each of `groups`: a group of members that share a loss
         computes it once, on their `(members, batch, classes)` outputs and `(members,)`
-        runtime settings (`kdtoolkit.step_sharing`), and splits the `(members,)` terms; any
+        runtime settings (`kdtoolkit.speed.step_sharing`), and splits the `(members,)` terms; any
         other member computes its own. `outputs`: every member's stacked outputs
         (`Stacked`); None: each member's model runs on `batch["x"]`."""
         by_member = {}
@@ -335,7 +335,7 @@ class Stacked(Fused):
     def __init__(self, members, batched=None):
         super().__init__(members)
         if not can_stack(self.members):
-            raise ValueError("these members cannot be stacked (see kdtoolkit.fused.can_stack); use Fused")
+            raise ValueError("these members cannot be stacked (see kdtoolkit.speed.fused.can_stack); use Fused")
         self.model = StackedDense([m.model for m in self.members], batched=batched)
 
     @property

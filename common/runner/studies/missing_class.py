@@ -22,8 +22,8 @@ to the bias of c's output unit.
 import numpy as np
 
 from kdtoolkit import methods, training
-from kdtoolkit.run_spec import run_tag
-from kdtoolkit.studies import save_table
+from kdtoolkit.runner.run_spec import run_tag
+from kdtoolkit.runner.studies import save_table
 
 SHIFTS = np.round(np.arange(0.0, 20.0 + 1e-9, 0.1), 1)
 
@@ -62,7 +62,7 @@ def examples_without(labels, cls):
 
 
 def run(task, cls, build_student, teachers, course="course"):
-    """The study on `task` (a `kdtoolkit.recipes.Recipes`) for class `cls`, per teacher of
+    """The study on `task` (a `kdtoolkit.runner.recipes.Recipes`) for class `cls`, per teacher of
     `teachers` (`{preset: () -> (run name, model)}`, each trained on every class;
     `course`: the preset that is the task's own teacher): a KD student of each
     teacher (the config's T, alpha) and one scratch student, all trained without

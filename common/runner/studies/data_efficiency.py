@@ -22,8 +22,8 @@ import functools
 import numpy as np
 
 from kdtoolkit import methods
-from kdtoolkit.run_spec import run_tag
-from kdtoolkit.studies import save_table
+from kdtoolkit.runner.run_spec import run_tag
+from kdtoolkit.runner.studies import save_table
 
 SELECTIONS = ("random", "entropy")
 
@@ -54,7 +54,7 @@ def repeated(indices, size):
 
 
 def run(task, counts, build_student):
-    """The study on `task` (a `kdtoolkit.recipes.Recipes`) for each per-class count of
+    """The study on `task` (a `kdtoolkit.runner.recipes.Recipes`) for each per-class count of
     `counts`; writes `data_efficiency-s<seed>.csv` and `.json` (each run's test
     metric: Task 1's accuracy, Task 2's AUC); returns the rows."""
     labels = task.train_labels()

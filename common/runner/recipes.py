@@ -1,7 +1,7 @@
 """The course's experiments on any task: recorded runs, distillation and chains.
 
 A task subclasses `Recipes` and defines the members of
-`kdtoolkit.task_interface.TaskInterface` (its data, models, metrics and schedule).
+`kdtoolkit.runner.task_interface.TaskInterface` (its data, models, metrics and schedule).
 `Recipes` composes the parts that do the work: a `ResultsStore` (records), a
 `ModelCache` (trained models), a `TargetCache` (frozen teachers' outputs), the
 shared compiled steps (`Workspaces`), and names each run by a `RunSpec`.
@@ -11,17 +11,18 @@ import dataclasses
 
 import keras
 
-from kdtoolkit import deployed, device, evaluation, methods, runs, sessions, training
+from kdtoolkit import deployed, device, methods, training
+from kdtoolkit.runner import evaluation, runs, sessions
 from kdtoolkit.distribute import make_strategy, results_root
 from kdtoolkit.errors import ConfigError, DataError
-from kdtoolkit.explanations import explain_seed
-from kdtoolkit.method_factory import MethodFactory
-from kdtoolkit.model_cache import ModelCache
-from kdtoolkit.results import ResultsStore
-from kdtoolkit.run_spec import RunSpec, method_stem, run_name, run_tag
-from kdtoolkit.task_interface import TaskInterface
-from kdtoolkit.teacher_targets import TargetCache
-from kdtoolkit.workspaces import Workspaces
+from kdtoolkit.deploy.explanations import explain_seed
+from kdtoolkit.runner.method_factory import MethodFactory
+from kdtoolkit.runner.model_cache import ModelCache
+from kdtoolkit.runner.results import ResultsStore
+from kdtoolkit.runner.run_spec import RunSpec, method_stem, run_name, run_tag
+from kdtoolkit.runner.task_interface import TaskInterface
+from kdtoolkit.runner.teacher_targets import TargetCache
+from kdtoolkit.speed.workspaces import Workspaces
 
 
 def deployable(make_method, build):
@@ -51,15 +52,15 @@ class Recipes(TaskInterface):
         self.store = ResultsStore(results_root(config.out, self.strategy))
         self.models = ModelCache(self.kept_models, self.build_in_scope, self.store.weights_path)
         self.targets = TargetCache(self.compute_targets, self.feature_model, self.per_view)
-        self.workspaces = Workspaces()  # `kdtoolkit.sessions.run_all` shares one across seeds
+        self.workspaces = Workspaces()  # `kdtoolkit.runner.sessions.run_all` shares one across seeds
 
     @classmethod
     def run_all(cls, config, data=None, log=None):
-        """Every selected experiment for every seed (`kdtoolkit.sessions.run_all`)."""
+        """Every selected experiment for every seed (`kdtoolkit.runner.sessions.run_all`)."""
         return sessions.run_all(cls, config, data, log)
 
     def run(self, only=None):
-        """This seed's selected experiments, timed (`kdtoolkit.sessions.run_experiments`)."""
+        """This seed's selected experiments, timed (`kdtoolkit.runner.sessions.run_experiments`)."""
         return sessions.run_experiments(self, only)
 
     def for_seed(self, seed):
@@ -163,7 +164,7 @@ class Recipes(TaskInterface):
 
     def step_options(self):
         """`fit` options from the config: XLA (`--jit`), `--steps-per-call`, and the
-        shared compiled steps (`kdtoolkit.workspaces`)."""
+        shared compiled steps (`kdtoolkit.speed.workspaces`)."""
         return {"jit": device.use_jit(self.config.jit), "steps_per_call": self.config.steps_per_call,
                 "workspaces": self.workspaces if self.config.share_steps else None}
 
@@ -184,17 +185,17 @@ class Recipes(TaskInterface):
         return evaluation.held_out(predictor, eval_sets or self.eval_sets)
 
     def evaluate(self, predictor, eval_sets=None):
-        """Per-epoch held-out metrics (`kdtoolkit.evaluation.epoch_metrics`)."""
+        """Per-epoch held-out metrics (`kdtoolkit.runner.evaluation.epoch_metrics`)."""
         return evaluation.epoch_metrics(predictor, eval_sets or self.eval_sets, self.split_metrics)
 
     def final_metrics(self, name, outputs, teacher=None):
-        """Run `name`'s recorded metrics (`kdtoolkit.evaluation.final_metrics`); `teacher`:
+        """Run `name`'s recorded metrics (`kdtoolkit.runner.evaluation.final_metrics`); `teacher`:
         the run it was distilled from."""
         return evaluation.final_metrics(self.store.run_dir(name), outputs, self.split_metrics,
                                         self.store.run_dir(teacher) if teacher else None)
 
     def save_sweep(self, name, rows, metric, keys):
-        """Writes sweep `name`'s rows with the best one (`kdtoolkit.evaluation.save_sweep`)."""
+        """Writes sweep `name`'s rows with the best one (`kdtoolkit.runner.evaluation.save_sweep`)."""
         return evaluation.save_sweep(self.store.root, name, self.seed, rows, metric, keys, self.eval_sets, self.log)
 
     # -- distillation ---------------------------------------------------------------
@@ -307,8 +308,8 @@ class Recipes(TaskInterface):
 
     def export(self):
         """TFLite files of the teacher and every finished student of this seed,
-        measured (`kdtoolkit.deployment.export_seed`); returns the rows."""
-        from kdtoolkit.deployment import export_seed
+        measured (`kdtoolkit.runner.export_experiment.export_seed`); returns the rows."""
+        from kdtoolkit.runner.export_experiment import export_seed
 
         return export_seed(self)
 

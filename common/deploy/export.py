@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from kdtoolkit.results import write_atomic, write_json_atomic
+from kdtoolkit.files import write_atomic, write_json_atomic
 
 VARIANTS = ("float32", "dynamic_int8", "int8")
 

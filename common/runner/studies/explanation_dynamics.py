@@ -4,11 +4,11 @@ of each checkpoint against the ensemble's, the share above a Pearson threshold o
 r = 0.53 growing from 78% to 98% on the true class and from 52% to 87% off it).
 
 The maps are of two kinds, each compared with the ensemble's of its own kind:
-occlusion, Gardner's (`kdtoolkit.explain.occlusion_map`: the drop in the class's
+occlusion, Gardner's (`kdtoolkit.deploy.explain.occlusion_map`: the drop in the class's
 probability when a `--occlusion-patch` square is blanked, at `--occlusion-stride`
-steps), and integrated gradients (`kdtoolkit.studies.attributions`). The
+steps), and integrated gradients (`kdtoolkit.runner.studies.attributions`). The
 reference is the mean-logit ensemble of the teachers of `--ensemble-seeds`
-(`kdtoolkit.studies.ensemble`); the maps are those of the true class (on-target)
+(`kdtoolkit.runner.studies.ensemble`); the maps are those of the true class (on-target)
 and of the class the ensemble ranks highest among the others (off-target), for
 the first `--explain-images` test images, at the checkpoint the seed's teacher
 saved after each epoch. For each epoch: the mean Pearson r over images and the
@@ -20,11 +20,11 @@ checkpoint's, for the report's figure of maps across checkpoints.
 import numpy as np
 import tensorflow as tf
 
-from kdtoolkit import explain
-from kdtoolkit.results import write_arrays_atomic
-from kdtoolkit.studies import save_table
-from kdtoolkit.studies.attributions import integrated_gradients
-from kdtoolkit.studies.ensemble import mean_logits
+from kdtoolkit.deploy import explain
+from kdtoolkit.files import write_arrays_atomic
+from kdtoolkit.runner.studies import save_table
+from kdtoolkit.runner.studies.attributions import integrated_gradients
+from kdtoolkit.runner.studies.ensemble import mean_logits
 
 THRESHOLD = 0.53  # Gardner 2022's Pearson threshold for two maps that agree
 SHOWN = 3  # images whose maps the .npz keeps
@@ -46,7 +46,7 @@ def occlusion(model, images, classes, patch, stride, fill):
 
 
 def run(task, images, labels, checkpoints, seeds):
-    """The study on `task` (a `kdtoolkit.recipes.Recipes`): `checkpoints` is
+    """The study on `task` (a `kdtoolkit.runner.recipes.Recipes`): `checkpoints` is
     `[(epoch, model)]` of the seed's teacher, `seeds` those of the ensemble's members.
     Writes `explanation_dynamics-s<seed>.csv` and `.json`; returns the rows (one per
     kind of map and epoch)."""

@@ -1,6 +1,6 @@
 """Running a task's selected experiments for every seed, timed and shareable.
 
-Several processes may share one `--out` (`kdtoolkit.locks`): each takes the next seed
+Several processes may share one `--out` (`kdtoolkit.runner.locks`): each takes the next seed
 no other holds, then finishes the others' (waiting on each run another process
 is training, then loading it), so every run is trained once.
 """
@@ -9,9 +9,11 @@ import datetime
 import json
 import time
 
-from kdtoolkit import device, locks, runs
-from kdtoolkit.results import ResultsStore, append_line
-from kdtoolkit.workspaces import Workspaces
+from kdtoolkit import device
+from kdtoolkit.runner import locks, runs
+from kdtoolkit.files import append_line
+from kdtoolkit.runner.results import ResultsStore
+from kdtoolkit.speed.workspaces import Workspaces
 
 
 def run_all(task_cls, config, data=None, log=None):
@@ -91,7 +93,7 @@ def run_experiments(task, only=None):
 
 
 def stop_reason(err):
-    """What stopped an experiment, for `timings.jsonl`: the signal (`kdtoolkit.cli.Terminated`
+    """What stopped an experiment, for `timings.jsonl`: the signal (`kdtoolkit.runner.cli.Terminated`
     names SIGTERM, Ctrl-C is SIGINT) or the error's type."""
     if isinstance(err, KeyboardInterrupt):
         return getattr(err, "signal_name", "SIGINT")

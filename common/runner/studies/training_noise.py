@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 
 from kdtoolkit import methods
-from kdtoolkit.run_spec import run_tag
-from kdtoolkit.studies import save_table
+from kdtoolkit.runner.run_spec import run_tag
+from kdtoolkit.runner.studies import save_table
 
 
 def noisy_labels(labels, rate, num_classes, seed):
@@ -80,7 +80,7 @@ def corrupted_twin(task, arrays):
 
 
 def run(task, corruption, levels, build_teacher, build_student):
-    """The study of `corruption` on `task` (a `kdtoolkit.recipes.Recipes`) for each of
+    """The study of `corruption` on `task` (a `kdtoolkit.runner.recipes.Recipes`) for each of
     `levels`; writes `<corruption.name>-s<seed>.csv` and `.json`; returns the rows."""
     settings = task.method_settings(methods.Distillation)
     rows = []

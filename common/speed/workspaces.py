@@ -8,7 +8,7 @@ the T curve's students, the student from scratch and from random weights, the
 teacher-assistant's student) can use one step.
 
 A `Workspace` holds a structural copy of a run's method (its model cloned, the
-method rebound to the clone: `kdtoolkit.step_sharing.rebind`) with its own optimizer and compiled
+method rebound to the clone: `kdtoolkit.speed.step_sharing.rebind`) with its own optimizer and compiled
 step. A run copies its initial weights, its optimizer's initial state and its
 runtime settings (KD's T and alpha) in (`load`), trains there, and copies the
 weights back out (`store`); it trains exactly as it would alone (tested).
@@ -20,7 +20,7 @@ import json
 
 import keras
 
-from kdtoolkit import step_sharing
+from kdtoolkit.speed import step_sharing
 from kdtoolkit.training import compiled_predictor
 
 
@@ -145,7 +145,7 @@ class Workspaces:
     def get(self, method, optimizer, make_step, strategy, step_key):
         """The workspace for `method` and `optimizer`, made on first use with
         `make_step(method, optimizer) -> (step, means)`; None when `method` cannot
-        share one (`kdtoolkit.step_sharing.signature` is None, or its model cannot
+        share one (`kdtoolkit.speed.step_sharing.signature` is None, or its model cannot
         describe itself).
         `step_key`: whatever else the step depends on (data spec, XLA, ...)."""
         kind = _kind(method, strategy)

@@ -2,10 +2,10 @@
 `shared_step` (`kdtoolkit.methods.base.SharedStep`).
 
 Runs of one method class, of equal `signature` and model structure, share one
-compiled step and predictor (`kdtoolkit.workspaces`); the class's `runtime`
+compiled step and predictor (`kdtoolkit.speed.workspaces`); the class's `runtime`
 floats are read as variables there, so one step serves every value (KD's T and
 alpha: a T-curve's students). A `stackable` class's loss terms broadcast over
-fused members (`kdtoolkit.fused.loss_groups`): given a model that returns
+fused members (`kdtoolkit.speed.fused.loss_groups`): given a model that returns
 `(members, batch, classes)` logits and each `runtime` setting as a `(members,)`
 tensor, every term comes back `(members,)`.
 

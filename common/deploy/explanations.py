@@ -12,8 +12,9 @@ import json
 
 import numpy as np
 
-from kdtoolkit import explain, training
-from kdtoolkit.results import identity_hash, write_arrays_atomic, write_json_atomic
+from kdtoolkit import training
+from kdtoolkit.deploy import explain
+from kdtoolkit.files import identity_hash, write_arrays_atomic, write_json_atomic
 
 
 def explain_and_save(out_dir, tag, kind, predictors, images, labels, settings, log=None):
@@ -78,7 +79,7 @@ def _pad(maps):
 
 def explain_seed(task, kind):
     """LIME or occlusion maps (`kind`) of a task's teacher, KD student and scratch
-    student for one seed (`task`: a `kdtoolkit.recipes.Recipes`; each model trained or
+    student for one seed (`task`: a `kdtoolkit.runner.recipes.Recipes`; each model trained or
     loaded first), saved under `explain/<kind>-s<seed>` with the agreement numbers
     of every pair (`explain_and_save`)."""
     c = task.config

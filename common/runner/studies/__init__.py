@@ -2,7 +2,7 @@
 
 import keras
 
-from kdtoolkit.results import write_csv_atomic, write_json_atomic
+from kdtoolkit.files import write_csv_atomic, write_json_atomic
 
 
 def save_table(task, name, rows, columns=None, **about):
