@@ -10,6 +10,7 @@
 same steps; only the chief writes `--out` (see `results_root`).
 """
 
+import os
 from pathlib import Path
 
 import tensorflow as tf
@@ -27,11 +28,19 @@ def make_strategy(name):
     raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
 
 
-def is_chief(strategy):
+def cluster_resolver(name):
+    """The cluster resolver of strategy `name`, read from `TF_CONFIG` without building
+    the strategy (None for the one-process strategies)."""
+    if name != "multi-worker":
+        return None
+    return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+
+
+def is_chief(resolver):
     """Whether this process is the one that writes results: yes unless it is a
     non-chief worker of a multi-worker cluster (the chief, or worker 0 of a
-    cluster without one, writes; the rule of TensorFlow's multi-worker guide)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster without one, writes; the rule of TensorFlow's multi-worker guide).
+    `resolver`: a strategy's `cluster_resolver`, or None (one process)."""
     task_type = getattr(resolver, "task_type", None)
     if task_type is None or task_type == "chief":
         return True
@@ -39,11 +48,17 @@ def is_chief(strategy):
     return task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-def results_root(out, strategy):
+def results_root(out, resolver):
     """`out` for the chief; `out/.workers/<type>-<id>` for the other workers, which
     keep their own copy of the store (so each resumes exactly as the chief does)
     without writing the chief's results."""
-    if is_chief(strategy):
+    if is_chief(resolver):
         return Path(out)
-    resolver = strategy.cluster_resolver
     return Path(out) / ".workers" / f"{resolver.task_type}-{resolver.task_id}"
+
+
+def lost_worker(err):
+    """Whether `err` (raised in a multi-worker run, `TF_CONFIG` set) says that another
+    worker of the cluster stopped: its collective ops are aborted or time out."""
+    lost = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)
+    return isinstance(err, lost) and "TF_CONFIG" in os.environ

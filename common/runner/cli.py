@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from kdtoolkit.errors import UserError
 
@@ -191,6 +192,8 @@ def main(body):
 
     import tensorflow as tf
 
+    from kdtoolkit import distribute
+
     tf.get_logger().setLevel(logging.ERROR)  # retracing notices etc. are not for users
     previous = _on_sigterm(_terminate)
     try:
@@ -204,6 +207,15 @@ def main(body):
         where = f" {err.filename}" if err.filename else ""
         print(f"error: cannot write{where}: {err.strerror}; free some space or choose a writable --out, then run "
               "the same command: finished runs and epochs are kept and it resumes", file=sys.stderr)
+        return 2
+    except tf.errors.OpError as err:
+        if not distribute.lost_worker(err):
+            raise
+        first = next((line for line in str(err).splitlines() if "unhealthy" in line or "aborted" in line),
+                     str(err).splitlines()[0] if str(err) else type(err).__name__)
+        print(f"error: another worker of the multi-worker cluster stopped ({type(err).__name__}: {first.strip()[:200]}); "
+              "finished runs and epochs are kept: start the same command again on every worker to resume",
+              file=sys.stderr)
         return 2
     except Terminated:
         print("terminated (SIGTERM): finished runs and epochs are saved and timed in timings.jsonl; run the same "
@@ -236,10 +248,16 @@ def run_task(config, title, experiments):
 
     log = logger(config.quiet)
     log(f"{title} config:\n" + config.describe())
+    from kdtoolkit import distribute
     from kdtoolkit.runner.results import ResultsStore
 
     importlib.import_module(experiments).run_all(config, log=log)
-    print(summary_table(ResultsStore(config.out)))
+    resolver = distribute.cluster_resolver(config.distribute)
+    root = distribute.results_root(config.out, resolver)
+    if root != Path(config.out):
+        print(f"{resolver.task_type} {resolver.task_id} of the cluster: the chief writes the results to {config.out}; "
+              f"this worker's copy (what it resumes from) is {root}")
+    print(summary_table(ResultsStore(root)))
     return 0
 
 

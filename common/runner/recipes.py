@@ -49,7 +49,7 @@ class Recipes(TaskInterface):
         self.seed = seed
         self.log = log or (lambda _msg: None)
         self.strategy = make_strategy(config.distribute)
-        self.store = ResultsStore(results_root(config.out, self.strategy))
+        self.store = ResultsStore(results_root(config.out, getattr(self.strategy, "cluster_resolver", None)))
         self.models = ModelCache(self.kept_models, self.build_in_scope, self.store.weights_path)
         self.targets = TargetCache(self.compute_targets, self.feature_model, self.per_view)
         self.workspaces = Workspaces()  # `kdtoolkit.runner.sessions.run_all` shares one across seeds
