@@ -261,11 +261,11 @@ class Distiller(keras.Model):
     def training_batches(self, x, y, batch_size, shuffle):
         """`(dataset of {"x", "y", "index", "teacher_<target>"} batches, labels (n,))`."""
         if isinstance(x, tf.data.Dataset):
-            batches = fit_data.stream_batches(x, self.num_classes)
             if not (self.cache_teacher and self.cls.target_names()):
-                return batches, None  # no pass before training: the method gets no labels
+                return fit_data.stream_batches(x, self.num_classes), None  # no pass before training: no labels
             folder = fit_data.cache_folder(self.cache_dir)
-            examples, labels, size = fit_data.cache_on_disk(batches, tf.function(self.teacher_targets), folder)
+            examples, labels, size = fit_data.cache_on_disk(x, self.num_classes, tf.function(self.teacher_targets),
+                                                            folder)
             return fit_data.shuffled_stream(examples, batch_size or size, self.epoch, self.seed), labels
         arrays = {"x": x, "y": y, "index": np.arange(len(y), dtype=np.int32)}
         if self.cache_teacher and self.cls.target_names():

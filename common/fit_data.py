@@ -149,11 +149,18 @@ def indexed_batches(dataset):
 
 
 def one_hot_to_index(batch, num_classes):
-    """A batch's `"y"` as `(b,)` int32 class indices (one-hot rows are arg-maxed)."""
+    """A batch's `"y"` as `(b,)` int32 class indices (one-hot rows are arg-maxed), checked
+    in the pipeline: a label outside `0..num_classes-1` or a row that is not one-hot
+    stops the dataset with a message saying so."""
     y = batch["y"]
     if y.shape.rank == 2 and y.shape[-1] == num_classes and num_classes > 1:
+        tf.debugging.assert_equal(tf.reduce_all((y == 0) | (y == 1)) & tf.reduce_all(tf.reduce_sum(y, -1) == 1),
+                                  True, message="Distiller.fit takes one-hot rows, not soft labels")
         y = tf.argmax(y, axis=-1)
-    return {**batch, "y": tf.reshape(tf.cast(y, tf.int32), [-1])}
+    y = tf.reshape(tf.cast(y, tf.int32), [-1])
+    tf.debugging.assert_equal(tf.reduce_all((y >= 0) & (y < num_classes)), True,
+                              message=f"labels must be class indices 0..{num_classes - 1}")
+    return {**batch, "y": y}
 
 
 def stream_batches(dataset, num_classes):
@@ -164,25 +171,34 @@ def stream_batches(dataset, num_classes):
     return batches.apply(tf.data.experimental.assert_cardinality(count)) if count >= 0 else batches
 
 
-def cache_on_disk(batches, targets_fn, folder):
-    """Runs `targets_fn(x) -> {target: (b, ...)}` once over `batches` (`{"x", "y",
-    "index"}`) and saves the examples with their `"teacher_<target>"` values as a
-    `tf.data` snapshot in `folder`; returns `(dataset of single examples, labels (n,),
-    the first batch's size)`."""
-    labels = []
+def cache_on_disk(dataset, num_classes, targets_fn, folder):
+    """Runs `targets_fn(x) -> {target: (b, ...)}` once over `dataset` (`(x, y)` batches)
+    and saves the examples with `"y"` (class indices), `"index"` and their
+    `"teacher_<target>"` values as a `tf.data` snapshot in `folder`; returns
+    `(dataset of single examples, labels (n,), the first batch's size)`. Each batch's
+    labels are checked as `labels_of` checks arrays: the first bad batch stops the
+    pass with a one-line `DataError` naming it, before any training."""
+    labels, problems = [], []
 
     def with_targets():
-        for batch in batches:
-            labels.append(batch["y"].numpy())
+        for number, batch in enumerate(indexed_batches(dataset)):
+            try:
+                y = labels_of(batch["y"].numpy(), num_classes, where=f"batch {number} of the dataset")
+            except DataError as err:
+                problems.append(err)
+                return
+            labels.append(y)
             targets = targets_fn(batch["x"])
-            yield {**batch, **{f"teacher_{k}": v for k, v in targets.items()}}
+            yield {**batch, "y": y, **{f"teacher_{k}": v for k, v in targets.items()}}
 
-    probe = next(iter(batches.take(1)))
-    spec = {k: tf.TensorSpec((None, *v.shape[1:]), v.dtype) for k, v in probe.items() if k != "x"}
-    spec["x"] = tf.nest.map_structure(lambda v: tf.TensorSpec((None, *v.shape[1:]), v.dtype), probe["x"])
+    probe = next(iter(indexed_batches(dataset.take(1))))
+    spec = {"y": tf.TensorSpec((None,), tf.int32), "index": tf.TensorSpec((None,), tf.int32),
+            "x": tf.nest.map_structure(lambda v: tf.TensorSpec((None, *v.shape[1:]), v.dtype), probe["x"])}
     for name, value in targets_fn(probe["x"]).items():
         spec[f"teacher_{name}"] = tf.TensorSpec((None, *value.shape[1:]), value.dtype)
     tf.data.Dataset.from_generator(with_targets, output_signature=spec).unbatch().save(folder)
+    if problems:
+        raise problems[0]
     if not labels:
         raise DataError("the dataset is empty")
     return tf.data.Dataset.load(folder), np.concatenate(labels), len(probe["y"])

@@ -6,9 +6,10 @@ of Keras' own `keras.distillation.Distiller`:
 Keras passes a distillation loss the teacher's and student's outputs (the final
 logits, or the layers named by `teacher_layer_name` / `student_layer_name`) and no
 labels, so only the terms that need neither labels nor trained layers of their own
-fit: `kd` (its T² KL term; Keras weighs the student's loss itself, so KD's `alpha`
-is Keras' `student_loss_weight` and not an option here), `at` (feature maps) and
-`rkd` (embeddings). Each takes only the options its term uses.
+fit: each method that declares a `LabelFreeTerm` (`label_free_methods()`: `kd`, its
+T² KL term, Keras weighing the student's loss itself, so KD's `alpha` is Keras'
+`student_loss_weight` and not an option here; `at`, `nst`, `sp` on feature maps;
+`pkt`, `rkd` on embeddings). Each takes only the options its term uses.
 """
 
 import keras
@@ -27,7 +28,7 @@ def label_free_term(method):
 
 
 def label_free_methods():
-    """The registered methods that declare a `label_free_term` (kd, at, rkd)."""
+    """The registered methods that declare a `label_free_term` (at, kd, nst, pkt, rkd, sp)."""
     return tuple(name for name in methods.REGISTRY if label_free_term(name) is not None)
 
 

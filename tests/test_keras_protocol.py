@@ -239,6 +239,30 @@ def test_a_dataset_is_read_once_with_the_cache_and_each_epoch_without():
         assert expected <= len(reads) <= expected + 64, (cache, len(reads))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bad, match", [
+    (lambda y: np.where(np.arange(len(y)) == 40, 7, y), r"batch 2 of the dataset: 1 labels outside 0..2"),
+    (lambda y: np.full((len(y), 3), 1 / 3, "float32"), r"batch 0 of the dataset: .*soft labels"),
+])
+def test_a_dataset_with_bad_labels_stops_before_training(bad, match):
+    """Streamed labels are checked as arrays are: with the teacher cached, the pass
+    before training names the first bad batch in one line; without it, the pipeline
+    stops at that batch with a message saying what is wrong."""
+    x, y = data()
+    dataset = tf.data.Dataset.from_tensor_slices((x, bad(y))).batch(16)
+    teacher, student = models()
+    distiller = Distiller(teacher, student, "kd", seed=1)
+    distiller.compile(optimizer="adam")
+    before = student.get_weights()
+    with pytest.raises(DataError, match=match):
+        distiller.fit(dataset, epochs=1, verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, student.get_weights()))  # not one step taken
+    streamed = Distiller(*models(), "kd", seed=1, cache_teacher=False)
+    streamed.compile(optimizer="adam")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="class indices 0..2|not soft labels"):
+        streamed.fit(dataset, epochs=1, verbose=0)
+
+
 def test_epochs_see_the_examples_in_new_orders_from_the_seed():
     from kdtoolkit import fit_data
 
