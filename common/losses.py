@@ -141,6 +141,51 @@ def student_loss(labels, student_logits, teacher_logits, temperature, alpha):
     return alpha * hard + (1.0 - alpha) * soft
 
 
+# -- Logit standardization (Sun, Ren, Li, Wang & Cao, CVPR 2024) -----------------
+#
+# A pre-processing of the logits of a logit method: each example's logits are
+# z-scored, z̃ = (z − mean_k z) / (ε + std_k z), teacher's and student's alike,
+# before they are divided by the temperature (then a "base temperature"). The
+# softened targets then depend only on the teacher's logit *relations*, not on
+# their range, and the student need not match the teacher's logit scale: the
+# term is unchanged when either's logits of an example are shifted or scaled by
+# a positive number (up to ε). Reference: sunshangquan/logit-standardization-KD,
+# `mdistiller/distillers/KD.py` and `DKD.py`, `normalize` (torch's `std`: the
+# unbiased, n − 1 estimate; ε = 1e-7 added to it), applied with its
+# `tools/train.py --logit-stand`, which also sets the temperature to
+# `--base-temp` (default 2) and the KD weight to `--kd-weight` (default 9: KD's
+# KD_WEIGHT becomes 9; DKD's ALPHA and BETA are multiplied by 9).
+#
+# On two classes the z-scores are ±1/√2 whatever the logits: the standardized
+# targets carry only which class is larger, and the term's gradient is ~ε (no signal).
+
+STANDARDIZE_EPSILON = 1e-7  # the reference's `normalize`: (logit - mean) / (1e-7 + std)
+STANDARDIZED_TEMPERATURE = 2.0  # the reference's base temperature (`--base-temp` default)
+STANDARDIZED_KD_WEIGHT = 9.0  # the reference's `--kd-weight` default, applied with --logit-stand
+
+
+def standardize_logits(logits, epsilon=STANDARDIZE_EPSILON):
+    """(z − mean) / (ε + std) over the last axis (classes), std with n − 1 as the
+    reference's torch `std`; float32. Logits that are all equal give zeros, with a
+    finite gradient ((I − 1/K) / ε, the exact one there: no NaN from the square root)."""
+    logits = tf.cast(logits, tf.float32)
+    centred = logits - tf.reduce_mean(logits, axis=-1, keepdims=True)
+    classes = tf.cast(tf.shape(logits)[-1], tf.float32)
+    variance = tf.reduce_sum(tf.square(centred), axis=-1, keepdims=True) / tf.maximum(classes - 1.0, 1.0)
+    positive = variance > 0.0
+    std = tf.where(positive, tf.sqrt(tf.where(positive, variance, 1.0)), 0.0)
+    return centred / (epsilon + std)
+
+
+def standardized(teacher_logits, student_logits, standardize):
+    """`(teacher, student)` logits, both z-scored by `standardize_logits` when
+    `standardize` (a Python bool), else as given: the one place a logit method's
+    `standardize` option acts."""
+    if not standardize:
+        return teacher_logits, student_logits
+    return standardize_logits(teacher_logits), standardize_logits(student_logits)
+
+
 def soft_target_entropy(logits, temperature):
     """Mean entropy (nats) of softmax(logits / T): how soft the targets are at T."""
     temperature = validate_temperature(temperature)

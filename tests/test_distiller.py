@@ -138,7 +138,7 @@ def test_method_loss_rkd_on_named_layers():
 
 def test_bad_input_is_one_clear_error():
     teacher, student, _ = models()
-    with pytest.raises(ConfigError, match="kd has no option tau; it takes alpha, temperature"):
+    with pytest.raises(ConfigError, match="kd has no option tau; it takes alpha, standardize, temperature"):
         Distiller(teacher, student, "kd", tau=1)
     with pytest.raises(ValueError, match="unknown method 'kdd'"):
         Distiller(teacher, student, "kdd")

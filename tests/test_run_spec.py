@@ -75,4 +75,5 @@ def test_only_registered_classes_share_steps_and_kd_cells_share_one_loss():
     assert step_sharing.signature(DKD(model)) is None  # its T is baked into its graph: not shared
     twin = step_sharing.rebind(cells[1], model)
     assert float(twin.temperature.numpy()) == 4.0 and twin.options == cells[1].options
-    assert dataclasses.asdict(cells[1].options) == {"temperature": 4.0, "alpha": 0.9}
+    assert dataclasses.asdict(cells[1].options) == {"temperature": 4.0, "alpha": 0.9, "standardize": False}
+    assert methods.run_settings(cells[1].options) == {"temperature": 4.0, "alpha": 0.9}  # a run's part: as before

@@ -137,11 +137,16 @@ def argument_name(method, field):
 def check_options(options, method, naming=option_flag):
     """Validates a method's `Options` from each field's metadata: a finite number >=
     `minimum` (default 0; > it with `exclusive`) and <= `maximum` (if given), an
-    integer >= `minimum` (default 1) when the default is an int. Raises `ValueError`
+    integer >= `minimum` (default 1) when the default is an int, True or False when it
+    is a bool. Raises `ValueError`
     naming the option as `naming(method, field)` says (the CLI flag by default,
     `argument_name` for Python)."""
     for field in dataclasses.fields(options):
         value, flag = getattr(options, field.name), naming(method, field.name)
+        if isinstance(field.default, bool):  # a switch (`standardize`): True or False, nothing else
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
+            continue
         integer = isinstance(field.default, int)
         minimum = field.metadata.get("minimum", 1 if integer else 0)
         maximum = field.metadata.get("maximum", math.inf)
@@ -170,6 +175,37 @@ def alpha_field(default=0.5):
     return dataclasses.field(default=default, metadata={
         "help": "weight of the hard-label loss; 1 - alpha weights distillation", "maximum": 1.0,
         "precision_check": losses.weight_problem})
+
+
+def standardize_field():
+    """The `standardize` switch of a logit method (`--<method>-standardize`), off by
+    default: logit standardization (Sun et al., CVPR 2024; `losses.standardize_logits`)
+    of the teacher's and the student's logits before the temperature. On, the
+    temperature defaults to the reference's base temperature 2 (`standardized_values`)
+    and the method applies the reference's weights, if any (each method says which)."""
+    return dataclasses.field(default=False, metadata={
+        "help": "logit standardization (Sun et al. 2024): z-score each example's teacher and student logits "
+                f"before the temperature; on, T defaults to the base temperature "
+                f"{losses.STANDARDIZED_TEMPERATURE:g} (not --temperature) and the reference's weights apply"})
+
+
+def standardized_values(fields, values):
+    """`values` (options given by name, over the defaults and shared settings) with,
+    when they turn `standardize` on and give no `temperature` of a method that has
+    one, the reference's base temperature (`losses.STANDARDIZED_TEMPERATURE`): the
+    default of T under standardization, which the task's `--temperature` does not
+    replace. `fields`: the method's option names."""
+    if values.get("standardize") is True and "temperature" in fields and "temperature" not in values:
+        return {**values, "temperature": losses.STANDARDIZED_TEMPERATURE}
+    return values
+
+
+def run_settings(options):
+    """`{field: value}` of `options` that defines a run (its name and identity): every
+    field, less a switch (a bool option) at its default, so that adding a switch to a
+    method leaves every existing run's name and identity as they were."""
+    return {field.name: getattr(options, field.name) for field in dataclasses.fields(options)
+            if not (isinstance(field.default, bool) and getattr(options, field.name) == field.default)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +267,8 @@ class Distiller(Method):
     def __init__(self, student, options=None, context=None, teacher=None, **values):
         """`values`: options given by name (`temperature=2`), over `options`' (default: the defaults)."""
         super().__init__(student)
+        if options is None:  # standardize=True without a temperature: the base temperature
+            values = standardized_values({f.name for f in dataclasses.fields(self.Options)}, values)
         self.options = dataclasses.replace(options if options is not None else self.Options(), **values)
         if values:
             check_options(self.options, self.name or type(self).__name__)

@@ -29,6 +29,14 @@ replica (`single_replica`). A class whose probabilities are equal over the batch
 (a batch of one example) has a centred vector of zeros: its correlation is 0
 (as in the reference, 0 / ε), with a zero gradient here where the square root
 of a zero norm would give NaN.
+
+`--dist-standardize` (off by default): logit standardization (Sun et al., CVPR
+2024; `losses.standardize_logits`, from sunshangquan/logit-standardization-KD
+`mdistiller/distillers/KD.py` `normalize`) of both logits before τ, with τ the
+base temperature 2 unless a temperature is given with the option (the task's
+`--temperature` does not apply). The reference does not apply it to DIST: this
+is the same pre-processing at the same base temperature, with DIST's own weights
+unchanged (no reference weight exists for it), so w τ² is 8 there, not 32.
 """
 
 import dataclasses
@@ -36,7 +44,7 @@ import dataclasses
 import tensorflow as tf
 
 from kdtoolkit import losses
-from kdtoolkit.methods.base import Distiller, register, temperature_field
+from kdtoolkit.methods.base import Distiller, register, standardize_field, temperature_field
 
 EPSILON = 1e-8  # the reference's `eps` of cosine_similarity / pearson_correlation
 
@@ -74,6 +82,7 @@ class DISTOptions:
     gamma: float = dataclasses.field(default=1.0, metadata={"help": "gamma, weight of the intra-class relation"})
     weight: float = dataclasses.field(default=2.0, metadata={
         "help": "weight of the whole DIST loss (the reference's kd_loss_weight); CE is weighted 1"})
+    standardize: bool = standardize_field()
 
 
 @register
@@ -91,7 +100,8 @@ class DIST(Distiller):
     def loss_terms(self, batch, training=True):
         logits = self.student(batch["x"], training)["logits"]
         options = self.options
-        inter, intra = dist_relations(logits, self.targets(batch)["logits"], options.temperature)
+        teacher, student = losses.standardized(self.targets(batch)["logits"], logits, options.standardize)
+        inter, intra = dist_relations(student, teacher, options.temperature)
         scale = options.weight * options.temperature**2
         return {"ce": losses.teacher_loss(batch["y"], logits),
                 "inter": scale * options.beta * inter,

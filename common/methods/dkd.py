@@ -20,6 +20,16 @@ warmed up: in epoch e (1-based) it is scaled by min(e / W, 1), W = 20 epochs of 
 trained (default 20/240: the reference's share), so the warm-up keeps its place
 in a shorter schedule; 0 turns it off. In the course's 12 epochs W = 1 epoch,
 and the scale is 1 from the first epoch: the same objective as without warm-up.
+
+`--dkd-standardize` (off by default): logit standardization (Sun et al., CVPR
+2024) as its reference applies it to DKD (sunshangquan/logit-standardization-KD,
+`mdistiller/distillers/DKD.py` `dkd_loss` with `logit_stand`, set by
+`tools/train.py --logit-stand --base-temp 2 --kd-weight 9`): both parts are
+computed on the z-scored logits (`losses.standardize_logits`) at the base
+temperature T = 2 (unless a temperature is given with the option; the task's
+`--temperature` does not apply), and α and β are multiplied by the reference's
+KD weight 9 (defaults: 9 TCKD + 72 NCKD); the CE weight (1) and the warm-up are
+unchanged, as there.
 """
 
 import dataclasses
@@ -27,7 +37,7 @@ import dataclasses
 import tensorflow as tf
 
 from kdtoolkit import losses
-from kdtoolkit.methods.base import Distiller, register, temperature_field
+from kdtoolkit.methods.base import Distiller, register, standardize_field, temperature_field
 
 
 def dkd_parts(labels, student_logits, teacher_logits, temperature):
@@ -59,6 +69,7 @@ class DKDOptions:
     nckd_weight: float = dataclasses.field(default=8.0, metadata={"help": "beta, weight of non-target-class KD"})
     warmup: float = dataclasses.field(default=20.0 / 240.0, metadata={
         "help": "warm-up of the KD part, as a share of the schedule's epochs (the reference's 20 of 240); 0: none"})
+    standardize: bool = standardize_field()
 
 
 def warmup_scale(epoch, epochs, warmup):
@@ -71,7 +82,7 @@ def warmup_scale(epoch, epochs, warmup):
 @register
 class DKD(Distiller):
     """Logged terms: `ce`, `tckd` and `nckd` (each already weighted, warmed up and
-    scaled by T²)."""
+    scaled by T²; standardized, weighted × 9 more: see the module)."""
 
     name = "dkd"
     summary = "DKD, decoupled KD (Zhao et al. 2022): CE + T^2 (a TCKD + b NCKD)"
@@ -87,9 +98,12 @@ class DKD(Distiller):
 
     def loss_terms(self, batch, training=True):
         logits = self.student(batch["x"], training)["logits"]
-        temperature = self.options.temperature
-        tckd, nckd = dkd_parts(batch["y"], logits, self.targets(batch)["logits"], temperature)
+        temperature, standardize = self.options.temperature, self.options.standardize
+        teacher, student = losses.standardized(self.targets(batch)["logits"], logits, standardize)
+        tckd, nckd = dkd_parts(batch["y"], student, teacher, temperature)
         scale = temperature**2 * self.scale
+        if standardize:  # the reference's --kd-weight multiplies alpha and beta
+            scale = losses.STANDARDIZED_KD_WEIGHT * scale
         return {"ce": losses.teacher_loss(batch["y"], logits),
                 "tckd": self.options.tckd_weight * scale * tckd,
                 "nckd": self.options.nckd_weight * scale * nckd}, logits

@@ -105,6 +105,10 @@ def add_method_arguments(parser, defaults):
     group.add_argument("--chain-method", default=defaults.chain_method, choices=tuple(methods.REGISTRY),
                        help="method of the teacher-assistant chain (takd) and early-stopped teachers (eskd)")
     for method, field, flag, default, text in methods.option_flags():
+        if isinstance(default, bool):  # a switch (`--kd-standardize`): given means on
+            group.add_argument(flag, dest=f"{METHOD_OPTION}{method}.{field}", action="store_const", const=not default,
+                               default=None, help=f"{text} (default {'on' if default else 'off'})")
+            continue
         group.add_argument(flag, dest=f"{METHOD_OPTION}{method}.{field}", type=type(default), default=None,
                            metavar="N" if isinstance(default, int) else "X",
                            help=f"{text} (default {default:g})")

@@ -21,7 +21,9 @@ class MethodFactory:
         self.parent_name = None
 
     def options(self):
-        return self.cls.Options(**{f.name: self.settings[f.name] for f in dataclasses.fields(self.cls.Options)})
+        """The method's `Options` from `settings` (a switch left out there is at its default)."""
+        return self.cls.Options(**{f.name: self.settings[f.name] for f in dataclasses.fields(self.cls.Options)
+                                   if f.name in self.settings})
 
     def deployable(self, build):
         """`build` (`() -> student`), or, for a method with a prediction head (CID),

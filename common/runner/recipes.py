@@ -7,8 +7,6 @@ A task subclasses `Recipes` and defines the members of
 shared compiled steps (`Workspaces`), and names each run by a `RunSpec`.
 """
 
-import dataclasses
-
 import keras
 
 from kdtoolkit import deployed, device, methods, training
@@ -203,10 +201,11 @@ class Recipes(TaskInterface):
     def method_settings(self, cls, **overrides):
         """A run of method `cls`'s settings: its `Options` as a dict, from the config
         (`--temperature`, `--alpha`, `--<method>-<option>`) and `overrides`; part of
-        the run's identity and name."""
+        the run's identity and name (`methods.run_settings`: a switch such as
+        `standardize` only when it is on)."""
         own = dict(self.config.method_options).get(cls.name, {}) if cls.name else {}
         shared = {"temperature": self.config.temperature, "alpha": self.config.alpha}
-        return dataclasses.asdict(methods.make_options(cls, {**own, **overrides}, shared))
+        return methods.run_settings(methods.make_options(cls, {**own, **overrides}, shared))
 
     def context(self, model, features=False):
         """The `kdtoolkit.methods.Context` of a method training `model` on this task."""

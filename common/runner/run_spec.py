@@ -55,12 +55,16 @@ def run_name(stem, seed):
 
 def run_tag(settings):
     """`{"temperature": 4.0, "alpha": 0.5, "nckd_weight": 8.0}` -> `"T4-a0.5-nw8"`: a
-    readable run-name part (T, alpha, then each option by its words' initials)."""
-    short = {"temperature": "T", "alpha": "a"}
+    readable run-name part (T, alpha, then each option by its words' initials; a
+    switch by its label when on, `no<label>` when off: `standardize` is `std`)."""
+    short = {"temperature": "T", "alpha": "a", "standardize": "std"}
     parts = []
     for key, value in settings.items():
         label = short.get(key) or "".join(word[0] for word in key.split("_"))
-        parts.append(f"{label}{value:g}" if isinstance(value, (int, float)) else f"{label}{value}")
+        if isinstance(value, bool):
+            parts.append(label if value else f"no{label}")
+        else:
+            parts.append(f"{label}{value:g}" if isinstance(value, (int, float)) else f"{label}{value}")
     return "-".join(parts)
 
 
