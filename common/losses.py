@@ -160,7 +160,6 @@ def student_loss(labels, student_logits, teacher_logits, temperature, alpha):
 # targets carry only which class is larger, and the term's gradient is ~ε (no signal).
 
 STANDARDIZE_EPSILON = 1e-7  # the reference's `normalize`: (logit - mean) / (1e-7 + std)
-STANDARDIZED_TEMPERATURE = 2.0  # the reference's base temperature (`--base-temp` default)
 STANDARDIZED_KD_WEIGHT = 9.0  # the reference's `--kd-weight` default, applied with --logit-stand
 
 

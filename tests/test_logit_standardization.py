@@ -2,8 +2,8 @@
 dkd and dist: the weighted terms against a float64 NumPy translation of the
 reference code (sunshangquan/logit-standardization-KD, `mdistiller/distillers/KD.py`
 `normalize` / `kd_loss`, `mdistiller/distillers/DKD.py` `dkd_loss`, with the
-weights and base temperature its `tools/train.py --logit-stand` sets: T = 2, KD
-weight 9, DKD's alpha and beta × 9); the option off leaves every term, run name and
+weights and base temperature its `tools/train.py --logit-stand` sets: KD weight 9,
+DKD's alpha and beta × 9, T = 2 given as the temperature); the option off leaves every term, run name and
 identity as it was; the invariances the paper states; one short fit."""
 
 import dataclasses
@@ -125,8 +125,7 @@ def test_standardized_logits_have_zero_mean_and_unit_sample_std(logits):
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0])
 def test_standardized_kd_terms_match_the_reference(logits, alpha):
     """--logit-stand --base-temp 2 --kd-weight 9: loss_ce = CE_WEIGHT CE (here alpha), loss_kd = 9 T^2 KL."""
-    m = method("kd", standardize=True, alpha=alpha)
-    assert m.options.temperature == losses.STANDARDIZED_TEMPERATURE == 2.0
+    m = method("kd", standardize=True, alpha=alpha, temperature=2.0)  # the reference's --base-temp 2
     found = terms(m, logits["student"], logits["teacher"], logits["y"])
     ce, kd = ref_kd(float32(logits["student"]), float32(logits["teacher"]), logits["y"], ce_weight=alpha,
                     kd_weight=9.0, temperature=2.0, logit_stand=True)
@@ -136,14 +135,13 @@ def test_standardized_kd_terms_match_the_reference(logits, alpha):
     assert found["kd"] != pytest.approx(9.0 * plain, rel=1e-2)  # standardization changed the term
 
 
-@pytest.mark.parametrize("temperature", [None, 3.0])
+@pytest.mark.parametrize("temperature", [2.0, 3.0])
 @pytest.mark.parametrize("weights", [(1.0, 8.0), (2.0, 0.5)])
 def test_standardized_dkd_terms_match_the_reference(logits, temperature, weights):
-    """dkd_loss with logit_stand; ALPHA and BETA × 9, T = base temperature (2 by default)."""
+    """dkd_loss with logit_stand; ALPHA and BETA × 9, T = the base temperature (the reference's: 2)."""
     tckd_weight, nckd_weight = weights
-    given = {} if temperature is None else {"temperature": temperature}
-    m = method("dkd", standardize=True, tckd_weight=tckd_weight, nckd_weight=nckd_weight, **given)
-    t = temperature or 2.0
+    m = method("dkd", standardize=True, tckd_weight=tckd_weight, nckd_weight=nckd_weight, temperature=temperature)
+    t = temperature
     assert m.options.temperature == t
     found = terms(m, logits["student"], logits["teacher"], logits["y"])
     ce = ref_cross_entropy(float32(logits["student"]), logits["y"])
@@ -162,8 +160,8 @@ def test_dkd_translation_matches_the_method_without_standardization(logits):
 
 
 def test_standardized_dist_is_dist_on_standardized_logits_at_the_base_temperature(logits):
-    m = method("dist", standardize=True)
-    assert m.options.temperature == 2.0 and m.options.weight == 2.0
+    m = method("dist", standardize=True, temperature=2.0)
+    assert m.options.weight == 2.0
     found = terms(m, logits["student"], logits["teacher"], logits["y"])
     inter, intra = dist.dist_relations(tf.constant(ref_normalize(float32(logits["student"])), tf.float32),
                                        tf.constant(ref_normalize(float32(logits["teacher"])), tf.float32), 2.0)
@@ -211,7 +209,7 @@ def test_off_run_names_and_identities_are_unchanged(synthetic_mnist, tmp_path):
     assert list(spec.identity)[-2:] == ["temperature", "alpha"]  # the identity's method part, as before
 
 
-def test_the_flag_turns_it_on_with_the_base_temperature_and_names_the_run(synthetic_mnist, tmp_path):
+def test_the_flag_turns_it_on_at_the_tasks_temperature_and_names_the_run(synthetic_mnist, tmp_path):
     from task1_mnist import run as cli
     from task1_mnist.experiments import Task1
 
@@ -219,13 +217,13 @@ def test_the_flag_turns_it_on_with_the_base_temperature_and_names_the_run(synthe
     assert config.method_options == {"kd": {"standardize": True}, "dkd": {"standardize": True}}
     task = Task1(config, arrays=synthetic_mnist)
     settings = task.method_settings(methods.Distillation)
-    assert settings == {"temperature": 2.0, "alpha": 0.5, "standardize": True}  # --temperature does not apply
-    assert method_stem("kd", ["kd"], settings) == "kd-T2-a0.5-std"
-    assert task.method_settings(dist.DIST)["temperature"] == 3.0  # not standardized: the task's T
-    assert task.method_settings(methods.Distillation, temperature=5.0)["temperature"] == 5.0  # given: kept
+    assert settings == {"temperature": 3.0, "alpha": 0.5, "standardize": True}  # --temperature, as always
+    assert method_stem("kd", ["kd"], settings) == "kd-T3-a0.5-std"
+    assert task.method_settings(dist.DIST)["temperature"] == 3.0
+    assert task.method_settings(methods.Distillation, temperature=5.0)["temperature"] == 5.0
     built = task.factory(dkd.DKD)(keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                                                     keras.layers.Dense(10)]))
-    assert built.options.standardize and built.options.temperature == 2.0
+    assert built.options.standardize and built.options.temperature == 3.0
 
 
 def test_options_are_checked_and_standardized_kd_compiles_its_own_step():
@@ -235,13 +233,11 @@ def test_options_are_checked_and_standardized_kd_compiles_its_own_step():
     with pytest.raises(ValueError, match=r"^standardize must be True or False, got 'yes'"):
         methods.make_options("dkd", {"standardize": "yes"}, naming=methods.argument_name)  # Distiller's naming
     plain, standardized = methods.Distillation(model), methods.Distillation(model, standardize=True)
-    assert standardized.options.temperature == 2.0 and plain.options.temperature == 4.0
-    assert methods.Distillation(model, standardize=True, temperature=3.0).options.temperature == 3.0
+    assert standardized.options.temperature == plain.options.temperature == 4.0  # T is never changed by it
     assert step_sharing.signature(plain) == (id(None),)  # as before
     assert step_sharing.signature(standardized) != step_sharing.signature(plain)
     assert step_sharing.loss_key(standardized) != step_sharing.loss_key(plain)
-    assert methods.run_settings(standardized.options) == {**dataclasses.asdict(plain.options), "temperature": 2.0,
-                                                          "standardize": True}
+    assert methods.run_settings(standardized.options) == {**dataclasses.asdict(plain.options), "standardize": True}
 
 
 # -- what the paper states -----------------------------------------------------------
@@ -303,7 +299,7 @@ def test_a_short_standardized_kd_fit_logs_finite_terms():
     student = keras.Sequential([keras.Input((12, 12, 1)), keras.layers.Flatten(), keras.layers.Dense(8, "relu"),
                                 keras.layers.Dense(3)])
     before = [w.numpy().copy() for w in student.weights]
-    distiller = Distiller(teacher, student, method="kd", standardize=True, seed=0)
+    distiller = Distiller(teacher, student, method="kd", standardize=True, temperature=2.0, seed=0)
     assert distiller.options.standardize and distiller.options.temperature == 2.0
     distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
     history = distiller.fit(x, y, epochs=2, batch_size=32, verbose=0).history

@@ -16,8 +16,7 @@ import pkgutil
 
 from kdtoolkit.methods import base
 from kdtoolkit.methods.base import (SHARED_OPTIONS, Context, CrossEntropy, Distiller, LabelFreeTerm, Method,
-                                    SharedStep, argument_name, check_options, option_flag, register, run_settings,
-                                    standardized_values)
+                                    SharedStep, argument_name, check_options, option_flag, register, run_settings)
 from kdtoolkit.methods.kd import Distillation
 from kdtoolkit.methods.subclass import KnownSubclassTeacher, SubclassDistillation, SubclassTeacher
 
@@ -60,16 +59,14 @@ def make_options(method, values, shared=None, naming=option_flag):
     """`Options(**values)` of `method` (a registered name or a `Distiller` class), checked
     (`check_options`), with each of `shared` (e.g. `{"temperature": 4, "alpha": 0.5}`)
     that the method has and `values` does not give; an int given for a float option
-    becomes a float; `standardize` on, T is the base temperature 2 unless `values` give
-    one (`standardized_values`: the shared T does not apply). Raises `ValueError` for
-    bad values or unknown fields."""
+    becomes a float. Raises `ValueError` for bad values or unknown fields."""
     cls = get(method) if isinstance(method, str) else method
     fields = {f.name: f for f in dataclasses.fields(cls.Options)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{cls.name} has no option {', '.join(unknown)}; it takes "
                          f"{', '.join(sorted(fields)) or 'none'}")
-    given = {**{k: v for k, v in (shared or {}).items() if k in fields}, **standardized_values(fields, values)}
+    given = {**{k: v for k, v in (shared or {}).items() if k in fields}, **values}
     given = {k: float(v) if isinstance(fields[k].default, float) and type(v) is int else v for k, v in given.items()}
     options = cls.Options(**given)
     check_options(options, cls.name, naming)

@@ -180,24 +180,12 @@ def alpha_field(default=0.5):
 def standardize_field():
     """The `standardize` switch of a logit method (`--<method>-standardize`), off by
     default: logit standardization (Sun et al., CVPR 2024; `losses.standardize_logits`)
-    of the teacher's and the student's logits before the temperature. On, the
-    temperature defaults to the reference's base temperature 2 (`standardized_values`)
-    and the method applies the reference's weights, if any (each method says which)."""
+    of the teacher's and the student's logits before the temperature, which stays
+    `--temperature` (the reference's base temperature is 2: `--temperature 2`); the
+    method applies the reference's weights, if any (each method says which)."""
     return dataclasses.field(default=False, metadata={
         "help": "logit standardization (Sun et al. 2024): z-score each example's teacher and student logits "
-                f"before the temperature; on, T defaults to the base temperature "
-                f"{losses.STANDARDIZED_TEMPERATURE:g} (not --temperature) and the reference's weights apply"})
-
-
-def standardized_values(fields, values):
-    """`values` (options given by name, over the defaults and shared settings) with,
-    when they turn `standardize` on and give no `temperature` of a method that has
-    one, the reference's base temperature (`losses.STANDARDIZED_TEMPERATURE`): the
-    default of T under standardization, which the task's `--temperature` does not
-    replace. `fields`: the method's option names."""
-    if values.get("standardize") is True and "temperature" in fields and "temperature" not in values:
-        return {**values, "temperature": losses.STANDARDIZED_TEMPERATURE}
-    return values
+                "before --temperature (the reference's base temperature: 2); the reference's weights apply"})
 
 
 def run_settings(options):
@@ -267,8 +255,6 @@ class Distiller(Method):
     def __init__(self, student, options=None, context=None, teacher=None, **values):
         """`values`: options given by name (`temperature=2`), over `options`' (default: the defaults)."""
         super().__init__(student)
-        if options is None:  # standardize=True without a temperature: the base temperature
-            values = standardized_values({f.name for f in dataclasses.fields(self.Options)}, values)
         self.options = dataclasses.replace(options if options is not None else self.Options(), **values)
         if values:
             check_options(self.options, self.name or type(self).__name__)

@@ -33,10 +33,9 @@ of a zero norm would give NaN.
 `--dist-standardize` (off by default): logit standardization (Sun et al., CVPR
 2024; `losses.standardize_logits`, from sunshangquan/logit-standardization-KD
 `mdistiller/distillers/KD.py` `normalize`) of both logits before τ, with τ the
-base temperature 2 unless a temperature is given with the option (the task's
-`--temperature` does not apply). The reference does not apply it to DIST: this
-is the same pre-processing at the same base temperature, with DIST's own weights
-unchanged (no reference weight exists for it), so w τ² is 8 there, not 32.
+`--temperature` (the reference's base temperature for KD and DKD is 2). The
+reference does not apply it to DIST: this is the same pre-processing, with DIST's
+own weights unchanged (no reference weight exists for it).
 """
 
 import dataclasses

@@ -26,8 +26,7 @@ and the scale is 1 from the first epoch: the same objective as without warm-up.
 `mdistiller/distillers/DKD.py` `dkd_loss` with `logit_stand`, set by
 `tools/train.py --logit-stand --base-temp 2 --kd-weight 9`): both parts are
 computed on the z-scored logits (`losses.standardize_logits`) at the base
-temperature T = 2 (unless a temperature is given with the option; the task's
-`--temperature` does not apply), and α and β are multiplied by the reference's
+temperature T = `--temperature` (the reference's base temperature is 2), and α and β are multiplied by the reference's
 KD weight 9 (defaults: 9 TCKD + 72 NCKD); the CE weight (1) and the warm-up are
 unchanged, as there.
 """

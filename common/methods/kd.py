@@ -12,9 +12,8 @@ set by `tools/train.py --logit-stand --base-temp 2 --kd-weight 9`):
 
     L = α · CE(y, softmax(z_s)) + 9 · T² · KL(softmax(z̃_t / T) ‖ softmax(z̃_s / T))
 
-z̃ = `losses.standardize_logits(z)` (z-score per example), T the base temperature:
-2 unless a temperature is given with the option (`methods.base.standardized_values`;
-the task's `--temperature` does not apply). The reference's `--logit-stand` sets
+z̃ = `losses.standardize_logits(z)` (z-score per example), T `--temperature` (the
+reference's base temperature is 2: `--temperature 2`). The reference's `--logit-stand` sets
 KD_WEIGHT to 9 (its KD otherwise 0.9 = 1 − α) and leaves CE_WEIGHT as configured
 (0.1 in its CIFAR-100 runs, 1.0 on ImageNet): here the KD term's weight is 9 in
 place of 1 − α and the CE term keeps α, so `--alpha 0.1` is the reference's
