@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kdtoolkit import deployed, features, fit_data, methods, training
+from kdtoolkit import classifier_head, deployed, feature_rules, features, fit_data, methods, model_graph, training
 from kdtoolkit.errors import ConfigError
 from kdtoolkit.method_loss import MethodLoss  # noqa: F401  (re-exported: the library's two entry points)
 
@@ -52,6 +52,56 @@ def check_model(model, role):
         raise ConfigError(f"the {role} must be a keras.Model, got {type(model).__name__}")
 
 
+def read_features(cls, teacher, student, teacher_features, student_features):
+    """`(teacher_outputs, teacher_reads, student_outputs, student_reads)`: the feature
+    models (`kdtoolkit.features.feature_model`) of what method class `cls` reads of
+    each model, `x -> {name: tensor}`, and which layer each name reads; the student's
+    are None and `{}` where `cls` reads only its logits (a student ending in a softmax
+    is refused all the same). A teacher's softmax output read as logits is said in
+    one warning line, at the line that builds the `Distiller`."""
+    hint_from = feature_rules.hint_source(teacher, student, teacher_features, student_features) \
+        if "hint" in (*cls.teacher_outputs, *cls.student_outputs) else None
+    teacher_outputs, teacher_reads = features.feature_model(
+        teacher, ("logits", *cls.teacher_outputs), teacher_features, hint_from, role="teacher")
+    note = classifier_head.logits_tensor(teacher)[1] if model_graph.graph_inputs(teacher) else None
+    if note:  # a softmax output, read through its logits: say how
+        warnings.warn(note, stacklevel=3)
+    student_outputs, student_reads = None, {}
+    if set(cls.student_outputs) - {"logits"}:
+        student_outputs, student_reads = features.feature_model(
+            student, ("logits", *cls.student_outputs), student_features, hint_from, role="student")
+    elif model_graph.graph_inputs(student) is not None:
+        classifier_head.logits_tensor(student, "student")  # refuses a student that ends in a softmax
+    return teacher_outputs, teacher_reads, student_outputs, student_reads
+
+
+def probe_input(teacher, sample):
+    """One example of `teacher`'s input (zeros), for shapes: from its `Input`, or
+    `sample` (the first training example) for a model without a graph."""
+    inputs = model_graph.graph_inputs(teacher)
+    if inputs is None:
+        if sample is None:
+            raise ConfigError(f"{teacher.name} has no Input: fit the distiller on data first")
+        return sample
+    return tf.nest.map_structure(lambda t: tf.zeros((1, *t.shape[1:]), t.dtype),
+                                 inputs if len(inputs) > 1 else inputs[0])
+
+
+def check_replicas(cls, method_name, strategy):
+    """Refuses, in one line, a method that cannot be split across `strategy`'s replicas."""
+    if cls.single_replica and strategy.num_replicas_in_sync > 1:
+        raise ConfigError(f"{method_name} cannot be split across replicas: {cls.single_replica}; "
+                          f"train it outside the {type(strategy).__name__} scope (one device)")
+
+
+def across_workers(strategy, logs):
+    """`logs` as `(1,)` tensors under `MultiWorkerMirroredStrategy`, whose reduction in
+    Keras 3.15's `fit` averages along axis 0 and fails on scalars; as they are elsewhere."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Distiller(keras.Model):
     """A student that learns from a frozen teacher by registered `method`.
@@ -59,8 +109,8 @@ class Distiller(keras.Model):
     Args:
       teacher, student: Keras models returning `(batch, classes)` logits:
         functional, Sequential or subclassed. A teacher ending in a softmax is
-        read through its logits (`kdtoolkit.features.logits_tensor`, said in one
-        line); a student must return logits.
+        read through its logits (`kdtoolkit.classifier_head.logits_tensor`, said
+        in one line); a student must return logits.
       method: a registered method's name (`kdtoolkit.methods.REGISTRY`: "kd", "dkd",
         "fitnets", "at", "rkd", "crd", ...).
       teacher_features, student_features: `{output name: layer name or index}`
@@ -98,24 +148,13 @@ class Distiller(keras.Model):
         self.seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self.teacher, self.given_student = teacher, student
         self.teacher.trainable = False
-        hint_from = features.hint_source(teacher, student, teacher_features, student_features) \
-            if "hint" in (*self.cls.teacher_outputs, *self.cls.student_outputs) else None
-        self.teacher_outputs, self.teacher_reads = features.feature_model(
-            teacher, ("logits", *self.cls.teacher_outputs), teacher_features, hint_from, role="teacher")
-        note = features.logits_tensor(teacher)[1] if features.graph_inputs(teacher) else None
-        if note:  # a softmax output, read through its logits: say how
-            warnings.warn(note, stacklevel=2)
-        self.student_outputs, self.student_reads = None, {}
-        if set(self.cls.student_outputs) - {"logits"}:
-            self.student_outputs, self.student_reads = features.feature_model(
-                student, ("logits", *self.cls.student_outputs), student_features, hint_from, role="student")
-        elif features.graph_inputs(student) is not None:
-            features.logits_tensor(student, "student")  # refuses a student that ends in a softmax
+        self.teacher_outputs, self.teacher_reads, self.student_outputs, self.student_reads = read_features(
+            self.cls, teacher, student, teacher_features, student_features)
         self.student = student
-        self._num_classes = int(teacher.outputs[0].shape[-1]) if features.graph_inputs(teacher) else None
+        self._num_classes = int(teacher.outputs[0].shape[-1]) if model_graph.graph_inputs(teacher) else None
         head = self.cls.prediction_head(self.options, self._num_classes or 0)
         if head is not None:  # CID: the trained student predicts through the method's head
-            if features.graph_inputs(student) is None or self._num_classes is None:
+            if model_graph.graph_inputs(student) is None or self._num_classes is None:
                 raise ConfigError(f"{method} builds a prediction head onto the student: give functional or "
                                   "Sequential teacher and student models (with an Input)")
             self.student = deployed.with_head(student, head, lambda _: self.student_outputs)
@@ -137,6 +176,7 @@ class Distiller(keras.Model):
             sample = tf.nest.map_structure(lambda a: a[:1], x)
             self._num_classes = int(self.teacher_outputs(sample, training=False)["logits"].shape[-1])
             self.sample = sample
+        return self.num_classes
 
     # -- the Keras model protocol ---------------------------------------------------------------
 
@@ -212,9 +252,9 @@ class Distiller(keras.Model):
         method = self.cls.create(self.student, self.options, context)
         if not self.cache_teacher:
             method.teacher = self.teacher_outputs  # batches then carry no targets: it runs per step
-        probe = self.teacher_targets(self.probe_input())
+        probe = self.teacher_targets(probe_input(self.teacher, self.sample))
         if isinstance(self.student_outputs, features.CallFeatures):  # shapes known only from a call
-            self.student_outputs.output = self.student_outputs(self.probe_input())
+            self.student_outputs.output = self.student_outputs(probe_input(self.teacher, self.sample))
         try:
             method.build_extras({name: (None, *value.shape[1:]) for name, value in probe.items()})
         except ValueError as err:
@@ -233,44 +273,9 @@ class Distiller(keras.Model):
                 self._tracker.lock()
         self.built = True
 
-    def probe_input(self):
-        """One example of the teacher's input (zeros), for shapes: from its `Input`, or
-        the first training example for a model without a graph."""
-        inputs = features.graph_inputs(self.teacher)
-        if inputs is None:
-            if self.sample is None:
-                raise ConfigError(f"{self.teacher.name} has no Input: fit the distiller on data first")
-            return self.sample
-        return tf.nest.map_structure(lambda t: tf.zeros((1, *t.shape[1:]), t.dtype),
-                                     inputs if len(inputs) > 1 else inputs[0])
-
-    def check_replicas(self):
-        strategy = self.distribute_strategy
-        if self.cls.single_replica and strategy.num_replicas_in_sync > 1:
-            raise ConfigError(f"{self.method_name} cannot be split across replicas: {self.cls.single_replica}; "
-                              f"train it outside the {type(strategy).__name__} scope (one device)")
-
     def array_targets(self, x):
-        """The teacher's targets for arrays `x`, computed in chunks of 1,024 examples."""
-        predict = tf.function(lambda batch: self.teacher_targets(batch, training=False))
-        n = fit_data.num_examples(x)
-        parts = [predict(tf.nest.map_structure(lambda a: tf.constant(a[i:i + 1024]), x)) for i in range(0, n, 1024)]
-        return {f"teacher_{name}": np.concatenate([p[name].numpy() for p in parts]).astype(np.float32)
-                for name in parts[0]}
-
-    def training_batches(self, x, y, batch_size, shuffle):
-        """`(dataset of {"x", "y", "index", "teacher_<target>"} batches, labels (n,))`."""
-        if isinstance(x, tf.data.Dataset):
-            if not (self.cache_teacher and self.cls.target_names()):
-                return fit_data.stream_batches(x, self.num_classes), None  # no pass before training: no labels
-            folder = fit_data.cache_folder(self.cache_dir)
-            examples, labels, size = fit_data.cache_on_disk(x, self.num_classes, tf.function(self.teacher_targets),
-                                                            folder)
-            return fit_data.shuffled_stream(examples, batch_size or size, self.epoch, self.seed), labels
-        arrays = {"x": x, "y": y, "index": np.arange(len(y), dtype=np.int32)}
-        if self.cache_teacher and self.cls.target_names():
-            arrays.update(self.array_targets(x))
-        return fit_data.array_batches(arrays, batch_size or 32, self.epoch, shuffle, self.seed), y
+        """The teacher's targets for arrays `x` (`fit_data.array_targets`), as `fit` caches them."""
+        return fit_data.array_targets(self.teacher_targets, x)
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, callbacks=None, validation_split=0.0,
             validation_data=None, shuffle=True, class_weight=None, sample_weight=None, **kwargs):
@@ -279,32 +284,12 @@ class Distiller(keras.Model):
         `initial_epoch`, ...) as Keras takes them. `sample_weight` and `class_weight`
         are refused: the methods' terms are batch means, some relating examples to
         each other (RKD, CRD)."""
-        if sample_weight is not None or class_weight is not None:
-            raise ConfigError("Distiller.fit takes no sample_weight or class_weight: the methods' terms are batch "
-                              "means, some relating examples to each other; repeat or drop examples instead")
-        if fit_data.is_py_dataset(x):
-            x = fit_data.from_py_dataset(x)
-        if isinstance(x, tf.data.Dataset):
-            if y is not None:
-                raise ConfigError("give the labels inside the dataset, as (x, y) batches, not as y")
-            if validation_split:
-                raise ConfigError("validation_split needs arrays; give a dataset as validation_data instead")
-            fit_data.check_batched(x)
-            self.find_classes(next(iter(x.take(1)))[0])
-        else:
-            if y is None:
-                raise ConfigError("Distiller.fit needs labels: fit(x, y) or a dataset of (x, y) batches")
-            x = fit_data.as_numpy(x)
-            fit_data.check_inputs(x)
-            if fit_data.num_examples(x) != len(y):
-                raise ConfigError(f"x has {fit_data.num_examples(x)} examples and y {len(y)}; "
-                                  "give one label per example")
-            self.find_classes(x)
-            y = fit_data.labels_of(y, self.num_classes)
-            if validation_split:
-                x, y, validation_data = fit_data.split_validation(x, y, validation_split)
-        self.check_replicas()
-        data, labels = self.training_batches(x, y, batch_size, shuffle)
+        x, y, validation_data = fit_data.fit_inputs(x, y, validation_split, validation_data, sample_weight,
+                                                    class_weight, self.find_classes)
+        check_replicas(self.cls, self.method_name, self.distribute_strategy)
+        targets_fn = self.teacher_targets if self.cache_teacher and self.cls.target_names() else None
+        data, labels = fit_data.training_batches(x, y, batch_size, shuffle, self.num_classes, targets_fn, self.epoch,
+                                                 self.seed, self.cache_dir)
         with self.distribute_strategy.scope():  # the method's and optimizer's variables, where the model's live
             self.build_method(labels)
             self.build_state(data)
@@ -346,14 +331,7 @@ class Distiller(keras.Model):
         for tracker, value in zip(self.term_trackers, terms.values()):
             tracker.update_state(value)
         self.loss_tracker.update_state(loss)
-        return self.across_workers(self.compute_metrics(batch["x"], batch["y"], logits))
-
-    def across_workers(self, logs):
-        """`logs` as `(1,)` tensors under `MultiWorkerMirroredStrategy`, whose reduction in
-        Keras 3.15's `fit` averages along axis 0 and fails on scalars; as they are elsewhere."""
-        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            return {name: tf.reshape(value, [1]) for name, value in logs.items()}
-        return logs
+        return across_workers(self.distribute_strategy, self.compute_metrics(batch["x"], batch["y"], logits))
 
     def test_step(self, data):
         """The student alone: its cross-entropy (`loss`) and the compiled metrics."""
@@ -363,7 +341,8 @@ class Distiller(keras.Model):
         logits = self(x, training=False)
         self.loss_tracker.update_state(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
         terms = {tracker.name for tracker in self.term_trackers}
-        return self.across_workers({k: v for k, v in self.compute_metrics(x, y, logits).items() if k not in terms})
+        return across_workers(self.distribute_strategy,
+                              {k: v for k, v in self.compute_metrics(x, y, logits).items() if k not in terms})
 
     def export_student(self):
         """The trained student as a model of Keras' built-in layers (CID's head

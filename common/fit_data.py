@@ -234,3 +234,68 @@ def cache_folder(folder=None):
 
 def is_py_dataset(x):
     return isinstance(x, keras.utils.PyDataset)
+
+
+# `Distiller.fit`'s inputs, checked, and the batches it trains on
+
+
+def fit_inputs(x, y, validation_split, validation_data, sample_weight, class_weight, classes_of):
+    """`(x, y, validation_data)`: what `Distiller.fit` was given, checked, as it trains on
+    it: a `tf.data.Dataset` of `(x, y)` batches (a `PyDataset` read as one; `y` None),
+    or arrays `x` (NumPy, `(n, ...)`, or a dict or list of them) with `(n,)` int32 class
+    indices `y`, the last `validation_split` of them held out as `validation_data`.
+    `classes_of(x)`: the teacher's number of classes, from a batch of inputs.
+    `sample_weight` and `class_weight` are refused; each refusal is one line."""
+    if sample_weight is not None or class_weight is not None:
+        raise ConfigError("Distiller.fit takes no sample_weight or class_weight: the methods' terms are batch "
+                          "means, some relating examples to each other; repeat or drop examples instead")
+    if is_py_dataset(x):
+        x = from_py_dataset(x)
+    if isinstance(x, tf.data.Dataset):
+        if y is not None:
+            raise ConfigError("give the labels inside the dataset, as (x, y) batches, not as y")
+        if validation_split:
+            raise ConfigError("validation_split needs arrays; give a dataset as validation_data instead")
+        check_batched(x)
+        classes_of(next(iter(x.take(1)))[0])
+    else:
+        if y is None:
+            raise ConfigError("Distiller.fit needs labels: fit(x, y) or a dataset of (x, y) batches")
+        x = as_numpy(x)
+        check_inputs(x)
+        if num_examples(x) != len(y):
+            raise ConfigError(f"x has {num_examples(x)} examples and y {len(y)}; give one label per example")
+        y = labels_of(y, classes_of(x))
+        if validation_split:
+            x, y, validation_data = split_validation(x, y, validation_split)
+    return x, y, validation_data
+
+
+def array_targets(targets_fn, x):
+    """The teacher's targets `{"teacher_<target>": (n, ...) float32}` for arrays `x`, from
+    `targets_fn(x, training=False) -> {target: tensor}` in chunks of 1,024 examples."""
+    predict = tf.function(lambda batch: targets_fn(batch, training=False))
+    n = num_examples(x)
+    parts = [predict(tf.nest.map_structure(lambda a: tf.constant(a[i:i + 1024]), x)) for i in range(0, n, 1024)]
+    return {f"teacher_{name}": np.concatenate([p[name].numpy() for p in parts]).astype(np.float32)
+            for name in parts[0]}
+
+
+def training_batches(x, y, batch_size, shuffle, num_classes, targets_fn, epoch, seed, cache_dir=None):
+    """`(dataset of {"x", "y", "index", "teacher_<target>"} batches, labels (n,))` of
+    `fit_inputs`' `x`, `y`: arrays with the teacher's targets computed once per example
+    (`array_targets`), or a streamed dataset written once with its targets to a snapshot
+    in `cache_dir` (`cache_on_disk`; its labels read in that pass). `targets_fn`: the
+    teacher's `targets_fn(x, training=False) -> {target: tensor}`, or None for batches
+    without targets (the teacher runs per step; a streamed dataset then has no labels
+    before training: None). `epoch`: the `tf.Variable` the order is drawn for."""
+    if isinstance(x, tf.data.Dataset):
+        if targets_fn is None:
+            return stream_batches(x, num_classes), None  # no pass before training: no labels
+        folder = cache_folder(cache_dir)
+        examples, labels, size = cache_on_disk(x, num_classes, tf.function(targets_fn), folder)
+        return shuffled_stream(examples, batch_size or size, epoch, seed), labels
+    arrays = {"x": x, "y": y, "index": np.arange(len(y), dtype=np.int32)}
+    if targets_fn is not None:
+        arrays.update(array_targets(targets_fn, x))
+    return array_batches(arrays, batch_size or 32, epoch, shuffle, seed), y

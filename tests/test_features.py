@@ -1,4 +1,5 @@
-"""`kdtoolkit.features`: which tensor of a model each feature resolves to, on
+"""`kdtoolkit.features` (and its parts `feature_rules`, `classifier_head`,
+`model_graph`): which tensor of a model each feature resolves to, on
 `keras.applications` families and small models, and the one-line refusals."""
 
 import functools
@@ -8,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from kdtoolkit import features
+from kdtoolkit import classifier_head, feature_rules, features, model_graph
 from kdtoolkit.errors import ConfigError
 
 SHAPE = (32, 32, 3)
@@ -91,7 +92,7 @@ def test_a_softmax_teacher_gives_exact_logits_and_a_softmax_student_is_refused(f
     np.testing.assert_allclose(keras.ops.softmax(logits), model(images(), training=False), atol=1e-5,
                                err_msg=str(described))
     assert re.fullmatch(APPLICATIONS[family][1], described["embedding"]), described
-    one_line_refusal(lambda: features.logits_tensor(model, "student"), "student", softmax,
+    one_line_refusal(lambda: classifier_head.logits_tensor(model, "student"), "student", softmax,
                      "classifier_activation=None")
 
 
@@ -114,7 +115,7 @@ def test_a_nested_base_resolves_to_its_pooled_output_and_its_last_map(family, fo
     model = nested(family, form)
     base = application(family, "base")
     out, described = assert_resolved(model)
-    assert described["embedding"] == f"pool {features.shape_text(out['embedding'].shape)}", described
+    assert described["embedding"] == f"pool {model_graph.shape_text(out['embedding'].shape)}", described
     assert re.fullmatch(re.escape(base.name) + "/" + APPLICATIONS[family][2] + r" \(a second pass through "
                         + re.escape(base.name) + "'s layers up to it\\)", described["spatial"]), described
     name = described["spatial"].split("/")[1].split(" ")[0]
@@ -176,7 +177,7 @@ def test_small_models_read_their_layers_outputs_before_dropout():
         out = feature_model(x, training=training)
         np.testing.assert_allclose(out["embedding"], hidden, rtol=1e-6)
     np.testing.assert_allclose(feature_model(x)["logits"], mlp(x), rtol=1e-6)
-    assert features.hint_source(cnn, mlp) == "embedding" and features.hint_source(cnn, cnn) == "spatial"
+    assert feature_rules.hint_source(cnn, mlp) == "embedding" and feature_rules.hint_source(cnn, cnn) == "spatial"
     _, described = features.feature_model(cnn, ("hint",), hint_from="embedding")
     assert described == {"hint": "penultimate (batch, 16)"}
 
@@ -194,7 +195,7 @@ def test_a_separate_or_fused_softmax_is_undone_exactly():
     fused_conv = keras.Model(maps, keras.layers.Flatten()(conv))
     for model, layer in ((separate, "probs"), (fused, "fused"), (fused_conv, "conv_probs")):
         x = rng.normal(size=(4, *model.inputs[0].shape[1:])).astype("float32")
-        logits, note = features.logits_tensor(model, "teacher")
+        logits, note = classifier_head.logits_tensor(model, "teacher")
         assert layer in note and "exact" in note, note
         computed = keras.Model(model.inputs[0], logits)(x)
         np.testing.assert_allclose(keras.ops.softmax(computed), model(x), atol=1e-6)
@@ -206,22 +207,22 @@ def test_a_separate_or_fused_softmax_is_undone_exactly():
 def test_wrong_layers_are_refused_in_one_line():
     resnet, mobilenet = application("ResNet50V2"), application("MobileNetV3Small")
     cnn, mlp = small_models()
-    one_line_refusal(lambda: features.embedding_tensor(resnet, "predictions"), "predictions", "is the logits",
+    one_line_refusal(lambda: feature_rules.embedding_tensor(resnet, "predictions"), "predictions", "is the logits",
                      "teacher_features={'embedding'", "avg_pool (batch, 2048)")
-    one_line_refusal(lambda: features.embedding_tensor(mobilenet, "logits"), "logits (batch, 1, 1, 10)",
+    one_line_refusal(lambda: feature_rules.embedding_tensor(mobilenet, "logits"), "logits (batch, 1, 1, 10)",
                      "is the logits")
-    one_line_refusal(lambda: features.spatial_tensor(resnet, "post_relu", role="student"),
+    one_line_refusal(lambda: feature_rules.spatial_tensor(resnet, "post_relu", role="student"),
                      "post_relu (batch, 1, 1, 2048)", "1x1 map", "student_features={'spatial'",
                      "conv4_block6_1_relu (batch, 2, 2, 256)")
-    one_line_refusal(lambda: features.spatial_tensor(resnet, "avg_pool"), "avg_pool (batch, 2048)", "not a map")
-    one_line_refusal(lambda: features.spatial_tensor(mlp), "mlp", "no layer with a (batch, H, W, C) output")
+    one_line_refusal(lambda: feature_rules.spatial_tensor(resnet, "avg_pool"), "avg_pool (batch, 2048)", "not a map")
+    one_line_refusal(lambda: feature_rules.spatial_tensor(mlp), "mlp", "no layer with a (batch, H, W, C) output")
     one_line_refusal(lambda: features.feature_model(mlp, ("logits", "hint"), hint_from="spatial"), "mlp")
-    one_line_refusal(lambda: features.embedding_tensor(resnet, "post_rleu"), "'post_rleu'", "post_relu")
-    one_line_refusal(lambda: features.embedding_tensor(resnet, 10_000), "10000")
+    one_line_refusal(lambda: feature_rules.embedding_tensor(resnet, "post_rleu"), "'post_rleu'", "post_relu")
+    one_line_refusal(lambda: feature_rules.embedding_tensor(resnet, 10_000), "10000")
     inputs = keras.Input((4, 4, 2))
     flat = keras.layers.Reshape((8, 4), name="rows")(inputs)
     model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(flat)), name="rowwise")
-    one_line_refusal(lambda: features.embedding_tensor(model, "rows"), "rows (batch, 8, 4)", "not a vector")
+    one_line_refusal(lambda: feature_rules.embedding_tensor(model, "rows"), "rows (batch, 8, 4)", "not a vector")
 
 
 class Subclassed(keras.Model):
@@ -266,4 +267,4 @@ def test_a_layer_index_names_the_layer_at_that_position():
     cnn, _ = small_models()
     _, described = features.feature_model(cnn, ("embedding", "spatial"), {"embedding": -2, "spatial": 0})
     assert described == {"embedding": "penultimate (batch, 16)", "spatial": "conv (batch, 10, 10, 4)"}
-    one_line_refusal(lambda: features.embedding_tensor(cnn, -1), "out (batch, 2)", "is the logits")
+    one_line_refusal(lambda: feature_rules.embedding_tensor(cnn, -1), "out (batch, 2)", "is the logits")
