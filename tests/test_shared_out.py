@@ -189,3 +189,37 @@ def test_a_disk_full_before_the_first_run_names_the_lock_file(tmp_path, monkeypa
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write {locks.lock_path(tmp_path, 'seed-0')}: No space left on device")
     assert "\n" not in err
+
+
+def read_only_mount(folder, command):
+    """`command` (a list) run with `folder` mounted read-only in a user namespace (as a
+    read-only share or a finished job's folder is); None where namespaces are not allowed."""
+    script = f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" && exec "$@"'
+    probe = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script, "sh", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    return subprocess.run(["unshare", "-r", "-m", "sh", "-c", script, "sh", *command], cwd=ROOT, capture_output=True,
+                          text=True)
+
+
+@pytest.mark.slow
+def test_a_read_only_out_of_finished_runs_is_read_and_an_unfinished_run_is_one_line(tmp_path, synthetic_mnist):
+    """Rerunning a finished command on a read-only `--out` prints its summary (exit 0)
+    and writes nothing; asking for a run not there stops at its first write, in one line."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to mount a folder read-only")
+    out = tmp_path / "out"
+    command = [sys.executable, "task1_mnist/run.py", "--data-dir", str(mnist_file(tmp_path, synthetic_mnist)),
+               "--out", str(out), "--epochs", "1", "--batch-size", "64", "--validation", "64", "-q"]
+    assert subprocess.run([*command, "--only", "teacher,kd"], cwd=ROOT, capture_output=True).returncode == 0
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    finished = read_only_mount(out, [*command, "--only", "teacher,kd"])
+    if finished is None:
+        pytest.skip("user namespaces are not allowed here: cannot mount a folder read-only")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "kd-T4-a0.5-s0" in finished.stdout and "teacher-s0" in finished.stdout
+    unfinished = read_only_mount(out, [*command, "--only", "teacher,kd,scratch"])
+    err = [line for line in unfinished.stderr.splitlines() if line.startswith("error:")]
+    assert unfinished.returncode == 2 and len(err) == 1 and "Read-only file system; make it writable" in err[0]
+    assert "Traceback" not in unfinished.stderr
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before

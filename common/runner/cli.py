@@ -209,7 +209,8 @@ def main(body):
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
         where = f" {err.filename}" if err.filename else ""
-        print(f"error: cannot write{where}: {err.strerror}; free some space or choose a writable --out, then run "
+        fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        print(f"error: cannot write{where}: {err.strerror}; {fix} or choose a writable --out, then run "
               "the same command: finished runs and epochs are kept and it resumes", file=sys.stderr)
         return 2
     except tf.errors.OpError as err:

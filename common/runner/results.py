@@ -87,10 +87,14 @@ class ResultsStore:
         self.root = Path(root)
         self.damaged = {}  # `{path: problem}` of damaged records `records` left out
         self._sound = set()  # files found sound: (path, size, mtime), checked once per process
+        self.read_only = False  # a folder of finished runs that cannot be written: only read (`prepare`)
 
     def prepare(self):
         """Creates `root` if needed and checks that files can be written there, so a
-        bad `--out` fails at once with one line, before any work."""
+        bad `--out` fails at once with one line, before any work. Returns False when
+        `root` cannot be written but holds finished runs: the store is then only read
+        (`read_only`), and the first run that is not finished there stops the command
+        at its first write, in one line."""
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"--out {self.root} is a file, not a folder; choose a folder for the results")
         try:
@@ -98,8 +102,12 @@ class ResultsStore:
             with tempfile.TemporaryFile(dir=self.root):
                 pass
         except OSError as err:
+            if self.root.is_dir() and self.records():
+                self.read_only = True
+                return False
             raise UserError(f"--out {self.root}: cannot write results there ({err.strerror or err}); "
                             "choose a folder you can write to") from None
+        return True
 
     def run_dir(self, name):
         return self.root / name

@@ -20,11 +20,17 @@ def run_all(task_cls, config, data=None, log=None):
     """Every selected experiment for every seed, then `summary.csv` (one row per run)
     and `summary_by_experiment.csv` (mean ± std over seeds). The data are read and
     checked first (nothing is written for bad data), then `--out`, before any
-    model trains. Returns `{seed: {experiment: outcome}}`."""
+    model trains. A `--out` that cannot be written but holds finished runs is only
+    read (`ResultsStore.prepare`): no locks, timings or summaries are written, and a
+    run not finished there stops the command at its first write, in one line.
+    Returns `{seed: {experiment: outcome}}`."""
     log = log or (lambda _msg: None)
     device.configure(config.deterministic, config.tf32, config.precision)
     data = data if data is not None else task_cls.load_data(config)
-    ResultsStore(config.out).prepare()
+    read_only = not ResultsStore(config.out).prepare()
+    if read_only:
+        log(f"--out {config.out} cannot be written: its finished runs are read; a run not finished there stops "
+            "the command")
     outcomes = {}
     workspaces = Workspaces()  # compiled steps shared by runs of one structure, across seeds
 
@@ -33,10 +39,12 @@ def run_all(task_cls, config, data=None, log=None):
             log(f"== seed {seed} ({len(outcomes) + 1}/{len(config.seeds)}){note}")
         task = task_cls(config, data, seed=seed, log=log)
         task.workspaces = workspaces
+        task.store.read_only = read_only
         outcomes[seed] = run_experiments(task)
         return task
 
-    while (claimed := claim_next_seed(config.out, [s for s in config.seeds if s not in outcomes])) is not None:
+    while not read_only and (claimed := claim_next_seed(config.out, [s for s in config.seeds
+                                                                     if s not in outcomes])) is not None:
         seed, handle = claimed
         try:
             task = run_seed(seed)
@@ -44,9 +52,10 @@ def run_all(task_cls, config, data=None, log=None):
             locks.release(handle)
     for seed in config.seeds:
         if seed not in outcomes:
-            task = run_seed(seed, ": another process has it; its finished runs are reused")
-    task.store.write_summary()
-    task.store.write_seed_summary()
+            task = run_seed(seed, "" if read_only else ": another process has it; its finished runs are reused")
+    if not read_only:
+        task.store.write_summary()
+        task.store.write_seed_summary()
     return outcomes
 
 
@@ -86,7 +95,8 @@ def run_experiments(task, only=None):
             timing = {"experiment": name, "seed": task.seed, "started_at": started, "finished": finished,
                       **({"stopped_by": stopped_by} if stopped_by else {}),
                       "seconds": round(time.perf_counter() - start, 1), "peak_rss_mib": round(runs.peak_rss_mib(), 1)}
-            append_line(task.store.root / "timings.jsonl", json.dumps(timing))  # a torn last line ended first
+            if not task.store.read_only:
+                append_line(task.store.root / "timings.jsonl", json.dumps(timing))  # a torn last line ended first
         task.log(f"[{name}] experiment finished in {timing['seconds']:.0f}s "
                  f"(peak memory so far {timing['peak_rss_mib']:.0f} MiB)")
     return outcomes
