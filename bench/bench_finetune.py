@@ -56,7 +56,7 @@ from kdtoolkit.runner import config as cfg  # noqa: E402
 from kdtoolkit import device, methods, training
 from kdtoolkit.runner import runs  # noqa: E402
 from kdtoolkit.data import validation_count  # noqa: E402
-from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
+from kdtoolkit.files import write_json_atomic  # noqa: E402
 from task2_mhist import data as mhist  # noqa: E402
 from task2_mhist import models  # noqa: E402
 from task2_mhist.config import Task2Config  # noqa: E402

@@ -33,7 +33,7 @@ from kdtoolkit import data as common_data  # noqa: E402
 from kdtoolkit import device, methods, training
 from kdtoolkit.runner import runs  # noqa: E402
 from kdtoolkit.speed.fused import Fused, Stacked  # noqa: E402
-from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
+from kdtoolkit.files import write_json_atomic  # noqa: E402
 from task1_mnist.models import build_student  # noqa: E402
 
 TEMPERATURES, ALPHAS = (1.0, 2.0, 4.0, 16.0, 32.0, 64.0), (0.2, 0.5, 0.8)

@@ -44,7 +44,7 @@ from kdtoolkit import device, losses, methods, training
 from kdtoolkit.runner import runs  # noqa: E402
 from kdtoolkit.distiller import Distiller  # noqa: E402
 from kdtoolkit.speed.fused import Fused, Stacked  # noqa: E402
-from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
+from kdtoolkit.files import write_json_atomic  # noqa: E402
 from task1_mnist import data as mnist  # noqa: E402
 from task1_mnist.models import build_student, build_teacher  # noqa: E402
 

@@ -38,7 +38,7 @@ import keras  # noqa: E402
 from kdtoolkit import methods, training
 from kdtoolkit.runner import runs  # noqa: E402
 from bench.run_times import later_epochs  # noqa: E402
-from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
+from kdtoolkit.files import write_json_atomic  # noqa: E402
 from task2_mhist import models  # noqa: E402
 from task2_mhist import data as mhist  # noqa: E402
 from task2_mhist.config import Task2Config  # noqa: E402

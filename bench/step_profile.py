@@ -46,7 +46,7 @@ import tensorflow as tf  # noqa: E402
 from kdtoolkit import data as common_data  # noqa: E402
 from kdtoolkit import device, methods, training
 from kdtoolkit.runner import runs  # noqa: E402
-from kdtoolkit.runner.results import write_json_atomic  # noqa: E402
+from kdtoolkit.files import write_json_atomic  # noqa: E402
 from task1_mnist.models import build_student, build_teacher  # noqa: E402
 
 BATCH = 256

@@ -6,7 +6,6 @@ yuanli2333/Teacher-free-Knowledge-Distillation `my_loss_function.py`
 `loss_kd_regularization`), then one short `fit` of each through
 `kdtoolkit.distiller.Distiller`."""
 
-import dataclasses
 import math
 
 import keras

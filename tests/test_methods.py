@@ -253,3 +253,19 @@ def test_a_method_named_like_an_experiment_is_refused():
             type("Clash", (Recipes,), {})
     finally:
         del methods.REGISTRY["export"]
+
+
+def test_a_method_registered_from_elsewhere_is_found_in_name_order():
+    """`@register` outside `common/methods/` (a user's own module): the one registry
+    finds it by name and keeps name order."""
+    @methods.register
+    class Mine(methods.Distillation):
+        name = "aaa_mine"
+
+    try:
+        assert methods.get("aaa_mine") is Mine and methods.REGISTRY is methods.base.REGISTRY
+        assert list(methods.REGISTRY) == sorted(methods.REGISTRY) and next(iter(methods.REGISTRY)) == "aaa_mine"
+        with pytest.raises(ValueError, match="two methods are named 'kd'"):
+            methods.register(type("OtherKD", (methods.Distillation,), {"name": "kd"}))
+    finally:
+        del methods.REGISTRY["aaa_mine"]

@@ -23,7 +23,7 @@ from kdtoolkit.methods.subclass import KnownSubclassTeacher, SubclassDistillatio
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
-REGISTRY = dict(sorted(base.REGISTRY.items()))
+REGISTRY = base.REGISTRY  # one dict, in name order: a method registered later is found too
 OTHER_METHODS = tuple(name for name in REGISTRY if name != "kd")  # experiments beside the course's `kd`
 
 __all__ = ["REGISTRY", "SHARED_OPTIONS", "Context", "CrossEntropy", "Distiller", "LabelFreeTerm", "Method",

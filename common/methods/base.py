@@ -16,18 +16,23 @@ import tensorflow as tf
 from kdtoolkit import losses
 
 
-REGISTRY = {}  # name -> method class, filled by `register` as `kdtoolkit.methods` imports each method file
+REGISTRY = {}  # name -> method class, in name order, filled by `register` (`kdtoolkit.methods.REGISTRY`)
 
 
 def register(cls):
     """Class decorator of a method file: adds the `Distiller` subclass `cls` to the
-    registry under `cls.name` (an experiment of both tasks, `--only <name>`)."""
+    registry under `cls.name`, kept in name order (a file in `common/methods/` is
+    imported with the package, and its method is an experiment of both tasks,
+    `--only <name>`; a class registered from elsewhere is found by `Distiller` and
+    `methods.get` once its module is imported)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name: set `name = \"...\"` to register it")
     if REGISTRY.get(cls.name, cls) is not cls:
         raise ValueError(f"two methods are named {cls.name!r} ({REGISTRY[cls.name].__module__} and "
                          f"{cls.__module__}); rename one")
     REGISTRY[cls.name] = cls
+    for name in sorted(REGISTRY):
+        REGISTRY[name] = REGISTRY.pop(name)
     return cls
 
 
@@ -177,15 +182,15 @@ def alpha_field(default=0.5):
         "precision_check": losses.weight_problem})
 
 
-def standardize_field():
+def standardize_field(weights="with the reference's weights (see docs/methods.md)"):
     """The `standardize` switch of a logit method (`--<method>-standardize`), off by
     default: logit standardization (Sun et al., CVPR 2024; `losses.standardize_logits`)
     of the teacher's and the student's logits before the temperature, which stays
-    `--temperature` (the reference's base temperature is 2: `--temperature 2`); the
-    method applies the reference's weights, if any (each method says which)."""
+    `--temperature` (the reference's base temperature is 2: `--temperature 2`);
+    `weights`: what the method's weights become, for the flag's help."""
     return dataclasses.field(default=False, metadata={
         "help": "logit standardization (Sun et al. 2024): z-score each example's teacher and student logits "
-                "before --temperature (the reference's base temperature: 2); the reference's weights apply"})
+                f"before --temperature (the reference's base temperature: 2), {weights}"})
 
 
 def run_settings(options):
@@ -250,7 +255,7 @@ class Distiller(Method):
     teacher_settings = ()  # the options that shape that teacher (its run's identity)
     per_example = False  # keeps state per training example (by "index": CRD's memory bank), built for one set
     single_replica = ""  # why the method cannot be split across replicas of a tf.distribute strategy ("": it can)
-    label_free_term = None  # a `LabelFreeTerm`: the method as a keras.distillation loss (kd, at, rkd); not inherited
+    label_free_term = None  # a `LabelFreeTerm`: the method as a keras.distillation loss; not inherited
 
     def __init__(self, student, options=None, context=None, teacher=None, **values):
         """`values`: options given by name (`temperature=2`), over `options`' (default: the defaults)."""

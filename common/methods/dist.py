@@ -81,7 +81,7 @@ class DISTOptions:
     gamma: float = dataclasses.field(default=1.0, metadata={"help": "gamma, weight of the intra-class relation"})
     weight: float = dataclasses.field(default=2.0, metadata={
         "help": "weight of the whole DIST loss (the reference's kd_loss_weight); CE is weighted 1"})
-    standardize: bool = standardize_field()
+    standardize: bool = standardize_field("DIST's own weights unchanged (no reference covers DIST)")
 
 
 @register

@@ -52,7 +52,8 @@ class SubclassDistillation(SubclassMethod, Distillation):
     `"teacher_logits"` in the batch are the teacher's `(batch, C·S)` subclass logits.
     """
 
-    shared_step = SharedStep(lambda method: (method.num_classes, id(method.teacher)), runtime=("temperature", "alpha"))
+    shared_step = SharedStep(lambda method: (method.num_classes, id(method.teacher), method.options.standardize),
+                             runtime=("temperature", "alpha"))
 
     def __init__(self, student, num_classes, options=None, teacher=None, **values):
         Distillation.__init__(self, student, options, teacher=teacher, **values)

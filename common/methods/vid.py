@@ -106,7 +106,8 @@ def gaussian_nll(teacher_features, predicted_mean, variance):
 class VIDOptions:
     weight: float = dataclasses.field(default=1.0, metadata={"help": "lambda, weight of the VID loss"})
     init_pred_var: float = dataclasses.field(default=5.0, metadata={
-        "help": "initial variance of the Gaussian, each teacher channel", "minimum": EPSILON, "exclusive": True})
+        "help": "initial variance of the Gaussian, each teacher channel", "minimum": EPSILON, "exclusive": True,
+        "maximum": 100.0})
 
 
 @register

@@ -219,7 +219,8 @@ def main(body):
         first = next((line for line in str(err).splitlines() if "unhealthy" in line or "aborted" in line),
                      str(err).splitlines()[0] if str(err) else type(err).__name__)
         print(f"error: another worker of the multi-worker cluster stopped ({type(err).__name__}: {first.strip()[:200]}); "
-              "finished runs and epochs are kept: start the same command again on every worker to resume",
+              "finished runs are kept, but a worker's copy may now differ from the chief's, which resuming does not "
+              "check yet: start the cluster again with a new --out",
               file=sys.stderr)
         return 2
     except Terminated:

@@ -103,7 +103,6 @@ class ResultsStore:
                 pass
         except OSError as err:
             if self.root.is_dir() and self.records():
-                self.read_only = True
                 return False
             raise UserError(f"--out {self.root}: cannot write results there ({err.strerror or err}); "
                             "choose a folder you can write to") from None

@@ -24,7 +24,7 @@ def _sharing(method):
 
 
 def signature(method):
-    """`method`'s signature (`Sharing.signature`), or None: its step is not shared."""
+    """`method`'s signature (`SharedStep.signature`), or None: its step is not shared."""
     sharing = _sharing(method)
     return None if sharing is None else sharing.signature(method)
 
