@@ -57,6 +57,16 @@ def results_root(out, resolver):
     return Path(out) / ".workers" / f"{resolver.task_type}-{resolver.task_id}"
 
 
+def workers_agree(strategy, value):
+    """Whether every worker of `strategy` holds the same integer `value` (gathered
+    across the cluster; True for one process)."""
+    if getattr(strategy, "cluster_resolver", None) is None:
+        return True
+    local = tf.constant([value], tf.int64)
+    gathered = strategy.gather(strategy.experimental_distribute_values_from_function(lambda _context: local), axis=0)
+    return bool(tf.reduce_all(gathered == gathered[0]))
+
+
 def lost_worker(err):
     """Whether `err` (raised in a multi-worker run, `TF_CONFIG` set) says that another
     worker of the cluster stopped: its collective ops are aborted or time out."""

@@ -47,7 +47,10 @@ def test_a_lost_worker_is_one_line_and_a_worker_names_the_chiefs_results(tmp_pat
     """Two workers of `--distribute multi-worker` on 127.0.0.1: worker 1 killed with
     SIGKILL mid-run leaves worker 0 one line (no traceback) and exit 2. A whole run
     of the cluster ends with worker 1 naming where the chief's results are and
-    tabling its own copy of them."""
+    tabling its own copy of them. Rerun, the finished cluster agrees and reads its
+    runs; with worker 1's copy behind the chief's, every worker stops in one line
+    before any step (resuming would put them out of step)."""
+    import shutil
     import socket
     import time
 
@@ -81,3 +84,8 @@ def test_a_lost_worker_is_one_line_and_a_worker_names_the_chiefs_results(tmp_pat
     assert f"worker 1 of the cluster: the chief writes the results to {tmp_path / 'whole'}" in worker_out
     assert "kd-T4-a0.5-s0" in chief_out and "kd-T4-a0.5-s0" in worker_out
     assert (tmp_path / "whole" / "kd-T4-a0.5-s0" / "metrics.json").exists()
+    assert [code for code, _, _ in cluster(tmp_path / "whole")] == [0, 0]
+    shutil.rmtree(tmp_path / "whole" / ".workers" / "worker-1" / "kd-T4-a0.5-s0")
+    for code, _, err in cluster(tmp_path / "whole"):
+        last = [line for line in err.splitlines() if line.strip()][-1]
+        assert code == 2 and last.startswith("error: the workers' copies of the results are not at the chief's point")

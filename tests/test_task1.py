@@ -33,6 +33,8 @@ def test_all_experiments_on_synthetic_data_then_resume(tmp_path, synthetic_mnist
         "eskd-e01-T4-a0.5-s0", "dkd-T4-tw1-nw8-w0.0833333-s0", "fitnets-w100-s0", "at-w1000-s0", "rkd-dw25-aw50-s0",
         "crd-w0.8-t0.07-d128-n4096-s0", "ls-e0.1-s0", "cid-T4-kw1-sw33-cw0.1-ie1-dm0-s0",
         "extractive-T4-st4-e0-a0.5-s0", "sftn-teacher-tw1-bcw1-bkw3-bt1-s0", "sftn-T4-a0.5-tw1-bcw1-bkw3-bt1-s0",
+        "dist-T4-b1-g1-w2-s0", "nst-w50-s0", "pkt-w30000-s0", "sp-w3000-s0", "tfkd-cp0.99-rt40-ra0.95-m1-s0",
+        "vid-w1-ipv5-s0",
     }
     assert {p.parent.name for p in out.glob("*/metrics.json")} == expected_runs
     for name in expected_runs:
@@ -336,7 +338,7 @@ def test_each_method_killed_mid_run_resumes_with_its_extra_variables(method, tmp
     with np.load(state) as saved:
         extra = [k for k in saved.files if k.startswith("var:extra/")]
     # Their regressor / heads and memory, CID's regressor and dictionary sums, SFTN's teacher's branches.
-    assert bool(extra) == (method in ("fitnets", "crd", "cid", "sftn"))
+    assert bool(extra) == (method in ("fitnets", "crd", "cid", "sftn", "vid"))
     messages = []
     run_all(config, arrays=synthetic_mnist, log=messages.append)
     assert any("resuming after epoch 2/3" in m for m in messages)

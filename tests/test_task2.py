@@ -25,8 +25,10 @@ def test_in_model_preprocessing_matches_keras_applications(mode, reference):
 
 METHOD_STEMS = ["dkd-T4-tw1-nw8-w0.0833333", "fitnets-w100", "at-w1000", "rkd-dw25-aw50", "crd-w0.8-t0.07-d128-n4096",
                 "ls-e0.1", "cid-T4-kw1-sw33-cw0.1-ie1-dm0", "extractive-T4-st4-e0-a0.5",
-                "sftn-T4-a0.5-tw1-bcw1-bkw3-bt1"]
-FEATURE_STEMS = [*METHOD_STEMS[1:5], METHOD_STEMS[6]]  # the methods that read the student's features
+                "sftn-T4-a0.5-tw1-bcw1-bkw3-bt1", "dist-T4-b1-g1-w2", "nst-w50", "pkt-w30000", "sp-w3000",
+                "tfkd-cp0.99-rt40-ra0.95-m1", "vid-w1-ipv5"]
+SFTN_STEM = METHOD_STEMS[8]
+FEATURE_STEMS = [*METHOD_STEMS[1:5], METHOD_STEMS[6], *METHOD_STEMS[10:13], METHOD_STEMS[14]]  # read student features
 OWN_TEACHERS = ["sftn-teacher-tw1-bcw1-bkw3-bt1"]  # trained by a method for itself
 
 
@@ -73,7 +75,7 @@ def test_every_experiment_end_to_end_then_resume(tmp_path, mhist_dir, tiny_archi
                     for phase in ("fe", "ft")]
     assert "branch_kl" not in sftn_teacher[0]["history"][0]  # the frozen base's phase: the head by CE
     assert {"ce", "branch_ce", "branch_kl"} <= set(sftn_teacher[1]["history"][0])
-    sftn_student = json.loads((out / f"{METHOD_STEMS[-1]}-ft-s0" / "metrics.json").read_text())
+    sftn_student = json.loads((out / f"{SFTN_STEM}-ft-s0" / "metrics.json").read_text())
     assert sftn_student["distilled_from"] == f"{OWN_TEACHERS[0]}-ft-s0"
     cid_student = json.loads((out / f"{METHOD_STEMS[6]}-ft-s0" / "metrics.json").read_text())
     assert cid_student["params"] > json.loads((out / "scratch-ft-s0" / "metrics.json").read_text())["params"]

@@ -11,8 +11,8 @@ import keras
 
 from kdtoolkit import deployed, device, methods, training
 from kdtoolkit.runner import evaluation, runs, sessions
-from kdtoolkit.distribute import make_strategy, results_root
-from kdtoolkit.errors import ConfigError, DataError
+from kdtoolkit.distribute import make_strategy, results_root, workers_agree
+from kdtoolkit.errors import ConfigError, DataError, UserError
 from kdtoolkit.deploy.explanations import explain_seed
 from kdtoolkit.runner.method_factory import MethodFactory
 from kdtoolkit.runner.model_cache import ModelCache
@@ -48,6 +48,10 @@ class Recipes(TaskInterface):
         self.log = log or (lambda _msg: None)
         self.strategy = make_strategy(config.distribute)
         self.store = ResultsStore(results_root(config.out, getattr(self.strategy, "cluster_resolver", None)))
+        if not workers_agree(self.strategy, self.store.progress()):
+            raise UserError(f"the workers' copies of the results are not at the chief's point in {config.out} (a "
+                            "worker stopped at another run or epoch): resuming would put them out of step; start "
+                            "the cluster again with a new --out")
         self.models = ModelCache(self.kept_models, self.build_in_scope, self.store.weights_path)
         self.targets = TargetCache(self.compute_targets, self.feature_model, self.per_view)
         self.workspaces = Workspaces()  # `kdtoolkit.runner.sessions.run_all` shares one across seeds

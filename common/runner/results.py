@@ -14,14 +14,18 @@ is touched.
 """
 
 import datetime
+import json
 import re
 import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from kdtoolkit.errors import UserError
-from kdtoolkit.files import (jsonable, notice, npz_problem, read_json, state_check, weights_problem, write_csv_atomic, write_json_atomic)
+from kdtoolkit.files import (identity_hash, jsonable, notice, npz_problem, read_json, state_check, weights_problem,
+                             write_csv_atomic, write_json_atomic)
 
 SUMMARY_COLUMNS = (
     "run",
@@ -107,6 +111,19 @@ class ResultsStore:
             raise UserError(f"--out {self.root}: cannot write results there ({err.strerror or err}); "
                             "choose a folder you can write to") from None
         return True
+
+    def progress(self):
+        """A number naming how far this store is: its finished runs and the epoch each
+        unfinished run has saved. Workers of one cluster must agree on it to resume in
+        step (`kdtoolkit.distribute.workers_agree`)."""
+        state = [path.parent.name for path in sorted(self.root.glob("*/metrics.json")) if not is_set_aside(path.parent)]
+        for path in sorted(self.root.glob("*/resume/state.npz")):
+            history = None
+            if npz_problem(path, state_check) is None:
+                with np.load(path, allow_pickle=False) as saved:
+                    history = len(json.loads(str(saved["history"])))
+            state.append(f"{path.parent.parent.name}:{history}")
+        return int(identity_hash(state), 16)
 
     def run_dir(self, name):
         return self.root / name
