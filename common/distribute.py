@@ -11,6 +11,7 @@ same steps; only the chief writes `--out` (see `results_root`).
 """
 
 import os
+import re
 from pathlib import Path
 
 import tensorflow as tf
@@ -65,6 +66,15 @@ def workers_agree(strategy, value):
     local = tf.constant([value], tf.int64)
     gathered = strategy.gather(strategy.experimental_distribute_values_from_function(lambda _context: local), axis=0)
     return bool(tf.reduce_all(gathered == gathered[0]))
+
+
+def lost_workers(err):
+    """The workers TensorFlow's error `err` names as stopped (`worker 1`, from its
+    "/job:worker/replica:0/task:1" lines after "unhealthy"), or "another worker"."""
+    text = str(err)
+    named = re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text[text.find("unhealthy"):]) if "unhealthy" in text else []
+    names = sorted({f"{job} {task}" for job, task in named})
+    return ", ".join(names) if names else "another worker"
 
 
 def lost_worker(err):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,9 @@ def test_a_lost_worker_is_one_line_and_a_worker_names_the_chiefs_results(tmp_pat
 
     (code, _, err), _ = cluster(tmp_path / "cut", kill_after=4)
     last = [line for line in err.splitlines() if line.strip()][-1]
-    assert code == 2 and last.startswith("error: another worker of the multi-worker cluster stopped"), err[-2000:]
+    # TensorFlow names the unhealthy task when its heartbeat stops (every try here); else "another worker"
+    assert code == 2 and re.match(r"error: (worker 1|another worker) of the multi-worker cluster stopped", last), err
+    assert "run the same command on every worker to resume" in last
     assert "Traceback" not in err
     (chief, chief_out, _), (worker, worker_out, _) = cluster(tmp_path / "whole")
     assert chief == worker == 0

@@ -216,11 +216,9 @@ def main(body):
     except tf.errors.OpError as err:
         if not distribute.lost_worker(err):
             raise
-        first = next((line for line in str(err).splitlines() if "unhealthy" in line or "aborted" in line),
-                     str(err).splitlines()[0] if str(err) else type(err).__name__)
-        print(f"error: another worker of the multi-worker cluster stopped ({type(err).__name__}: {first.strip()[:200]}); "
-              "finished runs are kept, but a worker's copy may now differ from the chief's, which resuming does not "
-              "check yet: start the cluster again with a new --out",
+        print(f"error: {distribute.lost_workers(err)} of the multi-worker cluster stopped ({type(err).__name__}); "
+              "finished runs are kept: run the same command on every worker to resume (if a worker's copy of the "
+              "results is behind the chief's, the workers say so and the cluster starts again in a new --out)",
               file=sys.stderr)
         return 2
     except Terminated:
