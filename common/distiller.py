@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from kdtoolkit import classifier_head, deployed, feature_rules, features, fit_data, methods, model_graph, training
+from kdtoolkit.methods.base import refuse_replicas
 from kdtoolkit.errors import ConfigError
 from kdtoolkit.method_loss import MethodLoss  # noqa: F401  (re-exported: the library's two entry points)
 
@@ -85,13 +86,6 @@ def probe_input(teacher, sample):
         return sample
     return tf.nest.map_structure(lambda t: tf.zeros((1, *t.shape[1:]), t.dtype),
                                  inputs if len(inputs) > 1 else inputs[0])
-
-
-def check_replicas(cls, method_name, strategy):
-    """Refuses, in one line, a method that cannot be split across `strategy`'s replicas."""
-    if cls.single_replica and strategy.num_replicas_in_sync > 1:
-        raise ConfigError(f"{method_name} cannot be split across replicas: {cls.single_replica}; "
-                          f"train it outside the {type(strategy).__name__} scope (one device)")
 
 
 def across_workers(strategy, logs):
@@ -286,11 +280,13 @@ class Distiller(keras.Model):
         each other (RKD, CRD)."""
         x, y, validation_data = fit_data.fit_inputs(x, y, validation_split, validation_data, sample_weight,
                                                     class_weight, self.find_classes)
-        check_replicas(self.cls, self.method_name, self.distribute_strategy)
+        strategy = self.distribute_strategy
+        refuse_replicas(self.cls, self.method_name, strategy.num_replicas_in_sync,
+                        f"train it outside the {type(strategy).__name__} scope (one device)")
         targets_fn = self.teacher_targets if self.cache_teacher and self.cls.target_names() else None
         data, labels = fit_data.training_batches(x, y, batch_size, shuffle, self.num_classes, targets_fn, self.epoch,
                                                  self.seed, self.cache_dir)
-        with self.distribute_strategy.scope():  # the method's and optimizer's variables, where the model's live
+        with strategy.scope():  # the method's and optimizer's variables, where the model's live
             self.build_method(labels)
             self.build_state(data)
         schedule = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs=None: self.begin_epoch(epoch, epochs))

@@ -163,6 +163,12 @@ STANDARDIZE_EPSILON = 1e-7  # the reference's `normalize`: (logit - mean) / (1e-
 STANDARDIZED_KD_WEIGHT = 9.0  # the reference's `--kd-weight` default, applied with --logit-stand
 
 
+def safe_sqrt(x):
+    """√x of non-negative `x`, elementwise, with a zero (not NaN) gradient where x = 0."""
+    positive = x > 0.0
+    return tf.where(positive, tf.sqrt(tf.where(positive, x, 1.0)), 0.0)
+
+
 def standardize_logits(logits, epsilon=STANDARDIZE_EPSILON):
     """(z − mean) / (ε + std) over the last axis (classes), std with n − 1 as the
     reference's torch `std`; float32. Logits that are all equal give zeros, with a
@@ -171,9 +177,7 @@ def standardize_logits(logits, epsilon=STANDARDIZE_EPSILON):
     centred = logits - tf.reduce_mean(logits, axis=-1, keepdims=True)
     classes = tf.cast(tf.shape(logits)[-1], tf.float32)
     variance = tf.reduce_sum(tf.square(centred), axis=-1, keepdims=True) / tf.maximum(classes - 1.0, 1.0)
-    positive = variance > 0.0
-    std = tf.where(positive, tf.sqrt(tf.where(positive, variance, 1.0)), 0.0)
-    return centred / (epsilon + std)
+    return centred / (epsilon + safe_sqrt(variance))
 
 
 def standardized(teacher_logits, student_logits, standardize):

@@ -15,6 +15,7 @@ import pytest
 from kdtoolkit import methods
 from kdtoolkit.distiller import Distiller
 from kdtoolkit.methods import dist, tfkd, vid
+from tests.test_reference import np_adaptive_avg_pool
 
 pytestmark = pytest.mark.usefixtures("exact_float32")
 
@@ -83,17 +84,6 @@ def np_dist(z_s, z_t, beta, gamma, tau):
     inter_loss = tau**2 * inter_class_relation(y_s, y_t)
     intra_loss = tau**2 * inter_class_relation(y_s.T, y_t.T)  # intra_class_relation: the transposes
     return beta * inter_loss, gamma * intra_loss
-
-
-def np_adaptive_avg_pool(f, out):  # F.adaptive_avg_pool2d on (b, H, W, C)
-    h, w = f.shape[1:3]
-    result = np.zeros((f.shape[0], out[0], out[1], f.shape[3]))
-    for i in range(out[0]):
-        for j in range(out[1]):
-            r0, r1 = (i * h) // out[0], -(-((i + 1) * h) // out[0])
-            c0, c1 = (j * w) // out[1], -(-((j + 1) * w) // out[1])
-            result[:, i, j] = f[:, r0:r1, c0:c1].mean(axis=(1, 2))
-    return result
 
 
 def np_vid(f_s, f_t, kernels, log_scale, eps=1e-5):

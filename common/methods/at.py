@@ -38,26 +38,26 @@ from kdtoolkit import losses
 from kdtoolkit.methods.base import Distiller, LabelFreeTerm, register
 
 
-def adaptive_pool_matrix(size_in, size_out):
-    """`(size_out, size_in)` float32 averaging weights of PyTorch's adaptive average
+def adaptive_pool_matrix(size_in, size_out, dtype=np.float32):
+    """`(size_out, size_in)` averaging weights (`dtype`) of PyTorch's adaptive average
     pooling along one axis: output i averages inputs floor(i·n/m) .. ceil((i+1)·n/m) − 1."""
-    matrix = np.zeros((size_out, size_in), np.float32)
+    matrix = np.zeros((size_out, size_in), dtype)
     for i in range(size_out):
         start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
         matrix[i, start:end] = 1.0 / (end - start)
     return matrix
 
 
-def adaptive_average_pool(features, size):
-    """`(batch, H, W, C)` -> `(batch, h, w, C)`, `size = (h, w)`: each output cell the
-    mean of its window (`adaptive_pool_matrix` on each axis); the input unchanged at
-    its own size."""
+def adaptive_average_pool(features, size, dtype=np.float32):
+    """`(batch, H, W, C)` -> `(batch, h, w, C)` in `dtype`, `size = (h, w)`: each output
+    cell the mean of its window (`adaptive_pool_matrix` on each axis); the input
+    unchanged at its own size."""
     height, width = int(features.shape[1]), int(features.shape[2])
     if (height, width) == tuple(size):
         return features
-    rows = tf.constant(adaptive_pool_matrix(height, size[0]))
-    columns = tf.constant(adaptive_pool_matrix(width, size[1]))
-    return tf.einsum("ih,bhwc,jw->bijc", rows, tf.cast(features, tf.float32), columns)
+    rows = tf.constant(adaptive_pool_matrix(height, size[0], dtype))
+    columns = tf.constant(adaptive_pool_matrix(width, size[1], dtype))
+    return tf.einsum("ih,bhwc,jw->bijc", rows, tf.cast(features, dtype), columns)
 
 
 def attention_map(features, p=2.0):

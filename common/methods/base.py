@@ -14,6 +14,7 @@ import math
 import tensorflow as tf
 
 from kdtoolkit import losses
+from kdtoolkit.errors import ConfigError
 
 
 REGISTRY = {}  # name -> method class, in name order, filled by `register` (`kdtoolkit.methods.REGISTRY`)
@@ -137,6 +138,13 @@ def option_flag(method, field):
 def argument_name(method, field):
     """The Python keyword argument of option `field` (`Distiller(..., temperature=2)`)."""
     return field
+
+
+def refuse_replicas(cls, name, replicas, fix):
+    """A one-line `ConfigError` when method class `cls` declares `single_replica` and
+    would be split over `replicas` > 1; `fix`: how to run it instead."""
+    if cls.single_replica and replicas > 1:
+        raise ConfigError(f"{name} cannot be split across replicas: {cls.single_replica}; {fix}")
 
 
 def check_options(options, method, naming=option_flag):

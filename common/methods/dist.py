@@ -50,9 +50,7 @@ EPSILON = 1e-8  # the reference's `eps` of cosine_similarity / pearson_correlati
 
 def _norm(x):
     """Euclidean norm of each row of `x`, with a zero (not NaN) gradient at a zero row."""
-    square = tf.reduce_sum(tf.square(x), axis=1)
-    positive = square > 0.0
-    return tf.where(positive, tf.sqrt(tf.where(positive, square, 1.0)), 0.0)
+    return losses.safe_sqrt(tf.reduce_sum(tf.square(x), axis=1))
 
 
 def pearson_correlation(a, b, eps=EPSILON):

@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from kdtoolkit import losses
+from kdtoolkit.methods.at import adaptive_average_pool
 from kdtoolkit.methods.base import Distiller, LabelFreeTerm, register
 
 
@@ -48,31 +49,10 @@ def common_size(teacher_features, student_features):
             min(int(teacher_features.shape[2]), int(student_features.shape[2])))
 
 
-def pool_matrix(size_in, size_out):
-    """`(size_out, size_in)` float64 weights of PyTorch's adaptive average pooling along
-    one axis: output i averages inputs floor(i·n/m) .. ceil((i+1)·n/m) − 1 (as
-    `kdtoolkit.methods.at.adaptive_pool_matrix`, in float64)."""
-    matrix = np.zeros((size_out, size_in))
-    for i in range(size_out):
-        start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix
-
-
-def pooled(features, size):
-    """`(batch, H, W, C)` -> float64 `(batch, h, w, C)`, `size = (h, w)` (unchanged at its own size)."""
-    x = tf.cast(features, tf.float64)
-    height, width = int(x.shape[1]), int(x.shape[2])
-    if (height, width) == tuple(size):
-        return x
-    return tf.einsum("ih,bhwc,jw->bijc", tf.constant(pool_matrix(height, size[0])), x,
-                     tf.constant(pool_matrix(width, size[1])))
-
-
 def channel_moments(features, size):
     """`(batch, H, W, C)` -> float64 `(batch, hw, hw)`: M / C, M = Σ_c f_c f_cᵀ of the map
     pooled to `size`, each channel's map f_c L2-normalised over the positions."""
-    x = pooled(features, size)
+    x = adaptive_average_pool(tf.cast(features, tf.float64), size, np.float64)
     x = tf.reshape(x, (tf.shape(x)[0], size[0] * size[1], int(x.shape[-1])))
     x = tf.math.l2_normalize(x, axis=1, epsilon=1e-24)  # 1 / max(‖f_c‖, 1e-12), PyTorch's F.normalize
     return tf.einsum("bpc,bqc->bpq", x, x) / float(x.shape[-1])

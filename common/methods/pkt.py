@@ -45,9 +45,7 @@ EPSILON = 1e-7  # pkt_loss's eps: added to the norms and to both probabilities i
 
 def safe_norm(x):
     """`(batch, D)` -> `(batch, 1)` Euclidean norms; gradient 0 (not NaN) at an all-zero row."""
-    squared = tf.reduce_sum(tf.square(x), axis=1, keepdims=True)
-    positive = squared > 0.0
-    return tf.where(positive, tf.sqrt(tf.where(positive, squared, 1.0)), 0.0)
+    return losses.safe_sqrt(tf.reduce_sum(tf.square(x), axis=1, keepdims=True))
 
 
 def kernel_probabilities(embeddings):

@@ -12,8 +12,9 @@ import keras
 from kdtoolkit import deployed, device, methods, training
 from kdtoolkit.runner import evaluation, runs, sessions
 from kdtoolkit.distribute import make_strategy, results_root, workers_agree
-from kdtoolkit.errors import ConfigError, DataError, UserError
+from kdtoolkit.errors import DataError, UserError
 from kdtoolkit.deploy.explanations import explain_seed
+from kdtoolkit.methods.base import refuse_replicas
 from kdtoolkit.runner.method_factory import MethodFactory
 from kdtoolkit.runner.model_cache import ModelCache
 from kdtoolkit.runner.results import ResultsStore
@@ -222,9 +223,7 @@ class Recipes(TaskInterface):
 
     def factory(self, cls, settings=None, make=None):
         """A `MethodFactory` for method class `cls` with `settings` (`method_settings`)."""
-        if cls.single_replica and self.strategy.num_replicas_in_sync > 1:
-            raise ConfigError(f"{cls.name} cannot be split across replicas: {cls.single_replica}; "
-                              "run it with --distribute none")
+        refuse_replicas(cls, cls.name, self.strategy.num_replicas_in_sync, "run it with --distribute none")
         return MethodFactory(cls, settings if settings is not None else self.method_settings(cls), self.context, make)
 
     def logits_of(self, name, model=None):
