@@ -59,11 +59,11 @@ def results_root(out, resolver):
 
 
 def workers_agree(strategy, value):
-    """Whether every worker of `strategy` holds the same integer `value` (gathered
-    across the cluster; True for one process)."""
+    """Whether every worker of `strategy` gets the same integer from `value()` (gathered
+    across the cluster; True for one process, where `value` is not called)."""
     if getattr(strategy, "cluster_resolver", None) is None:
         return True
-    local = tf.constant([value], tf.int64)
+    local = tf.constant([value()], tf.int64)
     gathered = strategy.gather(strategy.experimental_distribute_values_from_function(lambda _context: local), axis=0)
     return bool(tf.reduce_all(gathered == gathered[0]))
 

@@ -49,7 +49,7 @@ class Recipes(TaskInterface):
         self.log = log or (lambda _msg: None)
         self.strategy = make_strategy(config.distribute)
         self.store = ResultsStore(results_root(config.out, getattr(self.strategy, "cluster_resolver", None)))
-        if not workers_agree(self.strategy, self.store.progress()):
+        if not workers_agree(self.strategy, self.store.progress):
             raise UserError(f"the workers' copies of the results are not at the chief's point in {config.out} (a "
                             "worker stopped at another run or epoch): resuming would put them out of step; start "
                             "the cluster again with a new --out")
